@@ -1,0 +1,1 @@
+//! The InferencePolicy API (energy.ttc.dev/v1alpha1).
