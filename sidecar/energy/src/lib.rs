@@ -1,1 +1,70 @@
-//! Energy meters and attribution.
+//! Energy meters and per-request attribution for the sidecar.
+//!
+//! One [`EnergyMeter`] is built at start-up from a [`MeterConfig`] and reads one of three
+//! sources ([`EnergySource`]): the GPU's NVML energy counter, the host's RAPL counters, or a
+//! declared estimate from CPU time. Every figure it hands out carries that source, so an estimate
+//! is never shown as a measurement.
+//!
+//! The engine wraps each batch in [`EnergyMeter::begin_batch`] / [`BatchGuard::finish`]; the
+//! batch's joules are shared among its requests by the tokens each processed, and energy spent
+//! while no batch runs is booked as idle. Per-request figures, idle and unattributed energy add
+//! up exactly (in microjoules) to what the meter read.
+
+mod attribution;
+mod error;
+mod estimate;
+mod meter;
+mod nvml;
+mod rapl;
+mod sensor;
+
+pub use attribution::split_by_tokens;
+pub use error::EnergyError;
+pub use estimate::{EstimateModel, EstimateSensor};
+pub use meter::{
+    BatchEnergy, BatchGuard, EnergyMeter, MeterConfig, MeterTotals, RequestEnergy, SourceChoice,
+};
+pub use nvml::{NvmlConfig, NvmlSensor, VisibleDevices};
+pub use rapl::{RaplConfig, RaplSensor};
+pub use sensor::{DeviceReading, EnergySensor, HwType, SensorReading};
+
+use serde::{Deserialize, Serialize};
+
+/// Where an energy figure came from. Serialised as `nvml`, `rapl` or `estimate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnergySource {
+    /// Measured by the GPU through NVML (energy counter, or integrated power samples).
+    Nvml,
+    /// Measured by the CPU package's RAPL counters (Linux powercap).
+    Rapl,
+    /// Not measured: computed from CPU time and configured watts.
+    Estimate,
+}
+
+impl EnergySource {
+    /// The label used in APIs, metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnergySource::Nvml => "nvml",
+            EnergySource::Rapl => "rapl",
+            EnergySource::Estimate => "estimate",
+        }
+    }
+
+    /// Whether figures from this source were measured by hardware.
+    pub fn is_measured(self) -> bool {
+        !matches!(self, EnergySource::Estimate)
+    }
+}
+
+impl std::fmt::Display for EnergySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Microjoules to joules.
+pub fn uj_to_j(uj: u64) -> f64 {
+    uj as f64 / 1e6
+}
