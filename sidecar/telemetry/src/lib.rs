@@ -1,1 +1,311 @@
-//! Sidecar telemetry.
+//! Sidecar metrics, following the OpenTelemetry semantic conventions where they exist, exported
+//! over OTLP (endpoint and settings from the standard `OTEL_*` variables) and as Prometheus text
+//! on `/metrics`.
+//!
+//! The engine holds one [`SidecarMetrics`] and calls its `record_*` methods; they only update
+//! in-memory aggregates. Export happens on the OpenTelemetry SDK's own thread, so an OTLP
+//! endpoint that is slow or down never slows or fails a request; failed exports are counted
+//! (`ttc.telemetry.dropped_exports`).
+//!
+//! | metric | kind | unit | attributes |
+//! |---|---|---|---|
+//! | `hw.energy` | counter | `J` | `hw.id`, `hw.type`, `ttc.energy.source` |
+//! | `hw.power` | gauge | `W` | `hw.id`, `hw.type` |
+//! | `gen_ai.client.token.usage` | histogram | `{token}` | `gen_ai.operation.name`, `gen_ai.provider.name`, `gen_ai.request.model`, `gen_ai.token.type` |
+//! | `gen_ai.server.request.duration` | histogram | `s` | as above less `gen_ai.token.type`, plus `error.type` on failures |
+//! | `gen_ai.server.time_per_output_token` | histogram | `s` | `gen_ai.operation.name`, `gen_ai.provider.name`, `gen_ai.request.model` |
+//! | `ttc.request.energy` | histogram | `J` | `ttc.energy.source`, `gen_ai.request.model` |
+//! | `ttc.energy` | counter | `J` | `ttc.energy.source`, `ttc.energy.use` (`request`, `idle`, `unattributed`) |
+//! | `ttc.depth` | histogram | `{sample}` | `ttc.strategy` |
+//! | `ttc.budget.allocation` | gauge | `J` | — |
+//! | `ttc.budget.remaining` | gauge | `J` | — |
+//! | `ttc.telemetry.dropped_exports` | counter | `{export}` | — |
+//!
+//! Resource attributes: `service.name`, `k8s.pod.name`, `k8s.namespace.name`, `ttc.policy.name`
+//! (on Prometheus: the `target_info` series).
+
+mod config;
+mod otlp;
+mod prometheus;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use ttc_energy::{EnergyMeter, EnergySource};
+
+pub use config::{OtlpExport, TelemetryConfig};
+
+/// Everything that can go wrong setting telemetry up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The OTLP exporter could not be built (bad endpoint, protocol or headers in `OTEL_*`).
+    #[error("cannot set up OTLP metrics export: {0}; check the OTEL_EXPORTER_OTLP_* variables")]
+    Otlp(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// Flushing or shutting down the OTLP pipeline failed.
+    #[error("OTLP metrics pipeline: {0}")]
+    Pipeline(#[from] opentelemetry_sdk::error::OTelSdkError),
+    /// The Prometheus text could not be written.
+    #[error("cannot encode Prometheus metrics")]
+    Encode(#[from] std::fmt::Error),
+}
+
+/// Attribute keys, as the semantic conventions spell them.
+pub mod keys {
+    /// `hw.id`
+    pub const HW_ID: &str = "hw.id";
+    /// `hw.type`
+    pub const HW_TYPE: &str = "hw.type";
+    /// `gen_ai.operation.name`
+    pub const OPERATION: &str = "gen_ai.operation.name";
+    /// `gen_ai.provider.name`
+    pub const PROVIDER: &str = "gen_ai.provider.name";
+    /// `gen_ai.request.model`
+    pub const MODEL: &str = "gen_ai.request.model";
+    /// `gen_ai.token.type`
+    pub const TOKEN_TYPE: &str = "gen_ai.token.type";
+    /// `error.type`
+    pub const ERROR_TYPE: &str = "error.type";
+    /// `ttc.energy.source`
+    pub const ENERGY_SOURCE: &str = "ttc.energy.source";
+    /// `ttc.energy.use`
+    pub const ENERGY_USE: &str = "ttc.energy.use";
+    /// `ttc.strategy`
+    pub const STRATEGY: &str = "ttc.strategy";
+    /// `ttc.policy.name` (resource)
+    pub const POLICY: &str = "ttc.policy.name";
+}
+
+/// The `gen_ai.provider.name` this sidecar reports for itself.
+pub const PROVIDER_NAME: &str = "ttc";
+
+/// What the engine knows about one finished request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestRecord<'a> {
+    /// `chat` or `text_completion` (`gen_ai.operation.name`).
+    pub operation: &'a str,
+    /// Prompt tokens.
+    pub input_tokens: u64,
+    /// Generated tokens, all TTC samples included.
+    pub output_tokens: u64,
+    /// From receiving the request to the last token.
+    pub duration: Duration,
+    /// Decode time per generated token, where the engine measured it.
+    pub time_per_output_token: Option<Duration>,
+    /// The request's joules and their source, from [`ttc_energy::RequestEnergy`].
+    pub energy: Option<(f64, EnergySource)>,
+    /// The TTC strategy (`vote`, `reasoning_budget`, `single`).
+    pub strategy: &'a str,
+    /// The TTC depth chosen (samples voted, or thinking-budget steps).
+    pub depth: u64,
+    /// Set when the request failed: a short error class (`timeout`, `budget_exhausted`, ...).
+    pub error_type: Option<&'a str>,
+}
+
+/// The sidecar's metrics handle. Cheap to clone.
+#[derive(Clone)]
+pub struct SidecarMetrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    model: String,
+    otlp: Option<otlp::OtlpPipeline>,
+    prom: prometheus::PromMetrics,
+    dropped_exports: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for SidecarMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SidecarMetrics")
+            .field("model", &self.inner.model)
+            .field("otlp", &self.inner.otlp.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SidecarMetrics {
+    /// Sets up the Prometheus registry and, when configured, the OTLP pipeline. With a meter,
+    /// `hw.energy`, `hw.power` and `ttc.energy` are read from it at each export and scrape.
+    ///
+    /// Call from a plain thread or `spawn_blocking` (the OTLP HTTP client is a blocking one).
+    pub fn new(
+        config: &TelemetryConfig,
+        meter: Option<EnergyMeter>,
+    ) -> Result<Self, TelemetryError> {
+        let dropped_exports = Arc::new(AtomicU64::new(0));
+        let otlp = match &config.otlp {
+            OtlpExport::Disabled => None,
+            export => Some(otlp::OtlpPipeline::start(
+                config,
+                export,
+                meter.clone(),
+                dropped_exports.clone(),
+            )?),
+        };
+        let prom = prometheus::PromMetrics::new(config, meter, dropped_exports.clone());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                model: config.model.clone(),
+                otlp,
+                prom,
+                dropped_exports,
+            }),
+        })
+    }
+
+    fn gen_ai_attrs(&self, operation: &str) -> [KeyValue; 3] {
+        [
+            KeyValue::new(keys::OPERATION, operation.to_string()),
+            KeyValue::new(keys::PROVIDER, PROVIDER_NAME),
+            KeyValue::new(keys::MODEL, self.inner.model.clone()),
+        ]
+    }
+
+    /// Records `gen_ai.client.token.usage` for input and output tokens.
+    pub fn record_token_usage(&self, operation: &str, input_tokens: u64, output_tokens: u64) {
+        if let Some(otlp) = &self.inner.otlp {
+            let attrs = self.gen_ai_attrs(operation);
+            for (kind, n) in [("input", input_tokens), ("output", output_tokens)] {
+                let mut a = attrs.to_vec();
+                a.push(KeyValue::new(keys::TOKEN_TYPE, kind));
+                otlp.token_usage.record(n, &a);
+            }
+        }
+        self.inner
+            .prom
+            .token_usage(&self.inner.model, operation, input_tokens, output_tokens);
+    }
+
+    /// Records `gen_ai.server.request.duration`.
+    pub fn record_request_duration(
+        &self,
+        operation: &str,
+        duration: Duration,
+        error_type: Option<&str>,
+    ) {
+        let secs = duration.as_secs_f64();
+        if let Some(otlp) = &self.inner.otlp {
+            let mut a = self.gen_ai_attrs(operation).to_vec();
+            if let Some(e) = error_type {
+                a.push(KeyValue::new(keys::ERROR_TYPE, e.to_string()));
+            }
+            otlp.request_duration.record(secs, &a);
+        }
+        self.inner
+            .prom
+            .request_duration(&self.inner.model, operation, secs, error_type);
+    }
+
+    /// Records `gen_ai.server.time_per_output_token`.
+    pub fn record_time_per_output_token(&self, operation: &str, per_token: Duration) {
+        let secs = per_token.as_secs_f64();
+        if let Some(otlp) = &self.inner.otlp {
+            otlp.time_per_output_token
+                .record(secs, &self.gen_ai_attrs(operation));
+        }
+        self.inner
+            .prom
+            .time_per_output_token(&self.inner.model, operation, secs);
+    }
+
+    /// Records `ttc.request.energy`: one request's joules, labelled with their source.
+    pub fn record_request_energy(&self, joules: f64, source: EnergySource) {
+        if let Some(otlp) = &self.inner.otlp {
+            otlp.request_energy.record(
+                joules,
+                &[
+                    KeyValue::new(keys::ENERGY_SOURCE, source.as_str()),
+                    KeyValue::new(keys::MODEL, self.inner.model.clone()),
+                ],
+            );
+        }
+        self.inner
+            .prom
+            .request_energy(&self.inner.model, joules, source);
+    }
+
+    /// Records `ttc.depth`: the TTC depth chosen for a request.
+    pub fn record_ttc_depth(&self, strategy: &str, depth: u64) {
+        if let Some(otlp) = &self.inner.otlp {
+            otlp.depth.record(
+                depth,
+                &[KeyValue::new(keys::STRATEGY, strategy.to_string())],
+            );
+        }
+        self.inner.prom.depth(strategy, depth);
+    }
+
+    /// Sets `ttc.budget.allocation` (joules the operator allocated to this pod for the current
+    /// window) and `ttc.budget.remaining` (joules left of it).
+    pub fn set_budget(&self, allocation_j: f64, remaining_j: f64) {
+        if let Some(otlp) = &self.inner.otlp {
+            otlp.budget_allocation.record(allocation_j, &[]);
+            otlp.budget_remaining.record(remaining_j, &[]);
+        }
+        self.inner.prom.budget(allocation_j, remaining_j);
+    }
+
+    /// Records everything known about one finished request.
+    pub fn record_request(&self, r: &RequestRecord<'_>) {
+        self.record_token_usage(r.operation, r.input_tokens, r.output_tokens);
+        self.record_request_duration(r.operation, r.duration, r.error_type);
+        if let Some(t) = r.time_per_output_token {
+            self.record_time_per_output_token(r.operation, t);
+        }
+        if let Some((joules, source)) = r.energy {
+            self.record_request_energy(joules, source);
+        }
+        self.record_ttc_depth(r.strategy, r.depth);
+    }
+
+    /// The Prometheus text exposition (OpenMetrics) for `/metrics`.
+    pub fn encode_prometheus(&self) -> Result<String, TelemetryError> {
+        self.inner.prom.encode()
+    }
+
+    /// The `Content-Type` to serve [`encode_prometheus`](Self::encode_prometheus) with.
+    pub const PROMETHEUS_CONTENT_TYPE: &'static str =
+        "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+    /// OTLP exports that failed (endpoint down, timed out, refused) so far.
+    pub fn dropped_exports(&self) -> u64 {
+        self.inner.dropped_exports.load(Ordering::Relaxed)
+    }
+
+    /// Exports now; blocks until the OTLP endpoint answers or the export times out.
+    /// Call from a plain thread or `spawn_blocking`.
+    pub fn force_flush(&self) -> Result<(), TelemetryError> {
+        match &self.inner.otlp {
+            Some(otlp) => Ok(otlp.provider.force_flush()?),
+            None => Ok(()),
+        }
+    }
+
+    /// Flushes and stops the OTLP pipeline (at sidecar exit). Call from a plain thread or
+    /// `spawn_blocking`.
+    pub fn shutdown(&self) -> Result<(), TelemetryError> {
+        match &self.inner.otlp {
+            Some(otlp) => Ok(otlp.provider.shutdown()?),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `ttc.energy` rows (source, use, microjoules): estimated request joules are reported under
+/// `estimate`, never as measured.
+pub(crate) fn energy_rows(t: &ttc_energy::MeterTotals) -> Vec<(&'static str, &'static str, u64)> {
+    let source = t.source.as_str();
+    let mut rows = vec![
+        (source, "request", t.requests_uj - t.estimated_uj),
+        (source, "idle", t.idle_uj),
+        (source, "unattributed", t.unattributed_uj),
+    ];
+    if t.source == EnergySource::Estimate {
+        rows[0].2 = t.requests_uj;
+    } else {
+        rows.push(("estimate", "request", t.estimated_uj));
+    }
+    rows
+}

@@ -1,0 +1,82 @@
+use std::time::Duration;
+
+/// Whether and where to push OTLP metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OtlpExport {
+    /// No OTLP export; Prometheus only.
+    Disabled,
+    /// Endpoint, headers, timeout and protocol from the standard `OTEL_EXPORTER_OTLP_*`
+    /// variables.
+    FromEnv,
+    /// This OTLP/HTTP metrics URL (e.g. `http://collector:4318/v1/metrics`); other settings
+    /// from the environment.
+    Endpoint(String),
+}
+
+/// Telemetry settings of one sidecar.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryConfig {
+    /// `service.name`; `OTEL_SERVICE_NAME` wins when set.
+    pub service_name: String,
+    /// `k8s.pod.name`.
+    pub pod_name: Option<String>,
+    /// `k8s.namespace.name`.
+    pub namespace: Option<String>,
+    /// `ttc.policy.name`: the InferencePolicy this pod serves under.
+    pub policy: Option<String>,
+    /// `gen_ai.request.model` on request metrics.
+    pub model: String,
+    /// OTLP export.
+    pub otlp: OtlpExport,
+    /// How often to export; `OTEL_METRIC_EXPORT_INTERVAL` (default 60 s) when unset.
+    pub export_interval: Option<Duration>,
+    /// How long one export may take; `OTEL_EXPORTER_OTLP_TIMEOUT` (default 10 s) when unset.
+    pub export_timeout: Option<Duration>,
+}
+
+impl TelemetryConfig {
+    /// Settings from the environment: `POD_NAME` and `POD_NAMESPACE` (downward API, as the
+    /// operator's webhook injects them), `TTC_POLICY`; OTLP is on when
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` is set, unless
+    /// `OTEL_METRICS_EXPORTER=none`.
+    pub fn from_env(model: impl Into<String>) -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let otlp_wanted = var("OTEL_METRICS_EXPORTER").is_none_or(|v| v != "none")
+            && (var("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+                || var("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT").is_some());
+        Self {
+            service_name: "ttc-sidecar".to_string(),
+            pod_name: var("POD_NAME").or_else(|| var("HOSTNAME")),
+            namespace: var("POD_NAMESPACE"),
+            policy: var("TTC_POLICY"),
+            model: model.into(),
+            otlp: if otlp_wanted {
+                OtlpExport::FromEnv
+            } else {
+                OtlpExport::Disabled
+            },
+            export_interval: None,
+            export_timeout: None,
+        }
+    }
+
+    /// The resource attributes, as (key, value) pairs, absent ones left out.
+    pub fn resource_attributes(&self) -> Vec<(&'static str, String)> {
+        let service = std::env::var("OTEL_SERVICE_NAME")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| self.service_name.clone());
+        let mut attrs = vec![("service.name", service)];
+        let optional = [
+            ("k8s.pod.name", &self.pod_name),
+            ("k8s.namespace.name", &self.namespace),
+            (crate::keys::POLICY, &self.policy),
+        ];
+        for (k, v) in optional {
+            if let Some(v) = v {
+                attrs.push((k, v.clone()));
+            }
+        }
+        attrs
+    }
+}

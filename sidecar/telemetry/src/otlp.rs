@@ -1,0 +1,242 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{
+    Gauge, Histogram, MeterProvider as _, ObservableCounter, ObservableGauge,
+};
+use opentelemetry_otlp::{MetricExporter, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
+use ttc_energy::{EnergyMeter, uj_to_j};
+
+use crate::{OtlpExport, TelemetryConfig, TelemetryError, keys};
+
+/// Bucket boundaries the semantic conventions advise for these histograms.
+pub(crate) const TOKEN_BUCKETS: [f64; 14] = [
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
+    16777216.0, 67108864.0,
+];
+pub(crate) const DURATION_BUCKETS: [f64; 14] = [
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+];
+pub(crate) const PER_TOKEN_BUCKETS: [f64; 13] = [
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+];
+/// Joules per request: from a short CPU completion to a long multi-sample GPU answer.
+pub(crate) const ENERGY_BUCKETS: [f64; 12] = [
+    0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0,
+];
+pub(crate) const DEPTH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// Wraps the OTLP exporter to count exports that failed: the SDK only logs them.
+#[derive(Debug)]
+struct CountingExporter {
+    inner: MetricExporter,
+    dropped: Arc<AtomicU64>,
+}
+
+impl PushMetricExporter for CountingExporter {
+    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
+        let result = self.inner.export(metrics).await;
+        if let Err(e) = &result {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "OTLP metrics export failed");
+        }
+        result
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self) -> Temporality {
+        self.inner.temporality()
+    }
+}
+
+/// The OTLP side: provider (with its export thread) and instruments.
+pub(crate) struct OtlpPipeline {
+    pub(crate) provider: SdkMeterProvider,
+    pub(crate) token_usage: Histogram<u64>,
+    pub(crate) request_duration: Histogram<f64>,
+    pub(crate) time_per_output_token: Histogram<f64>,
+    pub(crate) request_energy: Histogram<f64>,
+    pub(crate) depth: Histogram<u64>,
+    pub(crate) budget_allocation: Gauge<f64>,
+    pub(crate) budget_remaining: Gauge<f64>,
+    /// Observable instruments live as long as these handles.
+    _observed: Vec<Observed>,
+}
+
+#[allow(dead_code)] // held only to keep callbacks registered
+enum Observed {
+    Counter(ObservableCounter<f64>),
+    CounterU64(ObservableCounter<u64>),
+    Gauge(ObservableGauge<f64>),
+}
+
+impl OtlpPipeline {
+    pub(crate) fn start(
+        config: &TelemetryConfig,
+        export: &OtlpExport,
+        meter: Option<EnergyMeter>,
+        dropped: Arc<AtomicU64>,
+    ) -> Result<Self, TelemetryError> {
+        let mut builder = MetricExporter::builder().with_http();
+        if let OtlpExport::Endpoint(url) = export {
+            builder = builder.with_endpoint(url.clone());
+        }
+        if let Some(timeout) = config.export_timeout {
+            builder = builder.with_timeout(timeout);
+        }
+        let exporter = CountingExporter {
+            inner: builder.build()?,
+            dropped: dropped.clone(),
+        };
+        let mut reader = PeriodicReader::builder(exporter);
+        if let Some(interval) = config.export_interval {
+            reader = reader.with_interval(interval);
+        }
+        let resource = Resource::builder()
+            .with_attributes(
+                config
+                    .resource_attributes()
+                    .into_iter()
+                    .map(|(k, v)| KeyValue::new(k, v)),
+            )
+            .build();
+        let provider = SdkMeterProvider::builder()
+            .with_resource(resource)
+            .with_reader(reader.build())
+            .build();
+        let m = provider.meter("ttc-sidecar");
+
+        let mut observed = vec![Observed::CounterU64(
+            m.u64_observable_counter("ttc.telemetry.dropped_exports")
+                .with_unit("{export}")
+                .with_description("OTLP metric exports that failed and were dropped")
+                .with_callback(move |o| o.observe(dropped.load(Ordering::Relaxed), &[]))
+                .build(),
+        )];
+        if let Some(meter) = meter {
+            observed.extend(energy_instruments(&m, meter));
+        }
+
+        Ok(Self {
+            token_usage: m
+                .u64_histogram("gen_ai.client.token.usage")
+                .with_unit("{token}")
+                .with_description("Number of input and output tokens used")
+                .with_boundaries(TOKEN_BUCKETS.to_vec())
+                .build(),
+            request_duration: m
+                .f64_histogram("gen_ai.server.request.duration")
+                .with_unit("s")
+                .with_description("Generative AI server request duration")
+                .with_boundaries(DURATION_BUCKETS.to_vec())
+                .build(),
+            time_per_output_token: m
+                .f64_histogram("gen_ai.server.time_per_output_token")
+                .with_unit("s")
+                .with_description("Time per output token generated after the first token")
+                .with_boundaries(PER_TOKEN_BUCKETS.to_vec())
+                .build(),
+            request_energy: m
+                .f64_histogram("ttc.request.energy")
+                .with_unit("J")
+                .with_description("Energy of one request, labelled with where the figure came from")
+                .with_boundaries(ENERGY_BUCKETS.to_vec())
+                .build(),
+            depth: m
+                .u64_histogram("ttc.depth")
+                .with_unit("{sample}")
+                .with_description("Test-time compute depth chosen per request")
+                .with_boundaries(DEPTH_BUCKETS.to_vec())
+                .build(),
+            budget_allocation: m
+                .f64_gauge("ttc.budget.allocation")
+                .with_unit("J")
+                .with_description("Energy allocated to this pod for the current budget window")
+                .build(),
+            budget_remaining: m
+                .f64_gauge("ttc.budget.remaining")
+                .with_unit("J")
+                .with_description("Energy left of this pod's allocation in the current window")
+                .build(),
+            provider,
+            _observed: observed,
+        })
+    }
+}
+
+/// `hw.energy`, `hw.power` and `ttc.energy`, read from the meter at each collection.
+fn energy_instruments(m: &opentelemetry::metrics::Meter, meter: EnergyMeter) -> Vec<Observed> {
+    let energy_meter = meter.clone();
+    let hw_energy = m
+        .f64_observable_counter("hw.energy")
+        .with_unit("J")
+        .with_description("Energy consumed by the component")
+        .with_callback(move |o| {
+            let totals = energy_meter.totals();
+            for d in &totals.devices {
+                o.observe(
+                    uj_to_j(d.energy_uj),
+                    &[
+                        KeyValue::new(keys::HW_ID, d.id.clone()),
+                        KeyValue::new(keys::HW_TYPE, d.hw_type.as_str()),
+                        KeyValue::new(keys::ENERGY_SOURCE, totals.source.as_str()),
+                    ],
+                );
+            }
+        })
+        .build();
+    let power_meter = meter.clone();
+    let hw_power = m
+        .f64_observable_gauge("hw.power")
+        .with_unit("W")
+        .with_description("Instantaneous power consumed by the component")
+        .with_callback(move |o| {
+            for d in power_meter.totals().devices {
+                if let Some(w) = d.power_w {
+                    o.observe(
+                        w,
+                        &[
+                            KeyValue::new(keys::HW_ID, d.id.clone()),
+                            KeyValue::new(keys::HW_TYPE, d.hw_type.as_str()),
+                        ],
+                    );
+                }
+            }
+        })
+        .build();
+    let ttc_energy = m
+        .f64_observable_counter("ttc.energy")
+        .with_unit("J")
+        .with_description("Energy metered by the sidecar, by what it was spent on")
+        .with_callback(move |o| {
+            for (source, usage, uj) in crate::energy_rows(&meter.totals()) {
+                o.observe(
+                    uj_to_j(uj),
+                    &[
+                        KeyValue::new(keys::ENERGY_SOURCE, source),
+                        KeyValue::new(keys::ENERGY_USE, usage),
+                    ],
+                );
+            }
+        })
+        .build();
+    vec![
+        Observed::Counter(hw_energy),
+        Observed::Gauge(hw_power),
+        Observed::Counter(ttc_energy),
+    ]
+}
