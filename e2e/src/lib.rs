@@ -1,1 +1,18 @@
-//! Local control plane for tests.
+//! A real local Kubernetes control plane for tests and the demo.
+//!
+//! [`LocalCluster`] runs etcd, kube-apiserver, kube-controller-manager, kube-scheduler and
+//! kwok (with simulated GPU nodes) as child processes on loopback, from binaries built by
+//! `e2e/controlplane/build.sh`. [`testing`] gives tests one shared cluster per test run and a
+//! fresh namespace per test.
+
+pub mod cluster;
+pub mod error;
+pub mod kubeconfig;
+pub mod nodes;
+pub mod pki;
+pub mod process;
+pub mod testing;
+
+pub use cluster::{ClusterConfig, K8S_VERSION, LocalCluster};
+pub use error::{Error, Result};
+pub use nodes::{GPU_RESOURCE, GpuNodeSpec};
