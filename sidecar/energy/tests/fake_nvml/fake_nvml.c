@@ -9,6 +9,10 @@
  * An answer is a number, NS (NVML_ERROR_NOT_SUPPORTED) or E<code>. Each call takes the next
  * answer; the last one repeats. Every copy of the library has its own state, so tests that
  * run in parallel each load their own copy.
+ *
+ *   rate 0 250000 100             a simulated GPU instead: it draws 250 W steadily; its energy
+ *                                 counter advances with time, refreshed every 100 ms like a real
+ *                                 one, and its power reads 250000 mW
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -16,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define MAX_DEVICES 8
 #define MAX_ANSWERS 256
@@ -37,12 +42,21 @@ typedef struct {
     char uuid[96];
     script_t energy;
     script_t power;
+    unsigned long long rate_mw;   /* 0: scripted answers; else a steady simulated draw */
+    unsigned long long update_ms; /* counter refresh period of the simulated GPU */
 } device_t;
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static device_t devices[MAX_DEVICES];
 static unsigned int device_count = 0;
-static int initialised = 0;
+static int initialised = 0; /* NVML counts inits; so does this */
+static struct timespec started;
+
+static double seconds_since_init(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)(now.tv_sec - started.tv_sec) + (double)(now.tv_nsec - started.tv_nsec) / 1e9;
+}
 
 static void parse_answers(script_t *s, char *rest) {
     char *save = NULL;
@@ -79,6 +93,15 @@ static int load_script(void) {
                  u = strtok_r(NULL, " \t\n", &save)) {
                 snprintf(devices[device_count++].uuid, sizeof devices[0].uuid, "%s", u);
             }
+        } else if (strcmp(word, "rate") == 0) {
+            char *idx = strtok_r(NULL, " \t\n", &save);
+            char *mw = strtok_r(NULL, " \t\n", &save);
+            char *ms = strtok_r(NULL, " \t\n", &save);
+            if (!idx || !mw) continue;
+            unsigned int d = (unsigned int)atoi(idx);
+            if (d >= MAX_DEVICES) continue;
+            devices[d].rate_mw = strtoull(mw, NULL, 10);
+            devices[d].update_ms = ms ? strtoull(ms, NULL, 10) : 100;
         } else if (strcmp(word, "energy") == 0 || strcmp(word, "power") == 0) {
             char *idx = strtok_r(NULL, " \t\n", &save);
             if (!idx) continue;
@@ -108,14 +131,20 @@ static device_t *device_of(void *handle) {
 
 int nvmlInit_v2(void) {
     pthread_mutex_lock(&lock);
-    int rc = load_script();
-    if (rc == NVML_SUCCESS) initialised = 1;
+    int rc = NVML_SUCCESS;
+    if (initialised == 0) {
+        rc = load_script();
+        if (rc == NVML_SUCCESS) clock_gettime(CLOCK_MONOTONIC, &started);
+    }
+    if (rc == NVML_SUCCESS) initialised++;
     pthread_mutex_unlock(&lock);
     return rc;
 }
 
 int nvmlShutdown(void) {
-    initialised = 0;
+    pthread_mutex_lock(&lock);
+    if (initialised > 0) initialised--;
+    pthread_mutex_unlock(&lock);
     return NVML_SUCCESS;
 }
 
@@ -146,6 +175,17 @@ int nvmlDeviceGetHandleByIndex_v2(unsigned int index, void **device) {
     return NVML_SUCCESS;
 }
 
+int nvmlDeviceGetHandleByUUID(const char *uuid, void **device) {
+    if (!initialised) return NVML_ERROR_UNINITIALIZED;
+    for (unsigned int i = 0; i < device_count; i++) {
+        if (strcmp(devices[i].uuid, uuid) == 0) {
+            *device = (void *)(unsigned long)(i + 1);
+            return NVML_SUCCESS;
+        }
+    }
+    return 6; /* NVML_ERROR_NOT_FOUND */
+}
+
 int nvmlDeviceGetUUID(void *device, char *uuid, unsigned int length) {
     device_t *d = device_of(device);
     if (!d) return NVML_ERROR_INVALID_ARGUMENT;
@@ -157,6 +197,13 @@ int nvmlDeviceGetUUID(void *device, char *uuid, unsigned int length) {
 int nvmlDeviceGetTotalEnergyConsumption(void *device, unsigned long long *energy) {
     device_t *d = device_of(device);
     if (!d) return NVML_ERROR_INVALID_ARGUMENT;
+    if (d->rate_mw) {
+        /* mW x s = mJ, as of the last refresh of the counter. */
+        double period = (double)(d->update_ms ? d->update_ms : 1) / 1000.0;
+        double refreshed = period * (double)(unsigned long long)(seconds_since_init() / period);
+        *energy = 1000000ULL + (unsigned long long)((double)d->rate_mw * refreshed);
+        return NVML_SUCCESS;
+    }
     pthread_mutex_lock(&lock);
     int rc = answer(&d->energy, energy);
     pthread_mutex_unlock(&lock);
@@ -166,6 +213,10 @@ int nvmlDeviceGetTotalEnergyConsumption(void *device, unsigned long long *energy
 int nvmlDeviceGetPowerUsage(void *device, unsigned int *power) {
     device_t *d = device_of(device);
     if (!d) return NVML_ERROR_INVALID_ARGUMENT;
+    if (d->rate_mw) {
+        *power = (unsigned int)d->rate_mw;
+        return NVML_SUCCESS;
+    }
     unsigned long long v = 0;
     pthread_mutex_lock(&lock);
     int rc = answer(&d->power, &v);

@@ -1,0 +1,279 @@
+//! Meters simulated inference batches on this machine's GPUs while something else loads them,
+//! and checks the NVML energy counter against power samples integrated over the same window.
+//! Built where Rust is, run by `e2e/gpu-check` where the GPU is.
+//!
+//! ```text
+//! gpu_meter [--seconds 30] [--sample-ms 20] [--show 12] [--nvml-lib PATH]
+//! ```
+//!
+//! Prints per-request joules, the comparison and the meter's overhead, then one line
+//! `RESULT {json}` for scripts.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nvml_wrapper::Nvml;
+use ttc_energy::{EnergyMeter, EstimateModel, NvmlConfig, NvmlSensor, RequestEnergy};
+
+struct Args {
+    seconds: f64,
+    sample: Duration,
+    show: usize,
+    nvml_lib: Option<std::path::PathBuf>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        seconds: 30.0,
+        sample: Duration::from_millis(20),
+        show: 12,
+        nvml_lib: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--seconds" => {
+                args.seconds = value()?.parse().map_err(|e| format!("--seconds: {e}"))?
+            }
+            "--sample-ms" => {
+                let ms: u64 = value()?.parse().map_err(|e| format!("--sample-ms: {e}"))?;
+                args.sample = Duration::from_millis(ms.max(1));
+            }
+            "--show" => args.show = value()?.parse().map_err(|e| format!("--show: {e}"))?,
+            "--nvml-lib" => args.nvml_lib = Some(value()?.into()),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(args)
+}
+
+/// Power samples integrated (trapezoids) per GPU, independently of the meter.
+#[derive(Default)]
+struct Integral {
+    joules: Vec<f64>,
+    samples: u64,
+    errors: u64,
+    power_read: Vec<Duration>,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gpu_meter: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let args = parse_args()?;
+    let config = NvmlConfig {
+        lib_path: args.nvml_lib.clone(),
+        ..NvmlConfig::default()
+    };
+    let sensor = NvmlSensor::open(&config)?;
+    let uuids = sensor.uuids();
+    println!("metering GPUs {uuids:?} (NVIDIA_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES)");
+    let meter = EnergyMeter::with_sensor(Box::new(sensor), EstimateModel::default())?;
+
+    // A second, independent NVML handle for the reference measurement.
+    let nvml = Arc::new(match &args.nvml_lib {
+        Some(p) => Nvml::builder().lib_path(p.as_os_str()).init()?,
+        None => Nvml::init()?,
+    });
+    let counter = |nvml: &Nvml| -> Result<Vec<u64>, nvml_wrapper::error::NvmlError> {
+        uuids
+            .iter()
+            .map(|u| nvml.device_by_uuid(u.as_str())?.total_energy_consumption())
+            .collect()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let integral = Arc::new(Mutex::new(Integral {
+        joules: vec![0.0; uuids.len()],
+        ..Integral::default()
+    }));
+    let counter_start = counter(&nvml)?;
+    let window_start = Instant::now();
+    let sampler = {
+        let (nvml, stop, integral, uuids, every) = (
+            nvml.clone(),
+            stop.clone(),
+            integral.clone(),
+            uuids.clone(),
+            args.sample,
+        );
+        std::thread::spawn(move || {
+            let mut last: Vec<Option<(Instant, f64)>> = vec![None; uuids.len()];
+            while !stop.load(Ordering::Relaxed) {
+                for (i, uuid) in uuids.iter().enumerate() {
+                    let t0 = Instant::now();
+                    let watts = nvml
+                        .device_by_uuid(uuid.as_str())
+                        .and_then(|d| d.power_usage())
+                        .map(|mw| f64::from(mw) / 1e3);
+                    let took = t0.elapsed();
+                    let mut g = integral.lock().unwrap_or_else(|p| p.into_inner());
+                    g.power_read.push(took);
+                    match watts {
+                        Ok(w) => {
+                            let now = Instant::now();
+                            if let Some((at, prev)) = last[i] {
+                                g.joules[i] +=
+                                    (prev + w) / 2.0 * now.duration_since(at).as_secs_f64();
+                            }
+                            last[i] = Some((now, w));
+                            g.samples += 1;
+                        }
+                        Err(_) => g.errors += 1,
+                    }
+                }
+                std::thread::sleep(every);
+            }
+        })
+    };
+
+    // Simulated batches of the lengths an engine produces, several shorter than the counter's
+    // refresh period; the GPU work itself comes from the load gpu-check runs beside us.
+    let lengths_ms = [5u64, 10, 20, 40, 80, 160, 320, 15, 30, 60];
+    let mut overhead = Vec::new();
+    let mut requests: Vec<RequestEnergy<String>> = Vec::new();
+    let mut batch_time = Duration::ZERO;
+    let mut n = 0usize;
+    while window_start.elapsed().as_secs_f64() < args.seconds {
+        let ms = lengths_ms[n % lengths_ms.len()];
+        let size = 1 + n % 8;
+        let t0 = Instant::now();
+        let guard = meter.begin_batch();
+        let begin = t0.elapsed();
+        std::thread::sleep(Duration::from_millis(ms));
+        let batch: Vec<(String, u64)> = (0..size)
+            .map(|r| (format!("req-{n}-{r}"), 16 + 37 * r as u64))
+            .collect();
+        let t1 = Instant::now();
+        let energy = guard.finish(&batch);
+        overhead.push(begin + t1.elapsed());
+        batch_time += energy.duration;
+        requests.extend(energy.requests);
+        n += 1;
+    }
+    let totals = meter.totals();
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    let counter_end = counter(&nvml)?;
+    let window = window_start.elapsed().as_secs_f64();
+
+    let counter_j: f64 = counter_start
+        .iter()
+        .zip(&counter_end)
+        .map(|(a, b)| b.saturating_sub(*a) as f64 / 1e3)
+        .sum();
+    let g = integral.lock().unwrap_or_else(|p| p.into_inner());
+    let integrated_j: f64 = g.joules.iter().sum();
+    let diff_pct = if counter_j > 0.0 {
+        (integrated_j - counter_j) / counter_j * 100.0
+    } else {
+        f64::NAN
+    };
+    let metered_j = totals.metered_uj as f64 / 1e6;
+    let books = totals.requests_uj + totals.idle_uj + totals.unattributed_uj + totals.in_flight_uj
+        == totals.metered_uj + totals.pending_estimate_uj;
+
+    println!(
+        "\nper-request energy (first {} of {}):",
+        args.show,
+        requests.len()
+    );
+    println!(
+        "{:<14} {:>7} {:>10} {:>9}",
+        "request", "tokens", "joules", "source"
+    );
+    for r in requests.iter().take(args.show) {
+        println!(
+            "{:<14} {:>7} {:>10.4} {:>9}",
+            r.request_id,
+            r.tokens,
+            r.joules(),
+            r.source
+        );
+    }
+    let request_j: f64 = requests.iter().map(|r| r.joules()).sum();
+    let tokens: u64 = requests.iter().map(|r| r.tokens).sum();
+    let mut sorted = overhead.clone();
+    sorted.sort();
+    let mut power_reads = g.power_read.clone();
+    power_reads.sort();
+    let mean_batch = batch_time / n.max(1) as u32;
+    let overhead_mean = overhead.iter().sum::<Duration>() / overhead.len().max(1) as u32;
+
+    println!(
+        "\nwindow {window:.1} s, {n} batches, {} requests",
+        requests.len()
+    );
+    println!("NVML counter delta        {counter_j:>12.1} J");
+    println!(
+        "integrated power samples  {integrated_j:>12.1} J   ({} samples every {:?}, {} errors)",
+        g.samples, args.sample, g.errors
+    );
+    println!("difference                {diff_pct:>12.2} %");
+    println!(
+        "meter total               {metered_j:>12.1} J   (requests {:.1} J, idle {:.1} J)",
+        totals.requests_uj as f64 / 1e6,
+        totals.idle_uj as f64 / 1e6
+    );
+    println!("books balance (requests + idle = metered, in uJ): {books}");
+    println!(
+        "mean per request          {:>12.3} J   ({:.4} J/token)",
+        request_j / requests.len().max(1) as f64,
+        request_j / tokens.max(1) as f64
+    );
+    println!(
+        "meter overhead per batch  mean {:?}, p50 {:?}, p99 {:?} = {:.4} % of a mean batch ({:?})",
+        overhead_mean,
+        percentile(&sorted, 0.5),
+        percentile(&sorted, 0.99),
+        overhead_mean.as_secs_f64() / mean_batch.as_secs_f64().max(1e-9) * 100.0,
+        mean_batch
+    );
+    println!(
+        "NVML power read           p50 {:?}, p99 {:?}",
+        percentile(&power_reads, 0.5),
+        percentile(&power_reads, 0.99)
+    );
+
+    let result = serde_json::json!({
+        "gpus": uuids,
+        "window_s": window,
+        "batches": n,
+        "requests": requests.len(),
+        "counter_j": counter_j,
+        "integrated_j": integrated_j,
+        "diff_pct": diff_pct,
+        "metered_j": metered_j,
+        "request_j": request_j,
+        "idle_j": totals.idle_uj as f64 / 1e6,
+        "books_balance": books,
+        "read_errors": totals.read_errors,
+        "mean_j_per_request": request_j / requests.len().max(1) as f64,
+        "overhead_us_mean": overhead_mean.as_secs_f64() * 1e6,
+        "overhead_us_p99": percentile(&sorted, 0.99).as_secs_f64() * 1e6,
+        "overhead_pct_of_batch": overhead_mean.as_secs_f64() / mean_batch.as_secs_f64().max(1e-9) * 100.0,
+        "power_samples": g.samples,
+        "sample_errors": g.errors,
+        "first_requests": requests.iter().take(args.show).map(|r| serde_json::json!({
+            "id": r.request_id, "tokens": r.tokens, "joules": r.joules(), "source": r.source,
+        })).collect::<Vec<_>>(),
+    });
+    println!("RESULT {result}");
+    Ok(())
+}
