@@ -1,0 +1,399 @@
+//! The OpenAI-compatible HTTP API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
+//! plus `/healthz` and `/readyz`. Every bad request gets a 4xx with an OpenAI-style error body.
+
+pub mod error;
+pub mod types;
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::Stream;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::engine::sampler::SamplerConfig;
+use crate::engine::stop::StopStrings;
+use crate::engine::worker::EngineHandle;
+use crate::engine::{GenerationEvent, GenerationOutput, GenerationRequest};
+pub use error::ApiError;
+use types::*;
+
+/// Bounds on what one request may ask for.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most samples per request.
+    pub max_n: usize,
+    /// `max_tokens` when the request gives none (capped by what the context has left).
+    pub default_max_tokens: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_n: 64,
+            default_max_tokens: 512,
+        }
+    }
+}
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub limits: Limits,
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ready" }))
+        .fallback(|| async {
+            ApiError {
+                status: axum::http::StatusCode::NOT_FOUND,
+                ..ApiError::invalid(None, "no such endpoint")
+            }
+        })
+        .with_state(state)
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let param = match e.classify() {
+            serde_json::error::Category::Data => None,
+            _ => Some("body"),
+        };
+        ApiError::invalid(param, format!("could not parse the JSON body: {e}"))
+    })
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Validates the sampling fields and builds the engine request.
+fn build_request(
+    state: &AppState,
+    model: &str,
+    prompt: Vec<u32>,
+    prompt_param: &'static str,
+    s: SamplingFields,
+) -> Result<GenerationRequest, ApiError> {
+    let engine = state.engine.engine();
+    if model != engine.name() {
+        return Err(ApiError::unknown_model(model, engine.name()));
+    }
+    let n = s.n.unwrap_or(1);
+    if n < 1 || n as usize > state.limits.max_n {
+        return Err(ApiError::invalid(
+            Some("n"),
+            format!("n must be between 1 and {}, got {n}", state.limits.max_n),
+        ));
+    }
+    let context = engine.context_length();
+    if prompt.len() >= context {
+        return Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::invalid(
+                Some(prompt_param),
+                format!(
+                    "the prompt has {} tokens but the model's context holds {context}",
+                    prompt.len()
+                ),
+            )
+        });
+    }
+    let room = context - prompt.len();
+    let max_tokens = match s.max_completion_tokens.or(s.max_tokens) {
+        None => state.limits.default_max_tokens.min(room),
+        Some(m) if m < 1 || m as usize > room => {
+            return Err(ApiError {
+                code: Some("context_length_exceeded"),
+                ..ApiError::invalid(
+                    Some("max_tokens"),
+                    format!(
+                        "max_tokens must be between 1 and {room} (the context left after the {}-token prompt), got {m}",
+                        prompt.len()
+                    ),
+                )
+            });
+        }
+        Some(m) => m as usize,
+    };
+    let temperature = s.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            Some("temperature"),
+            format!("temperature must be between 0 and 2, got {temperature}"),
+        ));
+    }
+    let top_p = s.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            Some("top_p"),
+            format!("top_p must be in (0, 1], got {top_p}"),
+        ));
+    }
+    let top_k = s.top_k.unwrap_or(0);
+    if top_k < 0 {
+        return Err(ApiError::invalid(
+            Some("top_k"),
+            format!("top_k must be 0 (off) or positive, got {top_k}"),
+        ));
+    }
+    let stop = s.stop.map(StopField::into_vec).unwrap_or_default();
+    if stop.len() > 4 {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            format!("at most 4 stop sequences, got {}", stop.len()),
+        ));
+    }
+    Ok(GenerationRequest {
+        prompt,
+        n: n as usize,
+        max_tokens,
+        sampler: SamplerConfig {
+            temperature,
+            top_p,
+            top_k: top_k as usize,
+        },
+        seed: s.seed.unwrap_or_else(rand::random),
+        stop: StopStrings::new(stop),
+    })
+}
+
+fn usage(out: &GenerationOutput) -> Usage {
+    Usage {
+        prompt_tokens: out.prompt_tokens,
+        completion_tokens: out.completion_tokens,
+        total_tokens: out.prompt_tokens + out.completion_tokens,
+    }
+}
+
+async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let card = ModelCard {
+        id: state.engine.engine().name().to_owned(),
+        object: "model",
+        created: 0,
+        owned_by: "ttc-operator",
+    };
+    Json(json!({ "object": "list", "data": [card] }))
+}
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: ChatCompletionRequest = parse(&body)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(
+            Some("messages"),
+            "messages must not be empty",
+        ));
+    }
+    let messages = req
+        .messages
+        .iter()
+        .map(InputMessage::to_chat)
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| ApiError::invalid(Some("messages"), "only text content is supported"))?;
+    let engine = state.engine.engine();
+    if req.model != engine.name() {
+        return Err(ApiError::unknown_model(&req.model, engine.name()));
+    }
+    let prompt = engine.encode_chat(&messages)?;
+    let include_usage = req
+        .sampling
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let stream = req.sampling.stream;
+    let request = build_request(&state, &req.model, prompt, "messages", req.sampling)?;
+    let meta = StreamMeta {
+        id: request_id("chatcmpl"),
+        created: now(),
+        model: req.model,
+        include_usage,
+        chat: true,
+    };
+    if stream {
+        return Ok(stream_response(&state, request, meta).into_response());
+    }
+    let n = request.n;
+    let out = state.engine.generate(request).await?;
+    debug_assert_eq!(out.completions.len(), n);
+    let body = ChatCompletion {
+        id: meta.id,
+        object: "chat.completion",
+        created: meta.created,
+        model: meta.model,
+        usage: usage(&out),
+        choices: out
+            .completions
+            .into_iter()
+            .map(|c| ChatChoice {
+                index: c.index,
+                message: OutputMessage {
+                    role: "assistant",
+                    content: c.text,
+                },
+                finish_reason: c.finish,
+                logprobs: None,
+            })
+            .collect(),
+    };
+    Ok(Json(body).into_response())
+}
+
+async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse(&body)?;
+    let text = match req.prompt {
+        PromptField::One(p) => p,
+        PromptField::Many(mut v) if v.len() == 1 => v.remove(0),
+        PromptField::Many(_) => {
+            return Err(ApiError::invalid(
+                Some("prompt"),
+                "prompt must be one string (batches of prompts are not supported)",
+            ));
+        }
+    };
+    let engine = state.engine.engine();
+    if req.model != engine.name() {
+        return Err(ApiError::unknown_model(&req.model, engine.name()));
+    }
+    let prompt = engine.encode(&text)?;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid(
+            Some("prompt"),
+            "prompt must not be empty",
+        ));
+    }
+    let include_usage = req
+        .sampling
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let stream = req.sampling.stream;
+    let request = build_request(&state, &req.model, prompt, "prompt", req.sampling)?;
+    let meta = StreamMeta {
+        id: request_id("cmpl"),
+        created: now(),
+        model: req.model,
+        include_usage,
+        chat: false,
+    };
+    if stream {
+        return Ok(stream_response(&state, request, meta).into_response());
+    }
+    let out = state.engine.generate(request).await?;
+    let body = TextCompletion {
+        id: meta.id,
+        object: "text_completion",
+        created: meta.created,
+        model: meta.model,
+        usage: usage(&out),
+        choices: out
+            .completions
+            .into_iter()
+            .map(|c| TextChoice {
+                index: c.index,
+                text: c.text,
+                finish_reason: c.finish,
+                logprobs: None,
+            })
+            .collect(),
+    };
+    Ok(Json(body).into_response())
+}
+
+struct StreamMeta {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    chat: bool,
+}
+
+impl StreamMeta {
+    fn chunk(&self, choices: serde_json::Value, usage: Option<&Usage>) -> Event {
+        let object = if self.chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let mut body = json!({ "id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices });
+        if let Some(usage) = usage {
+            body["usage"] = json!(usage);
+        }
+        Event::default().data(body.to_string())
+    }
+
+    fn choice(
+        &self,
+        index: usize,
+        text: Option<String>,
+        finish: Option<crate::engine::FinishReason>,
+    ) -> serde_json::Value {
+        if self.chat {
+            let delta = match text {
+                Some(t) => json!({ "content": t }),
+                None if finish.is_none() => json!({ "role": "assistant", "content": "" }),
+                None => json!({}),
+            };
+            json!([{ "index": index, "delta": delta, "finish_reason": finish, "logprobs": null }])
+        } else {
+            json!([{ "index": index, "text": text.unwrap_or_default(), "finish_reason": finish, "logprobs": null }])
+        }
+    }
+}
+
+fn stream_response(
+    state: &AppState,
+    request: GenerationRequest,
+    meta: StreamMeta,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<>> {
+    let n = request.n;
+    let submission = state.engine.submit(request, true);
+    let stream = async_stream::stream! {
+        let Some(mut events) = submission.events else {
+            yield Ok(Event::default().data(ApiError::internal("no event stream").body().to_string()));
+            return;
+        };
+        if meta.chat {
+            for index in 0..n {
+                yield Ok(meta.chunk(meta.choice(index, None, None), None));
+            }
+        }
+        while let Some(event) = events.recv().await {
+            let choice = match event {
+                GenerationEvent::Text { index, delta } => meta.choice(index, Some(delta), None),
+                GenerationEvent::Finished { index, finish } => meta.choice(index, None, Some(finish)),
+            };
+            yield Ok(meta.chunk(choice, None));
+        }
+        match submission.done.await {
+            Ok(Ok(out)) if meta.include_usage => yield Ok(meta.chunk(json!([]), Some(&usage(&out)))),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => yield Ok(Event::default().data(ApiError::from(e).body().to_string())),
+            Err(_) => yield Ok(Event::default().data(ApiError::internal("the engine stopped").body().to_string())),
+        }
+        yield Ok(Event::default().data("[DONE]"));
+    };
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}

@@ -1,0 +1,110 @@
+//! Chat templates: the Jinja template stored in a model's GGUF metadata
+//! (`tokenizer.chat_template`), rendered with minijinja and Python-compatible string methods.
+
+use minijinja::{Environment, ErrorKind, context};
+use serde::{Deserialize, Serialize};
+
+/// One chat message, as the OpenAI API and Hugging Face templates both see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant` (or `tool`).
+    pub role: String,
+    /// The text of the message.
+    pub content: String,
+}
+
+/// Why a prompt could not be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("the model's chat template is invalid: {0}")]
+    Invalid(String),
+    #[error("the model's chat template rejected the messages: {0}")]
+    Render(String),
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+/// Used when a model's GGUF carries no template: ChatML, which many small chat models use.
+pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+impl ChatTemplate {
+    /// Compiles `source`; `bos_token`/`eos_token` are exposed to the template as Hugging Face does.
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, TemplateError> {
+        let mut env = Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
+        env.add_template_owned("chat", source.to_owned())
+            .map_err(|e| TemplateError::Invalid(e.to_string()))?;
+        Ok(Self {
+            env,
+            bos_token: bos_token.to_owned(),
+            eos_token: eos_token.to_owned(),
+        })
+    }
+
+    /// Renders the conversation, ending with the assistant's header when `add_generation_prompt`.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        let template = self
+            .env
+            .get_template("chat")
+            .map_err(|e| TemplateError::Invalid(e.to_string()))?;
+        template
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token,
+                eos_token => self.eos_token,
+            })
+            .map_err(|e| TemplateError::Render(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(text: &str) -> ChatMessage {
+        ChatMessage {
+            role: "user".into(),
+            content: text.into(),
+        }
+    }
+
+    #[test]
+    fn chatml_renders_turns_and_generation_prompt() {
+        let t = ChatTemplate::new(CHATML, "", "").unwrap();
+        let out = t.render(&[user("hi")], true).unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn python_string_methods_work() {
+        let t = ChatTemplate::new("{{ messages[0]['content'].strip().upper() }}", "", "").unwrap();
+        assert_eq!(t.render(&[user("  x ")], false).unwrap(), "X");
+    }
+
+    #[test]
+    fn raise_exception_becomes_a_render_error() {
+        let t = ChatTemplate::new("{{ raise_exception('only user turns') }}", "", "").unwrap();
+        let err = t.render(&[user("x")], false).unwrap_err().to_string();
+        assert!(err.contains("only user turns"), "{err}");
+    }
+}

@@ -1,0 +1,428 @@
+//! The inference engine: a loaded model plus shared-prefix batched sampling.
+//!
+//! A request for `n` samples prefills its prompt once, copies the prompt's KV cache into `n` rows,
+//! and decodes the rows in lock-step; a row that stops (end of turn, stop string, token limit)
+//! leaves the batch so the others run cheaper. [`Generation`] is a resumable state machine, so the
+//! [`worker`] can interleave the decode steps of concurrent requests.
+
+pub mod llama;
+pub mod sampler;
+pub mod stop;
+pub mod worker;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+
+use crate::chat_template::{CHATML, ChatMessage, ChatTemplate, TemplateError};
+use crate::gguf::{GgufError, GgufFile};
+use crate::tokenizer::{GgufTokenizer, TokenizerError};
+use llama::{KvCache, Llama, ModelError, WeightFormat};
+use sampler::{Sampler, SamplerConfig};
+use stop::{StopCheck, StopStrings};
+
+/// Why the engine could not load or run.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    File(#[from] GgufError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error("model computation failed: {0}")]
+    Compute(#[from] candle_core::Error),
+    #[error(
+        "the prompt has {prompt} tokens and asks for up to {max_tokens} more, but the model's context holds {context}"
+    )]
+    ContextLength {
+        prompt: usize,
+        max_tokens: usize,
+        context: usize,
+    },
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the engine has shut down")]
+    ShutDown,
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// In-memory weight format.
+    pub weights: WeightFormat,
+    /// Run on the first CUDA device (needs the `cuda` feature).
+    pub cuda: bool,
+}
+
+/// A loaded model with its tokenizer and chat template.
+pub struct Engine {
+    model: Llama,
+    tokenizer: GgufTokenizer,
+    template: ChatTemplate,
+    name: String,
+    path: PathBuf,
+}
+
+/// Why a sample stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End of turn or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The caller went away.
+    Cancelled,
+}
+
+/// What to generate for one prompt.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Number of samples.
+    pub n: usize,
+    /// Token limit per sample.
+    pub max_tokens: usize,
+    /// Sampling settings shared by all rows.
+    pub sampler: SamplerConfig,
+    /// Row `i` samples with seed `seed + i`.
+    pub seed: u64,
+    /// Stop strings.
+    pub stop: StopStrings,
+}
+
+/// One finished sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// Which of the `n` samples this is.
+    pub index: usize,
+    /// Generated text (without the stop string or end-of-turn token).
+    pub text: String,
+    /// Generated token ids (including the end-of-turn token, if any).
+    pub token_ids: Vec<u32>,
+    /// Why it stopped.
+    pub finish: FinishReason,
+    /// Sum of the chosen tokens' log-probabilities.
+    pub logprob: f64,
+}
+
+/// A streaming event of a generation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    /// New text of sample `index`.
+    Text { index: usize, delta: String },
+    /// Sample `index` has finished.
+    Finished { index: usize, finish: FinishReason },
+}
+
+/// Tokens one forward pass processed, for energy attribution: `tokens` counts every position
+/// the pass computed (prompt positions in a prefill, one per row in a decode step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardPass {
+    pub tokens: usize,
+    pub elapsed: Duration,
+}
+
+/// The result of a whole generation.
+#[derive(Debug, Clone)]
+pub struct GenerationOutput {
+    /// Samples in index order.
+    pub completions: Vec<Completion>,
+    /// Prompt tokens (computed once, whatever `n`).
+    pub prompt_tokens: usize,
+    /// Generated tokens over all samples.
+    pub completion_tokens: usize,
+    /// Every forward pass, in order: the first is the prefill.
+    pub passes: Vec<ForwardPass>,
+}
+
+impl Engine {
+    /// Loads a GGUF model from `path`; `name` is what the API reports.
+    pub fn load(path: &Path, name: &str, options: &EngineOptions) -> Result<Self, EngineError> {
+        let device = if options.cuda {
+            Device::new_cuda(0)?
+        } else {
+            Device::Cpu
+        };
+        let mut gguf = GgufFile::open(path)?;
+        let tokenizer = GgufTokenizer::from_gguf(&gguf)?;
+        let bos = tokenizer
+            .bos_id
+            .and_then(|id| tokenizer.token(id))
+            .unwrap_or_default()
+            .to_owned();
+        let eos = tokenizer
+            .token(tokenizer.eos_ids[0])
+            .unwrap_or_default()
+            .to_owned();
+        let source = gguf
+            .string("tokenizer.chat_template")
+            .unwrap_or(CHATML)
+            .to_owned();
+        let template = ChatTemplate::new(&source, &bos, &eos)?;
+        let model = Llama::load(&mut gguf, options.weights, &device)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            template,
+            name: name.to_owned(),
+            path: path.to_owned(),
+        })
+    }
+
+    /// The served model's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The model file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Context length in tokens.
+    pub fn context_length(&self) -> usize {
+        self.model.config().context_length
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &GgufTokenizer {
+        &self.tokenizer
+    }
+
+    /// Renders a conversation with the model's chat template and tokenizes it, ending with the
+    /// assistant's turn header.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
+        let text = self.template.render(messages, true)?;
+        Ok(self.tokenizer.encode(&text)?)
+    }
+
+    /// Tokenizes a plain prompt.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        Ok(self.tokenizer.encode(text)?)
+    }
+
+    /// Checks that a request fits the model before any work starts.
+    pub fn check(&self, request: &GenerationRequest) -> Result<(), EngineError> {
+        if request.prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let context = self.context_length();
+        if request.prompt.len() + request.max_tokens > context {
+            return Err(EngineError::ContextLength {
+                prompt: request.prompt.len(),
+                max_tokens: request.max_tokens,
+                context,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs a request to completion, reporting events as they happen; `on_event` returns false
+    /// to cancel.
+    pub fn generate(
+        &self,
+        request: GenerationRequest,
+        on_event: &mut dyn FnMut(GenerationEvent) -> bool,
+    ) -> Result<GenerationOutput, EngineError> {
+        let mut generation = Generation::new(self, request)?;
+        while !generation.step(self, on_event)? {}
+        Ok(generation.finish())
+    }
+}
+
+struct Row {
+    index: usize,
+    sampler: Sampler,
+    ids: Vec<u32>,
+    shown: usize,
+    logprob: f64,
+}
+
+/// A generation in progress: resumable one forward pass at a time.
+pub struct Generation {
+    request: GenerationRequest,
+    cache: KvCache,
+    rows: Vec<Row>,
+    done: Vec<Completion>,
+    /// Logits of the last pass: one row after the prefill (shared by all samples), else one per row.
+    logits: Option<Tensor>,
+    passes: Vec<ForwardPass>,
+}
+
+impl Generation {
+    /// Validates the request and prepares its rows.
+    pub fn new(engine: &Engine, request: GenerationRequest) -> Result<Self, EngineError> {
+        engine.check(&request)?;
+        let rows = (0..request.n)
+            .map(|index| Row {
+                index,
+                sampler: Sampler::new(request.sampler, request.seed.wrapping_add(index as u64)),
+                ids: Vec::new(),
+                shown: 0,
+                logprob: 0.0,
+            })
+            .collect();
+        Ok(Self {
+            cache: engine.model.new_cache(),
+            request,
+            rows,
+            done: Vec::new(),
+            logits: None,
+            passes: Vec::new(),
+        })
+    }
+
+    /// Runs one forward pass (the prefill, or one decode step for all live rows) and samples.
+    /// Returns true when every row has finished.
+    pub fn step(
+        &mut self,
+        engine: &Engine,
+        on_event: &mut dyn FnMut(GenerationEvent) -> bool,
+    ) -> Result<bool, EngineError> {
+        let model = &engine.model;
+        let logits = match self.logits.take() {
+            Some(logits) => logits,
+            None => {
+                let started = Instant::now();
+                let prompt =
+                    Tensor::new(self.request.prompt.as_slice(), model.device())?.unsqueeze(0)?;
+                let logits = model.forward(&prompt, &mut self.cache)?;
+                self.cache = self.cache.repeat_rows(self.rows.len())?;
+                self.passes.push(ForwardPass {
+                    tokens: self.request.prompt.len(),
+                    elapsed: started.elapsed(),
+                });
+                logits
+            }
+        };
+        let logits = logits.to_vec2::<f32>()?;
+        let mut next = Vec::with_capacity(self.rows.len());
+        let mut keep = Vec::with_capacity(self.rows.len());
+        let mut cancelled = false;
+        for (position, mut row) in std::mem::take(&mut self.rows).into_iter().enumerate() {
+            let row_logits = logits.get(position).unwrap_or(&logits[0]);
+            let pick = row.sampler.pick(row_logits);
+            row.ids.push(pick.token);
+            row.logprob += f64::from(pick.logprob);
+            let finish = self.advance(engine, &mut row, pick.token, on_event, &mut cancelled)?;
+            match finish {
+                Some(finish) => self.finish_row(engine, row, finish, on_event)?,
+                None => {
+                    next.push(pick.token);
+                    keep.push(position as u32);
+                    self.rows.push(row);
+                }
+            }
+        }
+        if cancelled {
+            for row in std::mem::take(&mut self.rows) {
+                self.finish_row(engine, row, FinishReason::Cancelled, &mut |_| true)?;
+            }
+        }
+        if self.rows.is_empty() {
+            return Ok(true);
+        }
+        if keep.len() < self.cache.rows() {
+            self.cache.select_rows(&keep)?;
+        }
+        let started = Instant::now();
+        let tokens = Tensor::new(next.as_slice(), model.device())?.unsqueeze(1)?;
+        self.logits = Some(model.forward(&tokens, &mut self.cache)?);
+        self.passes.push(ForwardPass {
+            tokens: next.len(),
+            elapsed: started.elapsed(),
+        });
+        Ok(false)
+    }
+
+    /// Emits the row's new text; returns why it finished, if it did.
+    fn advance(
+        &self,
+        engine: &Engine,
+        row: &mut Row,
+        token: u32,
+        on_event: &mut dyn FnMut(GenerationEvent) -> bool,
+        cancelled: &mut bool,
+    ) -> Result<Option<FinishReason>, EngineError> {
+        if engine.tokenizer.is_eos(token) {
+            return Ok(Some(FinishReason::Stop));
+        }
+        let text = engine.tokenizer.decode(&row.ids)?;
+        // A multi-byte character can span tokens: wait until it is complete.
+        let (visible, stopped) = if text.ends_with('\u{FFFD}') {
+            (row.shown, false)
+        } else {
+            match self.request.stop.check(&text) {
+                StopCheck::Stopped { at } => (at, true),
+                StopCheck::Continue { safe } => (safe, false),
+            }
+        };
+        if visible > row.shown {
+            let delta = text[row.shown..visible].to_owned();
+            row.shown = visible;
+            if !on_event(GenerationEvent::Text {
+                index: row.index,
+                delta,
+            }) {
+                *cancelled = true;
+            }
+        }
+        if stopped {
+            return Ok(Some(FinishReason::Stop));
+        }
+        if row.ids.len() >= self.request.max_tokens {
+            return Ok(Some(FinishReason::Length));
+        }
+        Ok(None)
+    }
+
+    fn finish_row(
+        &mut self,
+        engine: &Engine,
+        row: Row,
+        finish: FinishReason,
+        on_event: &mut dyn FnMut(GenerationEvent) -> bool,
+    ) -> Result<(), EngineError> {
+        let mut text = engine.tokenizer.decode(&row.ids)?;
+        if let StopCheck::Stopped { at } = self.request.stop.check(&text) {
+            text.truncate(at);
+        }
+        // Text held back for a possible stop string that never came is still part of the answer.
+        if finish != FinishReason::Cancelled && text.len() > row.shown {
+            on_event(GenerationEvent::Text {
+                index: row.index,
+                delta: text[row.shown..].to_owned(),
+            });
+        }
+        on_event(GenerationEvent::Finished {
+            index: row.index,
+            finish,
+        });
+        self.done.push(Completion {
+            index: row.index,
+            text,
+            token_ids: row.ids,
+            finish,
+            logprob: row.logprob,
+        });
+        Ok(())
+    }
+
+    /// The finished output; samples in index order.
+    pub fn finish(mut self) -> GenerationOutput {
+        self.done.sort_by_key(|c| c.index);
+        let completion_tokens = self.done.iter().map(|c| c.token_ids.len()).sum();
+        GenerationOutput {
+            completions: self.done,
+            prompt_tokens: self.request.prompt.len(),
+            completion_tokens,
+            passes: self.passes,
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! Reading GGUF files: opening with clear errors, and typed access to metadata.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+
+/// Why a model file could not be used. Every variant names the file and says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error(
+        "model file {path} does not exist; run `ttc-sidecar fetch-model` for the default model or pass --model with the path of a GGUF file"
+    )]
+    Missing { path: PathBuf },
+    #[error("cannot read model file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "model file {path} is not a valid GGUF file ({reason}); download it again (`ttc-sidecar fetch-model --force` for the default model)"
+    )]
+    Invalid { path: PathBuf, reason: String },
+    #[error(
+        "model file {path} is truncated: its tensors need {needed} bytes but the file has {actual}; download it again (`ttc-sidecar fetch-model --force` for the default model)"
+    )]
+    Truncated {
+        path: PathBuf,
+        needed: u64,
+        actual: u64,
+    },
+    #[error("model file {path} lacks metadata key `{key}` (or it has the wrong type)")]
+    MissingMetadata { path: PathBuf, key: String },
+}
+
+/// An opened GGUF file: its parsed header plus a reader positioned anywhere.
+pub struct GgufFile {
+    /// Where the file lives.
+    pub path: PathBuf,
+    /// Parsed header: metadata and tensor directory.
+    pub content: Content,
+    /// Reader for tensor data.
+    pub reader: BufReader<File>,
+}
+
+impl GgufFile {
+    /// Opens and validates a GGUF file: parses the header and checks that every tensor's data
+    /// lies within the file, so a truncated download fails here with a clear message rather than
+    /// half-way through loading.
+    pub fn open(path: &Path) -> Result<Self, GgufError> {
+        let file = File::open(path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => GgufError::Missing {
+                path: path.to_owned(),
+            },
+            _ => GgufError::Io {
+                path: path.to_owned(),
+                source,
+            },
+        })?;
+        let actual = file
+            .metadata()
+            .map_err(|source| GgufError::Io {
+                path: path.to_owned(),
+                source,
+            })?
+            .len();
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|e| GgufError::Invalid {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let needed = content
+            .tensor_infos
+            .values()
+            .map(|info| {
+                let elems = info.shape.elem_count() as u64;
+                let bytes = elems / info.ggml_dtype.block_size() as u64
+                    * info.ggml_dtype.type_size() as u64;
+                content.tensor_data_offset + info.offset + bytes
+            })
+            .max()
+            .unwrap_or(content.tensor_data_offset);
+        if needed > actual {
+            return Err(GgufError::Truncated {
+                path: path.to_owned(),
+                needed,
+                actual,
+            });
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            content,
+            reader,
+        })
+    }
+
+    fn missing(&self, key: &str) -> GgufError {
+        GgufError::MissingMetadata {
+            path: self.path.clone(),
+            key: key.to_owned(),
+        }
+    }
+
+    /// A metadata value, if present.
+    pub fn value(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    /// A required unsigned integer (any integer width).
+    pub fn u32(&self, key: &str) -> Result<u32, GgufError> {
+        self.value(key)
+            .and_then(value_as_u32)
+            .ok_or_else(|| self.missing(key))
+    }
+
+    /// An optional unsigned integer.
+    pub fn u32_opt(&self, key: &str) -> Option<u32> {
+        self.value(key).and_then(value_as_u32)
+    }
+
+    /// A required float.
+    pub fn f32(&self, key: &str) -> Result<f32, GgufError> {
+        self.value(key)
+            .and_then(|v| match v {
+                Value::F32(x) => Some(*x),
+                Value::F64(x) => Some(*x as f32),
+                _ => None,
+            })
+            .ok_or_else(|| self.missing(key))
+    }
+
+    /// A required string.
+    pub fn string(&self, key: &str) -> Result<&str, GgufError> {
+        self.value(key)
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+            .ok_or_else(|| self.missing(key))
+    }
+
+    /// A required array of strings.
+    pub fn strings(&self, key: &str) -> Result<Vec<&str>, GgufError> {
+        let array = self
+            .value(key)
+            .and_then(|v| v.to_vec().ok())
+            .ok_or_else(|| self.missing(key))?;
+        array
+            .iter()
+            .map(|v| {
+                v.to_string()
+                    .map(String::as_str)
+                    .map_err(|_| self.missing(key))
+            })
+            .collect()
+    }
+
+    /// A required array of integers.
+    pub fn integers(&self, key: &str) -> Result<Vec<i64>, GgufError> {
+        let array = self
+            .value(key)
+            .and_then(|v| v.to_vec().ok())
+            .ok_or_else(|| self.missing(key))?;
+        array
+            .iter()
+            .map(|v| value_as_i64(v).ok_or_else(|| self.missing(key)))
+            .collect()
+    }
+}
+
+fn value_as_u32(v: &Value) -> Option<u32> {
+    value_as_i64(v).and_then(|x| u32::try_from(x).ok())
+}
+
+fn value_as_i64(v: &Value) -> Option<i64> {
+    Some(match v {
+        Value::U8(x) => *x as i64,
+        Value::I8(x) => *x as i64,
+        Value::U16(x) => *x as i64,
+        Value::I16(x) => *x as i64,
+        Value::U32(x) => *x as i64,
+        Value::I32(x) => *x as i64,
+        Value::U64(x) => i64::try_from(*x).ok()?,
+        Value::I64(x) => *x,
+        _ => return None,
+    })
+}

@@ -1,0 +1,170 @@
+//! `ttc-sidecar`: serves a GGUF model over an OpenAI-compatible API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ttc_sidecar::api::{self, AppState, Limits};
+use ttc_sidecar::engine::llama::WeightFormat;
+use ttc_sidecar::engine::worker::EngineHandle;
+use ttc_sidecar::engine::{Engine, EngineOptions};
+use ttc_sidecar::model_store::{DEFAULT_MODEL, KNOWN_MODELS, ModelStore};
+
+#[derive(Parser)]
+#[command(
+    name = "ttc-sidecar",
+    version,
+    about = "Energy-budgeted test-time compute inference server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a model over the OpenAI API (standalone, or as the sidecar the operator injects).
+    Serve(ServeArgs),
+    /// Fetch a known model into the cache and print its path.
+    FetchModel {
+        /// Which known model.
+        #[arg(long, default_value = DEFAULT_MODEL.name)]
+        model: String,
+        /// Fetch again even if the cache has it.
+        #[arg(long)]
+        force: bool,
+        /// Cache directory (default: $TTC_CACHE_DIR/models or ~/.cache/ttc-operator/models).
+        #[arg(long, env = "TTC_MODEL_CACHE")]
+        cache: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// A known model name (fetched on first use) or the path of a GGUF file.
+    #[arg(long, env = "TTC_MODEL", default_value = DEFAULT_MODEL.name)]
+    model: String,
+    /// Name the API serves the model under (default: the known name, or the file stem).
+    #[arg(long, env = "TTC_SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+    /// Address to listen on.
+    #[arg(long, env = "TTC_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// In-memory weight format.
+    #[arg(long, env = "TTC_WEIGHTS", value_enum, default_value_t = WeightFormat::Q8_0)]
+    weights: WeightFormat,
+    /// Compute threads (default: all cores).
+    #[arg(long, env = "TTC_THREADS")]
+    threads: Option<usize>,
+    /// Run on the first CUDA GPU (needs a build with the `cuda` feature).
+    #[arg(long, env = "TTC_CUDA")]
+    cuda: bool,
+    /// Most samples one request may ask for.
+    #[arg(long, env = "TTC_MAX_N", default_value_t = 64)]
+    max_n: usize,
+    /// Model cache directory (default: $TTC_CACHE_DIR/models or ~/.cache/ttc-operator/models).
+    #[arg(long, env = "TTC_MODEL_CACHE")]
+    cache: Option<PathBuf>,
+}
+
+fn store(cache: Option<PathBuf>) -> ModelStore {
+    cache
+        .map(ModelStore::new)
+        .unwrap_or_else(ModelStore::default_location)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::FetchModel {
+            model,
+            force,
+            cache,
+        } => {
+            let known = KNOWN_MODELS
+                .iter()
+                .find(|m| m.name == model)
+                .with_context(|| format!("unknown model `{model}`"))?;
+            let path = store(cache).ensure(known, force)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Serve(args) => {
+            if let Some(threads) = args.threads {
+                // SAFETY: set before any other thread exists; candle reads it once, on first use.
+                unsafe { std::env::set_var("CANDLE_NUM_THREADS", threads.to_string()) };
+            }
+            serve(args)
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let path = store(args.cache).resolve(&args.model)?;
+    let name = args.served_model_name.clone().unwrap_or_else(|| {
+        if KNOWN_MODELS.iter().any(|m| m.name == args.model) {
+            args.model.clone()
+        } else {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| args.model.clone())
+        }
+    });
+    let started = std::time::Instant::now();
+    let engine = Engine::load(
+        &path,
+        &name,
+        &EngineOptions {
+            weights: args.weights,
+            cuda: args.cuda,
+        },
+    )?;
+    tracing::info!(model = %name, path = %path.display(), load_ms = started.elapsed().as_millis() as u64, "model loaded");
+    let handle = EngineHandle::spawn(engine).context("starting the engine thread")?;
+    let state = AppState {
+        engine: handle,
+        limits: Limits {
+            max_n: args.max_n,
+            ..Limits::default()
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        tracing::info!(address = %args.listen, "serving the OpenAI API");
+        axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("HTTP server failed")
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}

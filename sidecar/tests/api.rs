@@ -1,0 +1,239 @@
+//! The OpenAI-compatible HTTP API on the real default model: answers, streaming, and a 4xx with
+//! an OpenAI-style error body for every kind of bad request.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+use ttc_sidecar::api::{AppState, Limits, router};
+use ttc_sidecar::engine::worker::EngineHandle;
+use ttc_sidecar::engine::{Engine, EngineOptions};
+use ttc_sidecar::model_store::DEFAULT_MODEL;
+
+fn app() -> axum::Router {
+    static HANDLE: std::sync::OnceLock<EngineHandle> = std::sync::OnceLock::new();
+    let handle = HANDLE.get_or_init(|| {
+        let engine = Engine::load(
+            &common::default_model_path(),
+            DEFAULT_MODEL.name,
+            &EngineOptions::default(),
+        )
+        .unwrap();
+        EngineHandle::spawn(engine).unwrap()
+    });
+    router(AppState {
+        engine: handle.clone(),
+        limits: Limits::default(),
+    })
+}
+
+async fn send(method: &str, path: &str, body: &str) -> (StatusCode, String) {
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_owned()))
+        .unwrap();
+    let response = app().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+async fn post(path: &str, body: Value) -> (StatusCode, Value) {
+    let (status, text) = send("POST", path, &body.to_string()).await;
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn chat(extra: Value) -> Value {
+    let mut body = json!({ "model": DEFAULT_MODEL.name, "messages": [{ "role": "user", "content": "Say hi." }], "max_tokens": 8 });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+fn assert_openai_error(
+    status: StatusCode,
+    body: &Value,
+    expected: StatusCode,
+    param: Option<&str>,
+) {
+    assert_eq!(status, expected, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(body["error"]["type"].is_string(), "{body}");
+    if let Some(param) = param {
+        assert_eq!(body["error"]["param"], param, "{body}");
+    }
+}
+
+#[tokio::test]
+async fn chat_completion_with_n_samples() {
+    let (status, body) = post(
+        "/v1/chat/completions",
+        chat(json!({ "n": 3, "seed": 1, "temperature": 0.8 })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], DEFAULT_MODEL.name);
+    let choices = body["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["message"]["role"], "assistant");
+        assert!(
+            c["finish_reason"] == "stop" || c["finish_reason"] == "length",
+            "{c}"
+        );
+    }
+    let usage = &body["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 10);
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn text_completion_respects_max_tokens() {
+    let (status, body) =
+        post("/v1/completions", json!({ "model": DEFAULT_MODEL.name, "prompt": "The sky is", "max_tokens": 4, "temperature": 0 })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["object"], "text_completion");
+    assert_eq!(body["usage"]["completion_tokens"], 4);
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+}
+
+#[tokio::test]
+async fn streaming_sends_chunks_then_done() {
+    let body = chat(
+        json!({ "stream": true, "n": 2, "stream_options": { "include_usage": true }, "temperature": 0 }),
+    );
+    let (status, text) = send("POST", "/v1/chat/completions", &body.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let mut content = [String::new(), String::new()];
+    let mut finishes = 0;
+    for chunk in &chunks {
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        if let Some(choice) = chunk["choices"].as_array().and_then(|c| c.first()) {
+            let i = choice["index"].as_u64().unwrap() as usize;
+            if let Some(t) = choice["delta"]["content"].as_str() {
+                content[i].push_str(t);
+            }
+            finishes += usize::from(!choice["finish_reason"].is_null());
+        }
+    }
+    assert_eq!(finishes, 2);
+    assert!(!content[0].is_empty());
+    assert_eq!(content[0], content[1], "greedy rows differ");
+    assert!(
+        chunks.last().unwrap()["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+}
+
+#[tokio::test]
+async fn models_and_health() {
+    let (status, text) = send("GET", "/v1/models", "").await;
+    assert_eq!(status, StatusCode::OK);
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["data"][0]["id"], DEFAULT_MODEL.name);
+    assert_eq!(send("GET", "/healthz", "").await.0, StatusCode::OK);
+    assert_eq!(send("GET", "/readyz", "").await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn bad_requests_get_openai_errors() {
+    let (status, text) = send("POST", "/v1/chat/completions", "{not json").await;
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_openai_error(status, &body, StatusCode::BAD_REQUEST, Some("body"));
+
+    let (status, body) = post(
+        "/v1/chat/completions",
+        json!({ "model": DEFAULT_MODEL.name }),
+    )
+    .await;
+    assert_openai_error(status, &body, StatusCode::BAD_REQUEST, None);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("messages"),
+        "{body}"
+    );
+
+    let (status, body) = post("/v1/chat/completions", chat(json!({ "n": "two" }))).await;
+    assert_openai_error(status, &body, StatusCode::BAD_REQUEST, None);
+
+    let (status, body) = post("/v1/chat/completions", chat(json!({ "model": "gpt-4o" }))).await;
+    assert_openai_error(status, &body, StatusCode::NOT_FOUND, Some("model"));
+    assert_eq!(body["error"]["code"], "model_not_found");
+
+    for (field, value) in [
+        ("n", json!(0)),
+        ("n", json!(65)),
+        ("temperature", json!(3.5)),
+        ("top_p", json!(0)),
+        ("max_tokens", json!(0)),
+    ] {
+        let (status, body) = post("/v1/chat/completions", chat(json!({ field: value }))).await;
+        assert_openai_error(status, &body, StatusCode::BAD_REQUEST, Some(field));
+    }
+
+    let (status, body) = post(
+        "/v1/chat/completions",
+        chat(json!({ "max_tokens": 100000 })),
+    )
+    .await;
+    assert_openai_error(status, &body, StatusCode::BAD_REQUEST, Some("max_tokens"));
+    assert_eq!(body["error"]["code"], "context_length_exceeded");
+
+    let long = "word ".repeat(9000);
+    let (status, body) = post(
+        "/v1/completions",
+        json!({ "model": DEFAULT_MODEL.name, "prompt": long }),
+    )
+    .await;
+    assert_openai_error(status, &body, StatusCode::BAD_REQUEST, Some("prompt"));
+    assert_eq!(body["error"]["code"], "context_length_exceeded");
+
+    let (status, body) = post("/v1/chat/completions", chat(json!({ "messages": [] }))).await;
+    assert_openai_error(status, &body, StatusCode::BAD_REQUEST, Some("messages"));
+
+    let (status, body) = post(
+        "/v1/completions",
+        json!({ "model": DEFAULT_MODEL.name, "prompt": "" }),
+    )
+    .await;
+    assert_openai_error(status, &body, StatusCode::BAD_REQUEST, Some("prompt"));
+
+    let (status, text) = send("GET", "/v1/nothing", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{text}");
+
+    // The server still answers after all of that.
+    let (status, _) = post("/v1/chat/completions", chat(json!({}))).await;
+    assert_eq!(status, StatusCode::OK);
+}

@@ -1,0 +1,225 @@
+//! The engine on the real default model: tokenizer ids, chat template, shared-prefix batched
+//! sampling, model-file errors.
+
+mod common;
+
+use std::sync::{Arc, OnceLock};
+
+use ttc_sidecar::chat_template::ChatMessage;
+use ttc_sidecar::engine::sampler::SamplerConfig;
+use ttc_sidecar::engine::stop::StopStrings;
+use ttc_sidecar::engine::{
+    Engine, EngineOptions, FinishReason, GenerationEvent, GenerationRequest,
+};
+use ttc_sidecar::gguf::{GgufError, GgufFile};
+use ttc_sidecar::model_store::DEFAULT_MODEL;
+
+/// The default model, loaded once per test binary.
+fn engine() -> Arc<Engine> {
+    static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let engine = Engine::load(
+                &common::default_model_path(),
+                DEFAULT_MODEL.name,
+                &EngineOptions::default(),
+            )
+            .unwrap_or_else(|e| panic!("loading the default model: {e}"));
+            Arc::new(engine)
+        })
+        .clone()
+}
+
+fn greedy(prompt: Vec<u32>, n: usize, max_tokens: usize) -> GenerationRequest {
+    GenerationRequest {
+        prompt,
+        n,
+        max_tokens,
+        sampler: SamplerConfig {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        seed: 0,
+        stop: StopStrings::default(),
+    }
+}
+
+fn user(text: &str) -> Vec<ChatMessage> {
+    vec![ChatMessage {
+        role: "user".into(),
+        content: text.into(),
+    }]
+}
+
+/// Ids from llama.cpp (llama-cpp-python 0.3.36, `tokenize(special=True)`) on the same file.
+#[test]
+fn tokenizer_matches_llama_cpp_ids() {
+    let engine = engine();
+    let t = engine.tokenizer();
+    let cases: &[(&str, &[u32])] = &[("<|im_start|>assistant\n", &[1, 520, 9531, 198])];
+    for (text, ids) in cases {
+        assert_eq!(t.encode(text).unwrap(), *ids, "ids of {text:?}");
+        assert_eq!(
+            t.decode(ids).unwrap(),
+            text.replace("<|im_start|>", ""),
+            "round trip of {text:?}"
+        );
+    }
+}
+
+#[test]
+fn chat_template_from_gguf_adds_default_system_prompt() {
+    let engine = engine();
+    let ids = engine.encode_chat(&user("Hi")).unwrap();
+    let text = engine.tokenizer().decode(&ids).unwrap();
+    assert!(
+        text.starts_with("system\nYou are a helpful AI assistant named SmolLM"),
+        "{text:?}"
+    );
+    assert_eq!(ids[0], 1, "starts with <|im_start|>");
+    assert_eq!(
+        &ids[ids.len() - 4..],
+        &[1, 520, 9531, 198],
+        "ends with the assistant header"
+    );
+}
+
+#[test]
+fn batched_greedy_rows_equal_single_greedy() {
+    let engine = engine();
+    let prompt = engine
+        .encode_chat(&user("What is the capital of France?"))
+        .unwrap();
+    let single = engine
+        .generate(greedy(prompt.clone(), 1, 24), &mut |_| true)
+        .unwrap();
+    let batch = engine
+        .generate(greedy(prompt, 4, 24), &mut |_| true)
+        .unwrap();
+    assert_eq!(batch.completions.len(), 4);
+    assert!(!single.completions[0].text.is_empty());
+    for c in &batch.completions {
+        assert_eq!(
+            c.token_ids, single.completions[0].token_ids,
+            "row {} differs",
+            c.index
+        );
+    }
+    // The prompt is computed once, whatever n is.
+    assert_eq!(batch.passes[0].tokens, batch.prompt_tokens);
+    assert_eq!(batch.passes[1].tokens, 4);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_rows_differ() {
+    let engine = engine();
+    let prompt = engine.encode_chat(&user("Write a word.")).unwrap();
+    let request = GenerationRequest {
+        prompt,
+        n: 6,
+        max_tokens: 12,
+        sampler: SamplerConfig {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+        },
+        seed: 42,
+        stop: StopStrings::default(),
+    };
+    let a = engine.generate(request.clone(), &mut |_| true).unwrap();
+    let b = engine.generate(request, &mut |_| true).unwrap();
+    assert_eq!(a.completions, b.completions);
+    let distinct: std::collections::HashSet<_> =
+        a.completions.iter().map(|c| c.token_ids.clone()).collect();
+    assert!(
+        distinct.len() > 1,
+        "six samples at temperature 1 were all identical"
+    );
+}
+
+#[test]
+fn stop_strings_and_limits_end_rows_and_events_add_up() {
+    let engine = engine();
+    let prompt = engine
+        .encode_chat(&user("Count from 1 to 20, separated by commas."))
+        .unwrap();
+    let mut request = greedy(prompt, 2, 40);
+    request.stop = StopStrings::new(["5".to_owned()]);
+    let mut streamed = vec![String::new(); 2];
+    let mut finished = vec![None; 2];
+    let out = engine
+        .generate(request, &mut |e| {
+            match e {
+                GenerationEvent::Text { index, delta } => streamed[index].push_str(&delta),
+                GenerationEvent::Finished { index, finish } => finished[index] = Some(finish),
+            }
+            true
+        })
+        .unwrap();
+    for c in &out.completions {
+        assert!(!c.text.contains('5'), "stop string leaked: {:?}", c.text);
+        assert_eq!(
+            streamed[c.index], c.text,
+            "streamed text differs from the final text"
+        );
+        assert_eq!(finished[c.index], Some(c.finish));
+    }
+    let short = engine
+        .generate(
+            greedy(engine.encode("Once upon a time").unwrap(), 1, 3),
+            &mut |_| true,
+        )
+        .unwrap();
+    assert_eq!(short.completions[0].finish, FinishReason::Length);
+    assert_eq!(short.completions[0].token_ids.len(), 3);
+}
+
+#[test]
+fn cancelling_stops_generation() {
+    let engine = engine();
+    let out = engine
+        .generate(
+            greedy(engine.encode("Once upon a time").unwrap(), 2, 50),
+            &mut |e| !matches!(e, GenerationEvent::Text { .. }),
+        )
+        .unwrap();
+    assert!(
+        out.completions
+            .iter()
+            .all(|c| c.finish == FinishReason::Cancelled)
+    );
+    assert!(out.completion_tokens < 10);
+}
+
+#[test]
+fn model_file_errors_name_the_path_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("absent.gguf");
+    let err = Engine::load(&missing, "x", &EngineOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("absent.gguf") && err.contains("fetch-model"),
+        "{err}"
+    );
+
+    let garbage = dir.path().join("garbage.gguf");
+    std::fs::write(&garbage, b"this is not a gguf file at all").unwrap();
+    assert!(matches!(
+        GgufFile::open(&garbage),
+        Err(GgufError::Invalid { .. })
+    ));
+
+    let truncated = dir.path().join("truncated.gguf");
+    let full = std::fs::read(common::default_model_path()).unwrap();
+    std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
+    let err = Engine::load(&truncated, "x", &EngineOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("truncated.gguf") && err.contains("truncated"),
+        "{err}"
+    );
+}
