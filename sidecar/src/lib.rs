@@ -2,7 +2,8 @@
 //!
 //! Layers, from the bottom: [`model_store`] finds or fetches model files, [`gguf`] reads their
 //! metadata, [`tokenizer`] and [`chat_template`] turn messages into token ids, [`engine`] runs the
-//! model (shared-prefix batched sampling), [`api`] serves HTTP.
+//! model (shared-prefix batched sampling), [`ttc`] decides how much compute each request gets,
+//! [`api`] serves HTTP.
 
 pub mod api;
 pub mod chat_template;
@@ -10,3 +11,4 @@ pub mod engine;
 pub mod gguf;
 pub mod model_store;
 pub mod tokenizer;
+pub mod ttc;

@@ -1,0 +1,1 @@
+//! Test-time compute: strategies, answer extraction, verifiers, stopping rules, the budget controller.
