@@ -3,11 +3,12 @@
 //! Built where Rust is, run by `e2e/gpu-check` where the GPU is.
 //!
 //! ```text
-//! gpu_meter [--seconds 30] [--sample-ms 20] [--show 12] [--nvml-lib PATH]
+//! gpu_meter [--seconds 30] [--sample-ms 20] [--show 12] [--tolerance-pct 5] [--nvml-lib PATH]
 //! ```
 //!
 //! Prints per-request joules, the comparison and the meter's overhead, then one line
-//! `RESULT {json}` for scripts.
+//! `RESULT {json}` for scripts, then PASS (exit 0) or FAIL (exit 3): the counter moved, the two
+//! figures agree within the tolerance, and the per-request books balance.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +22,7 @@ struct Args {
     seconds: f64,
     sample: Duration,
     show: usize,
+    tolerance_pct: f64,
     nvml_lib: Option<std::path::PathBuf>,
 }
 
@@ -29,6 +31,7 @@ fn parse_args() -> Result<Args, String> {
         seconds: 30.0,
         sample: Duration::from_millis(20),
         show: 12,
+        tolerance_pct: 5.0,
         nvml_lib: None,
     };
     let mut it = std::env::args().skip(1);
@@ -41,6 +44,11 @@ fn parse_args() -> Result<Args, String> {
             "--sample-ms" => {
                 let ms: u64 = value()?.parse().map_err(|e| format!("--sample-ms: {e}"))?;
                 args.sample = Duration::from_millis(ms.max(1));
+            }
+            "--tolerance-pct" => {
+                args.tolerance_pct = value()?
+                    .parse()
+                    .map_err(|e| format!("--tolerance-pct: {e}"))?
             }
             "--show" => args.show = value()?.parse().map_err(|e| format!("--show: {e}"))?,
             "--nvml-lib" => args.nvml_lib = Some(value()?.into()),
@@ -66,9 +74,34 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Polls one GPU's energy counter tightly and returns the median time between changes: the
+/// driver's refresh period, which `NvmlConfig::counter_update_period` should match.
+fn probe_refresh_period(
+    nvml: &Nvml,
+    uuid: &str,
+    for_how_long: Duration,
+) -> Result<Option<Duration>, nvml_wrapper::error::NvmlError> {
+    let device = nvml.device_by_uuid(uuid)?;
+    let start = Instant::now();
+    let mut last = device.total_energy_consumption()?;
+    let mut changes = Vec::new();
+    while start.elapsed() < for_how_long {
+        let now = device.total_energy_consumption()?;
+        if now != last {
+            changes.push(Instant::now());
+            last = now;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let mut gaps: Vec<Duration> = changes.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.sort();
+    Ok(gaps.get(gaps.len() / 2).copied())
+}
+
 fn main() -> ExitCode {
     match run() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(3),
         Err(e) => {
             eprintln!("gpu_meter: {e}");
             ExitCode::FAILURE
@@ -76,7 +109,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> Result<(), Box<dyn std::error::Error>> {
+fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let args = parse_args()?;
     let config = NvmlConfig {
         lib_path: args.nvml_lib.clone(),
@@ -85,7 +118,6 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let sensor = NvmlSensor::open(&config)?;
     let uuids = sensor.uuids();
     println!("metering GPUs {uuids:?} (NVIDIA_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES)");
-    let meter = EnergyMeter::with_sensor(Box::new(sensor), EstimateModel::default())?;
 
     // A second, independent NVML handle for the reference measurement.
     let nvml = Arc::new(match &args.nvml_lib {
@@ -98,6 +130,15 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             .map(|u| nvml.device_by_uuid(u.as_str())?.total_energy_consumption())
             .collect()
     };
+    let first = uuids.first().ok_or("no GPU to meter")?;
+    let refresh = probe_refresh_period(&nvml, first, Duration::from_secs(1))?;
+    match refresh {
+        Some(p) => println!(
+            "energy counter refresh period of {first}: about {p:?} (median of changes seen in 1 s of tight polling)"
+        ),
+        None => println!("energy counter of {first} did not change in 1 s of polling"),
+    }
+    let meter = EnergyMeter::with_sensor(Box::new(sensor), EstimateModel::default())?;
     let stop = Arc::new(AtomicBool::new(false));
     let integral = Arc::new(Mutex::new(Integral {
         joules: vec![0.0; uuids.len()],
@@ -269,11 +310,31 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         "overhead_us_p99": percentile(&sorted, 0.99).as_secs_f64() * 1e6,
         "overhead_pct_of_batch": overhead_mean.as_secs_f64() / mean_batch.as_secs_f64().max(1e-9) * 100.0,
         "power_samples": g.samples,
+        "counter_refresh_ms": refresh.map(|p| p.as_secs_f64() * 1e3),
         "sample_errors": g.errors,
         "first_requests": requests.iter().take(args.show).map(|r| serde_json::json!({
             "id": r.request_id, "tokens": r.tokens, "joules": r.joules(), "source": r.source,
         })).collect::<Vec<_>>(),
     });
     println!("RESULT {result}");
-    Ok(())
+
+    let mut failures = Vec::new();
+    if counter_j <= 0.0 {
+        failures.push("the energy counter did not move".to_string());
+    }
+    if !(diff_pct.abs() <= args.tolerance_pct) {
+        failures.push(format!(
+            "integrated power differs from the counter by {diff_pct:.2} % (tolerance {} %)",
+            args.tolerance_pct
+        ));
+    }
+    if !books {
+        failures.push("per-request energy and idle do not add up to the meter total".to_string());
+    }
+    if failures.is_empty() {
+        println!("PASS");
+    } else {
+        println!("FAIL: {}", failures.join("; "));
+    }
+    Ok(failures.is_empty())
 }

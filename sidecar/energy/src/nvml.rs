@@ -95,8 +95,10 @@ enum Method {
     /// The driver's total-energy counter (mJ since driver load).
     Counter {
         counter: CounterTracker,
-        /// When the counter was last seen to change.
-        changed_at: Instant,
+        /// Best estimate of when the driver last refreshed the counter.
+        refreshed_at: Instant,
+        /// When this GPU was last read.
+        read_at: Instant,
         last_power_mw: Option<u32>,
     },
     /// Integrated power samples, for GPUs without the counter.
@@ -114,11 +116,11 @@ struct Gpu {
 
 /// Meters the pod's GPUs through NVML.
 ///
-/// With an energy counter (Volta and newer) each read takes the counter; because the driver
-/// refreshes it only every 20-100 ms, a read that finds it unchanged adds instantaneous power x
-/// time since it last changed (capped at one update period), the approach Zeus takes for short
-/// windows. Totals stay monotone: when the counter catches up, the bridged joules are taken out
-/// of the next window, so over time the sum equals the counter exactly. A counter that goes
+/// With an energy counter (Volta and newer) each read takes the counter. The driver refreshes it
+/// only every 20-100 ms, so a window shorter than that could read zero; like Zeus for short
+/// windows, each read adds power x time since the counter's estimated last refresh (at most one
+/// update period). Totals stay monotone: when the counter catches up, bridged joules are taken
+/// out of the next window, so over time the total equals the counter exactly. A counter that goes
 /// backwards was reset (driver reload, GPU reset) and counts again from zero. Without a counter a
 /// thread samples power and integrates it (trapezoids).
 pub struct NvmlSensor {
@@ -161,7 +163,8 @@ impl NvmlSensor {
             let method = match device.total_energy_consumption() {
                 Ok(raw) => Method::Counter {
                     counter: CounterTracker::new(raw, None),
-                    changed_at: Instant::now(),
+                    refreshed_at: Instant::now(),
+                    read_at: Instant::now(),
                     last_power_mw: None,
                 },
                 Err(NvmlError::NotSupported) => {
@@ -230,7 +233,8 @@ impl EnergySensor for NvmlSensor {
             let (estimate_uj, power_w) = match &mut gpu.method {
                 Method::Counter {
                     counter,
-                    changed_at,
+                    refreshed_at,
+                    read_at,
                     last_power_mw,
                 } => {
                     let device = self
@@ -242,19 +246,35 @@ impl EnergySensor for NvmlSensor {
                         .map_err(EnergyError::nvml("total_energy_consumption"))?;
                     let before = counter.total();
                     counter.update(raw_mj);
-                    let counted_uj = counter.total().saturating_mul(1_000);
                     if counter.total() != before {
-                        *changed_at = now;
-                        (counted_uj, last_power_mw.map(mw_to_w))
-                    } else {
-                        // Unchanged: the window is shorter than the update period so far.
-                        // Bridge it with power; a failed power read only loses the bridge.
-                        let mw = device.power_usage().ok().or(*last_power_mw);
-                        *last_power_mw = mw;
-                        let since = now.duration_since(*changed_at).min(self.update_period);
-                        let bridge = mw.map_or(0, |mw| mw_times(mw, since));
-                        (counted_uj.saturating_add(bridge), mw.map(mw_to_w))
+                        // Refreshed somewhere after the last read and within one period of
+                        // now, any moment as likely: the middle of that span is the unbiased guess.
+                        let span = now
+                            .saturating_duration_since(*read_at)
+                            .min(self.update_period);
+                        *refreshed_at = now.checked_sub(span / 2).unwrap_or(now);
                     }
+                    *read_at = now;
+                    let counted_uj = counter.total().saturating_mul(1_000);
+                    // The counter holds energy up to its refresh; bridge from there to now with
+                    // power. Past one period the driver should have refreshed, so no further.
+                    let since = now
+                        .saturating_duration_since(*refreshed_at)
+                        .min(self.update_period);
+                    if since >= Duration::from_millis(1) {
+                        // A failed power read only loses the bridge, at the last known power.
+                        if let Ok(mw) = device.power_usage() {
+                            *last_power_mw = Some(mw);
+                        }
+                    }
+                    let bridge = match *last_power_mw {
+                        Some(mw) if since >= Duration::from_millis(1) => mw_times(mw, since),
+                        _ => 0,
+                    };
+                    (
+                        counted_uj.saturating_add(bridge),
+                        last_power_mw.map(mw_to_w),
+                    )
                 }
                 Method::Sampled(state) => {
                     let s = state.lock().unwrap_or_else(PoisonError::into_inner);

@@ -13,6 +13,7 @@
  *   rate 0 250000 100             a simulated GPU instead: it draws 250 W steadily; its energy
  *                                 counter advances with time, refreshed every 100 ms like a real
  *                                 one, and its power reads 250000 mW
+ *   rate 0 250000 100 200000      the same, but its power sensor reads 200000 mW (miscalibrated)
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -44,6 +45,7 @@ typedef struct {
     script_t power;
     unsigned long long rate_mw;   /* 0: scripted answers; else a steady simulated draw */
     unsigned long long update_ms; /* counter refresh period of the simulated GPU */
+    unsigned long long shown_mw;  /* what its power sensor reads */
 } device_t;
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -97,11 +99,13 @@ static int load_script(void) {
             char *idx = strtok_r(NULL, " \t\n", &save);
             char *mw = strtok_r(NULL, " \t\n", &save);
             char *ms = strtok_r(NULL, " \t\n", &save);
+            char *shown = strtok_r(NULL, " \t\n", &save);
             if (!idx || !mw) continue;
             unsigned int d = (unsigned int)atoi(idx);
             if (d >= MAX_DEVICES) continue;
             devices[d].rate_mw = strtoull(mw, NULL, 10);
             devices[d].update_ms = ms ? strtoull(ms, NULL, 10) : 100;
+            devices[d].shown_mw = shown ? strtoull(shown, NULL, 10) : devices[d].rate_mw;
         } else if (strcmp(word, "energy") == 0 || strcmp(word, "power") == 0) {
             char *idx = strtok_r(NULL, " \t\n", &save);
             if (!idx) continue;
@@ -214,7 +218,7 @@ int nvmlDeviceGetPowerUsage(void *device, unsigned int *power) {
     device_t *d = device_of(device);
     if (!d) return NVML_ERROR_INVALID_ARGUMENT;
     if (d->rate_mw) {
-        *power = (unsigned int)d->rate_mw;
+        *power = (unsigned int)d->shown_mw;
         return NVML_SUCCESS;
     }
     unsigned long long v = 0;
