@@ -322,7 +322,8 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     if counter_j <= 0.0 {
         failures.push("the energy counter did not move".to_string());
     }
-    if !(diff_pct.abs() <= args.tolerance_pct) {
+    // NaN (no counter movement) fails too.
+    if diff_pct.is_nan() || diff_pct.abs() > args.tolerance_pct {
         failures.push(format!(
             "integrated power differs from the counter by {diff_pct:.2} % (tolerance {} %)",
             args.tolerance_pct

@@ -406,10 +406,10 @@ impl BatchGuard {
 
 impl Drop for BatchGuard {
     fn drop(&mut self) {
-        if !self.finished {
-            if let Some((batch, _)) = self.meter.close(self.id) {
-                self.meter.lock().unattributed_uj += batch.acc_uj;
-            }
+        if !self.finished
+            && let Some((batch, _)) = self.meter.close(self.id)
+        {
+            self.meter.lock().unattributed_uj += batch.acc_uj;
         }
     }
 }

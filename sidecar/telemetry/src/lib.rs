@@ -9,8 +9,8 @@
 //!
 //! | metric | kind | unit | attributes |
 //! |---|---|---|---|
-//! | `hw.energy` | counter | `J` | `hw.id`, `hw.type`, `ttc.energy.source` |
-//! | `hw.power` | gauge | `W` | `hw.id`, `hw.type` |
+//! | `hw.energy` | counter | `J` | `hw.id`, `hw.type`, `ttc.energy.source` (measured sources only) |
+//! | `hw.power` | gauge | `W` | `hw.id`, `hw.type` (measured sources only) |
 //! | `gen_ai.client.token.usage` | histogram | `{token}` | `gen_ai.operation.name`, `gen_ai.provider.name`, `gen_ai.request.model`, `gen_ai.token.type` |
 //! | `gen_ai.server.request.duration` | histogram | `s` | as above less `gen_ai.token.type`, plus `error.type` on failures |
 //! | `gen_ai.server.time_per_output_token` | histogram | `s` | `gen_ai.operation.name`, `gen_ai.provider.name`, `gen_ai.request.model` |

@@ -187,6 +187,10 @@ fn energy_instruments(m: &opentelemetry::metrics::Meter, meter: EnergyMeter) -> 
         .with_description("Energy consumed by the component")
         .with_callback(move |o| {
             let totals = energy_meter.totals();
+            // hw.* is hardware telemetry: an estimate belongs under ttc.energy only.
+            if !totals.source.is_measured() {
+                return;
+            }
             for d in &totals.devices {
                 o.observe(
                     uj_to_j(d.energy_uj),
@@ -205,7 +209,11 @@ fn energy_instruments(m: &opentelemetry::metrics::Meter, meter: EnergyMeter) -> 
         .with_unit("W")
         .with_description("Instantaneous power consumed by the component")
         .with_callback(move |o| {
-            for d in power_meter.totals().devices {
+            let totals = power_meter.totals();
+            if !totals.source.is_measured() {
+                return;
+            }
+            for d in totals.devices {
                 if let Some(w) = d.power_w {
                     o.observe(
                         w,

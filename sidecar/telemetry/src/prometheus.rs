@@ -220,6 +220,12 @@ impl prometheus_client::collector::Collector for MeterCollector {
         };
         let totals = meter.totals();
         let source = totals.source.as_str().to_string();
+        // hw.* is hardware telemetry: an estimate belongs under ttc_energy only.
+        let devices = if totals.source.is_measured() {
+            totals.devices.as_slice()
+        } else {
+            &[]
+        };
 
         let mut family = encoder.encode_descriptor(
             "hw_energy",
@@ -227,7 +233,7 @@ impl prometheus_client::collector::Collector for MeterCollector {
             Some(&Unit::Joules),
             MetricType::Counter,
         )?;
-        for d in &totals.devices {
+        for d in devices {
             let labels = [
                 ("hw_id", d.id.clone()),
                 ("hw_type", d.hw_type.as_str().to_string()),
@@ -243,7 +249,7 @@ impl prometheus_client::collector::Collector for MeterCollector {
             Some(&watts),
             MetricType::Gauge,
         )?;
-        for d in &totals.devices {
+        for d in devices {
             if let Some(w) = d.power_w {
                 let labels = [
                     ("hw_id", d.id.clone()),

@@ -469,3 +469,38 @@ fn split_labels(s: &str) -> Vec<&str> {
     // Values here hold no commas or quotes, which the assertions on them would reveal.
     s.split(',').filter(|p| !p.is_empty()).collect()
 }
+
+#[test]
+fn estimates_stay_out_of_hardware_metrics() {
+    let meter = EnergyMeter::from_config(&ttc_energy::MeterConfig {
+        source: ttc_energy::SourceChoice::Estimate,
+        ..ttc_energy::MeterConfig::default()
+    })
+    .unwrap();
+    let metrics = SidecarMetrics::new(&config(OtlpExport::Disabled), Some(meter.clone())).unwrap();
+    let batch = meter.begin_batch().finish(&[("r", 3)]);
+    metrics.record_request_energy(batch.joules(), batch.source);
+    let text = metrics.encode_prometheus().unwrap();
+    let samples = parse_openmetrics(&text);
+    assert!(
+        samples.iter().all(|(name, _, _)| !name.starts_with("hw_")),
+        "{text}"
+    );
+    assert!(samples.iter().any(
+        |(name, labels, _)| name == "ttc_request_energy_joules_count"
+            && labels.get("ttc_energy_source").map(String::as_str) == Some("estimate")
+    ));
+    assert!(
+        samples
+            .iter()
+            .any(|(name, labels, _)| name == "ttc_energy_joules_total"
+                && labels.get("ttc_energy_source").map(String::as_str) == Some("estimate"))
+    );
+    assert!(
+        samples
+            .iter()
+            .filter(|(name, _, _)| name == "ttc_energy_joules_total")
+            .all(|(_, labels, _)| labels["ttc_energy_source"] == "estimate"),
+        "an estimating meter reports nothing as measured"
+    );
+}
