@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ttc_energy::{EnergyMeter, EstimateModel, MeterConfig, NvmlConfig, SourceChoice};
 use ttc_sidecar::api::{self, AppState, Limits};
 use ttc_sidecar::engine::llama::WeightFormat;
 use ttc_sidecar::engine::worker::EngineHandle;
@@ -66,6 +67,18 @@ struct ServeArgs {
     /// Model cache directory (default: $TTC_CACHE_DIR/models or ~/.cache/ttc-operator/models).
     #[arg(long, env = "TTC_MODEL_CACHE")]
     cache: Option<PathBuf>,
+    /// Energy source: auto (nvml, then rapl, then estimate), nvml, rapl or estimate.
+    #[arg(long, env = "TTC_ENERGY_SOURCE", default_value = "auto")]
+    energy_source: SourceChoice,
+    /// For the estimate: watts one fully busy CPU core draws.
+    #[arg(long, env = "TTC_ESTIMATE_WATTS_PER_CORE", default_value_t = EstimateModel::default().watts_per_core)]
+    estimate_watts_per_core: f64,
+    /// For the estimate: watts drawn regardless of load.
+    #[arg(long, env = "TTC_ESTIMATE_IDLE_WATTS", default_value_t = EstimateModel::default().idle_watts)]
+    estimate_idle_watts: f64,
+    /// Path of libnvidia-ml (default: found by the loader).
+    #[arg(long, env = "TTC_NVML_LIBRARY")]
+    nvml_library: Option<PathBuf>,
 }
 
 fn store(cache: Option<PathBuf>) -> ModelStore {
@@ -127,7 +140,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     )?;
     tracing::info!(model = %name, path = %path.display(), load_ms = started.elapsed().as_millis() as u64, "model loaded");
-    let handle = EngineHandle::spawn(engine).context("starting the engine thread")?;
+    let meter = EnergyMeter::from_config(&MeterConfig {
+        source: args.energy_source,
+        nvml: NvmlConfig {
+            lib_path: args.nvml_library.clone(),
+            ..NvmlConfig::default()
+        },
+        estimate: EstimateModel {
+            watts_per_core: args.estimate_watts_per_core,
+            idle_watts: args.estimate_idle_watts,
+        },
+        ..MeterConfig::default()
+    })
+    .context("opening the energy meter")?;
+    tracing::info!(
+        source = meter.source().as_str(),
+        measured = meter.source().is_measured(),
+        "energy meter ready"
+    );
+    let handle = EngineHandle::spawn(engine, meter).context("starting the engine thread")?;
     let state = AppState {
         engine: handle,
         limits: Limits {

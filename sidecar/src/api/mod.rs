@@ -183,6 +183,11 @@ fn usage(out: &GenerationOutput) -> Usage {
         prompt_tokens: out.prompt_tokens,
         completion_tokens: out.completion_tokens,
         total_tokens: out.prompt_tokens + out.completion_tokens,
+        energy: out.energy.map(|e| EnergyUsage {
+            joules: e.joules,
+            source: e.source,
+            measured: e.source.is_measured(),
+        }),
     }
 }
 

@@ -120,12 +120,23 @@ pub struct CompletionRequest {
     pub sampling: SamplingFields,
 }
 
-/// Token counts (and, as an extension, energy).
+/// Token counts and, as an extension of the OpenAI format, the request's energy.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub energy: Option<EnergyUsage>,
+}
+
+/// A request's energy: `measured` is false when `source` is `estimate`, so no client mistakes a
+/// modelled figure for a measurement.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EnergyUsage {
+    pub joules: f64,
+    pub source: ttc_energy::EnergySource,
+    pub measured: bool,
 }
 
 /// An assistant message in a response.

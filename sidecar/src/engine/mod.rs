@@ -128,6 +128,15 @@ pub struct ForwardPass {
     pub elapsed: Duration,
 }
 
+/// Energy one request used, with where the figure came from.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RequestJoules {
+    /// Joules attributed to the request (its token share of every batch it was in).
+    pub joules: f64,
+    /// `nvml`, `rapl` or `estimate`.
+    pub source: ttc_energy::EnergySource,
+}
+
 /// The result of a whole generation.
 #[derive(Debug, Clone)]
 pub struct GenerationOutput {
@@ -139,6 +148,8 @@ pub struct GenerationOutput {
     pub completion_tokens: usize,
     /// Every forward pass, in order: the first is the prefill.
     pub passes: Vec<ForwardPass>,
+    /// Energy, when the generation ran under a meter.
+    pub energy: Option<RequestJoules>,
 }
 
 impl Engine {
@@ -276,6 +287,15 @@ impl Generation {
             logits: None,
             passes: Vec::new(),
         })
+    }
+
+    /// Tokens of the forward pass the next [`step`](Self::step) will run.
+    pub fn next_pass_tokens(&self) -> usize {
+        if self.logits.is_none() && self.passes.is_empty() {
+            self.request.prompt.len()
+        } else {
+            self.rows.len()
+        }
     }
 
     /// Runs one forward pass (the prefill, or one decode step for all live rows) and samples.
@@ -423,6 +443,7 @@ impl Generation {
             prompt_tokens: self.request.prompt.len(),
             completion_tokens,
             passes: self.passes,
+            energy: None,
         }
     }
 }

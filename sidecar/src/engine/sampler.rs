@@ -51,13 +51,14 @@ impl Sampler {
 
     /// Picks the next token from `logits` (one row, any length).
     pub fn pick(&mut self, logits: &[f32]) -> Pick {
-        let (best, max) = logits
-            .iter()
-            .copied()
-            .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |acc, (i, x)| {
-                if x > acc.1 { (i, x) } else { acc }
-            });
+        let (best, max) =
+            logits
+                .iter()
+                .copied()
+                .enumerate()
+                .fold((0usize, f32::NEG_INFINITY), |acc, (i, x)| {
+                    if x > acc.1 { (i, x) } else { acc }
+                });
         let log_z = max + logits.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
         let token = if self.config.temperature <= 0.0 {
             best

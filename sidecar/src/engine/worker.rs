@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::sync::mpsc;
 
 use tokio::sync::{mpsc as async_mpsc, oneshot};
+use ttc_energy::EnergyMeter;
 
 use super::{
     Engine, EngineError, Generation, GenerationEvent, GenerationOutput, GenerationRequest,
+    RequestJoules,
 };
 
 struct Job {
@@ -33,14 +35,14 @@ pub struct Submission {
 }
 
 impl EngineHandle {
-    /// Starts the worker thread for `engine`.
-    pub fn spawn(engine: Engine) -> std::io::Result<Self> {
+    /// Starts the worker thread for `engine`; every forward pass is metered by `meter`.
+    pub fn spawn(engine: Engine, meter: EnergyMeter) -> std::io::Result<Self> {
         let engine = Arc::new(engine);
         let (jobs, inbox) = mpsc::channel();
         let worker_engine = Arc::clone(&engine);
         std::thread::Builder::new()
             .name("ttc-engine".into())
-            .spawn(move || run(&worker_engine, &inbox))?;
+            .spawn(move || run(&worker_engine, &meter, &inbox))?;
         Ok(Self { engine, jobs })
     }
 
@@ -83,11 +85,12 @@ impl EngineHandle {
 
 struct Active {
     generation: Generation,
+    energy_uj: u64,
     events: Option<async_mpsc::UnboundedSender<GenerationEvent>>,
     done: oneshot::Sender<Result<GenerationOutput, EngineError>>,
 }
 
-fn run(engine: &Engine, inbox: &mpsc::Receiver<Job>) {
+fn run(engine: &Engine, meter: &EnergyMeter, inbox: &mpsc::Receiver<Job>) {
     let mut active: Vec<Active> = Vec::new();
     loop {
         let mut incoming = Vec::new();
@@ -102,6 +105,7 @@ fn run(engine: &Engine, inbox: &mpsc::Receiver<Job>) {
             match Generation::new(engine, job.request) {
                 Ok(generation) => active.push(Active {
                     generation,
+                    energy_uj: 0,
                     events: job.events,
                     done: job.done,
                 }),
@@ -118,10 +122,25 @@ fn run(engine: &Engine, inbox: &mpsc::Receiver<Job>) {
                 Some(tx) => tx.send(event).is_ok(),
                 None => true,
             };
-            match a.generation.step(engine, &mut on_event) {
+            // Each forward pass is one metered batch; it holds one request's rows.
+            let tokens = a.generation.next_pass_tokens() as u64;
+            let batch = meter.begin_batch();
+            let stepped = a.generation.step(engine, &mut on_event);
+            a.energy_uj += batch
+                .finish(&[((), tokens)])
+                .requests
+                .iter()
+                .map(|r| r.energy_uj)
+                .sum::<u64>();
+            match stepped {
                 Ok(false) => still.push(a),
                 Ok(true) => {
-                    let _ = a.done.send(Ok(a.generation.finish()));
+                    let mut output = a.generation.finish();
+                    output.energy = Some(RequestJoules {
+                        joules: a.energy_uj as f64 / 1e6,
+                        source: meter.source(),
+                    });
+                    let _ = a.done.send(Ok(output));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "generation failed");
