@@ -1,0 +1,88 @@
+//! The contract by which sidecars report energy to the operator.
+//!
+//! A sidecar reports cumulative counters since it started (energy, requests, TTC samples) and its
+//! current power. Cumulative counters survive lost reports: the operator takes differences between
+//! reports across the budget window, and a counter that goes down marks a sidecar restart.
+//!
+//! Two encodings carry the same figures:
+//! - OTLP/HTTP metrics (`POST {endpoint}/v1/metrics`, `application/x-protobuf`), which any
+//!   OpenTelemetry SDK exporter produces: the metric names below, cumulative monotonic sums and one
+//!   gauge, with the resource attributes below naming the pod and policy.
+//! - JSON (`POST {endpoint}/v1/reports`, `application/json`): one [`EnergyReport`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::EnergySource;
+
+/// OTLP/HTTP path of metric exports, relative to the receiver's endpoint.
+pub const OTLP_METRICS_PATH: &str = "/v1/metrics";
+/// Path of JSON reports, relative to the receiver's endpoint.
+pub const JSON_REPORTS_PATH: &str = "/v1/reports";
+/// Default port of the operator's report receiver (the OTLP/HTTP port).
+pub const DEFAULT_RECEIVER_PORT: u16 = 4318;
+
+/// Cumulative monotonic sum: joules spent since the sidecar started. Unit `J`.
+pub const METRIC_ENERGY_JOULES: &str = "ttc.energy.joules";
+/// Cumulative monotonic sum: requests completed since the sidecar started. Unit `{request}`.
+pub const METRIC_REQUESTS: &str = "ttc.requests";
+/// Cumulative monotonic sum: TTC samples generated since the sidecar started (depth = samples per
+/// request). Unit `{sample}`.
+pub const METRIC_SAMPLES: &str = "ttc.samples";
+/// Gauge: current power draw of the pod's inference, in watts. Unit `W`.
+pub const METRIC_POWER_WATTS: &str = "ttc.power.watts";
+
+/// Resource attribute: namespace of the pod (OpenTelemetry semantic convention).
+pub const ATTR_NAMESPACE: &str = "k8s.namespace.name";
+/// Resource attribute: name of the pod (OpenTelemetry semantic convention).
+pub const ATTR_POD_NAME: &str = "k8s.pod.name";
+/// Resource attribute: name of the InferencePolicy governing the pod.
+pub const ATTR_POLICY: &str = "ttc.policy.name";
+/// Data point attribute of the energy metrics: `nvml`, `rapl` or `estimate`.
+pub const ATTR_ENERGY_SOURCE: &str = "ttc.energy.source";
+
+/// One report from one sidecar: cumulative counters since it started and its current power.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnergyReport {
+    /// Namespace of the reporting pod.
+    pub namespace: String,
+    /// Name of the reporting pod.
+    pub pod: String,
+    /// Name of the InferencePolicy governing the pod.
+    pub policy: String,
+    /// Where the energy figures come from.
+    pub source: EnergySource,
+    /// Joules spent since the sidecar started.
+    pub joules_total: f64,
+    /// Requests completed since the sidecar started.
+    pub requests_total: u64,
+    /// TTC samples generated since the sidecar started.
+    pub samples_total: u64,
+    /// Current power draw, in watts, when the meter has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watts: Option<f64>,
+}
+
+/// Environment variables the operator sets on the injected sidecar container.
+pub mod sidecar_env {
+    /// Name of the governing InferencePolicy.
+    pub const POLICY_NAME: &str = "TTC_POLICY_NAME";
+    /// Namespace of the pod and of the policy (downward API).
+    pub const POD_NAMESPACE: &str = "TTC_POD_NAMESPACE";
+    /// Name of the pod (downward API).
+    pub const POD_NAME: &str = "TTC_POD_NAME";
+    /// UID of the pod (downward API).
+    pub const POD_UID: &str = "TTC_POD_UID";
+    /// Node the pod runs on (downward API).
+    pub const NODE_NAME: &str = "TTC_NODE_NAME";
+    /// Port of the sidecar's HTTP API.
+    pub const PORT: &str = "TTC_PORT";
+    /// Named model to serve (absent when a path is given).
+    pub const MODEL_NAME: &str = "TTC_MODEL_NAME";
+    /// Path of the GGUF model file to serve (absent when a name is given).
+    pub const MODEL_PATH: &str = "TTC_MODEL_PATH";
+    /// OTLP/HTTP endpoint for metrics (the operator's receiver by default).
+    pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+    /// OpenTelemetry resource attributes naming the pod and policy.
+    pub const OTEL_RESOURCE_ATTRIBUTES: &str = "OTEL_RESOURCE_ATTRIBUTES";
+}

@@ -1,0 +1,44 @@
+//! The committed CRD manifest must be what the Rust types generate.
+
+#[test]
+fn committed_crd_manifest_matches_the_types() {
+    let generated = ttc_crds::crd_manifest_yaml().expect("CRD serializes to YAML");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(ttc_crds::CRD_MANIFEST_PATH);
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "{} differs from the types; regenerate it with `cargo run -p ttc-crds --bin crdgen`",
+        path.display()
+    );
+}
+
+#[test]
+fn crd_names_and_printer_columns() {
+    use kube::CustomResourceExt;
+    let crd = ttc_crds::InferencePolicy::crd();
+    assert_eq!(
+        crd.metadata.name.as_deref(),
+        Some("inferencepolicies.energy.ttc.dev")
+    );
+    assert_eq!(crd.spec.scope, "Namespaced");
+    assert_eq!(crd.spec.names.short_names, Some(vec!["ipol".to_string()]));
+    let version = &crd.spec.versions[0];
+    assert_eq!(version.name, "v1alpha1");
+    let columns: Vec<&str> = version
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(
+        columns,
+        ["Budget", "Observed", "Depth", "Pods", "Ready", "Age"]
+    );
+    assert!(
+        version
+            .subresources
+            .as_ref()
+            .and_then(|s| s.status.as_ref())
+            .is_some()
+    );
+}

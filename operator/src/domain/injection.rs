@@ -1,0 +1,505 @@
+//! The sidecar container and the JSON patch that injects it into a pod.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, ResourceRequirements,
+    SeccompProfile, SecurityContext, Volume, VolumeMount,
+};
+use serde_json::{Value, json};
+use ttc_crds::labels::{
+    INJECT_POD_ANNOTATION, INJECTED_POLICY_ANNOTATION, INJECTION_SKIPPED_ANNOTATION,
+    SIDECAR_CONTAINER_NAME,
+};
+use ttc_crds::report::{ATTR_NAMESPACE, ATTR_POD_NAME, ATTR_POLICY, sidecar_env};
+use ttc_crds::{InferencePolicySpec, report};
+
+use crate::domain::selection::selects;
+
+/// Mount point of the model volume in the sidecar.
+pub const MODEL_MOUNT_PATH: &str = "/models";
+const MODEL_VOLUME: &str = "ttc-model";
+const TMP_VOLUME: &str = "ttc-tmp";
+/// UID the sidecar runs as (non-root).
+pub const SIDECAR_UID: i64 = 65532;
+
+/// The operator's defaults for what a policy leaves unset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SidecarDefaults {
+    /// Sidecar image.
+    pub image: String,
+    /// Model served when the policy names none.
+    pub model_name: String,
+    /// OTLP/HTTP endpoint of the operator's report receiver.
+    pub otlp_endpoint: String,
+    /// Resources when the policy sets none.
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// What the webhook does with a pod.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InjectionDecision {
+    /// Inject the sidecar of this policy.
+    Inject {
+        /// Name of the policy.
+        policy: String,
+    },
+    /// Leave the pod alone; no policy selects it, or it opted out, or it has the sidecar.
+    Skip,
+    /// Several policies select the pod: inject none and say so on the pod.
+    Overlapping {
+        /// Names of the policies, sorted.
+        policies: Vec<String>,
+    },
+}
+
+/// Decides for a pod being created, given the policies of its namespace `(name, spec)`.
+pub fn decide(pod: &Pod, policies: &[(&str, &InferencePolicySpec)]) -> InjectionDecision {
+    let annotations = pod.metadata.annotations.as_ref();
+    if annotations
+        .and_then(|a| a.get(INJECT_POD_ANNOTATION))
+        .is_some_and(|v| v == "false")
+    {
+        return InjectionDecision::Skip;
+    }
+    let has_sidecar = pod.spec.as_ref().is_some_and(|s| {
+        s.containers
+            .iter()
+            .any(|c| c.name == SIDECAR_CONTAINER_NAME)
+    });
+    if has_sidecar {
+        return InjectionDecision::Skip;
+    }
+    let empty = BTreeMap::new();
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+    let mut matching: Vec<String> = policies
+        .iter()
+        .filter(|(_, spec)| selects(&spec.selector, labels).unwrap_or(false))
+        .map(|(name, _)| name.to_string())
+        .collect();
+    matching.sort();
+    match matching.len() {
+        0 => InjectionDecision::Skip,
+        1 => InjectionDecision::Inject {
+            policy: matching.remove(0),
+        },
+        _ => InjectionDecision::Overlapping { policies: matching },
+    }
+}
+
+/// The sidecar container for a pod governed by `policy`.
+pub fn sidecar_container(
+    policy: &str,
+    spec: &InferencePolicySpec,
+    defaults: &SidecarDefaults,
+) -> Container {
+    let port = spec.sidecar.port_or_default();
+    let field = |path: &str| EnvVarSource {
+        field_ref: Some(ObjectFieldSelector {
+            field_path: path.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let value = |name: &str, value: String| EnvVar {
+        name: name.into(),
+        value: Some(value),
+        ..Default::default()
+    };
+    let from = |name: &str, path: &str| EnvVar {
+        name: name.into(),
+        value_from: Some(field(path)),
+        ..Default::default()
+    };
+    let mut env = vec![
+        value(sidecar_env::POLICY_NAME, policy.to_string()),
+        from(sidecar_env::POD_NAMESPACE, "metadata.namespace"),
+        from(sidecar_env::POD_NAME, "metadata.name"),
+        from(sidecar_env::POD_UID, "metadata.uid"),
+        from(sidecar_env::NODE_NAME, "spec.nodeName"),
+        value(sidecar_env::PORT, port.to_string()),
+    ];
+    match (&spec.model.path, &spec.model.name) {
+        (Some(path), _) => env.push(value(sidecar_env::MODEL_PATH, path.clone())),
+        (None, Some(name)) => env.push(value(sidecar_env::MODEL_NAME, name.clone())),
+        (None, None) => env.push(value(sidecar_env::MODEL_NAME, defaults.model_name.clone())),
+    }
+    let otlp = spec
+        .sidecar
+        .otlp_endpoint
+        .clone()
+        .unwrap_or_else(|| defaults.otlp_endpoint.clone());
+    env.push(value(sidecar_env::OTLP_ENDPOINT, otlp));
+    // $(VAR) refers to the variables defined above; the kubelet expands them.
+    env.push(value(
+        sidecar_env::OTEL_RESOURCE_ATTRIBUTES,
+        format!(
+            "{ATTR_NAMESPACE}=$({}),{ATTR_POD_NAME}=$({}),{ATTR_POLICY}={policy}",
+            sidecar_env::POD_NAMESPACE,
+            sidecar_env::POD_NAME
+        ),
+    ));
+    let mut mounts = vec![VolumeMount {
+        name: TMP_VOLUME.into(),
+        mount_path: "/tmp".into(),
+        ..Default::default()
+    }];
+    if spec.model.volume_claim.is_some() {
+        mounts.push(VolumeMount {
+            name: MODEL_VOLUME.into(),
+            mount_path: MODEL_MOUNT_PATH.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+    Container {
+        name: SIDECAR_CONTAINER_NAME.into(),
+        image: Some(
+            spec.sidecar
+                .image
+                .clone()
+                .unwrap_or_else(|| defaults.image.clone()),
+        ),
+        args: Some(vec!["serve".into()]),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("ttc-http".into()),
+            container_port: i32::from(port),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        resources: spec
+            .sidecar
+            .resources
+            .clone()
+            .or_else(|| defaults.resources.clone()),
+        security_context: Some(restricted_security_context()),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    }
+}
+
+/// The security context of the Pod Security Standards' "restricted" profile.
+pub fn restricted_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        privileged: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        run_as_user: Some(SIDECAR_UID),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..Default::default()
+    }
+}
+
+fn sidecar_volumes(spec: &InferencePolicySpec) -> Vec<Volume> {
+    let mut volumes = vec![Volume {
+        name: TMP_VOLUME.into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    }];
+    if let Some(claim) = &spec.model.volume_claim {
+        volumes.push(Volume {
+            name: MODEL_VOLUME.into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone(),
+                read_only: Some(true),
+            }),
+            ..Default::default()
+        });
+    }
+    volumes
+}
+
+/// Escapes a key for a JSON pointer (RFC 6901).
+fn pointer_token(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+fn annotate(pod: &Pod, key: &str, value: &str) -> Value {
+    if pod.metadata.annotations.is_some() {
+        json!({"op": "add", "path": format!("/metadata/annotations/{}", pointer_token(key)), "value": value})
+    } else {
+        json!({"op": "add", "path": "/metadata/annotations", "value": {key: value}})
+    }
+}
+
+/// JSON patch operations (RFC 6902) that inject the sidecar of `policy` into `pod`.
+pub fn injection_patch(
+    pod: &Pod,
+    policy: &str,
+    spec: &InferencePolicySpec,
+    defaults: &SidecarDefaults,
+) -> Vec<Value> {
+    let container =
+        serde_json::to_value(sidecar_container(policy, spec, defaults)).unwrap_or(Value::Null);
+    let mut ops = vec![json!({"op": "add", "path": "/spec/containers/-", "value": container})];
+    let volumes: Vec<Value> = sidecar_volumes(spec)
+        .into_iter()
+        .map(|v| serde_json::to_value(v).unwrap_or(Value::Null))
+        .collect();
+    if pod.spec.as_ref().is_some_and(|s| s.volumes.is_some()) {
+        ops.extend(
+            volumes
+                .into_iter()
+                .map(|v| json!({"op": "add", "path": "/spec/volumes/-", "value": v})),
+        );
+    } else {
+        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes}));
+    }
+    ops.push(annotate(pod, INJECTED_POLICY_ANNOTATION, policy));
+    ops
+}
+
+/// JSON patch that records on the pod why the sidecar was not injected.
+pub fn overlap_patch(pod: &Pod, policies: &[String]) -> Vec<Value> {
+    vec![annotate(
+        pod,
+        INJECTION_SKIPPED_ANNOTATION,
+        &format!(
+            "selected by several InferencePolicies: {}",
+            policies.join(", ")
+        ),
+    )]
+}
+
+/// The default OTLP endpoint for a receiver reachable at `host`.
+pub fn receiver_endpoint(host: &str) -> String {
+    format!("http://{host}:{}", report::DEFAULT_RECEIVER_PORT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::PodSpec;
+    use ttc_crds::{EnergyBudget, ModelSpec};
+
+    fn spec(app: &str) -> InferencePolicySpec {
+        serde_json::from_value(json!({
+            "selector": {"matchLabels": {"app": app}},
+            "budget": {"joulesPerRequest": 2.0}
+        }))
+        .expect("spec")
+    }
+
+    fn pod(labels: &[(&str, &str)]) -> Pod {
+        Pod {
+            metadata: kube::api::ObjectMeta {
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "app".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn defaults() -> SidecarDefaults {
+        SidecarDefaults {
+            image: "ttc-sidecar:dev".into(),
+            model_name: "smollm2-135m".into(),
+            otlp_endpoint: "http://ttc-operator.ttc-system.svc:4318".into(),
+            resources: None,
+        }
+    }
+
+    #[test]
+    fn one_matching_policy_injects() {
+        let chat = spec("chat");
+        let search = spec("search");
+        let policies = [("chat", &chat), ("search", &search)];
+        assert_eq!(
+            decide(&pod(&[("app", "chat")]), &policies),
+            InjectionDecision::Inject {
+                policy: "chat".into()
+            }
+        );
+        assert_eq!(
+            decide(&pod(&[("app", "other")]), &policies),
+            InjectionDecision::Skip
+        );
+    }
+
+    #[test]
+    fn overlap_injects_nothing() {
+        let a = spec("chat");
+        let b = InferencePolicySpec {
+            selector: Default::default(),
+            ..spec("x")
+        };
+        let decision = decide(&pod(&[("app", "chat")]), &[("b", &b), ("a", &a)]);
+        assert_eq!(
+            decision,
+            InjectionDecision::Overlapping {
+                policies: vec!["a".into(), "b".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn opted_out_or_already_injected_pods_are_skipped() {
+        let chat = spec("chat");
+        let mut opted_out = pod(&[("app", "chat")]);
+        opted_out.metadata.annotations =
+            Some([(INJECT_POD_ANNOTATION.to_string(), "false".to_string())].into());
+        assert_eq!(
+            decide(&opted_out, &[("chat", &chat)]),
+            InjectionDecision::Skip
+        );
+        let mut injected = pod(&[("app", "chat")]);
+        if let Some(s) = injected.spec.as_mut() {
+            s.containers.push(Container {
+                name: SIDECAR_CONTAINER_NAME.into(),
+                ..Default::default()
+            });
+        }
+        assert_eq!(
+            decide(&injected, &[("chat", &chat)]),
+            InjectionDecision::Skip
+        );
+    }
+
+    #[test]
+    fn container_carries_identity_endpoint_and_restricted_context() {
+        let c = sidecar_container("chat", &spec("chat"), &defaults());
+        assert_eq!(c.name, SIDECAR_CONTAINER_NAME);
+        assert_eq!(c.image.as_deref(), Some("ttc-sidecar:dev"));
+        let env = c.env.expect("env");
+        let get = |name: &str| env.iter().find(|e| e.name == name).cloned().expect(name);
+        assert_eq!(get(sidecar_env::POLICY_NAME).value.as_deref(), Some("chat"));
+        let pod_name = get(sidecar_env::POD_NAME)
+            .value_from
+            .and_then(|v| v.field_ref)
+            .expect("fieldRef");
+        assert_eq!(pod_name.field_path, "metadata.name");
+        assert_eq!(
+            get(sidecar_env::OTLP_ENDPOINT).value.as_deref(),
+            Some("http://ttc-operator.ttc-system.svc:4318")
+        );
+        assert_eq!(
+            get(sidecar_env::MODEL_NAME).value.as_deref(),
+            Some("smollm2-135m")
+        );
+        assert_eq!(get(sidecar_env::PORT).value.as_deref(), Some("8090"));
+        let attrs = get(sidecar_env::OTEL_RESOURCE_ATTRIBUTES)
+            .value
+            .expect("attrs");
+        assert!(
+            attrs.contains("k8s.pod.name=$(TTC_POD_NAME)")
+                && attrs.ends_with("ttc.policy.name=chat")
+        );
+        // Variables referenced by $(..) must be defined before the one that references them.
+        let pos = |name: &str| env.iter().position(|e| e.name == name).expect(name);
+        assert!(pos(sidecar_env::POD_NAME) < pos(sidecar_env::OTEL_RESOURCE_ATTRIBUTES));
+        let sc = c.security_context.expect("securityContext");
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.and_then(|c| c.drop),
+            Some(vec!["ALL".to_string()])
+        );
+        assert_eq!(
+            sc.seccomp_profile.map(|s| s.type_),
+            Some("RuntimeDefault".to_string())
+        );
+    }
+
+    #[test]
+    fn policy_overrides_defaults_and_mounts_the_model_claim() {
+        let mut s = spec("chat");
+        s.sidecar.image = Some("custom:1".into());
+        s.sidecar.port = Some(9000);
+        s.model = ModelSpec {
+            name: None,
+            path: Some("/models/m.gguf".into()),
+            volume_claim: Some("models".into()),
+        };
+        s.budget = EnergyBudget {
+            power_cap_watts: Some(10.0),
+            ..s.budget
+        };
+        let c = sidecar_container("chat", &s, &defaults());
+        assert_eq!(c.image.as_deref(), Some("custom:1"));
+        assert_eq!(c.ports.expect("ports")[0].container_port, 9000);
+        let mounts = c.volume_mounts.expect("mounts");
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m.mount_path == MODEL_MOUNT_PATH && m.read_only == Some(true))
+        );
+        let env = c.env.expect("env");
+        assert!(
+            env.iter().any(|e| e.name == sidecar_env::MODEL_PATH
+                && e.value.as_deref() == Some("/models/m.gguf"))
+        );
+        assert!(!env.iter().any(|e| e.name == sidecar_env::MODEL_NAME));
+    }
+
+    #[test]
+    fn patch_applies_to_a_pod_without_volumes_or_annotations() {
+        let p = pod(&[("app", "chat")]);
+        let ops = injection_patch(&p, "chat", &spec("chat"), &defaults());
+        let patch: json_patch::Patch =
+            serde_json::from_value(Value::Array(ops)).expect("valid JSON patch");
+        let mut doc = serde_json::to_value(&p).expect("pod");
+        json_patch::patch(&mut doc, &patch).expect("patch applies");
+        let patched: Pod = serde_json::from_value(doc).expect("still a pod");
+        let spec = patched.spec.expect("spec");
+        assert_eq!(spec.containers.len(), 2);
+        assert_eq!(spec.volumes.expect("volumes").len(), 1);
+        let annotations = patched.metadata.annotations.expect("annotations");
+        assert_eq!(
+            annotations
+                .get(INJECTED_POLICY_ANNOTATION)
+                .map(String::as_str),
+            Some("chat")
+        );
+    }
+
+    #[test]
+    fn patch_appends_to_existing_volumes_and_annotations() {
+        let mut p = pod(&[("app", "chat")]);
+        p.metadata.annotations = Some([("x".to_string(), "y".to_string())].into());
+        if let Some(s) = p.spec.as_mut() {
+            s.volumes = Some(vec![Volume {
+                name: "data".into(),
+                ..Default::default()
+            }]);
+        }
+        let mut s = spec("chat");
+        s.model = ModelSpec {
+            name: None,
+            path: Some("/models/m.gguf".into()),
+            volume_claim: Some("models".into()),
+        };
+        let ops = injection_patch(&p, "chat", &s, &defaults());
+        let patch: json_patch::Patch =
+            serde_json::from_value(Value::Array(ops)).expect("valid JSON patch");
+        let mut doc = serde_json::to_value(&p).expect("pod");
+        json_patch::patch(&mut doc, &patch).expect("patch applies");
+        let patched: Pod = serde_json::from_value(doc).expect("still a pod");
+        assert_eq!(
+            patched.spec.expect("spec").volumes.expect("volumes").len(),
+            3
+        );
+        assert_eq!(patched.metadata.annotations.expect("annotations").len(), 2);
+    }
+}

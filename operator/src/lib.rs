@@ -1,0 +1,21 @@
+//! The ttc-operator: reconciles InferencePolicies, injects the TTC sidecar, receives the sidecars'
+//! energy reports and splits budgets.
+//!
+//! Layers, from the inside out:
+//! - [`domain`]: pure decisions on plain values (selection, allocation, cluster split, injection
+//!   patch, status), unit-tested without an API server.
+//! - [`reports`]: the per-pod history of energy reports, with staleness.
+//! - [`controller`], [`webhook`], [`receiver`], [`admin`]: the Kubernetes and HTTP edges.
+//! - [`run`]: wiring of caches, leader election and servers.
+
+pub mod admin;
+pub mod controller;
+pub mod domain;
+pub mod error;
+pub mod metrics;
+pub mod receiver;
+pub mod reports;
+pub mod run;
+pub mod webhook;
+
+pub use error::{Error, Result};

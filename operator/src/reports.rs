@@ -1,0 +1,455 @@
+//! Sidecar energy reports: decoding (OTLP or JSON) and a per-pod history with staleness.
+//!
+//! Reports carry cumulative counters; the history keeps a bounded, thinned series of them per pod
+//! so that the energy over any budget window (10 s to 24 h) is a difference of two samples.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::metrics::v1::{NumberDataPoint, metric, number_data_point};
+use ttc_crds::report::{
+    ATTR_ENERGY_SOURCE, ATTR_NAMESPACE, ATTR_POD_NAME, ATTR_POLICY, METRIC_ENERGY_JOULES,
+    METRIC_POWER_WATTS, METRIC_REQUESTS, METRIC_SAMPLES,
+};
+use ttc_crds::{EnergyReport, EnergySource};
+
+use crate::domain::status::PodEnergy;
+use crate::error::{Error, Result};
+
+/// Most samples kept per pod; older ones are thinned to keep the whole span.
+const MAX_SAMPLES: usize = 48;
+/// Samples older than the longest budget window are dropped.
+const RETENTION: Duration = Duration::from_secs(24 * 3600 + 600);
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    joules: f64,
+    requests: u64,
+    samples: u64,
+}
+
+#[derive(Debug)]
+struct PodHistory {
+    policy: String,
+    source: EnergySource,
+    watts: Option<f64>,
+    series: VecDeque<Sample>,
+}
+
+/// Identifies a pod: `(namespace, name)`.
+pub type PodKey = (String, String);
+
+/// Energy reports per pod, shared by the receiver (writes) and the controller (reads).
+#[derive(Debug)]
+pub struct ReportBook {
+    stale_after: Duration,
+    pods: Mutex<HashMap<PodKey, PodHistory>>,
+}
+
+/// What the book knows of one pod for one window.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PodReports {
+    /// Never reported (or reports expired).
+    None,
+    /// The last report is older than the staleness limit.
+    Stale,
+    /// Fresh reports; the energy over the window.
+    Fresh(PodEnergy),
+}
+
+impl ReportBook {
+    /// A book where reports older than `stale_after` are stale.
+    pub fn new(stale_after: Duration) -> Self {
+        Self {
+            stale_after,
+            pods: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records one report received at `now`.
+    pub fn record(&self, report: &EnergyReport, now: Instant) {
+        let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (report.namespace.clone(), report.pod.clone());
+        let history = pods.entry(key).or_insert_with(|| PodHistory {
+            policy: report.policy.clone(),
+            source: report.source,
+            watts: None,
+            series: VecDeque::new(),
+        });
+        let sample = Sample {
+            at: now,
+            joules: report.joules_total,
+            requests: report.requests_total,
+            samples: report.samples_total,
+        };
+        if let Some(last) = history.series.back()
+            && (sample.joules < last.joules || sample.requests < last.requests)
+        {
+            // Counters went down: the sidecar restarted; its old series no longer adds up.
+            history.series.clear();
+        }
+        history.policy = report.policy.clone();
+        history.source = report.source;
+        history.watts = report.watts;
+        history.series.push_back(sample);
+        while history
+            .series
+            .front()
+            .is_some_and(|s| now.duration_since(s.at) > RETENTION)
+            && history.series.len() > 2
+        {
+            history.series.pop_front();
+        }
+        if history.series.len() > MAX_SAMPLES {
+            thin(&mut history.series);
+        }
+    }
+
+    /// The energy of a pod over the last `window` as of `now`.
+    pub fn pod_energy(
+        &self,
+        namespace: &str,
+        pod: &str,
+        window: Duration,
+        now: Instant,
+    ) -> PodReports {
+        let pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(history) = pods.get(&(namespace.to_string(), pod.to_string())) else {
+            return PodReports::None;
+        };
+        let Some(last) = history.series.back() else {
+            return PodReports::None;
+        };
+        if now.saturating_duration_since(last.at) > self.stale_after {
+            return PodReports::Stale;
+        }
+        let start = now.checked_sub(window);
+        // The latest sample at or before the window start, else the oldest one.
+        let base = history
+            .series
+            .iter()
+            .rev()
+            .find(|s| start.is_some_and(|start| s.at <= start))
+            .or(history.series.front())
+            .copied()
+            .unwrap_or(*last);
+        let span = last.at.saturating_duration_since(base.at).as_secs_f64();
+        let joules = (last.joules - base.joules).max(0.0);
+        let watts = history
+            .watts
+            .unwrap_or(if span > 0.0 { joules / span } else { 0.0 });
+        PodReports::Fresh(PodEnergy {
+            pod: pod.to_string(),
+            joules,
+            requests: last.requests.saturating_sub(base.requests),
+            samples: last.samples.saturating_sub(base.samples),
+            span_seconds: span,
+            watts,
+            source: history.source,
+        })
+    }
+
+    /// Drops pods whose last report is older than the retention.
+    pub fn prune(&self, now: Instant) {
+        let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
+        pods.retain(|_, h| {
+            h.series
+                .back()
+                .is_some_and(|s| now.saturating_duration_since(s.at) <= RETENTION)
+        });
+    }
+
+    /// Number of pods with a history.
+    pub fn len(&self) -> usize {
+        self.pods.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether the book is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Halves the inner samples, keeping the first and the last, so the series spans the same time.
+fn thin(series: &mut VecDeque<Sample>) {
+    let last = series.len() - 1;
+    let mut i = 0;
+    series.retain(|_| {
+        let keep = i == 0 || i == last || i % 2 == 0;
+        i += 1;
+        keep
+    });
+}
+
+fn string_value(value: &Option<AnyValue>) -> Option<&str> {
+    match value.as_ref()?.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+fn attribute<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
+    attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| string_value(&kv.value))
+}
+
+fn number(point: &NumberDataPoint) -> f64 {
+    match point.value {
+        Some(number_data_point::Value::AsDouble(v)) => v,
+        Some(number_data_point::Value::AsInt(v)) => v as f64,
+        None => 0.0,
+    }
+}
+
+fn points(data: &Option<metric::Data>) -> &[NumberDataPoint] {
+    match data {
+        Some(metric::Data::Sum(sum)) => &sum.data_points,
+        Some(metric::Data::Gauge(gauge)) => &gauge.data_points,
+        _ => &[],
+    }
+}
+
+/// Decodes an OTLP metrics export into one report per resource (pod). Resources without the pod
+/// attributes or without the energy metric are skipped; an export with none is an error.
+pub fn reports_from_otlp(request: &ExportMetricsServiceRequest) -> Result<Vec<EnergyReport>> {
+    let mut reports = Vec::new();
+    for resource_metrics in &request.resource_metrics {
+        let attributes = resource_metrics
+            .resource
+            .as_ref()
+            .map(|r| r.attributes.as_slice())
+            .unwrap_or_default();
+        let (Some(namespace), Some(pod), Some(policy)) = (
+            attribute(attributes, ATTR_NAMESPACE),
+            attribute(attributes, ATTR_POD_NAME),
+            attribute(attributes, ATTR_POLICY),
+        ) else {
+            continue;
+        };
+        let mut totals: BTreeMap<&str, f64> = BTreeMap::new();
+        let mut source = None;
+        for metric in resource_metrics
+            .scope_metrics
+            .iter()
+            .flat_map(|s| &s.metrics)
+        {
+            for point in points(&metric.data) {
+                *totals.entry(metric.name.as_str()).or_default() += number(point);
+                if metric.name == METRIC_ENERGY_JOULES
+                    && let Some(s) = attribute(&point.attributes, ATTR_ENERGY_SOURCE)
+                        .and_then(EnergySource::parse)
+                {
+                    source = Some(source.map_or(s, |prev: EnergySource| prev.combine(s)));
+                }
+            }
+        }
+        let Some(joules) = totals.get(METRIC_ENERGY_JOULES) else {
+            continue;
+        };
+        reports.push(EnergyReport {
+            namespace: namespace.to_string(),
+            pod: pod.to_string(),
+            policy: policy.to_string(),
+            // A figure that does not say where it comes from is not a measurement.
+            source: source.unwrap_or(EnergySource::Estimate),
+            joules_total: *joules,
+            requests_total: totals.get(METRIC_REQUESTS).copied().unwrap_or(0.0) as u64,
+            samples_total: totals.get(METRIC_SAMPLES).copied().unwrap_or(0.0) as u64,
+            watts: totals.get(METRIC_POWER_WATTS).copied(),
+        });
+    }
+    if reports.is_empty() {
+        return Err(Error::MalformedReport(format!(
+            "no resource carries {ATTR_NAMESPACE}, {ATTR_POD_NAME}, {ATTR_POLICY} and the metric {METRIC_ENERGY_JOULES}"
+        )));
+    }
+    Ok(reports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::metrics::v1::{
+        Gauge, Metric, ResourceMetrics, ScopeMetrics, Sum,
+    };
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+
+    fn report(joules: f64, requests: u64) -> EnergyReport {
+        EnergyReport {
+            namespace: "ns".into(),
+            pod: "p".into(),
+            policy: "pol".into(),
+            source: EnergySource::Nvml,
+            joules_total: joules,
+            requests_total: requests,
+            samples_total: requests * 2,
+            watts: None,
+        }
+    }
+
+    fn fresh(book: &ReportBook, window: u64, now: Instant) -> PodEnergy {
+        match book.pod_energy("ns", "p", Duration::from_secs(window), now) {
+            PodReports::Fresh(e) => e,
+            other => panic!("expected fresh reports, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn window_energy_is_a_difference_of_counters() {
+        let book = ReportBook::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        for i in 0..=10u64 {
+            book.record(
+                &report(100.0 * i as f64, 10 * i),
+                t0 + Duration::from_secs(10 * i),
+            );
+        }
+        let now = t0 + Duration::from_secs(100);
+        let e = fresh(&book, 30, now);
+        assert_eq!(e.joules, 300.0);
+        assert_eq!(e.requests, 30);
+        assert_eq!(e.samples, 60);
+        assert_eq!(e.span_seconds, 30.0);
+        assert_eq!(e.watts, 10.0);
+        assert_eq!(e.requests_per_second(), Some(1.0));
+        // A window longer than the history uses all of it.
+        assert_eq!(fresh(&book, 3600, now).joules, 1000.0);
+    }
+
+    #[test]
+    fn silence_makes_reports_stale_and_unknown_pods_have_none() {
+        let book = ReportBook::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        book.record(&report(1.0, 1), t0);
+        assert_eq!(
+            book.pod_energy(
+                "ns",
+                "p",
+                Duration::from_secs(60),
+                t0 + Duration::from_secs(61)
+            ),
+            PodReports::Stale
+        );
+        assert_eq!(
+            book.pod_energy("ns", "q", Duration::from_secs(60), t0),
+            PodReports::None
+        );
+        book.prune(t0 + RETENTION + Duration::from_secs(1));
+        assert!(book.is_empty());
+    }
+
+    #[test]
+    fn restart_resets_the_series() {
+        let book = ReportBook::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        book.record(&report(500.0, 50), t0);
+        book.record(&report(10.0, 1), t0 + Duration::from_secs(10));
+        book.record(&report(30.0, 3), t0 + Duration::from_secs(20));
+        let e = fresh(&book, 60, t0 + Duration::from_secs(20));
+        assert_eq!(e.joules, 20.0);
+        assert_eq!(e.requests, 2);
+    }
+
+    #[test]
+    fn history_stays_bounded_and_keeps_its_span() {
+        let book = ReportBook::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        for i in 0..1000u64 {
+            book.record(&report(i as f64, i), t0 + Duration::from_secs(i));
+        }
+        let pods = book.pods.lock().expect("lock");
+        let series = &pods[&("ns".to_string(), "p".to_string())].series;
+        assert!(series.len() <= MAX_SAMPLES);
+        assert_eq!(series.front().map(|s| s.joules), Some(0.0));
+        assert_eq!(series.back().map(|s| s.joules), Some(999.0));
+    }
+
+    fn kv(key: &str, value: &str) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(value.into())),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn point(value: f64, attributes: Vec<KeyValue>) -> NumberDataPoint {
+        NumberDataPoint {
+            attributes,
+            value: Some(number_data_point::Value::AsDouble(value)),
+            ..Default::default()
+        }
+    }
+
+    fn sum(name: &str, points: Vec<NumberDataPoint>) -> Metric {
+        Metric {
+            name: name.into(),
+            data: Some(metric::Data::Sum(Sum {
+                data_points: points,
+                aggregation_temporality: 2,
+                is_monotonic: true,
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn otlp_export_becomes_a_report() {
+        let request = ExportMetricsServiceRequest {
+            resource_metrics: vec![
+                ResourceMetrics {
+                    resource: Some(Resource {
+                        attributes: vec![
+                            kv(ATTR_NAMESPACE, "ns"),
+                            kv(ATTR_POD_NAME, "p"),
+                            kv(ATTR_POLICY, "pol"),
+                        ],
+                        ..Default::default()
+                    }),
+                    scope_metrics: vec![ScopeMetrics {
+                        metrics: vec![
+                            sum(
+                                METRIC_ENERGY_JOULES,
+                                vec![point(12.5, vec![kv(ATTR_ENERGY_SOURCE, "nvml")])],
+                            ),
+                            sum(METRIC_REQUESTS, vec![point(5.0, vec![])]),
+                            sum(METRIC_SAMPLES, vec![point(20.0, vec![])]),
+                            Metric {
+                                name: METRIC_POWER_WATTS.into(),
+                                data: Some(metric::Data::Gauge(Gauge {
+                                    data_points: vec![point(70.0, vec![])],
+                                })),
+                                ..Default::default()
+                            },
+                        ],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+                ResourceMetrics::default(),
+            ],
+        };
+        let reports = reports_from_otlp(&request).expect("decodes");
+        assert_eq!(
+            reports,
+            vec![EnergyReport {
+                namespace: "ns".into(),
+                pod: "p".into(),
+                policy: "pol".into(),
+                source: EnergySource::Nvml,
+                joules_total: 12.5,
+                requests_total: 5,
+                samples_total: 20,
+                watts: Some(70.0),
+            }]
+        );
+        assert!(reports_from_otlp(&ExportMetricsServiceRequest::default()).is_err());
+    }
+}

@@ -1,0 +1,463 @@
+//! Wiring: caches (reflectors), leader election, the controller and the three HTTP servers.
+//!
+//! Every replica keeps the caches, serves the webhook and receives reports; only the replica
+//! holding the Lease writes status and events. Reports are kept in memory per replica: a sidecar
+//! exports to the Service, so after a failover the new leader rebuilds its view within one
+//! staleness period.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ResourceRequirements};
+use kube::api::{Api, ApiResource, DynamicObject, PartialObjectMeta};
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
+use kube::{Client, ResourceExt};
+use kube_lease_manager::LeaseManagerBuilder;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+use ttc_crds::InferencePolicy;
+
+use crate::admin::Admin;
+use crate::controller::{Context, ReconcileSettings, error_policy, policies_selecting, reconcile};
+use crate::domain::injection::SidecarDefaults;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::receiver::ReportReceiver;
+use crate::reports::ReportBook;
+use crate::webhook::{Injector, TlsMaterial, WebhookTarget};
+
+/// Everything the operator is configured with.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OperatorConfig {
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "TTC_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    pub admin_addr: SocketAddr,
+    /// Address of the admission webhook (TLS).
+    #[arg(long, env = "TTC_WEBHOOK_ADDR", default_value = "0.0.0.0:8443")]
+    pub webhook_addr: SocketAddr,
+    /// Address of the energy report receiver (OTLP/HTTP and JSON).
+    #[arg(long, env = "TTC_RECEIVER_ADDR", default_value = "0.0.0.0:4318")]
+    pub receiver_addr: SocketAddr,
+    /// Sidecar image injected when a policy names none.
+    #[arg(
+        long,
+        env = "TTC_SIDECAR_IMAGE",
+        default_value = "ghcr.io/ttc-operator/ttc-sidecar:0.1.0"
+    )]
+    pub sidecar_image: String,
+    /// Model served when a policy names none.
+    #[arg(long, env = "TTC_DEFAULT_MODEL", default_value = "smollm2-135m")]
+    pub default_model: String,
+    /// OTLP endpoint given to sidecars when a policy names none (this operator's receiver).
+    #[arg(
+        long,
+        env = "TTC_OTLP_ENDPOINT",
+        default_value = "http://ttc-operator.ttc-system.svc:4318"
+    )]
+    pub otlp_endpoint: String,
+    /// Sidecar resources (JSON ResourceRequirements) when a policy sets none.
+    #[arg(long, env = "TTC_SIDECAR_RESOURCES")]
+    pub sidecar_resources: Option<String>,
+    /// Cluster-wide power cap split among policies by priority, in watts.
+    #[arg(long, env = "TTC_CLUSTER_POWER_CAP_WATTS")]
+    pub cluster_power_cap_watts: Option<f64>,
+    /// Seconds between status recomputations of a policy.
+    #[arg(long, env = "TTC_RESYNC_SECONDS", default_value_t = 15)]
+    pub resync_seconds: u64,
+    /// Seconds without a report after which a sidecar is stale.
+    #[arg(long, env = "TTC_STALE_SECONDS", default_value_t = 60)]
+    pub stale_seconds: u64,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "TTC_LEASE_NAME", default_value = "ttc-operator")]
+    pub lease_name: String,
+    /// Namespace of the Lease (the operator's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Identity of this replica in the Lease and in events.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// PEM certificate of the webhook; self-signed when absent.
+    #[arg(long, env = "TTC_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// PEM key of the webhook.
+    #[arg(long, env = "TTC_TLS_KEY_FILE")]
+    pub tls_key_file: Option<std::path::PathBuf>,
+    /// PEM CA for the webhook configuration's caBundle (default: the certificate).
+    #[arg(long, env = "TTC_TLS_CA_FILE")]
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Names in the self-signed certificate.
+    #[arg(
+        long,
+        env = "TTC_TLS_NAMES",
+        value_delimiter = ',',
+        default_value = "ttc-operator.ttc-system.svc,localhost,127.0.0.1"
+    )]
+    pub tls_names: Vec<String>,
+    /// Apply a MutatingWebhookConfiguration of this name pointing at this webhook on start.
+    #[arg(long, env = "TTC_WEBHOOK_CONFIG_NAME")]
+    pub webhook_config_name: Option<String>,
+    /// The webhook's URL for that configuration (control plane outside the cluster network).
+    #[arg(long, env = "TTC_WEBHOOK_URL", conflicts_with = "webhook_service")]
+    pub webhook_url: Option<String>,
+    /// The webhook's Service for that configuration, as namespace/name:port.
+    #[arg(long, env = "TTC_WEBHOOK_SERVICE")]
+    pub webhook_service: Option<String>,
+}
+
+impl OperatorConfig {
+    fn sidecar_defaults(&self) -> Result<SidecarDefaults> {
+        let resources = match &self.sidecar_resources {
+            Some(json) => Some(serde_json::from_str::<ResourceRequirements>(json).map_err(
+                |e| {
+                    Error::Config(format!(
+                        "--sidecar-resources is not a JSON ResourceRequirements: {e}"
+                    ))
+                },
+            )?),
+            None => None,
+        };
+        Ok(SidecarDefaults {
+            image: self.sidecar_image.clone(),
+            model_name: self.default_model.clone(),
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            resources,
+        })
+    }
+
+    fn webhook_target(&self) -> Result<Option<WebhookTarget>> {
+        if let Some(url) = &self.webhook_url {
+            return Ok(Some(WebhookTarget::Url(url.clone())));
+        }
+        let Some(service) = &self.webhook_service else {
+            return Ok(None);
+        };
+        let invalid = || {
+            Error::Config(format!(
+                "--webhook-service {service}: expected namespace/name:port"
+            ))
+        };
+        let (namespace, rest) = service.split_once('/').ok_or_else(invalid)?;
+        let (name, port) = rest.split_once(':').ok_or_else(invalid)?;
+        let port = port.parse().map_err(|_| invalid())?;
+        Ok(Some(WebhookTarget::Service {
+            namespace: namespace.into(),
+            name: name.into(),
+            port,
+        }))
+    }
+
+    fn tls(&self) -> Result<TlsMaterial> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                TlsMaterial::from_files(cert, key, self.tls_ca_file.as_deref())
+            }
+            _ => TlsMaterial::self_signed(self.tls_names.clone()),
+        }
+    }
+}
+
+/// Parses a policy; a malformed object is logged, counted and skipped, never fatal to the watch.
+fn parse_policy(object: DynamicObject, metrics: &Metrics) -> Option<InferencePolicy> {
+    let name = format!(
+        "{}/{}",
+        object.namespace().unwrap_or_default(),
+        object.name_any()
+    );
+    match serde_json::to_value(object).and_then(serde_json::from_value) {
+        Ok(policy) => Some(policy),
+        Err(e) => {
+            metrics.malformed_objects.inc();
+            warn!(policy = %name, error = %e, "skipping malformed InferencePolicy");
+            None
+        }
+    }
+}
+
+fn parse_event(
+    event: watcher::Event<DynamicObject>,
+    metrics: &Metrics,
+) -> Option<watcher::Event<InferencePolicy>> {
+    use watcher::Event;
+    Some(match event {
+        Event::Apply(o) => Event::Apply(parse_policy(o, metrics)?),
+        Event::InitApply(o) => Event::InitApply(parse_policy(o, metrics)?),
+        Event::Delete(o) => Event::Delete(parse_policy(o, metrics)?),
+        Event::Init => Event::Init,
+        Event::InitDone => Event::InitDone,
+    })
+}
+
+/// A watch of all policies, tolerant of malformed objects.
+fn policy_events(
+    client: Client,
+    metrics: Arc<Metrics>,
+) -> impl Stream<Item = Result<watcher::Event<InferencePolicy>, watcher::Error>> + Send {
+    let api: Api<DynamicObject> =
+        Api::all_with(client, &ApiResource::erase::<InferencePolicy>(&()));
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .filter_map(move |event| {
+            let parsed = match event {
+                Ok(event) => parse_event(event, &metrics).map(Ok),
+                Err(e) => Some(Err(e)),
+            };
+            std::future::ready(parsed)
+        })
+}
+
+/// A signal that resolves once shutdown has begun.
+pub fn shutdown_signal(
+    mut rx: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + Sync + 'static {
+    async move {
+        while !*rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn leadership(
+    client: Client,
+    config: &OperatorConfig,
+    identity: &str,
+) -> Result<(watch::Receiver<bool>, tokio::task::JoinHandle<()>)> {
+    let manager = LeaseManagerBuilder::new(client, &config.lease_name)
+        .with_namespace(&config.lease_namespace)
+        .with_identity(identity)
+        .with_duration(15)
+        .with_grace(5)
+        .build()
+        .await
+        .map_err(|e| Error::LeaderElection(e.to_string()))?;
+    let (rx, handle) = manager.watch().await;
+    let handle = tokio::spawn(async move {
+        match handle.await {
+            Ok(Ok(_)) => info!("leader lease released"),
+            Ok(Err(e)) => warn!(error = %e, "leader election ended with an error"),
+            Err(e) => warn!(error = %e, "leader election task failed"),
+        }
+    });
+    Ok((rx, handle))
+}
+
+/// Runs the operator until `shutdown` turns true.
+pub async fn run(
+    client: Client,
+    config: OperatorConfig,
+    shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let book = Arc::new(ReportBook::new(Duration::from_secs(config.stale_seconds)));
+    let identity = config
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "ttc-operator".into());
+
+    // Caches shared by the controller and the webhook.
+    let (policies, policy_writer) = reflector::store::<InferencePolicy>();
+    let (pods, pod_writer) = reflector::store::<PartialObjectMeta<Pod>>();
+    let (namespaces, namespace_writer) = reflector::store::<PartialObjectMeta<Namespace>>();
+    let policy_stream = reflector::reflector(
+        policy_writer,
+        policy_events(client.clone(), metrics.clone()),
+    )
+    .applied_objects();
+    let pod_stream = reflector::reflector(
+        pod_writer,
+        watcher(
+            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+            watcher::Config::default().any_semantic(),
+        )
+        .default_backoff()
+        .modify(|p| p.managed_fields_mut().clear()),
+    )
+    .touched_objects();
+    let namespace_stream = reflector::reflector(
+        namespace_writer,
+        watcher(
+            Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff(),
+    )
+    .touched_objects();
+
+    let (leader, lease_task) = leadership(client.clone(), &config, &identity).await?;
+
+    // HTTP: admin, report receiver, webhook.
+    let admin = Arc::new(Admin {
+        ready: Default::default(),
+        metrics: metrics.clone(),
+    });
+    let receiver = Arc::new(ReportReceiver {
+        book: book.clone(),
+        metrics: metrics.clone(),
+    });
+    let injector = Arc::new(Injector {
+        policies: policies.clone(),
+        defaults: config.sidecar_defaults()?,
+        metrics: metrics.clone(),
+    });
+    let tls = config.tls()?;
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(serve_plain(
+        config.admin_addr,
+        crate::admin::router(admin.clone()),
+        shutdown_signal(shutdown.clone()),
+    ));
+    servers.spawn(serve_plain(
+        config.receiver_addr,
+        crate::receiver::router(receiver),
+        shutdown_signal(shutdown.clone()),
+    ));
+    {
+        let tls = tls.clone();
+        let addr = config.webhook_addr;
+        let signal = shutdown_signal(shutdown.clone());
+        servers.spawn(async move {
+            crate::webhook::serve(addr, &tls, crate::webhook::router(injector), signal).await
+        });
+    }
+    if let (Some(name), Some(target)) = (&config.webhook_config_name, config.webhook_target()?) {
+        let configuration = crate::webhook::webhook_configuration(name, &target, &tls.ca_pem);
+        crate::webhook::apply_webhook_configuration(client.clone(), &configuration).await?;
+        info!(%name, "webhook configuration applied");
+    }
+
+    // Readiness once every cache has synced; background upkeep.
+    {
+        let (policies, pods, namespaces, admin) = (
+            policies.clone(),
+            pods.clone(),
+            namespaces.clone(),
+            admin.clone(),
+        );
+        tokio::spawn(async move {
+            if policies.wait_until_ready().await.is_ok()
+                && pods.wait_until_ready().await.is_ok()
+                && namespaces.wait_until_ready().await.is_ok()
+            {
+                admin.ready.store(true, Ordering::Relaxed);
+                info!("caches synced; ready");
+            }
+        });
+    }
+    {
+        let (book, metrics, policies, mut leader, mut shutdown) = (
+            book.clone(),
+            metrics.clone(),
+            policies.clone(),
+            leader.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                metrics.leader.set(i64::from(*leader.borrow_and_update()));
+                metrics.policies.set(policies.state().len() as i64);
+                tokio::select! {
+                    _ = tick.tick() => book.prune(std::time::Instant::now()),
+                    _ = leader.changed() => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
+    }
+
+    // Reconcile everything whenever this replica becomes the leader.
+    let became_leader = futures::stream::unfold(leader.clone(), |mut rx| async move {
+        loop {
+            rx.changed().await.ok()?;
+            if *rx.borrow_and_update() {
+                return Some(((), rx));
+            }
+        }
+    });
+
+    let settings = ReconcileSettings {
+        cluster_power_cap_watts: config.cluster_power_cap_watts,
+        requeue_after: Duration::from_secs(config.resync_seconds),
+        stale_after: Duration::from_secs(config.stale_seconds),
+    };
+    let reporter = Reporter {
+        controller: "ttc-operator".into(),
+        instance: Some(identity.clone()),
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        policies.clone(),
+        pods.clone(),
+        namespaces.clone(),
+        book,
+        settings,
+        leader,
+        reporter,
+        metrics.clone(),
+    ));
+    let for_pods = policies.clone();
+    let for_namespaces = policies.clone();
+    info!(%identity, "starting controller");
+    Controller::for_stream(policy_stream, policies)
+        .watches_stream(pod_stream, move |pod| policies_selecting(&for_pods, &pod))
+        .watches_stream(namespace_stream, move |ns: PartialObjectMeta<Namespace>| {
+            let name = ns.name_any();
+            for_namespaces
+                .state_filter(|p| p.metadata.namespace.as_deref() == Some(name.as_str()))
+                .iter()
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .reconcile_all_on(became_leader)
+        .with_config(
+            controller::Config::default()
+                .concurrency(8)
+                .debounce(Duration::from_millis(200)),
+        )
+        .graceful_shutdown_on(shutdown_signal(shutdown.clone()))
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                match e {
+                    controller::Error::ReconcilerFailed(err, obj) => {
+                        tracing::debug!(policy = %obj, error = %err, "reconcile failed")
+                    }
+                    other => warn!(error = %other, "controller error"),
+                }
+            }
+        })
+        .await;
+    info!("controller stopped; stopping servers and releasing the lease");
+    while let Some(result) = servers.join_next().await {
+        match result {
+            Ok(Err(e)) => error!(error = %e, "server failed"),
+            Err(e) => error!(error = %e, "server task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+    // The context (holding a leader receiver) is dropped with the controller; the lease task
+    // then releases the lease.
+    let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
+    Ok(())
+}
+
+async fn serve_plain(
+    addr: SocketAddr,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Serve(format!("bind {addr}: {e}")))?;
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Error::Serve(format!("serve {addr}: {e}")))
+}
