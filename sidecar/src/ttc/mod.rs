@@ -1,1 +1,39 @@
-//! Test-time compute: strategies, answer extraction, verifiers, stopping rules, the budget controller.
+//! Test-time compute: strategies, answer extraction, verifiers, stopping rules, the budget
+//! controller.
+//!
+//! Pure code: no Kubernetes, no model. The HTTP layer drives it through [`plan`]:
+//! [`TtcController::plan`] → [`TtcSession`] (samples in, [`WindowDecision`] out) →
+//! [`TtcSession::finish`] → [`TtcOutcome`] → [`TtcController::record`].
+//!
+//! - [`answer`]: answer extraction per task type.
+//! - [`vote`]: majority vote, optionally log-probability weighted; agreement; tie rules.
+//! - [`verifier`]: JSON schema, regex and HTTP verifiers for best-of-N.
+//! - [`stopping`]: early stopping in windows (ESC / Adaptive-Consistency), min/max samples.
+//! - [`difficulty`]: the difficulty signal and the learner of whether depth changes answers.
+//! - [`cost`]: what depth costs, learned from measured joules.
+//! - [`budget`]: the budget controller that holds the pod's joules-per-request allocation.
+//! - [`tasks`]: seeded task families for the evaluation.
+
+pub mod answer;
+pub mod budget;
+pub mod cost;
+pub mod difficulty;
+pub mod plan;
+pub mod stopping;
+pub mod tasks;
+pub mod verifier;
+pub mod vote;
+
+#[cfg(test)]
+mod simulation;
+
+pub use answer::{AnswerType, extract_answer};
+pub use budget::{BudgetConfig, BudgetController, BudgetReport, BudgetState, DepthChoice};
+pub use difficulty::{DepthValueReport, PromptFeatures};
+pub use plan::{
+    EnergySource, MeasuredEnergy, PlannedStrategy, RequestFeatures, TtcController, TtcError,
+    TtcOptions, TtcOutcome, TtcPlan, TtcPolicy, TtcReport, TtcSession, TtcStrategy,
+};
+pub use stopping::{StopReason, StoppingRule, WindowDecision};
+pub use verifier::{Verdict, Verifier, VerifierError, VerifierSpec};
+pub use vote::{Candidate, Vote, VoteWeighting, majority_vote};

@@ -1,0 +1,723 @@
+//! The API the HTTP layer drives: a [`TtcController`] per pod turns policy bounds, the pod's
+//! allocation and a request's features into a [`TtcPlan`]; a [`TtcSession`] takes the samples
+//! window by window and says when to stop; its [`TtcOutcome`] (chosen answer, depth used,
+//! joules) goes back to the controller, which learns from it.
+//!
+//! ```text
+//! let mut session = controller.plan(&features);          // short lock on the controller
+//! let mut n = session.first_window();
+//! loop {
+//!     for c in engine.generate(n samples, plan.max_tokens) {
+//!         let i = session.add_sample(&c.text, c.logprob, c.token_ids.len());
+//!         if session.needs_verdicts() { session.add_verdict(i, verifier.verify(prompt, &c.text).await) }
+//!     }
+//!     match session.decide() { Continue { samples } => n = samples, Stop { .. } => break }
+//! }
+//! let outcome = session.finish(measured_energy);
+//! controller.record(&outcome);                            // short lock again
+//! ```
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::answer::{AnswerType, extract_answer};
+use super::budget::{
+    BudgetConfig, BudgetController, BudgetReport, BudgetState, DepthBounds, DepthRequest, DepthUnit,
+};
+use super::cost::CostObservation;
+use super::difficulty::{
+    DepthValueConfig, DepthValueLearner, DepthValueReport, DifficultySignal, PromptFeatures,
+};
+use super::stopping::{DEFAULT_EARLY_STOP_AGREEMENT, StopReason, StoppingRule, WindowDecision};
+use super::verifier::{Verdict, Verifier, VerifierError, VerifierSpec};
+use super::vote::{Candidate, VoteWeighting, majority_vote};
+
+/// The test-time-compute strategy; mirrors the InferencePolicy `ttc.strategy` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum TtcStrategy {
+    /// Sample several answers and return the most frequent one.
+    MajorityVote,
+    /// Sample until the verifier accepts a candidate.
+    BestOfN,
+    /// One answer with a budget of reasoning tokens.
+    ReasoningBudget,
+    /// Per request: best-of-N when a verifier is set, a reasoning budget for reasoning models,
+    /// otherwise majority vote with early stopping.
+    #[default]
+    Adaptive,
+}
+
+/// The policy's test-time-compute limits; mirrors the InferencePolicy `ttc` field, with the
+/// same names and defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TtcPolicy {
+    /// The strategy.
+    #[serde(default)]
+    pub strategy: TtcStrategy,
+    /// Fewest samples per request.
+    #[serde(default = "default_min_samples")]
+    pub min_samples: u32,
+    /// Most samples per request.
+    #[serde(default = "default_max_samples")]
+    pub max_samples: u32,
+    /// Fewest reasoning tokens per sample.
+    #[serde(default)]
+    pub min_reasoning_tokens: u32,
+    /// Most reasoning tokens per sample.
+    #[serde(default = "default_max_reasoning_tokens")]
+    pub max_reasoning_tokens: u32,
+    /// Stop sampling once this share of the samples agree (0.5-1.0).
+    #[serde(default = "default_early_stop_agreement")]
+    pub early_stop_agreement: f64,
+    /// Spend more depth where it changes answers and none where it does not.
+    #[serde(default = "default_difficulty_aware")]
+    pub difficulty_aware: bool,
+    /// How candidates are checked (required by BestOfN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verifier: Option<VerifierSpec>,
+}
+
+fn default_min_samples() -> u32 {
+    1
+}
+fn default_max_samples() -> u32 {
+    8
+}
+fn default_max_reasoning_tokens() -> u32 {
+    1024
+}
+fn default_early_stop_agreement() -> f64 {
+    DEFAULT_EARLY_STOP_AGREEMENT
+}
+fn default_difficulty_aware() -> bool {
+    true
+}
+
+impl Default for TtcPolicy {
+    fn default() -> Self {
+        Self {
+            strategy: TtcStrategy::default(),
+            min_samples: default_min_samples(),
+            max_samples: default_max_samples(),
+            min_reasoning_tokens: 0,
+            max_reasoning_tokens: default_max_reasoning_tokens(),
+            early_stop_agreement: default_early_stop_agreement(),
+            difficulty_aware: default_difficulty_aware(),
+            verifier: None,
+        }
+    }
+}
+
+/// Sidecar-side settings of test-time compute (not part of the policy).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TtcOptions {
+    /// Samples per window (early stopping looks at the votes after each window).
+    pub window: usize,
+    /// How votes are weighted.
+    pub weighting: VoteWeighting,
+    /// The budget controller's settings.
+    pub budget: BudgetConfig,
+    /// The depth-value learner's settings.
+    pub depth_value: DepthValueConfig,
+}
+
+impl Default for TtcOptions {
+    fn default() -> Self {
+        Self {
+            window: 2,
+            weighting: VoteWeighting::Uniform,
+            budget: BudgetConfig::default(),
+            depth_value: DepthValueConfig::default(),
+        }
+    }
+}
+
+/// Why a policy cannot be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum TtcError {
+    /// The verifier spec is invalid.
+    #[error(transparent)]
+    Verifier(#[from] VerifierError),
+    /// BestOfN without a verifier.
+    #[error("ttc.strategy BestOfN needs ttc.verifier (a jsonSchema, regex or http verifier)")]
+    BestOfNWithoutVerifier,
+    /// min above max.
+    #[error("ttc.{field}: minimum {min} is above maximum {max}")]
+    Bounds {
+        /// Which pair of fields.
+        field: &'static str,
+        /// The minimum.
+        min: u32,
+        /// The maximum.
+        max: u32,
+    },
+    /// Sample bounds must be at least one.
+    #[error("ttc.maxSamples must be at least 1")]
+    NoSamples,
+}
+
+/// What the plan needs to know about a request.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestFeatures {
+    /// Features of the prompt ([`PromptFeatures::from_text`]).
+    pub prompt: PromptFeatures,
+    /// How answers are extracted and compared.
+    pub answer_type: AnswerType,
+    /// Token limit of one answer (the request's `max_tokens`).
+    pub max_tokens: usize,
+    /// Whether the model reasons before answering (R1-distill style), so a reasoning budget
+    /// applies.
+    pub reasoning_model: bool,
+}
+
+/// The strategy a request actually runs (Adaptive resolved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PlannedStrategy {
+    /// Vote over samples, stopping early on agreement.
+    MajorityVote,
+    /// Sample until a verifier accepts.
+    BestOfN,
+    /// One sample with a reasoning-token budget.
+    ReasoningBudget,
+}
+
+impl PlannedStrategy {
+    /// A short label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::MajorityVote => "majority_vote",
+            Self::BestOfN => "best_of_n",
+            Self::ReasoningBudget => "reasoning_budget",
+        }
+    }
+}
+
+/// How one request will be run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TtcPlan {
+    /// The strategy.
+    pub strategy: PlannedStrategy,
+    /// How answers are extracted.
+    pub answer_type: AnswerType,
+    /// Samples per window.
+    pub window: usize,
+    /// Fewest samples.
+    pub min_samples: usize,
+    /// Most samples (the depth the budget allows).
+    pub max_samples: usize,
+    /// Token limit per sample, reasoning included.
+    pub max_tokens: usize,
+    /// Reasoning tokens before the answer is forced (ReasoningBudget only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_tokens: Option<usize>,
+    /// Early-stop agreement threshold.
+    pub early_stop_agreement: f64,
+    /// How votes are weighted.
+    pub weighting: VoteWeighting,
+    /// Predicted joules at the maximum depth.
+    pub predicted_joules: f64,
+    /// This request's share of the budget, when the pod has an allocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_joules: Option<f64>,
+    /// Where the budget stands.
+    pub budget_state: BudgetState,
+    /// Difficulty bin of the prompt (0 = easy).
+    pub difficulty_bin: usize,
+    /// Difficulty from the prompt alone, in [0, 1].
+    pub prior_difficulty: f64,
+    /// Extra depth given only to keep learning whether depth pays.
+    pub probe: bool,
+}
+
+/// Where a joules figure comes from; an estimate is never shown as a measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnergySource {
+    /// GPU energy counter.
+    Nvml,
+    /// CPU RAPL counters.
+    Rapl,
+    /// Estimated from CPU time.
+    Estimate,
+}
+
+/// The measured cost of a finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeasuredEnergy {
+    /// Joules of the whole request.
+    pub joules: f64,
+    /// Where the figure comes from.
+    pub source: EnergySource,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens over all samples.
+    pub completion_tokens: usize,
+}
+
+/// The result of a request: the chosen answer, the depth used and what it cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TtcOutcome {
+    /// The strategy run.
+    pub strategy: PlannedStrategy,
+    /// The chosen (normalised) answer, `None` when no sample had one.
+    pub answer: Option<String>,
+    /// Which sample to return to the client.
+    pub chosen_index: Option<usize>,
+    /// Samples drawn (the depth used).
+    pub samples: usize,
+    /// Windows drawn.
+    pub windows: usize,
+    /// Most samples the plan allowed.
+    pub max_samples: usize,
+    /// Reasoning tokens allowed (ReasoningBudget only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_tokens: Option<usize>,
+    /// Why sampling stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<StopReason>,
+    /// Share of the samples behind the chosen answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<f64>,
+    /// Whether a verifier accepted the chosen sample (BestOfN only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
+    /// The first sample's answer (what one sample alone would have said).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_answer: Option<String>,
+    /// Difficulty after the first window, in [0, 1].
+    pub difficulty: f64,
+    /// Difficulty bin of the prompt.
+    pub difficulty_bin: usize,
+    /// Whether this was a learning probe.
+    pub probe: bool,
+    /// Where the budget stood when the request was planned.
+    pub budget_state: BudgetState,
+    /// Measured joules.
+    pub joules: f64,
+    /// Where the joules figure comes from.
+    pub energy_source: EnergySource,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens over all samples.
+    pub completion_tokens: usize,
+}
+
+/// One request in progress: collects samples and verdicts, decides after each window.
+#[derive(Debug, Clone)]
+pub struct TtcSession {
+    plan: TtcPlan,
+    rule: StoppingRule,
+    candidates: Vec<Candidate>,
+    verdicts: Vec<Option<Verdict>>,
+    signal: DifficultySignal,
+    windows: usize,
+    window_start: usize,
+    stop: Option<StopReason>,
+}
+
+impl TtcSession {
+    /// The plan.
+    pub fn plan(&self) -> &TtcPlan {
+        &self.plan
+    }
+
+    /// Samples to draw in the first window.
+    pub fn first_window(&self) -> usize {
+        self.rule.first_window()
+    }
+
+    /// Samples drawn so far.
+    pub fn samples(&self) -> usize {
+        self.candidates.len()
+    }
+
+    /// Whether each sample needs a verifier verdict ([`TtcSession::add_verdict`]).
+    pub fn needs_verdicts(&self) -> bool {
+        self.plan.strategy == PlannedStrategy::BestOfN
+    }
+
+    /// Adds a sample: its text, the sum of its token log-probabilities and its token count.
+    /// Returns its index.
+    pub fn add_sample(&mut self, text: &str, logprob: f64, tokens: usize) -> usize {
+        self.candidates.push(Candidate {
+            answer: extract_answer(text, self.plan.answer_type),
+            logprob,
+            tokens,
+        });
+        self.verdicts.push(None);
+        self.candidates.len() - 1
+    }
+
+    /// Records the verifier's verdict on sample `index` (ignored for an unknown index).
+    pub fn add_verdict(&mut self, index: usize, verdict: Verdict) {
+        if let Some(slot) = self.verdicts.get_mut(index) {
+            *slot = Some(verdict);
+        }
+    }
+
+    /// The candidates so far.
+    pub fn candidates(&self) -> &[Candidate] {
+        &self.candidates
+    }
+
+    /// Call after each window: continue with how many samples, or stop.
+    pub fn decide(&mut self) -> WindowDecision {
+        if let Some(reason) = self.stop {
+            return WindowDecision::Stop { reason };
+        }
+        let drawn = self.candidates.len();
+        if drawn > self.window_start {
+            self.windows += 1;
+            if self.windows == 1 {
+                let vote = majority_vote(&self.candidates, self.plan.weighting);
+                self.signal = self
+                    .signal
+                    .with_first_window(vote.as_ref(), &self.candidates);
+            }
+            self.window_start = drawn;
+        }
+        let decision = match self.plan.strategy {
+            PlannedStrategy::BestOfN => {
+                if self.first_accepted().is_some() {
+                    WindowDecision::Stop {
+                        reason: StopReason::Accepted,
+                    }
+                } else if drawn >= self.rule.max_samples {
+                    WindowDecision::Stop {
+                        reason: StopReason::MaxSamples,
+                    }
+                } else {
+                    WindowDecision::Continue {
+                        samples: self.rule.window.min(self.rule.max_samples - drawn),
+                    }
+                }
+            }
+            PlannedStrategy::MajorityVote | PlannedStrategy::ReasoningBudget => {
+                let vote = majority_vote(&self.candidates, self.plan.weighting);
+                self.rule.decide(drawn, vote.as_ref())
+            }
+        };
+        if let WindowDecision::Stop { reason } = decision {
+            self.stop = Some(reason);
+        }
+        decision
+    }
+
+    fn first_accepted(&self) -> Option<usize> {
+        self.verdicts
+            .iter()
+            .position(|v| v.as_ref().is_some_and(|v| v.accepted))
+    }
+
+    /// The sample with `answer` that is most probable (earliest on a tie).
+    fn best_sample_with(&self, answer: &str) -> Option<usize> {
+        let mut best: Option<(usize, f64)> = None;
+        for (i, c) in self.candidates.iter().enumerate() {
+            if c.answer.as_deref() == Some(answer) {
+                let p = c.mean_token_probability();
+                if best.is_none_or(|(_, bp)| p > bp) {
+                    best = Some((i, p));
+                }
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    /// Ends the request with its measured energy.
+    pub fn finish(self, energy: MeasuredEnergy) -> TtcOutcome {
+        let vote = majority_vote(&self.candidates, self.plan.weighting);
+        let (answer, chosen_index, agreement, verified) = match self.plan.strategy {
+            PlannedStrategy::BestOfN => {
+                if let Some(i) = self.first_accepted() {
+                    let answer = self.candidates[i].answer.clone();
+                    (
+                        answer,
+                        Some(i),
+                        vote.as_ref().map(|v| v.agreement),
+                        Some(true),
+                    )
+                } else {
+                    // Nothing accepted: the best-scored candidate, else the vote, flagged
+                    // unverified.
+                    let scored = self
+                        .verdicts
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, v)| v.as_ref().and_then(|v| v.score).map(|s| (i, s)))
+                        .fold(None::<(usize, f64)>, |best, (i, s)| match best {
+                            Some((_, bs)) if bs >= s => best,
+                            _ => Some((i, s)),
+                        });
+                    match scored {
+                        Some((i, _)) => (
+                            self.candidates[i].answer.clone(),
+                            Some(i),
+                            None,
+                            Some(false),
+                        ),
+                        None => {
+                            let answer = vote.as_ref().map(|v| v.answer.clone());
+                            let index = answer
+                                .as_deref()
+                                .and_then(|a| self.best_sample_with(a))
+                                .or((!self.candidates.is_empty()).then_some(0));
+                            (
+                                answer,
+                                index,
+                                vote.as_ref().map(|v| v.agreement),
+                                Some(false),
+                            )
+                        }
+                    }
+                }
+            }
+            PlannedStrategy::MajorityVote | PlannedStrategy::ReasoningBudget => {
+                let answer = vote.as_ref().map(|v| v.answer.clone());
+                let index = answer
+                    .as_deref()
+                    .and_then(|a| self.best_sample_with(a))
+                    .or((!self.candidates.is_empty()).then_some(0));
+                (answer, index, vote.as_ref().map(|v| v.agreement), None)
+            }
+        };
+        TtcOutcome {
+            strategy: self.plan.strategy,
+            answer,
+            chosen_index,
+            samples: self.candidates.len(),
+            windows: self.windows,
+            max_samples: self.plan.max_samples,
+            reasoning_tokens: self.plan.reasoning_tokens,
+            stop_reason: self.stop,
+            agreement,
+            verified,
+            first_answer: self.candidates.first().and_then(|c| c.answer.clone()),
+            difficulty: self.signal.score(),
+            difficulty_bin: self.plan.difficulty_bin,
+            probe: self.plan.probe,
+            budget_state: self.plan.budget_state,
+            joules: energy.joules,
+            energy_source: energy.source,
+            prompt_tokens: energy.prompt_tokens,
+            completion_tokens: energy.completion_tokens,
+        }
+    }
+}
+
+/// Test-time compute of one pod: the policy, the budget controller and the depth-value learner.
+#[derive(Debug)]
+pub struct TtcController {
+    policy: TtcPolicy,
+    options: TtcOptions,
+    verifier: Option<Arc<Verifier>>,
+    budget: BudgetController,
+    learner: DepthValueLearner,
+    requests: u64,
+}
+
+/// Everything the controller knows, ready for metrics and responses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TtcReport {
+    /// Requests planned.
+    pub requests: u64,
+    /// The budget controller.
+    pub budget: BudgetReport,
+    /// Whether extra depth changes answers.
+    pub depth_value: DepthValueReport,
+}
+
+fn validate(policy: &TtcPolicy) -> Result<Option<Arc<Verifier>>, TtcError> {
+    if policy.max_samples == 0 {
+        return Err(TtcError::NoSamples);
+    }
+    if policy.min_samples > policy.max_samples {
+        return Err(TtcError::Bounds {
+            field: "minSamples",
+            min: policy.min_samples,
+            max: policy.max_samples,
+        });
+    }
+    if policy.min_reasoning_tokens > policy.max_reasoning_tokens {
+        return Err(TtcError::Bounds {
+            field: "minReasoningTokens",
+            min: policy.min_reasoning_tokens,
+            max: policy.max_reasoning_tokens,
+        });
+    }
+    if policy.strategy == TtcStrategy::BestOfN && policy.verifier.is_none() {
+        return Err(TtcError::BestOfNWithoutVerifier);
+    }
+    Ok(match &policy.verifier {
+        Some(spec) => Some(Arc::new(Verifier::from_spec(spec)?)),
+        None => None,
+    })
+}
+
+impl TtcController {
+    /// A controller for `policy`; fails when the policy is inconsistent or its verifier invalid.
+    pub fn new(policy: TtcPolicy, options: TtcOptions) -> Result<Self, TtcError> {
+        let verifier = validate(&policy)?;
+        Ok(Self {
+            budget: BudgetController::new(options.budget),
+            learner: DepthValueLearner::new(options.depth_value),
+            policy,
+            options,
+            verifier,
+            requests: 0,
+        })
+    }
+
+    /// Replaces the policy, keeping what was learned; on error the old policy stays.
+    pub fn set_policy(&mut self, policy: TtcPolicy) -> Result<(), TtcError> {
+        self.verifier = validate(&policy)?;
+        self.policy = policy;
+        Ok(())
+    }
+
+    /// Accepts the pod's allocation in joules per request (`None`: no budget).
+    pub fn set_allocation(&mut self, joules_per_request: Option<f64>) {
+        self.budget.set_allocation(joules_per_request);
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &TtcPolicy {
+        &self.policy
+    }
+
+    /// The policy's verifier, for the HTTP layer to check BestOfN candidates with.
+    pub fn verifier(&self) -> Option<Arc<Verifier>> {
+        self.verifier.clone()
+    }
+
+    fn strategy_for(&self, features: &RequestFeatures) -> PlannedStrategy {
+        match self.policy.strategy {
+            TtcStrategy::MajorityVote => PlannedStrategy::MajorityVote,
+            TtcStrategy::BestOfN => PlannedStrategy::BestOfN,
+            TtcStrategy::ReasoningBudget => PlannedStrategy::ReasoningBudget,
+            TtcStrategy::Adaptive => {
+                if self.verifier.is_some() {
+                    PlannedStrategy::BestOfN
+                } else if features.reasoning_model && self.policy.max_reasoning_tokens > 0 {
+                    PlannedStrategy::ReasoningBudget
+                } else {
+                    PlannedStrategy::MajorityVote
+                }
+            }
+        }
+    }
+
+    /// Plans one request.
+    pub fn plan(&mut self, features: &RequestFeatures) -> TtcSession {
+        self.requests += 1;
+        let strategy = self.strategy_for(features);
+        let bin = features.prompt.bin();
+        let aware = self.policy.difficulty_aware;
+        let probe = aware && self.learner.next_request_is_probe();
+        let depth_worthless = aware && !probe && !self.learner.depth_pays();
+        let value = if aware {
+            self.learner.flip_rate(bin)
+        } else {
+            1.0
+        };
+        let unit = match strategy {
+            PlannedStrategy::ReasoningBudget => DepthUnit::ReasoningTokens,
+            PlannedStrategy::MajorityVote | PlannedStrategy::BestOfN => DepthUnit::Samples,
+        };
+        let max_tokens = features.max_tokens.max(1);
+        let choice = self.budget.choose(&DepthRequest {
+            prompt_tokens: features.prompt.prompt_tokens,
+            unit,
+            bounds: DepthBounds {
+                min_samples: self.policy.min_samples as usize,
+                max_samples: self.policy.max_samples as usize,
+                min_reasoning_tokens: self.policy.min_reasoning_tokens as usize,
+                max_reasoning_tokens: self.policy.max_reasoning_tokens as usize,
+                max_tokens,
+            },
+            value,
+            depth_worthless,
+        });
+        let (min_samples, max_samples, reasoning_tokens) = match strategy {
+            // Budget forcing spends the depth on one sample's reasoning.
+            PlannedStrategy::ReasoningBudget => (1, 1, Some(choice.reasoning_tokens)),
+            _ => (
+                (self.policy.min_samples as usize)
+                    .min(choice.samples)
+                    .max(1),
+                choice.samples.max(1),
+                None,
+            ),
+        };
+        let rule = StoppingRule::new(
+            min_samples,
+            max_samples,
+            self.options.window,
+            self.policy.early_stop_agreement,
+        );
+        let plan = TtcPlan {
+            strategy,
+            answer_type: features.answer_type,
+            window: rule.window,
+            min_samples: rule.min_samples,
+            max_samples: rule.max_samples,
+            max_tokens: max_tokens + reasoning_tokens.unwrap_or(0),
+            reasoning_tokens,
+            early_stop_agreement: rule.agreement,
+            weighting: self.options.weighting,
+            predicted_joules: choice.predicted_joules,
+            budget_joules: choice.budget_joules,
+            budget_state: choice.state,
+            difficulty_bin: bin,
+            prior_difficulty: features.prompt.prior_difficulty(),
+            probe,
+        };
+        TtcSession {
+            plan,
+            rule,
+            candidates: Vec::new(),
+            verdicts: Vec::new(),
+            signal: DifficultySignal::from_prompt(&features.prompt),
+            windows: 0,
+            window_start: 0,
+            stop: None,
+        }
+    }
+
+    /// Learns from a finished request: its measured joules (cost model, budget window) and,
+    /// when it drew more than one sample, whether the extra samples changed the answer.
+    pub fn record(&mut self, outcome: &TtcOutcome) {
+        self.budget.record(
+            &CostObservation {
+                joules: outcome.joules,
+                prompt_tokens: outcome.prompt_tokens,
+                completion_tokens: outcome.completion_tokens,
+                samples: outcome.samples,
+            },
+            outcome.budget_state == BudgetState::Degraded,
+        );
+        if outcome.samples >= 2 {
+            self.learner.record(
+                outcome.difficulty_bin,
+                outcome.first_answer.as_deref(),
+                outcome.answer.as_deref(),
+            );
+        }
+    }
+
+    /// The controller's state for metrics.
+    pub fn report(&self) -> TtcReport {
+        TtcReport {
+            requests: self.requests,
+            budget: self.budget.report(),
+            depth_value: self.learner.report(),
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! The whole inner loop on scripted workloads: a scripted "model" whose samples are right with a
+//! per-query-kind probability, a scripted meter, and the real controller, session and learner.
+
+use super::plan::{
+    EnergySource, MeasuredEnergy, RequestFeatures, TtcController, TtcOptions, TtcPolicy,
+};
+use super::stopping::WindowDecision;
+use super::tasks::SplitMix64;
+use super::vote::Candidate;
+use super::{AnswerType, BudgetState, PromptFeatures, VoteWeighting, majority_vote};
+
+/// How a scripted query behaves under sampling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum QueryKind {
+    /// Right almost always: depth buys nothing.
+    Easy,
+    /// Right 45% of the time, wrong answers spread over four distractors: a vote of more
+    /// samples is right more often, so depth pays.
+    Noisy,
+    /// The same wrong answer almost always (the systematic error measured on SmolLM2): depth
+    /// buys nothing.
+    Systematic,
+}
+
+impl QueryKind {
+    /// Prompts differ by kind the way real ones do: noisy ones are multi-digit arithmetic.
+    fn prompt(self) -> &'static str {
+        match self {
+            Self::Easy => "Is the sky blue? Answer yes or no.",
+            Self::Noisy => "What is 4821 * 37 + 1290 - 77? Answer with the number only.",
+            Self::Systematic => "Is London in Spain? Answer yes or no.",
+        }
+    }
+
+    fn sample(self, rng: &mut SplitMix64) -> &'static str {
+        let u = rng.unit();
+        match self {
+            Self::Easy if u < 0.99 => "right",
+            Self::Easy => "wrong-1",
+            Self::Noisy if u < 0.45 => "right",
+            Self::Noisy => ["wrong-1", "wrong-2", "wrong-3", "wrong-4"][rng.below(4) as usize],
+            Self::Systematic if u < 0.99 => "wrong-1",
+            Self::Systematic => "right",
+        }
+    }
+}
+
+const PROMPT_TOKENS: usize = 40;
+
+/// Scripted meter: 1 J fixed, 0.02 J per prompt token, 0.04 J per generated token, +-10% noise.
+fn joules(completion_tokens: usize, rng: &mut SplitMix64) -> f64 {
+    (1.0 + 0.02 * PROMPT_TOKENS as f64 + 0.04 * completion_tokens as f64) * (0.9 + 0.2 * rng.unit())
+}
+
+fn sample_tokens(rng: &mut SplitMix64) -> usize {
+    20 + rng.below(21) as usize
+}
+
+fn features(kind: QueryKind) -> RequestFeatures {
+    RequestFeatures {
+        prompt: PromptFeatures::from_text(kind.prompt(), PROMPT_TOKENS),
+        answer_type: AnswerType::Short,
+        max_tokens: 64,
+        reasoning_model: false,
+    }
+}
+
+#[derive(Debug, Default)]
+struct RunStats {
+    requests: usize,
+    correct: usize,
+    joules: Vec<f64>,
+    samples: Vec<usize>,
+    states: Vec<BudgetState>,
+}
+
+impl RunStats {
+    fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.requests.max(1) as f64
+    }
+    fn mean_joules(&self, last: usize) -> f64 {
+        let tail = &self.joules[self.joules.len().saturating_sub(last)..];
+        tail.iter().sum::<f64>() / tail.len().max(1) as f64
+    }
+    fn mean_samples(&self, last: usize) -> f64 {
+        let tail = &self.samples[self.samples.len().saturating_sub(last)..];
+        tail.iter().sum::<usize>() as f64 / tail.len().max(1) as f64
+    }
+}
+
+/// Runs `kinds` through the controller, window by window, as the HTTP layer will.
+fn run_controller(controller: &mut TtcController, kinds: &[QueryKind], seed: u64) -> RunStats {
+    let mut rng = SplitMix64::new(seed);
+    let mut stats = RunStats::default();
+    for kind in kinds {
+        let mut session = controller.plan(&features(*kind));
+        let mut n = session.first_window();
+        let mut tokens = 0;
+        loop {
+            for _ in 0..n {
+                let t = sample_tokens(&mut rng);
+                tokens += t;
+                session.add_sample(kind.sample(&mut rng), -0.5 * t as f64, t);
+            }
+            match session.decide() {
+                WindowDecision::Continue { samples } => n = samples,
+                WindowDecision::Stop { .. } => break,
+            }
+        }
+        let measured = MeasuredEnergy {
+            joules: joules(tokens, &mut rng),
+            source: EnergySource::Estimate,
+            prompt_tokens: PROMPT_TOKENS,
+            completion_tokens: tokens,
+        };
+        let outcome = session.finish(measured);
+        stats.requests += 1;
+        stats.correct += usize::from(outcome.answer.as_deref() == Some("right"));
+        stats.joules.push(outcome.joules);
+        stats.samples.push(outcome.samples);
+        stats.states.push(outcome.budget_state);
+        controller.record(&outcome);
+    }
+    stats
+}
+
+/// Uniform depth: every query gets `depth` samples and a plain majority vote.
+fn run_uniform(kinds: &[QueryKind], depth: usize, seed: u64) -> RunStats {
+    let mut rng = SplitMix64::new(seed);
+    let mut stats = RunStats::default();
+    for kind in kinds {
+        let mut tokens = 0;
+        let candidates: Vec<Candidate> = (0..depth)
+            .map(|_| {
+                let t = sample_tokens(&mut rng);
+                tokens += t;
+                Candidate {
+                    answer: Some(kind.sample(&mut rng).to_string()),
+                    logprob: -0.5 * t as f64,
+                    tokens: t,
+                }
+            })
+            .collect();
+        let vote = majority_vote(&candidates, VoteWeighting::Uniform);
+        stats.requests += 1;
+        stats.correct += usize::from(vote.is_some_and(|v| v.answer == "right"));
+        stats.joules.push(joules(tokens, &mut rng));
+        stats.samples.push(depth);
+    }
+    stats
+}
+
+/// A workload of equal thirds, in a seeded order.
+fn mixed_workload(count: usize, seed: u64) -> Vec<QueryKind> {
+    let mut rng = SplitMix64::new(seed);
+    let mut kinds: Vec<QueryKind> = (0..count)
+        .map(|i| [QueryKind::Easy, QueryKind::Noisy, QueryKind::Systematic][i % 3])
+        .collect();
+    rng.shuffle(&mut kinds);
+    kinds
+}
+
+fn policy(max_samples: u32) -> TtcPolicy {
+    TtcPolicy {
+        max_samples,
+        ..TtcPolicy::default()
+    }
+}
+
+#[test]
+fn holds_the_allocation_within_five_percent_over_200_requests_with_early_stopping() {
+    for (allocation, seed) in [(3.6, 1), (4.5, 2), (5.5, 3)] {
+        let mut controller =
+            TtcController::new(policy(16), TtcOptions::default()).expect("valid policy");
+        controller.set_allocation(Some(allocation));
+        let stats = run_controller(&mut controller, &mixed_workload(600, seed), seed);
+        let mean = stats.mean_joules(200);
+        let deviation = mean / allocation - 1.0;
+        eprintln!(
+            "allocation {allocation} J: last-200 mean {mean:.3} J ({deviation:+.2}%), mean samples {:.2}, accuracy {:.3}",
+            stats.mean_samples(200),
+            stats.accuracy()
+        );
+        assert!(
+            deviation.abs() <= 0.05,
+            "allocation {allocation}: deviation {deviation:+.4}"
+        );
+        let report = controller.report();
+        assert_eq!(report.budget.within_tolerance, Some(true), "{report:?}");
+        assert!(report.depth_value.depth_pays, "{:?}", report.depth_value);
+        // Every 200-request window after the warm-up holds too, not just the last one.
+        for start in (200..=400).step_by(50) {
+            let window = &stats.joules[start..start + 200];
+            let m = window.iter().sum::<f64>() / 200.0;
+            assert!(
+                (m / allocation - 1.0).abs() <= 0.05,
+                "window at {start}: {m:.3}"
+            );
+        }
+    }
+}
+
+#[test]
+fn beats_uniform_depth_at_equal_energy() {
+    let kinds = mixed_workload(1500, 21);
+    let mut controller =
+        TtcController::new(policy(16), TtcOptions::default()).expect("valid policy");
+    controller.set_allocation(Some(5.0));
+    let adaptive = run_controller(&mut controller, &kinds, 22);
+    let adaptive_joules = adaptive.mean_joules(usize::MAX);
+    // The cheapest uniform depth that spends at least as much energy.
+    let (depth, uniform) = (1..=16)
+        .map(|d| (d, run_uniform(&kinds, d, 23)))
+        .find(|(_, s)| s.mean_joules(usize::MAX) >= adaptive_joules)
+        .expect("some uniform depth spends as much");
+    eprintln!(
+        "adaptive: {:.3} J/request, accuracy {:.3}, mean samples {:.2}; uniform depth {depth}: {:.3} J/request, accuracy {:.3}",
+        adaptive_joules,
+        adaptive.accuracy(),
+        adaptive.mean_samples(usize::MAX),
+        uniform.mean_joules(usize::MAX),
+        uniform.accuracy()
+    );
+    assert!(
+        adaptive.accuracy() >= uniform.accuracy() + 0.03,
+        "adaptive {:.3} vs uniform {:.3}",
+        adaptive.accuracy(),
+        uniform.accuracy()
+    );
+    // The extra depth went to the queries where it changes answers.
+    let report = controller.report();
+    let by_bin = &report.depth_value.flip_rate_by_bin;
+    let noisy_bin = features(QueryKind::Noisy).prompt.bin();
+    let easy_bin = features(QueryKind::Easy).prompt.bin();
+    assert_ne!(noisy_bin, easy_bin);
+    assert!(by_bin[noisy_bin] > by_bin[easy_bin] + 0.2, "{by_bin:?}");
+}
+
+#[test]
+fn converges_to_minimum_depth_when_depth_buys_nothing() {
+    let mut rng = SplitMix64::new(31);
+    let kinds: Vec<QueryKind> = (0..400)
+        .map(|_| {
+            if rng.below(2) == 0 {
+                QueryKind::Easy
+            } else {
+                QueryKind::Systematic
+            }
+        })
+        .collect();
+    let mut controller =
+        TtcController::new(policy(16), TtcOptions::default()).expect("valid policy");
+    controller.set_allocation(Some(10.0));
+    let stats = run_controller(&mut controller, &kinds, 32);
+    let report = controller.report();
+    eprintln!(
+        "depth buys nothing: last-200 mean samples {:.2}, mean joules {:.3} of 10 J, {:?}",
+        stats.mean_samples(200),
+        stats.mean_joules(200),
+        report.depth_value
+    );
+    assert!(!report.depth_value.depth_pays, "{:?}", report.depth_value);
+    // Minimum depth (1) except for the occasional learning probe.
+    assert!(
+        stats.mean_samples(200) <= 1.15,
+        "{}",
+        stats.mean_samples(200)
+    );
+    let worthless = stats.states[200..]
+        .iter()
+        .filter(|s| **s == BudgetState::DepthWorthless)
+        .count();
+    assert!(worthless >= 180, "{worthless}");
+    // It spends well under the allocation, on purpose, and says so.
+    assert!(stats.mean_joules(200) < 0.5 * 10.0);
+}
+
+#[test]
+fn without_difficulty_awareness_the_budget_still_holds() {
+    let mut controller = TtcController::new(
+        TtcPolicy {
+            difficulty_aware: false,
+            ..policy(16)
+        },
+        TtcOptions::default(),
+    )
+    .expect("valid policy");
+    controller.set_allocation(Some(6.0));
+    let kinds = vec![QueryKind::Noisy; 400];
+    let stats = run_controller(&mut controller, &kinds, 41);
+    let deviation = stats.mean_joules(200) / 6.0 - 1.0;
+    assert!(deviation.abs() <= 0.05, "{deviation:+.4}");
+    assert!(
+        stats.states[200..]
+            .iter()
+            .all(|s| *s == BudgetState::Tracking)
+    );
+}

@@ -1,0 +1,244 @@
+//! Stopping rules: sample in small windows and stop as soon as more samples are unlikely to
+//! change the answer (Early-Stopping Self-Consistency and Adaptive-Consistency style).
+
+use serde::{Deserialize, Serialize};
+
+use super::vote::Vote;
+
+/// Default early-stop agreement (the InferencePolicy default).
+pub const DEFAULT_EARLY_STOP_AGREEMENT: f64 = 0.75;
+
+/// When to stop drawing samples for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoppingRule {
+    /// Never stop before this many samples.
+    pub min_samples: usize,
+    /// Never draw more than this many samples.
+    pub max_samples: usize,
+    /// Samples drawn per window (the batch the engine generates at once).
+    pub window: usize,
+    /// Stop once the leading answer holds at least this share of the samples (0.5-1.0);
+    /// 1.0 means only a unanimous window stops early (ESC).
+    pub agreement: f64,
+}
+
+/// Why sampling stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StopReason {
+    /// The leading answer reached the agreement threshold.
+    Agreement,
+    /// The leading answer cannot be overtaken by the samples still allowed.
+    Decided,
+    /// A verifier accepted a candidate (best-of-N).
+    Accepted,
+    /// The plan's sample limit was reached.
+    MaxSamples,
+}
+
+impl StopReason {
+    /// A short label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Agreement => "agreement",
+            Self::Decided => "decided",
+            Self::Accepted => "accepted",
+            Self::MaxSamples => "max_samples",
+        }
+    }
+}
+
+/// What to do after a window of samples.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "camelCase")]
+pub enum WindowDecision {
+    /// Draw `samples` more.
+    Continue {
+        /// How many samples the next window draws.
+        samples: usize,
+    },
+    /// Stop sampling.
+    Stop {
+        /// Why.
+        reason: StopReason,
+    },
+}
+
+impl StoppingRule {
+    /// A rule with its fields made consistent: at least one sample, `min <= max`, a window of at
+    /// least one, agreement within 0.5-1.0.
+    pub fn new(min_samples: usize, max_samples: usize, window: usize, agreement: f64) -> Self {
+        let max_samples = max_samples.max(1);
+        let agreement = if agreement.is_finite() {
+            agreement.clamp(0.5, 1.0)
+        } else {
+            DEFAULT_EARLY_STOP_AGREEMENT
+        };
+        Self {
+            min_samples: min_samples.clamp(1, max_samples),
+            max_samples,
+            window: window.clamp(1, max_samples),
+            agreement,
+        }
+    }
+
+    /// How many samples the first window draws.
+    pub fn first_window(&self) -> usize {
+        self.window.max(self.min_samples).min(self.max_samples)
+    }
+
+    /// Decides after `drawn` samples whose vote is `vote` (`None`: no sample had an answer).
+    ///
+    /// Agreement needs at least two samples behind the leader: one sample agreeing with itself
+    /// says nothing about the next one (unless the plan allows only one).
+    pub fn decide(&self, drawn: usize, vote: Option<&Vote>) -> WindowDecision {
+        if drawn >= self.max_samples {
+            return WindowDecision::Stop {
+                reason: StopReason::MaxSamples,
+            };
+        }
+        if drawn >= self.min_samples
+            && let Some(vote) = vote
+        {
+            let remaining = self.max_samples - drawn;
+            if vote.votes >= 2 && vote.agreement + 1e-9 >= self.agreement {
+                return WindowDecision::Stop {
+                    reason: StopReason::Agreement,
+                };
+            }
+            if vote.votes > vote.runner_up_votes + remaining {
+                return WindowDecision::Stop {
+                    reason: StopReason::Decided,
+                };
+            }
+        }
+        let needed_for_min = self.min_samples.saturating_sub(drawn);
+        let samples = self
+            .window
+            .max(needed_for_min)
+            .min(self.max_samples - drawn);
+        WindowDecision::Continue { samples }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ttc::vote::{Candidate, VoteWeighting, majority_vote};
+
+    fn vote_of(answers: &[&str]) -> Option<Vote> {
+        let cands: Vec<Candidate> = answers
+            .iter()
+            .map(|a| Candidate {
+                answer: (!a.is_empty()).then(|| a.to_string()),
+                logprob: -1.0,
+                tokens: 1,
+            })
+            .collect();
+        majority_vote(&cands, VoteWeighting::Uniform)
+    }
+
+    #[test]
+    fn unanimous_window_stops() {
+        let rule = StoppingRule::new(1, 8, 2, 0.75);
+        assert_eq!(rule.first_window(), 2);
+        let v = vote_of(&["4", "4"]);
+        assert_eq!(
+            rule.decide(2, v.as_ref()),
+            WindowDecision::Stop {
+                reason: StopReason::Agreement
+            }
+        );
+    }
+
+    #[test]
+    fn split_window_continues_by_a_window() {
+        let rule = StoppingRule::new(1, 8, 2, 0.75);
+        let v = vote_of(&["4", "5"]);
+        assert_eq!(
+            rule.decide(2, v.as_ref()),
+            WindowDecision::Continue { samples: 2 }
+        );
+        // 3 of 4 agree: 0.75 meets the threshold.
+        let v = vote_of(&["4", "5", "4", "4"]);
+        assert_eq!(
+            rule.decide(4, v.as_ref()),
+            WindowDecision::Stop {
+                reason: StopReason::Agreement
+            }
+        );
+        // A stricter threshold keeps going.
+        let strict = StoppingRule::new(1, 8, 2, 0.9);
+        assert_eq!(
+            strict.decide(4, v.as_ref()),
+            WindowDecision::Continue { samples: 2 }
+        );
+    }
+
+    #[test]
+    fn unparsed_samples_count_against_agreement() {
+        let rule = StoppingRule::new(1, 8, 2, 0.75);
+        let v = vote_of(&["4", "4", "", ""]);
+        assert!(matches!(
+            rule.decide(4, v.as_ref()),
+            WindowDecision::Continue { .. }
+        ));
+        assert_eq!(
+            rule.decide(4, None),
+            WindowDecision::Continue { samples: 2 }
+        );
+    }
+
+    #[test]
+    fn min_and_max_are_obeyed() {
+        let rule = StoppingRule::new(4, 6, 2, 0.5);
+        assert_eq!(rule.first_window(), 4);
+        // Unanimous but below the minimum: continue to the minimum.
+        let v = vote_of(&["1", "1"]);
+        assert_eq!(
+            rule.decide(2, v.as_ref()),
+            WindowDecision::Continue { samples: 2 }
+        );
+        // The last window is cut to the maximum.
+        let v = vote_of(&["1", "2", "3", "4", "5"]);
+        assert_eq!(
+            rule.decide(5, v.as_ref()),
+            WindowDecision::Continue { samples: 1 }
+        );
+        assert_eq!(
+            rule.decide(6, v.as_ref()),
+            WindowDecision::Stop {
+                reason: StopReason::MaxSamples
+            }
+        );
+    }
+
+    #[test]
+    fn a_lead_that_cannot_be_overtaken_stops() {
+        // 2 of 3 at threshold 1.0 is not agreement, but one sample left cannot overturn 2 vs 0.
+        let rule = StoppingRule::new(1, 4, 1, 1.0);
+        let v = vote_of(&["7", "7", ""]);
+        assert_eq!(
+            rule.decide(3, v.as_ref()),
+            WindowDecision::Stop {
+                reason: StopReason::Decided
+            }
+        );
+        let v = vote_of(&["7", "7", "8"]);
+        assert_eq!(
+            rule.decide(3, v.as_ref()),
+            WindowDecision::Continue { samples: 1 }
+        );
+    }
+
+    #[test]
+    fn constructor_repairs_inconsistent_bounds() {
+        let rule = StoppingRule::new(9, 0, 0, 3.0);
+        assert_eq!(rule.max_samples, 1);
+        assert_eq!(rule.min_samples, 1);
+        assert_eq!(rule.window, 1);
+        assert_eq!(rule.agreement, 1.0);
+        assert_eq!(StoppingRule::new(1, 4, 2, f64::NAN).agreement, 0.75);
+    }
+}
