@@ -121,6 +121,30 @@ pub struct MeterTotals {
     pub devices: Vec<DeviceReading>,
 }
 
+impl MeterTotals {
+    /// All energy so far (microjoules) by the source of its figure: estimates handed out when a
+    /// read failed count under `estimate`, the rest under the meter's source. Each entry only
+    /// grows, and they add up to `metered_uj + pending_estimate_uj`. Sources with nothing to
+    /// report are left out, so a measuring meter never shows an empty `estimate` entry.
+    pub fn by_source(&self) -> Vec<(EnergySource, u64)> {
+        let all = self.metered_uj + self.pending_estimate_uj;
+        if self.source == EnergySource::Estimate {
+            return vec![(EnergySource::Estimate, all)];
+        }
+        let mut out = vec![(self.source, all - self.estimated_uj.min(all))];
+        if self.estimated_uj > 0 {
+            out.push((EnergySource::Estimate, self.estimated_uj));
+        }
+        out
+    }
+
+    /// Current power draw of all metered devices, where the source reports one.
+    pub fn power_w(&self) -> Option<f64> {
+        let powers: Vec<f64> = self.devices.iter().filter_map(|d| d.power_w).collect();
+        (!powers.is_empty()).then(|| powers.iter().sum())
+    }
+}
+
 #[derive(Debug)]
 struct Active {
     id: u64,

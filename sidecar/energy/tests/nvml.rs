@@ -65,6 +65,7 @@ fn counter_deltas_are_shared_by_tokens() {
     assert_eq!(t.idle_uj, 3_000_000, "before and after the batch");
     assert_eq!(t.devices[0].id, "GPU-aaaa");
     assert_eq!(t.devices[0].energy_uj, 7_000_000);
+    assert_eq!(t.by_source(), [(EnergySource::Nvml, 7_000_000)]);
     assert_books_balance(&meter);
 }
 
@@ -124,6 +125,13 @@ fn failed_read_mid_run_is_labelled_estimate_and_not_counted_twice() {
     assert_eq!(t.estimated_uj, a.energy_uj);
     assert_eq!(t.metered_uj, 4_000_000);
     assert_eq!(t.requests_uj + t.idle_uj, 4_000_000);
+    assert_eq!(
+        t.by_source(),
+        [
+            (EnergySource::Nvml, 4_000_000 - a.energy_uj),
+            (EnergySource::Estimate, a.energy_uj)
+        ]
+    );
     assert_books_balance(&meter);
 }
 

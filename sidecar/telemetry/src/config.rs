@@ -35,8 +35,9 @@ pub struct TelemetryConfig {
 }
 
 impl TelemetryConfig {
-    /// Settings from the environment: `POD_NAME` and `POD_NAMESPACE` (downward API, as the
-    /// operator's webhook injects them), `TTC_POLICY`; OTLP is on when
+    /// Settings from the environment the operator's webhook injects: `TTC_POD_NAME`,
+    /// `TTC_POD_NAMESPACE` (downward API; `POD_NAME`, `HOSTNAME` and `POD_NAMESPACE` otherwise) and
+    /// `TTC_POLICY_NAME`. OTLP is on when
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` is set, unless
     /// `OTEL_METRICS_EXPORTER=none`.
     pub fn from_env(model: impl Into<String>) -> Self {
@@ -46,9 +47,11 @@ impl TelemetryConfig {
                 || var("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT").is_some());
         Self {
             service_name: "ttc-sidecar".to_string(),
-            pod_name: var("POD_NAME").or_else(|| var("HOSTNAME")),
-            namespace: var("POD_NAMESPACE"),
-            policy: var("TTC_POLICY"),
+            pod_name: var("TTC_POD_NAME")
+                .or_else(|| var("POD_NAME"))
+                .or_else(|| var("HOSTNAME")),
+            namespace: var("TTC_POD_NAMESPACE").or_else(|| var("POD_NAMESPACE")),
+            policy: var("TTC_POLICY_NAME"),
             model: model.into(),
             otlp: if otlp_wanted {
                 OtlpExport::FromEnv

@@ -15,7 +15,11 @@
 //! | `gen_ai.server.request.duration` | histogram | `s` | as above less `gen_ai.token.type`, plus `error.type` on failures |
 //! | `gen_ai.server.time_per_output_token` | histogram | `s` | `gen_ai.operation.name`, `gen_ai.provider.name`, `gen_ai.request.model` |
 //! | `ttc.request.energy` | histogram | `J` | `ttc.energy.source`, `gen_ai.request.model` |
-//! | `ttc.energy` | counter | `J` | `ttc.energy.source`, `ttc.energy.use` (`request`, `idle`, `unattributed`) |
+//! | `ttc.energy.joules` | counter | `J` | `ttc.energy.source` |
+//! | `ttc.energy.usage` | counter | `J` | `ttc.energy.source`, `ttc.energy.use` (`request`, `idle`, `unattributed`) |
+//! | `ttc.power.watts` | gauge | `W` | — |
+//! | `ttc.requests` | counter | `{request}` | — |
+//! | `ttc.samples` | counter | `{sample}` | — |
 //! | `ttc.depth` | histogram | `{sample}` | `ttc.strategy` |
 //! | `ttc.budget.allocation` | gauge | `J` | — |
 //! | `ttc.budget.remaining` | gauge | `J` | — |
@@ -23,6 +27,11 @@
 //!
 //! Resource attributes: `service.name`, `k8s.pod.name`, `k8s.namespace.name`, `ttc.policy.name`
 //! (on Prometheus: the `target_info` series).
+//!
+//! `ttc.energy.joules`, `ttc.requests`, `ttc.samples` and `ttc.power.watts` with those resource
+//! attributes are the report the operator's receiver reads (`ttc_crds::report`): it sums each
+//! metric's data points per pod, so the energy there is exactly the meter's total, split by
+//! source.
 
 mod config;
 mod otlp;
@@ -178,7 +187,7 @@ impl SidecarMetrics {
             .token_usage(&self.inner.model, operation, input_tokens, output_tokens);
     }
 
-    /// Records `gen_ai.server.request.duration`.
+    /// Records `gen_ai.server.request.duration` and counts the request in `ttc.requests`.
     pub fn record_request_duration(
         &self,
         operation: &str,
@@ -187,6 +196,7 @@ impl SidecarMetrics {
     ) {
         let secs = duration.as_secs_f64();
         if let Some(otlp) = &self.inner.otlp {
+            otlp.requests.add(1, &[]);
             let mut a = self.gen_ai_attrs(operation).to_vec();
             if let Some(e) = error_type {
                 a.push(KeyValue::new(keys::ERROR_TYPE, e.to_string()));
@@ -226,9 +236,10 @@ impl SidecarMetrics {
             .request_energy(&self.inner.model, joules, source);
     }
 
-    /// Records `ttc.depth`: the TTC depth chosen for a request.
+    /// Records `ttc.depth`, the TTC depth chosen for a request, and adds it to `ttc.samples`.
     pub fn record_ttc_depth(&self, strategy: &str, depth: u64) {
         if let Some(otlp) = &self.inner.otlp {
+            otlp.samples.add(depth, &[]);
             otlp.depth.record(
                 depth,
                 &[KeyValue::new(keys::STRATEGY, strategy.to_string())],

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{
-    Gauge, Histogram, MeterProvider as _, ObservableCounter, ObservableGauge,
+    Counter, Gauge, Histogram, MeterProvider as _, ObservableCounter, ObservableGauge,
 };
 use opentelemetry_otlp::{MetricExporter, WithExportConfig};
 use opentelemetry_sdk::Resource;
@@ -73,6 +73,8 @@ pub(crate) struct OtlpPipeline {
     pub(crate) depth: Histogram<u64>,
     pub(crate) budget_allocation: Gauge<f64>,
     pub(crate) budget_remaining: Gauge<f64>,
+    pub(crate) requests: Counter<u64>,
+    pub(crate) samples: Counter<u64>,
     /// Observable instruments live as long as these handles.
     _observed: Vec<Observed>,
 }
@@ -172,6 +174,16 @@ impl OtlpPipeline {
                 .with_unit("J")
                 .with_description("Energy left of this pod's allocation in the current window")
                 .build(),
+            requests: m
+                .u64_counter("ttc.requests")
+                .with_unit("{request}")
+                .with_description("Requests completed since the sidecar started")
+                .build(),
+            samples: m
+                .u64_counter("ttc.samples")
+                .with_unit("{sample}")
+                .with_description("Test-time compute samples generated since the sidecar started")
+                .build(),
             provider,
             _observed: observed,
         })
@@ -226,8 +238,33 @@ fn energy_instruments(m: &opentelemetry::metrics::Meter, meter: EnergyMeter) -> 
             }
         })
         .build();
+    let joules_meter = meter.clone();
+    let ttc_joules = m
+        .f64_observable_counter("ttc.energy.joules")
+        .with_unit("J")
+        .with_description("Energy spent since the sidecar started, by the source of the figure")
+        .with_callback(move |o| {
+            for (source, uj) in joules_meter.totals().by_source() {
+                o.observe(
+                    uj_to_j(uj),
+                    &[KeyValue::new(keys::ENERGY_SOURCE, source.as_str())],
+                );
+            }
+        })
+        .build();
+    let watts_meter = meter.clone();
+    let ttc_watts = m
+        .f64_observable_gauge("ttc.power.watts")
+        .with_unit("W")
+        .with_description("Current power draw of the pod's inference devices")
+        .with_callback(move |o| {
+            if let Some(w) = watts_meter.totals().power_w() {
+                o.observe(w, &[]);
+            }
+        })
+        .build();
     let ttc_energy = m
-        .f64_observable_counter("ttc.energy")
+        .f64_observable_counter("ttc.energy.usage")
         .with_unit("J")
         .with_description("Energy metered by the sidecar, by what it was spent on")
         .with_callback(move |o| {
@@ -246,5 +283,7 @@ fn energy_instruments(m: &opentelemetry::metrics::Meter, meter: EnergyMeter) -> 
         Observed::Counter(hw_energy),
         Observed::Gauge(hw_power),
         Observed::Counter(ttc_energy),
+        Observed::Counter(ttc_joules),
+        Observed::Gauge(ttc_watts),
     ]
 }

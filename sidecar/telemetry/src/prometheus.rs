@@ -3,7 +3,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
@@ -46,6 +46,8 @@ pub(crate) struct PromMetrics {
     depth: HistogramFamily,
     budget_allocation: Gauge<f64, AtomicU64>,
     budget_remaining: Gauge<f64, AtomicU64>,
+    requests: Counter,
+    samples: Counter,
 }
 
 impl PromMetrics {
@@ -113,6 +115,18 @@ impl PromMetrics {
             Unit::Joules,
             budget_remaining.clone(),
         );
+        let requests = Counter::default();
+        registry.register(
+            "ttc_requests",
+            "Requests completed since the sidecar started",
+            requests.clone(),
+        );
+        let samples = Counter::default();
+        registry.register(
+            "ttc_samples",
+            "Test-time compute samples generated since the sidecar started",
+            samples.clone(),
+        );
         registry.register_collector(Box::new(MeterCollector { meter, dropped }));
         Self {
             registry,
@@ -123,6 +137,8 @@ impl PromMetrics {
             depth,
             budget_allocation,
             budget_remaining,
+            requests,
+            samples,
         }
     }
 
@@ -154,6 +170,7 @@ impl PromMetrics {
             labels.push(("error_type", e.to_string()));
         }
         self.request_duration.get_or_create(&labels).observe(secs);
+        self.requests.inc();
     }
 
     pub(crate) fn time_per_output_token(&self, model: &str, operation: &str, secs: f64) {
@@ -174,6 +191,7 @@ impl PromMetrics {
         self.depth
             .get_or_create(&vec![("ttc_strategy", strategy.to_string())])
             .observe(depth as f64);
+        self.samples.inc_by(depth);
     }
 
     pub(crate) fn budget(&self, allocation_j: f64, remaining_j: f64) {
@@ -261,6 +279,17 @@ impl prometheus_client::collector::Collector for MeterCollector {
 
         let mut family = encoder.encode_descriptor(
             "ttc_energy",
+            "Energy spent since the sidecar started, by the source of the figure",
+            Some(&Unit::Joules),
+            MetricType::Counter,
+        )?;
+        for (source, uj) in totals.by_source() {
+            let labels = [("ttc_energy_source", source.as_str())];
+            ConstCounter::new(uj_to_j(uj)).encode(family.encode_family(&labels)?)?;
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "ttc_energy_usage",
             "Energy metered by the sidecar, by what it was spent on",
             Some(&Unit::Joules),
             MetricType::Counter,
@@ -268,6 +297,15 @@ impl prometheus_client::collector::Collector for MeterCollector {
         for (source, usage, uj) in crate::energy_rows(&totals) {
             let labels = [("ttc_energy_source", source), ("ttc_energy_use", usage)];
             ConstCounter::new(uj_to_j(uj)).encode(family.encode_family(&labels)?)?;
+        }
+
+        if let Some(w) = totals.power_w() {
+            ConstGauge::new(w).encode(encoder.encode_descriptor(
+                "ttc_power",
+                "Current power draw of the pod's inference devices",
+                Some(&watts),
+                MetricType::Gauge,
+            )?)?;
         }
         Ok(())
     }

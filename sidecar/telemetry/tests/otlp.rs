@@ -231,8 +231,12 @@ fn otlp_receiver_gets_semconv_metrics() {
         ("ttc.budget.allocation", "J"),
         ("ttc.budget.remaining", "J"),
         ("ttc.depth", "{sample}"),
-        ("ttc.energy", "J"),
+        ("ttc.energy.joules", "J"),
+        ("ttc.energy.usage", "J"),
+        ("ttc.power.watts", "W"),
         ("ttc.request.energy", "J"),
+        ("ttc.requests", "{request}"),
+        ("ttc.samples", "{sample}"),
         ("ttc.telemetry.dropped_exports", "{export}"),
     ];
     assert_eq!(units, BTreeMap::from(expected));
@@ -259,7 +263,7 @@ fn otlp_receiver_gets_semconv_metrics() {
     assert_eq!(energy[0].0["ttc.energy.source"], "nvml");
     assert_eq!(energy[0].1, 2.0);
 
-    let by_use: BTreeMap<_, _> = seen["ttc.energy"]
+    let by_use: BTreeMap<_, _> = seen["ttc.energy.usage"]
         .1
         .iter()
         .map(|(a, v)| {
@@ -272,6 +276,17 @@ fn otlp_receiver_gets_semconv_metrics() {
     assert!((by_use[&("nvml".into(), "request".into())] - 2.5).abs() < 1e-9);
     assert!((by_use[&("nvml".into(), "idle".into())] - 0.5).abs() < 1e-9);
     assert_eq!(by_use[&("estimate".into(), "request".into())], 0.0);
+
+    // The operator's receiver sums each metric's points per pod: it must get the meter's total,
+    // labelled as measured (an `estimate` point, even at zero, would mark the pod estimated).
+    let joules = &seen["ttc.energy.joules"].1;
+    assert_eq!(joules.len(), 1, "{joules:?}");
+    assert_eq!(joules[0].0["ttc.energy.source"], "nvml");
+    let total = meter.totals();
+    assert!((joules[0].1 - (total.metered_uj as f64 / 1e6)).abs() < 1e-9);
+    assert_eq!(seen["ttc.requests"].1[0].1, 2.0);
+    assert_eq!(seen["ttc.samples"].1[0].1, 8.0, "two requests of depth 4");
+    assert_eq!(seen["ttc.power.watts"].1[0].1, 312.5);
 
     assert_eq!(seen["ttc.depth"].1[0].0["ttc.strategy"], "vote");
     assert_eq!(seen["ttc.budget.remaining"].1[0].1, 1234.5);
@@ -343,9 +358,23 @@ fn prometheus_text_parses_and_carries_the_same_metrics() {
     assert_eq!(find("hw_energy_joules_total", ("hw_type", "gpu")), 2.5);
     assert_eq!(find("hw_power_watts", ("hw_id", "GPU-1234")), 312.5);
     assert_eq!(
-        find("ttc_energy_joules_total", ("ttc_energy_use", "request")),
+        find(
+            "ttc_energy_usage_joules_total",
+            ("ttc_energy_use", "request")
+        ),
         2.5
     );
+    assert_eq!(
+        find("ttc_energy_joules_total", ("ttc_energy_source", "nvml")),
+        2.5
+    );
+    assert_eq!(find("ttc_power_watts", ("", "")), 312.5);
+    assert_eq!(
+        find("ttc_requests_total", ("", "")),
+        3.0,
+        "two records and one failure"
+    );
+    assert_eq!(find("ttc_samples_total", ("", "")), 8.0);
     assert_eq!(
         find(
             "ttc_request_energy_joules_count",
@@ -499,7 +528,7 @@ fn estimates_stay_out_of_hardware_metrics() {
     assert!(
         samples
             .iter()
-            .filter(|(name, _, _)| name == "ttc_energy_joules_total")
+            .filter(|(name, _, _)| name.starts_with("ttc_energy_"))
             .all(|(_, labels, _)| labels["ttc_energy_source"] == "estimate"),
         "an estimating meter reports nothing as measured"
     );
