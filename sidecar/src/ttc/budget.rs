@@ -2,7 +2,8 @@
 //! per request over a window of requests stays at the pod's allocation.
 //!
 //! Three parts work together. The [`DepthCost`] model predicts what a depth costs, learned from
-//! measured joules. A debt term (the window's joules above or below the allocation, paid back
+//! measured joules, together with how many samples a sample limit actually draws once early
+//! stopping has had its say (a limit of 8 may draw 3 on average). A debt term (the window's joules above or below the allocation, paid back
 //! over a few requests) corrects whatever the model gets wrong, the way a sigma-delta modulator
 //! reaches a fractional depth on average with whole samples. And a value share gives each
 //! request more or less than the average budget by how likely extra depth is to change its
@@ -173,7 +174,13 @@ pub struct BudgetController {
     window_joules: f64,
     mean_value: Option<f64>,
     last_state: BudgetState,
+    /// Mean samples actually drawn per sample limit (index = limit), learned; a limit not yet
+    /// seen is assumed to draw in full.
+    drawn_by_limit: Vec<Option<f64>>,
 }
+
+/// Weight of the newest request in the mean samples drawn per sample limit.
+const DRAWN_ALPHA: f64 = 0.1;
 
 impl BudgetController {
     /// A controller without an allocation yet.
@@ -186,6 +193,7 @@ impl BudgetController {
             window_joules: 0.0,
             mean_value: None,
             last_state: BudgetState::Unbounded,
+            drawn_by_limit: Vec::new(),
         }
     }
 
@@ -218,10 +226,11 @@ impl BudgetController {
 
     fn predict(&self, request: &DepthRequest, depth: usize) -> f64 {
         match request.unit {
-            DepthUnit::Samples => {
-                self.cost
-                    .predict_samples(request.prompt_tokens, depth, request.bounds.max_tokens)
-            }
+            DepthUnit::Samples => self.cost.predict_samples(
+                request.prompt_tokens,
+                self.expected_drawn(depth),
+                request.bounds.max_tokens,
+            ),
             DepthUnit::ReasoningTokens => self.cost.predict_tokens(
                 request.prompt_tokens,
                 depth as f64
@@ -325,19 +334,15 @@ impl BudgetController {
         } else {
             average_budget
         };
-        let depth = self.largest_depth_within(request, min_depth, max_depth, budget);
+        let depth = self.depth_nearest(request, min_depth, max_depth, budget);
         self.choice(request, depth, Some(budget.max(0.0)), BudgetState::Tracking)
     }
 
-    /// The largest depth in `min..=max` whose predicted cost is within `budget` (at least min).
-    fn largest_depth_within(
-        &self,
-        request: &DepthRequest,
-        min: usize,
-        max: usize,
-        budget: f64,
-    ) -> usize {
-        // Cost grows with depth, so binary search.
+    /// The depth in `min..=max` whose predicted cost is nearest to `budget`. Nearest, not the
+    /// largest within: always rounding down would leave half a step of every request's budget
+    /// unspent, a bias the debt term would then have to carry.
+    fn depth_nearest(&self, request: &DepthRequest, min: usize, max: usize, budget: f64) -> usize {
+        // Cost grows with depth, so binary search for the largest depth within the budget.
         let (mut low, mut high) = (min, max);
         while low < high {
             let middle = low + (high - low).div_ceil(2);
@@ -347,12 +352,46 @@ impl BudgetController {
                 high = middle - 1;
             }
         }
+        if low < max {
+            let (below, above) = (self.predict(request, low), self.predict(request, low + 1));
+            if budget - below > above - budget {
+                return low + 1;
+            }
+        }
         low
     }
 
-    /// Learns from a finished request's measured joules and adds it to the window.
-    pub fn record(&mut self, observation: &CostObservation, degraded: bool) {
+    /// Mean samples a limit of `limit` draws, as learned; never more than the limit and never
+    /// less than what a smaller limit draws, so predicted cost still grows with the limit.
+    pub fn expected_drawn(&self, limit: usize) -> f64 {
+        let mut drawn: f64 = 0.0;
+        for l in 1..=limit {
+            let learned = self.drawn_by_limit.get(l).copied().flatten();
+            drawn = drawn.max(learned.unwrap_or(l as f64).min(l as f64));
+        }
+        drawn.max(limit.min(1) as f64)
+    }
+
+    /// Learns from a finished request: its measured joules (cost model and window) and, for
+    /// sampling strategies, how many of its `sample_limit` samples it drew.
+    pub fn record(
+        &mut self,
+        observation: &CostObservation,
+        sample_limit: Option<usize>,
+        degraded: bool,
+    ) {
         self.cost.observe(observation);
+        if let Some(limit) = sample_limit.filter(|l| (1..=1024).contains(l)) {
+            if self.drawn_by_limit.len() <= limit {
+                self.drawn_by_limit.resize(limit + 1, None);
+            }
+            let drawn = observation.samples.min(limit) as f64;
+            let slot = &mut self.drawn_by_limit[limit];
+            *slot = Some(match *slot {
+                Some(mean) => mean + DRAWN_ALPHA * (drawn - mean),
+                None => drawn,
+            });
+        }
         if !observation.joules.is_finite() || observation.joules < 0.0 {
             return;
         }
@@ -438,6 +477,7 @@ mod tests {
                     completion_tokens: tokens,
                     samples: choice.samples,
                 },
+                Some(choice.samples),
                 choice.state == BudgetState::Degraded,
             );
             depths.push(choice.samples);

@@ -188,10 +188,11 @@ impl DepthCost {
         .max(0.0)
     }
 
-    /// Predicted joules of `samples` samples of at most `max_tokens` tokens each.
-    pub fn predict_samples(&self, prompt_tokens: usize, samples: usize, max_tokens: usize) -> f64 {
+    /// Predicted joules of `samples` samples (a mean may be fractional) of at most
+    /// `max_tokens` tokens each.
+    pub fn predict_samples(&self, prompt_tokens: usize, samples: f64, max_tokens: usize) -> f64 {
         let per_sample = self.tokens_per_sample.min(max_tokens.max(1) as f64);
-        self.predict_tokens(prompt_tokens, samples as f64 * per_sample)
+        self.predict_tokens(prompt_tokens, samples.max(0.0) * per_sample)
     }
 
     /// Joules per generated token.
@@ -312,9 +313,11 @@ mod tests {
     #[test]
     fn more_samples_never_cost_less() {
         let model = DepthCost::new(CostPrior::default());
-        let costs: Vec<f64> = (1..=8).map(|d| model.predict_samples(30, d, 64)).collect();
+        let costs: Vec<f64> = (1..=8)
+            .map(|d| model.predict_samples(30, d as f64, 64))
+            .collect();
         assert!(costs.windows(2).all(|w| w[1] > w[0]), "{costs:?}");
         // A low max_tokens caps the per-sample estimate.
-        assert!(model.predict_samples(30, 4, 4) < model.predict_samples(30, 4, 64));
+        assert!(model.predict_samples(30, 4.0, 4) < model.predict_samples(30, 4.0, 64));
     }
 }

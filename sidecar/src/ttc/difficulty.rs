@@ -131,8 +131,8 @@ pub struct DepthValueConfig {
     /// Weight kept per observation (exponential forgetting), so the learner follows a workload
     /// that changes: 0.995 remembers about the last 200 observed requests.
     pub decay: f64,
-    /// Below this upper bound on the flip rate, extra depth is judged worthless.
-    pub worthless_flip_rate: f64,
+    /// Below this upper bound on the disagreement rate, extra depth is judged worthless.
+    pub worthless_disagreement: f64,
     /// Observed requests (decayed) to see before judging.
     pub min_observations: f64,
     /// While depth is judged worthless, every `probe_every`-th request still gets extra depth so
@@ -144,38 +144,39 @@ impl Default for DepthValueConfig {
     fn default() -> Self {
         Self {
             decay: 0.995,
-            worthless_flip_rate: 0.05,
+            worthless_disagreement: 0.05,
             min_observations: 20.0,
             probe_every: 20,
         }
     }
 }
 
+/// Exponentially forgotten counts of a rate; an observation may count fractionally.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct FlipCounts {
+struct RateCounts {
     observations: f64,
-    flips: f64,
+    hits: f64,
 }
 
-impl FlipCounts {
-    fn record(&mut self, flipped: bool, decay: f64) {
+impl RateCounts {
+    fn record(&mut self, hit: f64, decay: f64) {
         self.observations = self.observations * decay + 1.0;
-        self.flips = self.flips * decay + f64::from(u8::from(flipped));
+        self.hits = self.hits * decay + hit.clamp(0.0, 1.0);
     }
 
     /// Posterior mean with a Beta(1, 1) prior.
     fn rate(&self) -> f64 {
-        (self.flips + 1.0) / (self.observations + 2.0)
+        (self.hits + 1.0) / (self.observations + 2.0)
     }
 
-    /// A one-sided upper bound (Wilson score, z = 1.64) on the flip rate.
+    /// A one-sided upper bound (Wilson score, z = 1.64) on the rate.
     fn upper_bound(&self) -> f64 {
         let n = self.observations;
         if n <= 0.0 {
             return 1.0;
         }
         let z = 1.64_f64;
-        let p = self.flips / n;
+        let p = (self.hits / n).clamp(0.0, 1.0);
         let denominator = 1.0 + z * z / n;
         let centre = p + z * z / (2.0 * n);
         let spread = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt();
@@ -183,36 +184,42 @@ impl FlipCounts {
     }
 }
 
-/// Learns online whether samples beyond the first change the answer, per difficulty bin and
-/// overall. Every request that drew two or more samples is an observation; it is a "flip" when
-/// the final answer differs from the first sample's answer (or the first sample had none), i.e.
-/// when one sample alone would have answered differently. Where extra depth never flips the
-/// answer, it buys nothing but joules, and the controller falls back to minimum depth.
+/// Learns online whether extra samples can change answers for this workload, per difficulty bin
+/// and overall.
+///
+/// Every request that drew two or more samples is an observation of its *disagreement*: the
+/// share of the samples after the first whose answer differs from the first sample's. Where
+/// later samples always repeat the first (the systematic agreement measured on SmolLM2), no vote
+/// and no amount of depth can change the answer, so depth buys nothing but joules and the
+/// controller falls back to minimum depth. Disagreement rather than "did the final answer
+/// change" because a vote of two with first-seen tie-breaking can never change the answer, so
+/// at low depths the latter would always read zero and hide the value of going deeper.
+/// Answer changes (final differs from the first sample's) are counted too, for metrics.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DepthValueLearner {
     config: DepthValueConfig,
-    bins: [FlipCounts; DIFFICULTY_BINS],
-    overall: FlipCounts,
+    bins: [RateCounts; DIFFICULTY_BINS],
+    overall: RateCounts,
     requests: u64,
     total_observed: u64,
-    total_flips: u64,
+    total_answer_changes: u64,
 }
 
 /// What the [`DepthValueLearner`] believes, ready for metrics.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DepthValueReport {
-    /// Deep requests observed (all time).
+    /// Requests with two or more samples observed (all time).
     pub observed: u64,
-    /// Of which the answer flipped (all time).
-    pub flips: u64,
-    /// Estimated probability that extra depth flips the answer (recent, smoothed).
-    pub flip_rate: f64,
+    /// Of which the final answer differed from the first sample's (all time).
+    pub answer_changes: u64,
+    /// Estimated probability that a later sample disagrees with the first (recent, smoothed).
+    pub disagreement: f64,
     /// Upper confidence bound on that probability.
-    pub flip_rate_upper: f64,
-    /// Estimated flip rate per difficulty bin (easy to hard).
-    pub flip_rate_by_bin: Vec<f64>,
-    /// Whether extra depth is currently judged to change answers.
+    pub disagreement_upper: f64,
+    /// Estimated disagreement per difficulty bin (easy to hard).
+    pub disagreement_by_bin: Vec<f64>,
+    /// Whether extra depth is currently judged able to change answers.
     pub depth_pays: bool,
 }
 
@@ -221,34 +228,44 @@ impl DepthValueLearner {
     pub fn new(config: DepthValueConfig) -> Self {
         Self {
             config,
-            bins: [FlipCounts::default(); DIFFICULTY_BINS],
-            overall: FlipCounts::default(),
+            bins: [RateCounts::default(); DIFFICULTY_BINS],
+            overall: RateCounts::default(),
             requests: 0,
             total_observed: 0,
-            total_flips: 0,
+            total_answer_changes: 0,
         }
     }
 
-    /// Records a request that drew two or more samples: its difficulty bin, the first sample's
-    /// answer and the final answer.
-    pub fn record(&mut self, bin: usize, first_answer: Option<&str>, final_answer: Option<&str>) {
-        let flipped = first_answer.is_none() || first_answer != final_answer;
+    /// Records a request: its difficulty bin, its samples' answers in the order drawn and the
+    /// final answer. Requests with fewer than two samples say nothing and are ignored.
+    pub fn record(&mut self, bin: usize, answers: &[Option<&str>], final_answer: Option<&str>) {
+        let Some((first, later)) = answers.split_first() else {
+            return;
+        };
+        if later.is_empty() {
+            return;
+        }
+        let disagreeing = later
+            .iter()
+            .filter(|a| first.is_none() || *a != first)
+            .count();
+        let disagreement = disagreeing as f64 / later.len() as f64;
         let decay = self.config.decay.clamp(0.0, 1.0);
-        self.bins[bin.min(DIFFICULTY_BINS - 1)].record(flipped, decay);
-        self.overall.record(flipped, decay);
+        self.bins[bin.min(DIFFICULTY_BINS - 1)].record(disagreement, decay);
+        self.overall.record(disagreement, decay);
         self.total_observed += 1;
-        self.total_flips += u64::from(flipped);
+        self.total_answer_changes += u64::from(first.is_none() || *first != final_answer);
     }
 
-    /// Estimated probability that extra depth flips the answer of a query in `bin`.
-    pub fn flip_rate(&self, bin: usize) -> f64 {
+    /// Estimated probability that a later sample of a query in `bin` disagrees with the first.
+    pub fn disagreement(&self, bin: usize) -> f64 {
         self.bins[bin.min(DIFFICULTY_BINS - 1)].rate()
     }
 
-    /// Whether extra depth is still believed to change answers for this workload.
+    /// Whether extra depth is still believed able to change answers for this workload.
     pub fn depth_pays(&self) -> bool {
         self.overall.observations < self.config.min_observations
-            || self.overall.upper_bound() >= self.config.worthless_flip_rate
+            || self.overall.upper_bound() >= self.config.worthless_disagreement
     }
 
     /// Counts a request and says whether it is a probe: a request that gets extra depth while
@@ -262,10 +279,10 @@ impl DepthValueLearner {
     pub fn report(&self) -> DepthValueReport {
         DepthValueReport {
             observed: self.total_observed,
-            flips: self.total_flips,
-            flip_rate: self.overall.rate(),
-            flip_rate_upper: self.overall.upper_bound(),
-            flip_rate_by_bin: self.bins.iter().map(FlipCounts::rate).collect(),
+            answer_changes: self.total_answer_changes,
+            disagreement: self.overall.rate(),
+            disagreement_upper: self.overall.upper_bound(),
+            disagreement_by_bin: self.bins.iter().map(RateCounts::rate).collect(),
             depth_pays: self.depth_pays(),
         }
     }
@@ -319,52 +336,64 @@ mod tests {
     }
 
     #[test]
-    fn learner_gives_up_on_depth_that_never_flips() {
+    fn learner_gives_up_on_depth_that_never_changes_answers() {
         let mut learner = DepthValueLearner::new(DepthValueConfig::default());
         assert!(
             learner.depth_pays(),
             "assumes depth may pay before evidence"
         );
         for _ in 0..100 {
-            learner.record(1, Some("no"), Some("no"));
+            learner.record(1, &[Some("no"), Some("no")], Some("no"));
         }
         let report = learner.report();
         assert!(!report.depth_pays, "{report:?}");
         assert_eq!(report.observed, 100);
-        assert_eq!(report.flips, 0);
-        assert!(report.flip_rate_upper < 0.05);
+        assert_eq!(report.answer_changes, 0);
+        assert!(report.disagreement_upper < 0.05);
         // It still probes, one request in `probe_every`.
         let probes = (0..100).filter(|_| learner.next_request_is_probe()).count();
         assert_eq!(probes, 5);
+        // Single samples are no evidence.
+        learner.record(1, &[Some("yes")], Some("yes"));
+        assert_eq!(learner.report().observed, 100);
     }
 
     #[test]
-    fn learner_keeps_depth_where_answers_flip_and_tells_bins_apart() {
+    fn learner_keeps_depth_where_samples_disagree_and_tells_bins_apart() {
         let mut learner = DepthValueLearner::new(DepthValueConfig::default());
         for i in 0..200 {
-            learner.record(0, Some("a"), Some("a"));
-            let flipped = i % 3 == 0;
-            learner.record(2, Some("a"), Some(if flipped { "b" } else { "a" }));
+            learner.record(0, &[Some("a"), Some("a"), Some("a")], Some("a"));
+            // A split pair: the vote keeps the first answer, but depth could change it.
+            let second = if i % 2 == 0 { "b" } else { "a" };
+            learner.record(2, &[Some("a"), Some(second)], Some("a"));
         }
         assert!(learner.depth_pays());
-        assert!(learner.flip_rate(0) < 0.05, "{}", learner.flip_rate(0));
-        assert!((learner.flip_rate(2) - 1.0 / 3.0).abs() < 0.1);
+        assert!(
+            learner.disagreement(0) < 0.05,
+            "{}",
+            learner.disagreement(0)
+        );
+        assert!((learner.disagreement(2) - 0.5).abs() < 0.1);
+        assert_eq!(learner.report().answer_changes, 0);
         assert!(!learner.next_request_is_probe());
-        // An unanswered first window counts as a flip.
+        // A changed answer is counted; an unanswered first sample disagrees with everything.
         let mut fresh = DepthValueLearner::new(DepthValueConfig::default());
-        fresh.record(0, None, Some("a"));
-        assert_eq!(fresh.report().flips, 1);
+        fresh.record(0, &[Some("a"), Some("b"), Some("b")], Some("b"));
+        fresh.record(0, &[None, Some("b")], Some("b"));
+        assert_eq!(fresh.report().answer_changes, 2);
+        assert!(fresh.disagreement(0) > 0.6);
     }
 
     #[test]
     fn learner_forgets_and_notices_a_changed_workload() {
         let mut learner = DepthValueLearner::new(DepthValueConfig::default());
         for _ in 0..200 {
-            learner.record(1, Some("x"), Some("x"));
+            learner.record(1, &[Some("x"), Some("x")], Some("x"));
         }
         assert!(!learner.depth_pays());
         for i in 0..30 {
-            learner.record(1, Some("x"), Some(if i % 2 == 0 { "y" } else { "x" }));
+            let second = if i % 2 == 0 { "y" } else { "x" };
+            learner.record(1, &[Some("x"), Some(second)], Some("x"));
         }
         assert!(learner.depth_pays(), "{:?}", learner.report());
     }

@@ -288,9 +288,8 @@ pub struct TtcOutcome {
     /// Whether a verifier accepted the chosen sample (BestOfN only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified: Option<bool>,
-    /// The first sample's answer (what one sample alone would have said).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub first_answer: Option<String>,
+    /// The samples' extracted answers, in the order drawn (`None`: no answer found).
+    pub answers: Vec<Option<String>>,
     /// Difficulty after the first window, in [0, 1].
     pub difficulty: f64,
     /// Difficulty bin of the prompt.
@@ -498,7 +497,7 @@ impl TtcSession {
             stop_reason: self.stop,
             agreement,
             verified,
-            first_answer: self.candidates.first().and_then(|c| c.answer.clone()),
+            answers: self.candidates.iter().map(|c| c.answer.clone()).collect(),
             difficulty: self.signal.score(),
             difficulty_bin: self.plan.difficulty_bin,
             probe: self.plan.probe,
@@ -623,7 +622,7 @@ impl TtcController {
         let probe = aware && self.learner.next_request_is_probe();
         let depth_worthless = aware && !probe && !self.learner.depth_pays();
         let value = if aware {
-            self.learner.flip_rate(bin)
+            self.learner.disagreement(bin)
         } else {
             1.0
         };
@@ -692,7 +691,7 @@ impl TtcController {
     }
 
     /// Learns from a finished request: its measured joules (cost model, budget window) and,
-    /// when it drew more than one sample, whether the extra samples changed the answer.
+    /// when it drew more than one sample, whether the later samples disagreed with the first.
     pub fn record(&mut self, outcome: &TtcOutcome) {
         self.budget.record(
             &CostObservation {
@@ -701,15 +700,12 @@ impl TtcController {
                 completion_tokens: outcome.completion_tokens,
                 samples: outcome.samples,
             },
+            (outcome.strategy != PlannedStrategy::ReasoningBudget).then_some(outcome.max_samples),
             outcome.budget_state == BudgetState::Degraded,
         );
-        if outcome.samples >= 2 {
-            self.learner.record(
-                outcome.difficulty_bin,
-                outcome.first_answer.as_deref(),
-                outcome.answer.as_deref(),
-            );
-        }
+        let answers: Vec<Option<&str>> = outcome.answers.iter().map(Option::as_deref).collect();
+        self.learner
+            .record(outcome.difficulty_bin, &answers, outcome.answer.as_deref());
     }
 
     /// The controller's state for metrics.

@@ -177,7 +177,8 @@ fn holds_the_allocation_within_five_percent_over_200_requests_with_early_stoppin
         let mean = stats.mean_joules(200);
         let deviation = mean / allocation - 1.0;
         eprintln!(
-            "allocation {allocation} J: last-200 mean {mean:.3} J ({deviation:+.2}%), mean samples {:.2}, accuracy {:.3}",
+            "allocation {allocation} J: last-200 mean {mean:.3} J ({:+.2}%), mean samples {:.2}, accuracy {:.3}",
+            100.0 * deviation,
             stats.mean_samples(200),
             stats.accuracy()
         );
@@ -192,9 +193,13 @@ fn holds_the_allocation_within_five_percent_over_200_requests_with_early_stoppin
         for start in (200..=400).step_by(50) {
             let window = &stats.joules[start..start + 200];
             let m = window.iter().sum::<f64>() / 200.0;
+            let worthless = stats.states[start..start + 200]
+                .iter()
+                .filter(|s| **s == BudgetState::DepthWorthless)
+                .count();
             assert!(
                 (m / allocation - 1.0).abs() <= 0.05,
-                "window at {start}: {m:.3}"
+                "window at {start}: {m:.3}, depth judged worthless in {worthless} requests"
             );
         }
     }
@@ -229,7 +234,7 @@ fn beats_uniform_depth_at_equal_energy() {
     );
     // The extra depth went to the queries where it changes answers.
     let report = controller.report();
-    let by_bin = &report.depth_value.flip_rate_by_bin;
+    let by_bin = &report.depth_value.disagreement_by_bin;
     let noisy_bin = features(QueryKind::Noisy).prompt.bin();
     let easy_bin = features(QueryKind::Easy).prompt.bin();
     assert_ne!(noisy_bin, easy_bin);
