@@ -87,7 +87,7 @@ build_kwok() {
   [ -x "$BIN/kwok" ] && return 0
   log "building kwok $KWOK_VERSION"
   GOBIN="$WORK/kwok-$KWOK_VERSION" go install "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
-  cp "$WORK/kwok-$KWOK_VERSION/kwok" "$BIN/kwok"
+  mv "$WORK/kwok-$KWOK_VERSION/kwok" "$BIN/kwok"
 }
 
 fetch_kubectl_helm() {

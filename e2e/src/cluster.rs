@@ -479,3 +479,81 @@ async fn service_account_exists(api: &Api<ServiceAccount>) -> Result<(), String>
         Err(e) => Err(format!("reading service account default/default: {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// A binary directory whose programs are the given shell scripts (the rest sleep).
+    fn fake_bin_dir(scripts: &[(&str, &str)]) -> Result<tempfile::TempDir> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("creating temp dir", "/tmp", e))?;
+        for name in BINARIES {
+            let body = scripts
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or("sleep 60", |(_, s)| s);
+            let path = dir.path().join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n"))
+                .map_err(|e| Error::io("writing", &path, e))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| Error::io("chmod", &path, e))?;
+        }
+        Ok(dir)
+    }
+
+    fn state_dir() -> Result<tempfile::TempDir> {
+        tempfile::tempdir().map_err(|e| Error::io("creating temp dir", "/tmp", e))
+    }
+
+    #[tokio::test]
+    async fn missing_binaries_are_named_before_anything_starts() -> Result<()> {
+        let (bin, state) = (state_dir()?, state_dir()?);
+        match LocalCluster::start(ClusterConfig::new(bin.path(), state.path())).await {
+            Err(Error::MissingBinary { component, .. }) => assert_eq!(component, "etcd"),
+            other => panic!("expected MissingBinary, got {other:?}"),
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_crashing_etcd_is_named_with_its_log() -> Result<()> {
+        let bin = fake_bin_dir(&[("etcd", "echo 'etcd: bad flag' >&2; exit 2")])?;
+        let state = state_dir()?;
+        let err = LocalCluster::start(ClusterConfig::new(bin.path(), state.path()))
+            .await
+            .expect_err("a crashing etcd must fail the start");
+        let message = err.to_string();
+        assert!(matches!(err, Error::Exited { .. }), "{message}");
+        assert!(message.starts_with("etcd exited"), "{message}");
+        assert!(message.contains(&state.path().join("logs/etcd.log").display().to_string()));
+        assert!(message.contains("etcd: bad flag"), "{message}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_etcd_that_never_gets_ready_times_out_and_is_stopped() -> Result<()> {
+        let bin = fake_bin_dir(&[("etcd", "echo started; sleep 60")])?;
+        let state = state_dir()?;
+        let mut config = ClusterConfig::new(bin.path(), state.path());
+        config.ready_timeout = Duration::from_secs(1);
+        let err = LocalCluster::start(config)
+            .await
+            .expect_err("etcd never answers /readyz");
+        let message = err.to_string();
+        assert!(matches!(err, Error::NotReady { .. }), "{message}");
+        assert!(message.starts_with("etcd was not ready"), "{message}");
+        assert!(message.contains("logs/etcd.log"), "{message}");
+        // The failed start stopped what it had started: no process runs the fake binary.
+        let still_running = std::fs::read_dir("/proc")
+            .map_err(|e| Error::io("reading", "/proc", e))?
+            .filter_map(|entry| entry.ok())
+            .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+            .any(|cmdline| {
+                String::from_utf8_lossy(&cmdline).contains(&*bin.path().to_string_lossy())
+            });
+        assert!(!still_running, "a fake component outlived the failed start");
+        Ok(())
+    }
+}

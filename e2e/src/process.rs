@@ -234,3 +234,78 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Vec<String> {
+        vec!["-c".into(), script.into()]
+    }
+
+    fn alive(pid: u32) -> bool {
+        // SAFETY: signal 0 only checks that the process exists.
+        unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+    }
+
+    #[test]
+    fn an_exited_component_is_reported_with_its_name_log_and_output() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("creating temp dir", "/tmp", e))?;
+        let log = dir.path().join("crasher.log");
+        let mut crasher = Component::start(
+            "crasher",
+            Path::new("/bin/sh"),
+            &sh("echo boom >&2; exit 3"),
+            &log,
+        )?;
+        assert!(
+            crasher.wait_for_exit(Duration::from_secs(10)),
+            "the crasher did not exit"
+        );
+        let message = match crasher.check_running() {
+            Err(e @ Error::Exited { .. }) => e.to_string(),
+            other => panic!("expected Exited, got {other:?}"),
+        };
+        assert!(message.contains("crasher"), "{message}");
+        assert!(message.contains(&log.display().to_string()), "{message}");
+        assert!(message.contains("boom"), "{message}");
+        assert!(message.contains("exit status: 3"), "{message}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_child_outlives_the_thread_that_asked_for_it_and_dies_on_stop() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("creating temp dir", "/tmp", e))?;
+        let log = dir.path().join("sleeper.log");
+        // Parent-death signals follow the forking thread: a child forked by this short-lived
+        // thread would be killed when it ends, unless the spawner thread forked it.
+        let mut sleeper = std::thread::spawn(move || {
+            Component::start("sleeper", Path::new("/bin/sh"), &sh("sleep 60"), &log)
+        })
+        .join()
+        .map_err(|_| Error::Runtime("spawning thread panicked".into()))??;
+        std::thread::sleep(Duration::from_millis(300));
+        sleeper.check_running()?;
+        let pid = sleeper.pid();
+        sleeper.stop(Duration::from_secs(5))?;
+        assert!(!alive(pid), "pid {pid} survived stop()");
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_binary_is_named() {
+        let dir = std::env::temp_dir();
+        match Component::start(
+            "etcd",
+            Path::new("/nonexistent/etcd"),
+            &[],
+            &dir.join("x.log"),
+        ) {
+            Err(Error::MissingBinary { component, path }) => {
+                assert_eq!(component, "etcd");
+                assert_eq!(path, Path::new("/nonexistent/etcd"));
+            }
+            other => panic!("expected MissingBinary, got {other:?}"),
+        }
+    }
+}

@@ -5,6 +5,7 @@
 //! pods, and keeps running until SIGINT or SIGTERM. `ttc-cluster down` stops the cluster
 //! running in a state directory.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -111,7 +112,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     let state = &args.state_dir;
-    prepare_state_dir(state)?;
+    let _lock = prepare_state_dir(state)?;
     let pid_file = state.join("pid");
     std::fs::write(&pid_file, std::process::id().to_string())
         .with_context(|| format!("writing {}", pid_file.display()))?;
@@ -164,30 +165,41 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     outcome.and(stopped)
 }
 
-/// Creates the state directory, or empties one a previous ttc-cluster left; refuses to touch a
-/// directory with other contents or one whose cluster still runs.
-fn prepare_state_dir(state: &Path) -> anyhow::Result<()> {
-    if state.exists() {
-        let owned = state.join(OWNER_MARKER).is_file();
-        let empty = std::fs::read_dir(state)
-            .with_context(|| format!("reading {}", state.display()))?
-            .next()
-            .is_none();
-        if !owned && !empty {
-            return Err(ttc_e2e::Error::ForeignStateDir(state.into()).into());
-        }
-        if let Some(pid) = running_pid(state) {
-            return Err(ttc_e2e::Error::AlreadyRunning {
-                state_dir: state.into(),
-                pid,
-            }
-            .into());
-        }
-        std::fs::remove_dir_all(state).with_context(|| format!("wiping {}", state.display()))?;
-    }
+/// Creates the state directory, or empties one a previous ttc-cluster left, and locks it for
+/// the life of this process. Refuses a directory with other contents, or one whose cluster
+/// still runs. The returned file holds the lock.
+fn prepare_state_dir(state: &Path) -> anyhow::Result<std::fs::File> {
     std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
+    let lock =
+        std::fs::File::open(state).with_context(|| format!("opening {}", state.display()))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let pid = running_pid(state).unwrap_or(-1);
+        return Err(ttc_e2e::Error::AlreadyRunning {
+            state_dir: state.into(),
+            pid,
+        }
+        .into());
+    }
+    let entries: Vec<PathBuf> = std::fs::read_dir(state)
+        .with_context(|| format!("reading {}", state.display()))?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("reading {}", state.display()))?;
+    if !entries.is_empty() && !state.join(OWNER_MARKER).is_file() {
+        return Err(ttc_e2e::Error::ForeignStateDir(state.into()).into());
+    }
+    for path in entries {
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.with_context(|| format!("removing {} from a previous run", path.display()))?;
+    }
     std::fs::write(state.join(OWNER_MARKER), "")
-        .with_context(|| format!("writing {}", state.join(OWNER_MARKER).display()))
+        .with_context(|| format!("writing {}", state.join(OWNER_MARKER).display()))?;
+    Ok(lock)
 }
 
 /// The pid of a live ttc-cluster that owns `state`, if any.
