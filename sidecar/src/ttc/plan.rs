@@ -717,3 +717,293 @@ impl TtcController {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ttc::verifier::VerifierSpec;
+
+    fn features(answer_type: AnswerType) -> RequestFeatures {
+        RequestFeatures {
+            prompt: PromptFeatures::from_text("What is 2 + 3?", 12),
+            answer_type,
+            max_tokens: 32,
+            reasoning_model: false,
+        }
+    }
+
+    fn energy(joules: f64) -> MeasuredEnergy {
+        MeasuredEnergy {
+            joules,
+            source: EnergySource::Nvml,
+            prompt_tokens: 12,
+            completion_tokens: 40,
+        }
+    }
+
+    fn regex_policy(strategy: TtcStrategy) -> TtcPolicy {
+        TtcPolicy {
+            strategy,
+            verifier: Some(VerifierSpec {
+                regex: Some(r"^\d+$".into()),
+                ..VerifierSpec::default()
+            }),
+            ..TtcPolicy::default()
+        }
+    }
+
+    #[test]
+    fn policy_deserialises_from_the_crd_shape_with_its_defaults() -> Result<(), serde_json::Error> {
+        let policy: TtcPolicy = serde_json::from_str(
+            r#"{"strategy":"BestOfN","maxSamples":4,"verifier":{"regex":"^\\d+$"}}"#,
+        )?;
+        assert_eq!(policy.strategy, TtcStrategy::BestOfN);
+        assert_eq!((policy.min_samples, policy.max_samples), (1, 4));
+        assert_eq!(policy.max_reasoning_tokens, 1024);
+        assert_eq!(policy.early_stop_agreement, 0.75);
+        assert!(policy.difficulty_aware);
+        let empty: TtcPolicy = serde_json::from_str("{}")?;
+        assert_eq!(empty, TtcPolicy::default());
+        assert_eq!(empty.strategy, TtcStrategy::Adaptive);
+        Ok(())
+    }
+
+    #[test]
+    fn inconsistent_policies_are_refused_with_the_field_named() {
+        let err = |policy: TtcPolicy| match TtcController::new(policy, TtcOptions::default()) {
+            Ok(_) => String::from("accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err(TtcPolicy {
+                strategy: TtcStrategy::BestOfN,
+                ..TtcPolicy::default()
+            })
+            .contains("needs ttc.verifier")
+        );
+        assert!(
+            err(TtcPolicy {
+                min_samples: 5,
+                max_samples: 2,
+                ..TtcPolicy::default()
+            })
+            .contains("minSamples")
+        );
+        assert!(
+            err(TtcPolicy {
+                max_samples: 0,
+                min_samples: 0,
+                ..TtcPolicy::default()
+            })
+            .contains("maxSamples")
+        );
+        let mut bad_regex = regex_policy(TtcStrategy::BestOfN);
+        bad_regex.verifier = Some(VerifierSpec {
+            regex: Some("(".into()),
+            ..VerifierSpec::default()
+        });
+        assert!(err(bad_regex).contains("regex does not compile"));
+    }
+
+    #[test]
+    fn majority_vote_session_stops_on_agreement_and_returns_the_best_winning_sample()
+    -> Result<(), TtcError> {
+        let mut controller = TtcController::new(
+            TtcPolicy {
+                strategy: TtcStrategy::MajorityVote,
+                ..TtcPolicy::default()
+            },
+            TtcOptions::default(),
+        )?;
+        let mut session = controller.plan(&features(AnswerType::Number));
+        assert_eq!(session.plan().strategy, PlannedStrategy::MajorityVote);
+        assert_eq!(
+            session.plan().max_samples,
+            8,
+            "no allocation: the policy maximum"
+        );
+        assert_eq!(session.plan().budget_state, BudgetState::Unbounded);
+        assert_eq!(session.first_window(), 2);
+        session.add_sample("2 + 3 = 6", -3.0, 6);
+        session.add_sample("5", -0.5, 1);
+        assert_eq!(session.decide(), WindowDecision::Continue { samples: 2 });
+        session.add_sample("The answer is 5.", -2.0, 4);
+        session.add_sample("5", -0.2, 1);
+        assert_eq!(
+            session.decide(),
+            WindowDecision::Stop {
+                reason: StopReason::Agreement
+            }
+        );
+        // Deciding again does not draw more.
+        assert!(matches!(session.decide(), WindowDecision::Stop { .. }));
+        let outcome = session.finish(energy(7.5));
+        assert_eq!(outcome.answer.as_deref(), Some("5"));
+        assert_eq!(
+            outcome.chosen_index,
+            Some(3),
+            "the most probable sample saying 5"
+        );
+        assert_eq!((outcome.samples, outcome.windows), (4, 2));
+        assert_eq!(outcome.stop_reason, Some(StopReason::Agreement));
+        assert_eq!(outcome.agreement, Some(0.75));
+        assert_eq!(outcome.verified, None);
+        assert_eq!(outcome.answers[0].as_deref(), Some("6"));
+        assert!(
+            outcome.difficulty > 0.2,
+            "split first window: {}",
+            outcome.difficulty
+        );
+        controller.record(&outcome);
+        let report = controller.report();
+        assert_eq!(report.requests, 1);
+        assert_eq!(report.depth_value.observed, 1);
+        assert_eq!(report.depth_value.answer_changes, 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn best_of_n_stops_at_the_first_accepted_candidate() -> Result<(), TtcError> {
+        let mut controller =
+            TtcController::new(regex_policy(TtcStrategy::BestOfN), TtcOptions::default())?;
+        let verifier = controller
+            .verifier()
+            .ok_or(TtcError::BestOfNWithoutVerifier)?;
+        let mut session = controller.plan(&features(AnswerType::Number));
+        assert!(session.needs_verdicts());
+        let mut drawn = Vec::new();
+        let mut n = session.first_window();
+        let script = ["five", "it is 5", "5", "6"];
+        loop {
+            for _ in 0..n {
+                let text = script[drawn.len()];
+                let i = session.add_sample(text, -1.0, 2);
+                session.add_verdict(i, verifier.verify("What is 2 + 3?", text).await);
+                drawn.push(text);
+            }
+            match session.decide() {
+                WindowDecision::Continue { samples } => n = samples,
+                WindowDecision::Stop { reason } => {
+                    assert_eq!(reason, StopReason::Accepted);
+                    break;
+                }
+            }
+        }
+        assert_eq!(
+            drawn.len(),
+            4,
+            "windows of two: the accepted third sample ends it"
+        );
+        let outcome = session.finish(energy(3.0));
+        assert_eq!(outcome.chosen_index, Some(2));
+        assert_eq!(outcome.answer.as_deref(), Some("5"));
+        assert_eq!(outcome.verified, Some(true));
+        Ok(())
+    }
+
+    #[test]
+    fn best_of_n_without_an_acceptance_falls_back_and_says_unverified() -> Result<(), TtcError> {
+        let mut controller = TtcController::new(
+            TtcPolicy {
+                max_samples: 3,
+                ..regex_policy(TtcStrategy::BestOfN)
+            },
+            TtcOptions::default(),
+        )?;
+        // Scored rejections (an HTTP verifier below its threshold): the best score wins.
+        let mut session = controller.plan(&features(AnswerType::Number));
+        for (i, score) in [0.1, 0.4, 0.2].into_iter().enumerate() {
+            let index = session.add_sample(&format!("{i}0"), -1.0, 2);
+            session.add_verdict(index, Verdict::reject("low", Some(score)));
+        }
+        assert_eq!(
+            session.decide(),
+            WindowDecision::Stop {
+                reason: StopReason::MaxSamples
+            }
+        );
+        let outcome = session.finish(energy(3.0));
+        assert_eq!(
+            (outcome.chosen_index, outcome.answer.as_deref()),
+            (Some(1), Some("10"))
+        );
+        assert_eq!(outcome.verified, Some(false));
+        // Unscored rejections: the vote decides.
+        let mut session = controller.plan(&features(AnswerType::Number));
+        for text in ["7", "8", "8"] {
+            let index = session.add_sample(text, -1.0, 2);
+            session.add_verdict(index, Verdict::reject("no", None));
+        }
+        session.decide();
+        let outcome = session.finish(energy(3.0));
+        assert_eq!(outcome.answer.as_deref(), Some("8"));
+        assert_eq!(outcome.chosen_index, Some(1));
+        assert_eq!(outcome.verified, Some(false));
+        Ok(())
+    }
+
+    #[test]
+    fn adaptive_resolves_by_verifier_and_model_and_reasoning_is_budgeted() -> Result<(), TtcError> {
+        let mut with_verifier =
+            TtcController::new(regex_policy(TtcStrategy::Adaptive), TtcOptions::default())?;
+        assert_eq!(
+            with_verifier
+                .plan(&features(AnswerType::Number))
+                .plan()
+                .strategy,
+            PlannedStrategy::BestOfN
+        );
+        let mut plain = TtcController::new(TtcPolicy::default(), TtcOptions::default())?;
+        assert_eq!(
+            plain.plan(&features(AnswerType::Number)).plan().strategy,
+            PlannedStrategy::MajorityVote
+        );
+        let mut reasoning = features(AnswerType::Number);
+        reasoning.reasoning_model = true;
+        plain.set_allocation(Some(50.0));
+        let mut session = plain.plan(&reasoning);
+        let plan = session.plan().clone();
+        assert_eq!(plan.strategy, PlannedStrategy::ReasoningBudget);
+        let tokens = plan.reasoning_tokens.unwrap_or(0);
+        assert!((1..=1024).contains(&tokens), "{plan:?}");
+        assert_eq!(plan.max_tokens, 32 + tokens);
+        assert_eq!((plan.max_samples, session.first_window()), (1, 1));
+        assert_eq!(plan.budget_state, BudgetState::Tracking);
+        session.add_sample("<think>2 and 3</think> 5", -4.0, 40);
+        assert_eq!(
+            session.decide(),
+            WindowDecision::Stop {
+                reason: StopReason::MaxSamples
+            }
+        );
+        let outcome = session.finish(energy(20.0));
+        assert_eq!(outcome.answer.as_deref(), Some("5"));
+        assert_eq!(outcome.reasoning_tokens, Some(tokens));
+        Ok(())
+    }
+
+    #[test]
+    fn plans_and_outcomes_serialise_for_responses_and_metrics()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let mut controller = TtcController::new(TtcPolicy::default(), TtcOptions::default())?;
+        controller.set_allocation(Some(5.0));
+        let mut session = controller.plan(&features(AnswerType::YesNo));
+        let plan_json = serde_json::to_value(session.plan())?;
+        assert_eq!(plan_json["strategy"], "MajorityVote");
+        assert_eq!(plan_json["answerType"]["type"], "yesNo");
+        assert!(plan_json["maxSamples"].is_u64());
+        session.add_sample("Yes", -0.1, 1);
+        session.add_sample("yes.", -0.1, 2);
+        session.decide();
+        let outcome = session.finish(energy(4.0));
+        let json = serde_json::to_string(&outcome)?;
+        let back: TtcOutcome = serde_json::from_str(&json)?;
+        assert_eq!(back, outcome);
+        assert!(json.contains(r#""energySource":"nvml""#), "{json}");
+        controller.record(&outcome);
+        let report = serde_json::to_value(controller.report())?;
+        assert_eq!(report["budget"]["allocationJoulesPerRequest"], 5.0);
+        assert_eq!(report["depthValue"]["observed"], 1);
+        Ok(())
+    }
+}
