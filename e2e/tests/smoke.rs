@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, Node, Pod, PodSpec, PodTemplateSpec, ResourceRequirements,
+    Container, Namespace, Node, Pod, PodSpec, PodTemplateSpec, ResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -210,5 +210,20 @@ async fn gpu_deployment_runs_on_gpu_nodes_with_loopback_ips_and_is_garbage_colle
     )
     .await?;
     ns.delete().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn test_namespaces_are_deleted_when_dropped() -> TestResult {
+    let ns = TestNamespace::create("smoke-drop").await?;
+    let name = ns.name().to_string();
+    let namespaces: Api<Namespace> = Api::all(ns.client().clone());
+    drop(ns);
+    let found = namespaces.get_opt(&name).await?;
+    let terminating = found.is_none_or(|n| n.metadata.deletion_timestamp.is_some());
+    assert!(
+        terminating,
+        "namespace {name} is neither gone nor terminating after drop"
+    );
     Ok(())
 }
