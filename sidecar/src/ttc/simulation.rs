@@ -301,3 +301,65 @@ fn without_difficulty_awareness_the_budget_still_holds() {
             .all(|s| *s == BudgetState::Tracking)
     );
 }
+
+#[tokio::test]
+async fn best_of_n_with_a_verifier_turns_joules_into_accuracy() -> Result<(), super::TtcError> {
+    use super::verifier::VerifierSpec;
+    // Each sample is right 62% of the time (single-digit addition on SmolLM2); the verifier
+    // recognises a right answer (a tool-checkable one).
+    let right_rate = 0.62;
+    let mut controller = TtcController::new(
+        TtcPolicy {
+            strategy: super::TtcStrategy::BestOfN,
+            verifier: Some(VerifierSpec {
+                regex: Some("^right$".into()),
+                ..VerifierSpec::default()
+            }),
+            ..policy(8)
+        },
+        TtcOptions::default(),
+    )?;
+    let verifier = controller
+        .verifier()
+        .ok_or(super::TtcError::BestOfNWithoutVerifier)?;
+    let mut rng = SplitMix64::new(51);
+    let (mut correct, mut joules_sum, requests) = (0, 0.0, 400);
+    for _ in 0..requests {
+        let mut session = controller.plan(&features(QueryKind::Easy));
+        let mut n = session.first_window();
+        let mut tokens = 0;
+        loop {
+            for _ in 0..n {
+                let t = sample_tokens(&mut rng);
+                tokens += t;
+                let text = if rng.unit() < right_rate {
+                    "right"
+                } else {
+                    "wrong-1"
+                };
+                let i = session.add_sample(text, -0.5 * t as f64, t);
+                session.add_verdict(i, verifier.verify("q", text).await);
+            }
+            match session.decide() {
+                WindowDecision::Continue { samples } => n = samples,
+                WindowDecision::Stop { .. } => break,
+            }
+        }
+        let outcome = session.finish(MeasuredEnergy {
+            joules: joules(tokens, &mut rng),
+            source: EnergySource::Estimate,
+            prompt_tokens: PROMPT_TOKENS,
+            completion_tokens: tokens,
+        });
+        correct += usize::from(outcome.answer.as_deref() == Some("right"));
+        joules_sum += outcome.joules;
+        controller.record(&outcome);
+    }
+    let greedy = run_uniform(&vec![QueryKind::Easy; requests], 1, 52);
+    let accuracy = correct as f64 / requests as f64;
+    let ratio = joules_sum / requests as f64 / greedy.mean_joules(usize::MAX);
+    eprintln!("best-of-N: accuracy {accuracy:.3} at {ratio:.2}x the joules of one sample");
+    assert!(accuracy >= 0.95, "{accuracy}");
+    assert!(ratio <= 3.0, "{ratio}");
+    Ok(())
+}

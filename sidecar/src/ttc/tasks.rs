@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::answer::AnswerType;
+use super::answer::{AnswerType, extract_answer};
 use super::verifier::VerifierSpec;
 
 /// SplitMix64 (Steele, Lea, Flood 2014): a tiny, fast, fully specified pseudo-random generator.
@@ -166,6 +166,14 @@ pub struct TaskItem {
     /// A verifier the answer must pass (structured output only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verifier: Option<VerifierSpec>,
+}
+
+impl TaskItem {
+    /// Whether `completion` answers the item correctly: its extracted answer equals the
+    /// expected one (for structured output, the same JSON value whatever the key order).
+    pub fn is_correct(&self, completion: &str) -> bool {
+        extract_answer(completion, self.answer_type).as_deref() == Some(self.expected.as_str())
+    }
 }
 
 const FACTS: [(&str, bool); 40] = [
@@ -444,7 +452,6 @@ fn addition_prompt(a: u64, b: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ttc::answer::extract_answer;
     use crate::ttc::verifier::Verifier;
 
     #[test]
@@ -537,6 +544,23 @@ mod tests {
             let n = choices.iter().filter(|i| i.expected == letter).count();
             assert!((70..=130).contains(&n), "{letter}: {n}");
         }
+    }
+
+    #[test]
+    fn grading_uses_the_extractors() {
+        let add = &generate(TaskFamily::SingleDigitAddition, 1, 0)[0];
+        assert!(add.is_correct(&format!("The answer is {}.", add.expected)));
+        assert!(!add.is_correct("I am not sure"));
+        let json = &generate(TaskFamily::StructuredOutput, 1, 0)[0];
+        let value: serde_json::Value =
+            serde_json::from_str(&json.expected).unwrap_or(serde_json::Value::Null);
+        let reordered = format!(
+            "```json\n{{\"name\": {}, \"age\": {}}}\n```",
+            value["name"], value["age"]
+        );
+        assert!(json.is_correct(&reordered), "{reordered}");
+        let choice = &generate(TaskFamily::MultipleChoice, 1, 0)[0];
+        assert!(choice.is_correct(&format!("({})", choice.expected)));
     }
 
     #[test]
