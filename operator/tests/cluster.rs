@@ -1,0 +1,459 @@
+//! Against the real local control plane (e2e/): the CRD installs, the API server accepts the valid
+//! manifests and rejects each invalid one naming its field, the webhook injects the sidecar in
+//! opted-in namespaces only, status converges from reports sent the way a sidecar sends them, and
+//! a budget change re-splits the allocation.
+//!
+//! Needs `KUBECONFIG_FOR_TESTS` or `TTC_CONTROL_PLANE_BIN` (see `e2e/test.sh`); without either
+//! these tests fail.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams,
+};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use ttc_crds::{EnergyReport, EnergySource, InferencePolicy, InferencePolicyStatus};
+use ttc_e2e::testing::TestNamespace;
+use ttc_operator::run::OperatorConfig;
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Polls `check` every 250 ms until it returns `Some`, or fails after `limit` with the last state.
+async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, String>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        let last = match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => "condition not met".to_string(),
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            return Err(format!("{what}: not true after {limit:?} (last: {last})"));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn crds_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds")
+}
+
+/// Applies the committed CRD manifest and waits until it is established.
+async fn install_crd(client: &Client) -> TestResult {
+    let text = std::fs::read_to_string(crds_dir().join(ttc_crds::CRD_MANIFEST_PATH))?;
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&text)?;
+    let name = crd.metadata.name.clone().ok_or("CRD without a name")?;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    api.patch(
+        &name,
+        &PatchParams::apply("ttc-operator-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await?;
+    eventually("CRD established", Duration::from_secs(30), || {
+        let api = api.clone();
+        let name = name.clone();
+        async move {
+            let crd = api.get(&name).await.map_err(|e| e.to_string())?;
+            let established = crd.status.and_then(|s| s.conditions).is_some_and(|c| {
+                c.iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            });
+            Ok(established.then_some(()))
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+fn policy_api(client: &Client, namespace: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        client.clone(),
+        namespace,
+        &ApiResource::erase::<InferencePolicy>(&()),
+    )
+}
+
+fn manifests(kind: &str) -> Result<Vec<(String, String)>, std::io::Error> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(crds_dir().join("tests/manifests").join(kind))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            files.push((name, std::fs::read_to_string(&path)?));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+#[tokio::test]
+async fn api_server_accepts_valid_and_rejects_invalid_manifests_naming_the_field() -> TestResult {
+    let ns = TestNamespace::create("ipol-validation").await?;
+    install_crd(ns.client()).await?;
+    let api = policy_api(ns.client(), ns.name());
+
+    for (file, text) in manifests("valid")? {
+        let object: DynamicObject = serde_yaml::from_str(&text)?;
+        api.create(&PostParams::default(), &object)
+            .await
+            .map_err(|e| format!("{file}: rejected: {e}"))?;
+    }
+    // The API server filled in the defaults.
+    let typed: Api<InferencePolicy> = ns.api();
+    let minimal = typed.get("minimal").await?;
+    assert_eq!(minimal.spec.ttc, ttc_crds::TtcSpec::default());
+    assert_eq!(minimal.spec.budget.window_seconds, 300);
+
+    let mut failures = Vec::new();
+    for (file, text) in manifests("invalid")? {
+        let field = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# field: "))
+            .ok_or(format!("{file}: no # field: header"))?
+            .trim()
+            .to_string();
+        let object: DynamicObject = serde_yaml::from_str(&text)?;
+        let name = object
+            .metadata
+            .name
+            .clone()
+            .ok_or("manifest without a name")?;
+        match api.create(&PostParams::default(), &object).await {
+            Ok(_) => failures.push(format!("{file}: accepted")),
+            Err(kube::Error::Api(status)) => {
+                if status.code != 422 || !status.message.contains(&field) {
+                    failures.push(format!(
+                        "{file}: expected 422 naming {field}, got {}: {}",
+                        status.code, status.message
+                    ));
+                }
+            }
+            Err(e) => failures.push(format!("{file}: {e}")),
+        }
+        if api.get_opt(&name).await?.is_some() {
+            failures.push(format!("{file}: stored although rejected"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    ns.delete().await?;
+    Ok(())
+}
+
+fn free_port() -> Result<u16, std::io::Error> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Sends one JSON energy report the way a sidecar does (plain HTTP/1.1 POST).
+async fn send_report(port: u16, report: &EnergyReport) -> TestResult {
+    let body = serde_json::to_vec(report)?;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        ttc_crds::report::JSON_REPORTS_PATH,
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(&body).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    assert!(
+        response.starts_with("HTTP/1.1 204"),
+        "report refused: {response}"
+    );
+    Ok(())
+}
+
+fn pod(name: &str, app: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(BTreeMap::from([("app".to_string(), app.to_string())])),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("app:latest".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn has_sidecar(pod: &Pod) -> bool {
+    pod.spec.as_ref().is_some_and(|s| {
+        s.containers
+            .iter()
+            .any(|c| c.name == ttc_crds::labels::SIDECAR_CONTAINER_NAME)
+    })
+}
+
+async fn status_where(
+    api: &Api<InferencePolicy>,
+    what: &str,
+    check: impl Fn(&InferencePolicyStatus) -> bool,
+) -> Result<InferencePolicyStatus, String> {
+    eventually(what, Duration::from_secs(60), || {
+        let api = api.clone();
+        let check = &check;
+        async move {
+            let policy = api.get("chat").await.map_err(|e| e.to_string())?;
+            let status = policy.status.ok_or("no status yet")?;
+            if check(&status) {
+                Ok(Some(status))
+            } else {
+                Err(format!(
+                    "{}",
+                    serde_json::to_string(&status).unwrap_or_default()
+                ))
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn operator_injects_converges_and_resplits() -> TestResult {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ns = TestNamespace::create("ipol-operator").await?;
+    let other = TestNamespace::create("ipol-not-opted-in").await?;
+    let client = ns.client().clone();
+    install_crd(&client).await?;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let label = json!({"metadata": {"labels": {ttc_crds::labels::INJECTION_NAMESPACE_LABEL: ttc_crds::labels::INJECTION_ENABLED}}});
+    namespaces
+        .patch(ns.name(), &PatchParams::default(), &Patch::Merge(&label))
+        .await?;
+
+    let (admin_port, receiver_port, webhook_port) = (free_port()?, free_port()?, free_port()?);
+    let webhook_config = format!("ttc-test-{}", ns.name());
+    let config = OperatorConfig {
+        admin_addr: ([127, 0, 0, 1], admin_port).into(),
+        webhook_addr: ([127, 0, 0, 1], webhook_port).into(),
+        receiver_addr: ([127, 0, 0, 1], receiver_port).into(),
+        sidecar_image: "ttc-sidecar:test".into(),
+        default_model: "smollm2-135m".into(),
+        otlp_endpoint: format!("http://127.0.0.1:{receiver_port}"),
+        sidecar_resources: None,
+        cluster_power_cap_watts: None,
+        resync_seconds: 1,
+        stale_seconds: 60,
+        lease_name: "ttc-operator".into(),
+        lease_namespace: ns.name().into(),
+        identity: Some("test-replica".into()),
+        tls_cert_file: None,
+        tls_key_file: None,
+        tls_ca_file: None,
+        tls_names: vec!["127.0.0.1".into(), "localhost".into()],
+        webhook_config_name: Some(webhook_config.clone()),
+        webhook_url: Some(format!("https://127.0.0.1:{webhook_port}")),
+        webhook_service: None,
+    };
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let operator = tokio::spawn(ttc_operator::run::run(client.clone(), config, shutdown_rx));
+
+    let spec = json!({
+        "selector": {"matchLabels": {"app": "chat"}},
+        "budget": {"joulesPerRequest": 2.0, "powerCapWatts": 100.0, "windowSeconds": 60}
+    });
+    for namespace in [ns.name(), other.name()] {
+        let object: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "energy.ttc.dev/v1alpha1", "kind": "InferencePolicy",
+            "metadata": {"name": "chat", "namespace": namespace}, "spec": spec
+        }))?;
+        policy_api(&client, namespace)
+            .create(&PostParams::default(), &object)
+            .await?;
+    }
+    let policies: Api<InferencePolicy> = ns.api();
+    // Status appears once the leader reconciles; by then the webhook configuration is applied.
+    status_where(&policies, "first status", |s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+    .await?;
+
+    let pods: Api<Pod> = ns.api();
+    // The webhook's policy cache may trail the controller's by a moment; retry the first pod.
+    let first = eventually("injected pod", Duration::from_secs(30), || {
+        let pods = pods.clone();
+        async move {
+            let created = pods
+                .create(&PostParams::default(), &pod("chat-a", "chat"))
+                .await
+                .map_err(|e| e.to_string())?;
+            if has_sidecar(&created) {
+                return Ok(Some(created));
+            }
+            pods.delete(
+                "chat-a",
+                &DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            eventually("pod gone", Duration::from_secs(30), || {
+                let pods = pods.clone();
+                async move {
+                    Ok(pods
+                        .get_opt("chat-a")
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .is_none()
+                        .then_some(()))
+                }
+            })
+            .await?;
+            Err("created without sidecar".into())
+        }
+    })
+    .await?;
+    let sidecar = first
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.iter().find(|c| c.name == "ttc-sidecar"))
+        .ok_or("no sidecar")?;
+    assert_eq!(sidecar.image.as_deref(), Some("ttc-sidecar:test"));
+    assert_eq!(
+        sidecar
+            .security_context
+            .as_ref()
+            .and_then(|s| s.run_as_non_root),
+        Some(true)
+    );
+    let second = pods
+        .create(&PostParams::default(), &pod("chat-b", "chat"))
+        .await?;
+    assert!(has_sidecar(&second), "second pod lacks the sidecar");
+    let unselected = pods
+        .create(&PostParams::default(), &pod("search", "search"))
+        .await?;
+    assert!(
+        !has_sidecar(&unselected),
+        "a pod no policy selects got the sidecar"
+    );
+    let elsewhere = other
+        .api::<Pod>()
+        .create(&PostParams::default(), &pod("chat-a", "chat"))
+        .await?;
+    assert!(
+        !has_sidecar(&elsewhere),
+        "a pod in a namespace that did not opt in got the sidecar"
+    );
+
+    status_where(&policies, "two injected pods", |s| {
+        s.matched_pods == 2 && s.injected_pods == 2
+    })
+    .await?;
+
+    // Reports as a sidecar sends them: cumulative counters, twice, some time apart.
+    let report = |pod: &str, joules: f64, requests: u64, watts: f64| EnergyReport {
+        namespace: ns.name().into(),
+        pod: pod.into(),
+        policy: "chat".into(),
+        source: EnergySource::Nvml,
+        joules_total: joules,
+        requests_total: requests,
+        samples_total: requests * 4,
+        watts: Some(watts),
+    };
+    send_report(receiver_port, &report("chat-a", 0.0, 0, 30.0)).await?;
+    send_report(receiver_port, &report("chat-b", 0.0, 0, 10.0)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    send_report(receiver_port, &report("chat-a", 45.0, 30, 30.0)).await?;
+    send_report(receiver_port, &report("chat-b", 15.0, 10, 10.0)).await?;
+    let status = status_where(&policies, "observed energy", |s| {
+        s.observed.as_ref().is_some_and(|o| o.requests == 40)
+    })
+    .await?;
+    let observed = status.observed.as_ref().ok_or("observed")?;
+    assert_eq!(observed.joules_per_request, Some(1.5));
+    assert_eq!(observed.watts, 40.0);
+    assert_eq!(observed.source, EnergySource::Nvml);
+    assert_eq!(status.mean_depth, Some(4.0));
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "BudgetMet" && c.status == "True")
+    );
+    let share = |s: &InferencePolicyStatus, pod: &str| {
+        s.allocations.iter().find(|a| a.pod == pod).map(|a| a.share)
+    };
+    assert!(
+        share(&status, "chat-a") > share(&status, "chat-b"),
+        "the busier pod should get more: {:?}",
+        status.allocations
+    );
+
+    // A budget change re-splits the allocation and flags the excess.
+    let tighter = json!({"spec": {"budget": {"powerCapWatts": 20.0}}});
+    policies
+        .patch("chat", &PatchParams::default(), &Patch::Merge(&tighter))
+        .await?;
+    let status = status_where(&policies, "re-split", |s| {
+        s.allocations.iter().filter_map(|a| a.watts).sum::<f64>() <= 20.01
+            && s.conditions
+                .iter()
+                .any(|c| c.type_ == "BudgetMet" && c.status == "False")
+    })
+    .await?;
+    assert_eq!(status.allocations.len(), 2);
+    assert!(
+        status
+            .allocations
+            .iter()
+            .all(|a| a.watts.is_some_and(|w| w > 0.0))
+    );
+
+    // A pod created while no policy selects it shows up as missing its sidecar once selected.
+    let late = pods
+        .create(&PostParams::default(), &pod("late", "other"))
+        .await?;
+    assert!(!has_sidecar(&late));
+    let relabel = json!({"metadata": {"labels": {"app": "chat"}}});
+    pods.patch("late", &PatchParams::default(), &Patch::Merge(&relabel))
+        .await?;
+    let status = status_where(&policies, "pod without sidecar reported", |s| {
+        s.matched_pods == 3
+            && s.conditions.iter().any(|c| {
+                c.type_ == "Degraded" && c.status == "True" && c.reason == "PodsWithoutSidecar"
+            })
+    })
+    .await?;
+    assert_eq!(status.injected_pods, 2);
+
+    shutdown_tx.send(true)?;
+    tokio::time::timeout(Duration::from_secs(30), operator)
+        .await??
+        .map_err(|e| e.to_string())?;
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .delete(&webhook_config, &DeleteParams::default())
+        .await?;
+    other.delete().await?;
+    ns.delete().await?;
+    Ok(())
+}
