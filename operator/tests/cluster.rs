@@ -270,7 +270,11 @@ async fn operator_injects_converges_and_resplits() -> TestResult {
         webhook_service: None,
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let operator = tokio::spawn(ttc_operator::run::run(client.clone(), config, shutdown_rx));
+    let operator = tokio::spawn(ttc_operator::run::run(
+        client.clone(),
+        config.clone(),
+        shutdown_rx,
+    ));
 
     let spec = json!({
         "selector": {"matchLabels": {"app": "chat"}},
@@ -445,6 +449,55 @@ async fn operator_injects_converges_and_resplits() -> TestResult {
     })
     .await?;
     assert_eq!(status.injected_pods, 2);
+
+    // Stop the operator and start a new replica: it takes over the released lease, keeps the
+    // stored status and converges again from the sidecars' next reports.
+    shutdown_tx.send(true)?;
+    tokio::time::timeout(Duration::from_secs(30), operator)
+        .await??
+        .map_err(|e| e.to_string())?;
+    let config = OperatorConfig {
+        identity: Some("test-replica-2".into()),
+        ..config
+    };
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let restarted = Instant::now();
+    let operator = tokio::spawn(ttc_operator::run::run(client.clone(), config, shutdown_rx));
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = ns.api();
+    eventually(
+        "new replica holds the lease",
+        Duration::from_secs(30),
+        || {
+            let leases = leases.clone();
+            async move {
+                let lease = leases
+                    .get("ttc-operator")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let holder = lease.spec.and_then(|s| s.holder_identity);
+                Ok((holder.as_deref() == Some("test-replica-2")).then_some(()))
+            }
+        },
+    )
+    .await?;
+    assert!(
+        restarted.elapsed() < Duration::from_secs(10),
+        "the lease was not released on shutdown"
+    );
+    for (joules, requests) in [(60.0, 40), (90.0, 60)] {
+        send_report(receiver_port, &report("chat-a", joules, requests, 30.0)).await?;
+        send_report(
+            receiver_port,
+            &report("chat-b", joules / 3.0, requests / 3, 10.0),
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let status = status_where(&policies, "converged after restart", |s| {
+        s.observed.as_ref().is_some_and(|o| o.requests == 20 + 7) && s.matched_pods == 3
+    })
+    .await?;
+    assert_eq!(status.allocations.len(), 3);
 
     shutdown_tx.send(true)?;
     tokio::time::timeout(Duration::from_secs(30), operator)
