@@ -137,6 +137,70 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn otlp_protobuf_export_is_recorded() {
+        use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+        use opentelemetry_proto::tonic::metrics::v1::{
+            Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, metric, number_data_point,
+        };
+        use opentelemetry_proto::tonic::resource::v1::Resource;
+        use ttc_crds::report::{
+            ATTR_ENERGY_SOURCE, ATTR_NAMESPACE, ATTR_POD_NAME, ATTR_POLICY, METRIC_ENERGY_JOULES,
+        };
+        let kv = |key: &str, value: &str| KeyValue {
+            key: key.into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(value.into())),
+            }),
+            ..Default::default()
+        };
+        let export = ExportMetricsServiceRequest {
+            resource_metrics: vec![ResourceMetrics {
+                resource: Some(Resource {
+                    attributes: vec![
+                        kv(ATTR_NAMESPACE, "ns"),
+                        kv(ATTR_POD_NAME, "p"),
+                        kv(ATTR_POLICY, "pol"),
+                    ],
+                    ..Default::default()
+                }),
+                scope_metrics: vec![ScopeMetrics {
+                    metrics: vec![Metric {
+                        name: METRIC_ENERGY_JOULES.into(),
+                        data: Some(metric::Data::Sum(Sum {
+                            data_points: vec![NumberDataPoint {
+                                attributes: vec![kv(ATTR_ENERGY_SOURCE, "rapl")],
+                                value: Some(number_data_point::Value::AsDouble(7.0)),
+                                ..Default::default()
+                            }],
+                            aggregation_temporality: 2,
+                            is_monotonic: true,
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let receiver = receiver();
+        let request = Request::post(OTLP_METRICS_PATH)
+            .header(header::CONTENT_TYPE, "application/x-protobuf")
+            .body(Body::from(export.encode_to_vec()))
+            .expect("request");
+        let response = router(receiver.clone())
+            .oneshot(request)
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(receiver.book.len(), 1);
+        let text = receiver.metrics.render();
+        assert!(
+            text.contains("format=\"otlp\",outcome=\"accepted\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
     async fn otlp_needs_protobuf() {
         let request = Request::post(OTLP_METRICS_PATH)
             .header(header::CONTENT_TYPE, "application/json")
