@@ -11,7 +11,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 /// What kind of answer a request expects, which decides how it is extracted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum AnswerType {
     /// A number; the final number of the completion (or the one after "answer"/`\boxed{}`).
@@ -24,6 +24,8 @@ pub enum AnswerType {
     /// `yes` or `no` (`true`/`false` count as `yes`/`no`).
     YesNo,
     /// A short free-text answer: first line, lower case, without articles and punctuation.
+    /// The default: a request that does not say what it expects is compared this way.
+    #[default]
     Short,
     /// A JSON value: the first JSON object or array in the completion, with keys sorted.
     Json,

@@ -407,7 +407,7 @@ impl BudgetController {
             }
         }
         // Re-sum now and then so floating-point drift cannot accumulate.
-        if self.cost.report().observations % 1024 == 0 {
+        if self.cost.report().observations.is_multiple_of(1024) {
             self.window_joules = self.window.iter().map(|e| e.joules).sum();
         }
     }

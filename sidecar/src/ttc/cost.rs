@@ -234,11 +234,12 @@ fn solve_subsystem(a: &[[f64; 3]; 3], b: &[f64; 3], free: &[usize]) -> Option<Ve
             return None;
         }
         m.swap(col, pivot);
-        for row in 0..n {
-            if row != col {
-                let factor = m[row][col] / m[col][col];
-                for k in col..=n {
-                    m[row][k] -= factor * m[col][k];
+        let pivot_row = m[col].clone();
+        for (r, row) in m.iter_mut().enumerate() {
+            if r != col {
+                let factor = row[col] / pivot_row[col];
+                for (cell, p) in row.iter_mut().zip(&pivot_row).skip(col) {
+                    *cell -= factor * p;
                 }
             }
         }

@@ -272,7 +272,7 @@ impl DepthValueLearner {
     /// depth is judged worthless, to keep learning.
     pub fn next_request_is_probe(&mut self) -> bool {
         self.requests += 1;
-        !self.depth_pays() && self.requests % self.config.probe_every.max(1) == 0
+        !self.depth_pays() && self.requests.is_multiple_of(self.config.probe_every.max(1))
     }
 
     /// The learner's state for metrics.
