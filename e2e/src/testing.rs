@@ -223,7 +223,13 @@ impl TestNamespace {
         let created = namespaces
             .create(&PostParams::default(), &namespace)
             .await
-            .map_err(|e| Error::kube(format!("creating a test namespace for {prefix}"), e))?;
+            .map_err(|e| {
+                let kubeconfig = cluster.kubeconfig.display();
+                Error::kube(
+                    format!("creating a test namespace for {prefix} (cluster of {kubeconfig})"),
+                    e,
+                )
+            })?;
         let name = created.metadata.name.ok_or_else(|| {
             Error::Runtime("the API server returned a namespace without a name".into())
         })?;

@@ -63,6 +63,23 @@ async fn kubectl_reports_the_pinned_server_version() -> TestResult {
 }
 
 #[tokio::test]
+async fn helm_reaches_the_cluster() -> TestResult {
+    let cluster = tokio::task::spawn_blocking(shared_cluster).await??;
+    let output = cluster
+        .helm()
+        .args(["list", "--all-namespaces", "--output=json"])
+        .output()?;
+    assert!(
+        output.status.success(),
+        "helm list failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let releases: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    assert!(releases.is_array(), "helm list: {releases}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn simulated_gpu_nodes_are_ready() -> TestResult {
     let cluster = tokio::task::spawn_blocking(shared_cluster).await??;
     let nodes: Api<Node> = Api::all(cluster.client().await?);
