@@ -368,6 +368,17 @@ mod tests {
         assert!(err(http_spec("http://x".into(), 0)).contains("timeoutMs"));
     }
 
+    #[tokio::test]
+    async fn remote_schema_references_are_refused_not_fetched() {
+        // Building happens inside the async server: a remote $ref must fail cleanly (the
+        // blocking HTTP resolver is compiled out), never block or panic.
+        let spec = schema_spec(r#"{"$ref": "http://127.0.0.1:9/schema.json"}"#);
+        match Verifier::from_spec(&spec) {
+            Ok(v) => panic!("built {v:?}"),
+            Err(e) => assert!(e.to_string().contains("not a valid JSON Schema"), "{e}"),
+        }
+    }
+
     async fn serve(router: Router) -> Result<String, std::io::Error> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
