@@ -114,7 +114,32 @@ impl LocalCluster {
     ///
     /// On failure, everything started so far is stopped, and the error names the component and
     /// its log file (under `<state_dir>/logs`).
+    ///
+    /// Free ports are picked before the servers bind them; when another process takes one in
+    /// between, the start is retried (up to three attempts) with new ports. The logs of a
+    /// failed attempt are kept in `<state_dir>/logs-attempt-<n>`.
     pub async fn start(config: ClusterConfig) -> Result<Self> {
+        const ATTEMPTS: u32 = 3;
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(&config).await {
+                Err(e) if attempt < ATTEMPTS && e.is_address_in_use() => {
+                    tracing::warn!("attempt {attempt}: {e}; retrying with other ports");
+                    let state = &config.state_dir;
+                    let kept = state.join(format!("logs-attempt-{attempt}"));
+                    let logs = state.join("logs");
+                    std::fs::rename(&logs, &kept).map_err(|e| Error::io("renaming", &logs, e))?;
+                    // etcd's data names its peer URL; the next attempt has another.
+                    let etcd = state.join("etcd");
+                    std::fs::remove_dir_all(&etcd).map_err(|e| Error::io("removing", &etcd, e))?;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn start_once(config: &ClusterConfig) -> Result<Self> {
         let bin = |name: &str| config.bin_dir.join(name);
         for name in BINARIES {
             if !bin(name).is_file() {
@@ -529,6 +554,31 @@ mod tests {
         assert!(message.starts_with("etcd exited"), "{message}");
         assert!(message.contains(&state.path().join("logs/etcd.log").display().to_string()));
         assert!(message.contains("etcd: bad flag"), "{message}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_port_taken_in_between_is_retried_with_new_ports() -> Result<()> {
+        let state = state_dir()?;
+        let attempts = state.path().join("attempts");
+        let script = format!(
+            "echo \"$@\" >> {}; echo 'listen tcp: bind: address already in use' >&2; exit 1",
+            attempts.display()
+        );
+        let bin = fake_bin_dir(&[("etcd", &script)])?;
+        let err = LocalCluster::start(ClusterConfig::new(bin.path(), state.path()))
+            .await
+            .expect_err("etcd never binds");
+        assert!(err.is_address_in_use(), "{err}");
+        let runs =
+            std::fs::read_to_string(&attempts).map_err(|e| Error::io("reading", &attempts, e))?;
+        let urls: std::collections::BTreeSet<&str> = runs
+            .split_whitespace()
+            .filter(|arg| arg.starts_with("--listen-client-urls="))
+            .collect();
+        assert_eq!(runs.lines().count(), 3, "expected three attempts: {runs}");
+        assert!(urls.len() > 1, "every attempt used the same port: {runs}");
+        assert!(state.path().join("logs-attempt-1/etcd.log").is_file());
         Ok(())
     }
 

@@ -183,6 +183,17 @@ impl std::fmt::Debug for Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// True when a component failed because its port was taken (by another process, between
+    /// our picking the port and the component binding it).
+    pub fn is_address_in_use(&self) -> bool {
+        match self {
+            Error::Exited { tail, .. } | Error::NotReady { tail, .. } => {
+                tail.contains("address already in use")
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn io(
         action: &'static str,
         path: impl Into<PathBuf>,
