@@ -177,6 +177,24 @@ pub struct BudgetController {
     /// Mean samples actually drawn per sample limit (index = limit), learned; a limit not yet
     /// seen is assumed to draw in full.
     drawn_by_limit: Vec<Option<f64>>,
+    /// Requests planned but not yet recorded, and their predicted joules: counted in the debt
+    /// so that concurrent requests do not all spend the same surplus.
+    in_flight: usize,
+    in_flight_joules: f64,
+}
+
+/// A finished request, as the controller learns from it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FinishedRequest {
+    /// What it measured.
+    pub observation: CostObservation,
+    /// Its sample limit (sampling strategies only).
+    pub sample_limit: Option<usize>,
+    /// The joules its plan predicted ([`DepthChoice::predicted_joules`]).
+    pub predicted_joules: f64,
+    /// Whether it ran at minimum depth because the budget could not be met.
+    pub degraded: bool,
 }
 
 /// Weight of the newest request in the mean samples drawn per sample limit.
@@ -194,6 +212,8 @@ impl BudgetController {
             mean_value: None,
             last_state: BudgetState::Unbounded,
             drawn_by_limit: Vec::new(),
+            in_flight: 0,
+            in_flight_joules: 0.0,
         }
     }
 
@@ -211,6 +231,7 @@ impl BudgetController {
             self.window.clear();
             self.window_joules = 0.0;
         }
+        // Requests in flight stay in flight: they will be recorded against the new window.
         self.allocation = next;
     }
 
@@ -281,6 +302,8 @@ impl BudgetController {
         let (min_depth, max_depth) = Self::depth_range(request);
         let choice = self.choose_inner(request, min_depth, max_depth);
         self.last_state = choice.state;
+        self.in_flight += 1;
+        self.in_flight_joules += choice.predicted_joules;
         choice
     }
 
@@ -315,7 +338,8 @@ impl BudgetController {
                 BudgetState::DepthWorthless,
             );
         }
-        let debt = self.window_joules - target * self.window.len() as f64;
+        let debt = self.window_joules + self.in_flight_joules
+            - target * (self.window.len() + self.in_flight) as f64;
         let average_budget = target - debt / self.config.payback_requests.max(1.0);
         let value = if request.value.is_finite() {
             request.value.max(0.0)
@@ -372,14 +396,24 @@ impl BudgetController {
         drawn.max(limit.min(1) as f64)
     }
 
+    /// Forgets a planned request that will never be recorded (it never ran), so it stops
+    /// counting as in flight. `predicted_joules` is its [`DepthChoice::predicted_joules`].
+    pub fn release(&mut self, predicted_joules: f64) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.in_flight_joules = (self.in_flight_joules - predicted_joules).max(0.0);
+        if self.in_flight == 0 {
+            self.in_flight_joules = 0.0;
+        }
+    }
+
     /// Learns from a finished request: its measured joules (cost model and window) and, for
-    /// sampling strategies, how many of its `sample_limit` samples it drew.
-    pub fn record(
-        &mut self,
-        observation: &CostObservation,
-        sample_limit: Option<usize>,
-        degraded: bool,
-    ) {
+    /// sampling strategies, how many of its `sample_limit` samples it drew. Every planned
+    /// request is recorded (or released) exactly once.
+    pub fn record(&mut self, finished: &FinishedRequest) {
+        self.release(finished.predicted_joules);
+        let observation = &finished.observation;
+        let sample_limit = finished.sample_limit;
+        let degraded = finished.degraded;
         self.cost.observe(observation);
         if let Some(limit) = sample_limit.filter(|l| (1..=1024).contains(l)) {
             if self.drawn_by_limit.len() <= limit {
@@ -470,16 +504,17 @@ mod tests {
                 .map(|_| 20 + rng.below(21) as usize)
                 .sum();
             let joules = (1.0 + 0.02 * 40.0 + 0.04 * tokens as f64) * (0.9 + 0.2 * rng.unit());
-            controller.record(
-                &CostObservation {
+            controller.record(&FinishedRequest {
+                observation: CostObservation {
                     joules,
                     prompt_tokens: 40,
                     completion_tokens: tokens,
                     samples: choice.samples,
                 },
-                Some(choice.samples),
-                choice.state == BudgetState::Degraded,
-            );
+                sample_limit: Some(choice.samples),
+                predicted_joules: choice.predicted_joules,
+                degraded: choice.state == BudgetState::Degraded,
+            });
             depths.push(choice.samples);
         }
         depths
@@ -506,6 +541,57 @@ mod tests {
         assert_eq!(report.state, BudgetState::Tracking);
         eprintln!(
             "controller: allocation 8 J, window mean deviation {deviation:+.4}, mean samples {mean:.2}"
+        );
+    }
+
+    #[test]
+    fn concurrent_requests_hold_the_allocation_too() {
+        // Sixteen requests are planned before any of them is measured, as under a batching
+        // server; in-flight predictions keep them from all spending the same surplus.
+        let mut controller = BudgetController::new(BudgetConfig::default());
+        controller.set_allocation(Some(8.0));
+        let mut rng = SplitMix64::new(13);
+        let mut joules_log = Vec::new();
+        for _ in 0..40 {
+            let choices: Vec<DepthChoice> =
+                (0..16).map(|_| controller.choose(&request(1.0))).collect();
+            assert_eq!(controller.in_flight, 16);
+            for choice in choices {
+                let tokens: usize = (0..choice.samples)
+                    .map(|_| 20 + rng.below(21) as usize)
+                    .sum();
+                let joules = (1.8 + 0.04 * tokens as f64) * (0.9 + 0.2 * rng.unit());
+                joules_log.push(joules);
+                controller.record(&FinishedRequest {
+                    observation: CostObservation {
+                        joules,
+                        prompt_tokens: 40,
+                        completion_tokens: tokens,
+                        samples: choice.samples,
+                    },
+                    sample_limit: Some(choice.samples),
+                    predicted_joules: choice.predicted_joules,
+                    degraded: false,
+                });
+            }
+            assert_eq!(controller.in_flight, 0);
+        }
+        let last: f64 = joules_log[joules_log.len() - 200..].iter().sum::<f64>() / 200.0;
+        // Batch means stay near the allocation: no batch spends the whole surplus at once.
+        let worst_batch = joules_log[160..]
+            .chunks(16)
+            .map(|b| (b.iter().sum::<f64>() / 16.0 / 8.0 - 1.0).abs())
+            .fold(0.0, f64::max);
+        eprintln!("concurrent: last-200 mean {last:.3} J, worst batch deviation {worst_batch:.3}");
+        // Without in-flight accounting the worst batch is off by ~75% on this script.
+        assert!(worst_batch < 0.5, "worst batch deviation {worst_batch:.3}");
+        assert!((last / 8.0 - 1.0).abs() <= 0.05, "last-200 mean {last:.3}");
+        // A planned request that never runs is released.
+        let choice = controller.choose(&request(1.0));
+        controller.release(choice.predicted_joules);
+        assert_eq!(
+            (controller.in_flight, controller.in_flight_joules),
+            (0, 0.0)
         );
     }
 

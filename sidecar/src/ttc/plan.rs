@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use super::answer::{AnswerType, extract_answer};
 use super::budget::{
-    BudgetConfig, BudgetController, BudgetReport, BudgetState, DepthBounds, DepthRequest, DepthUnit,
+    BudgetConfig, BudgetController, BudgetReport, BudgetState, DepthBounds, DepthRequest,
+    DepthUnit, FinishedRequest,
 };
 use super::cost::CostObservation;
 use super::difficulty::{
@@ -219,7 +220,7 @@ pub struct TtcPlan {
     pub early_stop_agreement: f64,
     /// How votes are weighted.
     pub weighting: VoteWeighting,
-    /// Predicted joules at the maximum depth.
+    /// Predicted joules at the planned depth (early stopping may spend less).
     pub predicted_joules: f64,
     /// This request's share of the budget, when the pod has an allocation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -298,6 +299,8 @@ pub struct TtcOutcome {
     pub probe: bool,
     /// Where the budget stood when the request was planned.
     pub budget_state: BudgetState,
+    /// Joules the plan predicted.
+    pub predicted_joules: f64,
     /// Measured joules.
     pub joules: f64,
     /// Where the joules figure comes from.
@@ -502,6 +505,7 @@ impl TtcSession {
             difficulty_bin: self.plan.difficulty_bin,
             probe: self.plan.probe,
             budget_state: self.plan.budget_state,
+            predicted_joules: self.plan.predicted_joules,
             joules: energy.joules,
             energy_source: energy.source,
             prompt_tokens: energy.prompt_tokens,
@@ -690,19 +694,27 @@ impl TtcController {
         }
     }
 
+    /// Forgets a planned request that never ran (no [`TtcSession::finish`] will come): it stops
+    /// counting as in flight. A request that ran, even cut short, is recorded instead.
+    pub fn abandon(&mut self, plan: &TtcPlan) {
+        self.budget.release(plan.predicted_joules);
+    }
+
     /// Learns from a finished request: its measured joules (cost model, budget window) and,
     /// when it drew more than one sample, whether the later samples disagreed with the first.
     pub fn record(&mut self, outcome: &TtcOutcome) {
-        self.budget.record(
-            &CostObservation {
+        self.budget.record(&FinishedRequest {
+            observation: CostObservation {
                 joules: outcome.joules,
                 prompt_tokens: outcome.prompt_tokens,
                 completion_tokens: outcome.completion_tokens,
                 samples: outcome.samples,
             },
-            (outcome.strategy != PlannedStrategy::ReasoningBudget).then_some(outcome.max_samples),
-            outcome.budget_state == BudgetState::Degraded,
-        );
+            sample_limit: (outcome.strategy != PlannedStrategy::ReasoningBudget)
+                .then_some(outcome.max_samples),
+            predicted_joules: outcome.predicted_joules,
+            degraded: outcome.budget_state == BudgetState::Degraded,
+        });
         let answers: Vec<Option<&str>> = outcome.answers.iter().map(Option::as_deref).collect();
         self.learner
             .record(outcome.difficulty_bin, &answers, outcome.answer.as_deref());
