@@ -363,3 +363,33 @@ async fn best_of_n_with_a_verifier_turns_joules_into_accuracy() -> Result<(), su
     assert!(ratio <= 3.0, "{ratio}");
     Ok(())
 }
+
+#[test]
+fn early_stopping_keeps_fixed_8_accuracy_for_a_fraction_of_its_joules()
+-> Result<(), super::TtcError> {
+    let kinds = mixed_workload(1500, 61);
+    let fixed = run_uniform(&kinds, 8, 62);
+    for agreement in [0.75, 1.0] {
+        // No allocation and no depth learning: the stopping rule alone decides.
+        let mut controller = TtcController::new(
+            TtcPolicy {
+                early_stop_agreement: agreement,
+                difficulty_aware: false,
+                ..policy(8)
+            },
+            TtcOptions::default(),
+        )?;
+        let early = run_controller(&mut controller, &kinds, 62);
+        let ratio = early.mean_joules(usize::MAX) / fixed.mean_joules(usize::MAX);
+        eprintln!(
+            "early stop at {agreement}: accuracy {:.3} vs fixed-8 {:.3}, {:.2} samples, {:.0}% of the joules",
+            early.accuracy(),
+            fixed.accuracy(),
+            early.mean_samples(usize::MAX),
+            100.0 * ratio
+        );
+        assert!(ratio <= 0.55, "{ratio}");
+        assert!(early.accuracy() >= fixed.accuracy() - 0.02);
+    }
+    Ok(())
+}
