@@ -12,13 +12,14 @@
 //! - [`difficulty`]: the difficulty signal and the learner of whether depth changes answers.
 //! - [`cost`]: what depth costs, learned from measured joules.
 //! - [`budget`]: the budget controller that holds the pod's joules-per-request allocation.
-//! - [`tasks`]: seeded task families for the evaluation.
+//! - [`tasks`]: seeded task families for the evaluation; [`stats`]: intervals and pass@k.
 
 pub mod answer;
 pub mod budget;
 pub mod cost;
 pub mod difficulty;
 pub mod plan;
+pub mod stats;
 pub mod stopping;
 pub mod tasks;
 pub mod verifier;

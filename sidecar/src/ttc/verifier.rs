@@ -195,6 +195,11 @@ impl Verifier {
         }))
     }
 
+    /// Checks a window of candidates at once (HTTP calls run concurrently); verdicts in order.
+    pub async fn verify_all(&self, prompt: &str, answers: &[&str]) -> Vec<Verdict> {
+        futures::future::join_all(answers.iter().map(|answer| self.verify(prompt, answer))).await
+    }
+
     /// A short label for metrics (`json_schema`, `regex`, `http`).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -419,6 +424,12 @@ mod tests {
         let low = v.verify("q", "41").await;
         assert!(!low.accepted);
         assert_eq!(low.score, Some(0.1));
+
+        let both = v.verify_all("q", &["41", "42"]).await;
+        assert_eq!(
+            both.iter().map(|v| v.accepted).collect::<Vec<_>>(),
+            [false, true]
+        );
 
         let slow = Verifier::from_spec(&http_spec(format!("{base}/slow"), 50))?;
         let started = std::time::Instant::now();
