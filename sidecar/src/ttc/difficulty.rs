@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::answer::AnswerType;
 use super::vote::{Candidate, Vote};
 
 /// Number of difficulty bins the value learner keeps apart.
@@ -184,21 +185,50 @@ impl RateCounts {
     }
 }
 
-/// Learns online whether extra samples can change answers for this workload, per difficulty bin
-/// and overall.
+/// Number of answer types the learner keeps apart.
+const ANSWER_TYPES: usize = 5;
+
+/// A class of requests whose value of depth is learned separately: the answer type (yes/no
+/// questions may agree systematically while arithmetic does not) and the prompt's difficulty bin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DepthClass {
+    /// How answers are extracted.
+    pub answer_type: AnswerType,
+    /// Difficulty bin of the prompt (0 = easy).
+    pub bin: usize,
+}
+
+impl DepthClass {
+    fn index(&self) -> usize {
+        let type_index = match self.answer_type {
+            AnswerType::Number => 0,
+            AnswerType::Choice { .. } => 1,
+            AnswerType::YesNo => 2,
+            AnswerType::Short => 3,
+            AnswerType::Json => 4,
+        };
+        type_index * DIFFICULTY_BINS + self.bin.min(DIFFICULTY_BINS - 1)
+    }
+}
+
+/// Learns online whether extra samples can change answers for this workload, per class of
+/// request ([`DepthClass`]) and overall.
 ///
 /// Every request that drew two or more samples is an observation of its *disagreement*: the
 /// share of the samples after the first whose answer differs from the first sample's. Where
 /// later samples always repeat the first (the systematic agreement measured on SmolLM2), no vote
 /// and no amount of depth can change the answer, so depth buys nothing but joules and the
-/// controller falls back to minimum depth. Disagreement rather than "did the final answer
-/// change" because a vote of two with first-seen tie-breaking can never change the answer, so
-/// at low depths the latter would always read zero and hide the value of going deeper.
-/// Answer changes (final differs from the first sample's) are counted too, for metrics.
+/// controller falls back to minimum depth for that class. Disagreement rather than "did the
+/// final answer change" because a vote of two with first-seen tie-breaking can never change the
+/// answer, so at low depths the latter would always read zero and hide the value of going
+/// deeper. Answer changes (final differs from the first sample's) are counted too, for metrics.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DepthValueLearner {
     config: DepthValueConfig,
-    bins: [RateCounts; DIFFICULTY_BINS],
+    classes: [RateCounts; ANSWER_TYPES * DIFFICULTY_BINS],
+    /// The class each slot was last seen as, for the report.
+    class_names: [Option<DepthClass>; ANSWER_TYPES * DIFFICULTY_BINS],
     overall: RateCounts,
     requests: u64,
     total_observed: u64,
@@ -217,18 +247,37 @@ pub struct DepthValueReport {
     pub disagreement: f64,
     /// Upper confidence bound on that probability.
     pub disagreement_upper: f64,
-    /// Estimated disagreement per difficulty bin (easy to hard).
-    pub disagreement_by_bin: Vec<f64>,
-    /// Whether extra depth is currently judged able to change answers.
+    /// Whether extra depth is judged able to change answers for the workload as a whole.
+    pub depth_pays: bool,
+    /// The same per class of request seen so far.
+    pub classes: Vec<DepthClassReport>,
+}
+
+/// What the learner believes about one class of request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DepthClassReport {
+    /// The class.
+    pub class: DepthClass,
+    /// Observations, exponentially forgotten.
+    pub weight: f64,
+    /// Estimated disagreement.
+    pub disagreement: f64,
+    /// Whether extra depth is judged able to change this class's answers.
     pub depth_pays: bool,
 }
+
+/// How many observations' worth the overall rate counts in a class's estimate (shrinkage, so a
+/// class seen twice is not judged on two requests alone).
+const CLASS_PRIOR_WEIGHT: f64 = 2.0;
 
 impl DepthValueLearner {
     /// A learner that assumes depth may pay until shown otherwise.
     pub fn new(config: DepthValueConfig) -> Self {
         Self {
             config,
-            bins: [RateCounts::default(); DIFFICULTY_BINS],
+            classes: [RateCounts::default(); ANSWER_TYPES * DIFFICULTY_BINS],
+            class_names: [None; ANSWER_TYPES * DIFFICULTY_BINS],
             overall: RateCounts::default(),
             requests: 0,
             total_observed: 0,
@@ -236,9 +285,14 @@ impl DepthValueLearner {
         }
     }
 
-    /// Records a request: its difficulty bin, its samples' answers in the order drawn and the
-    /// final answer. Requests with fewer than two samples say nothing and are ignored.
-    pub fn record(&mut self, bin: usize, answers: &[Option<&str>], final_answer: Option<&str>) {
+    /// Records a request: its class, its samples' answers in the order drawn and the final
+    /// answer. Requests with fewer than two samples say nothing and are ignored.
+    pub fn record(
+        &mut self,
+        class: DepthClass,
+        answers: &[Option<&str>],
+        final_answer: Option<&str>,
+    ) {
         let Some((first, later)) = answers.split_first() else {
             return;
         };
@@ -251,39 +305,69 @@ impl DepthValueLearner {
             .count();
         let disagreement = disagreeing as f64 / later.len() as f64;
         let decay = self.config.decay.clamp(0.0, 1.0);
-        self.bins[bin.min(DIFFICULTY_BINS - 1)].record(disagreement, decay);
+        let index = class.index();
+        self.classes[index].record(disagreement, decay);
+        self.class_names[index] = Some(class);
         self.overall.record(disagreement, decay);
         self.total_observed += 1;
         self.total_answer_changes += u64::from(first.is_none() || *first != final_answer);
     }
 
-    /// Estimated probability that a later sample of a query in `bin` disagrees with the first.
-    pub fn disagreement(&self, bin: usize) -> f64 {
-        self.bins[bin.min(DIFFICULTY_BINS - 1)].rate()
+    /// Estimated probability that a later sample of a request of `class` disagrees with the
+    /// first, shrunk towards the overall rate while the class is young.
+    pub fn disagreement(&self, class: DepthClass) -> f64 {
+        let counts = &self.classes[class.index()];
+        (counts.hits + CLASS_PRIOR_WEIGHT * self.overall.rate())
+            / (counts.observations + CLASS_PRIOR_WEIGHT)
     }
 
-    /// Whether extra depth is still believed able to change answers for this workload.
+    fn pays(&self, counts: &RateCounts) -> bool {
+        counts.upper_bound() >= self.config.worthless_disagreement
+    }
+
+    /// Whether extra depth is still believed able to change answers for the workload.
     pub fn depth_pays(&self) -> bool {
-        self.overall.observations < self.config.min_observations
-            || self.overall.upper_bound() >= self.config.worthless_disagreement
+        self.overall.observations < self.config.min_observations || self.pays(&self.overall)
     }
 
-    /// Counts a request and says whether it is a probe: a request that gets extra depth while
-    /// depth is judged worthless, to keep learning.
-    pub fn next_request_is_probe(&mut self) -> bool {
+    /// Whether extra depth is still believed able to change answers of `class`: judged on the
+    /// class once it has enough observations, on the whole workload before.
+    pub fn depth_pays_for(&self, class: DepthClass) -> bool {
+        let counts = &self.classes[class.index()];
+        if counts.observations >= self.config.min_observations {
+            self.pays(counts)
+        } else {
+            self.depth_pays()
+        }
+    }
+
+    /// Counts a request of `class` and says whether it is a probe: a request that gets extra
+    /// depth while depth is judged worthless for its class, to keep learning.
+    pub fn next_request_is_probe(&mut self, class: DepthClass) -> bool {
         self.requests += 1;
-        !self.depth_pays() && self.requests.is_multiple_of(self.config.probe_every.max(1))
+        !self.depth_pays_for(class) && self.requests.is_multiple_of(self.config.probe_every.max(1))
     }
 
     /// The learner's state for metrics.
     pub fn report(&self) -> DepthValueReport {
+        let classes = self
+            .class_names
+            .iter()
+            .flatten()
+            .map(|class| DepthClassReport {
+                class: *class,
+                weight: self.classes[class.index()].observations,
+                disagreement: self.disagreement(*class),
+                depth_pays: self.depth_pays_for(*class),
+            })
+            .collect();
         DepthValueReport {
             observed: self.total_observed,
             answer_changes: self.total_answer_changes,
             disagreement: self.overall.rate(),
             disagreement_upper: self.overall.upper_bound(),
-            disagreement_by_bin: self.bins.iter().map(RateCounts::rate).collect(),
             depth_pays: self.depth_pays(),
+            classes,
         }
     }
 }
@@ -335,6 +419,13 @@ mod tests {
         assert!((0.0..=1.0).contains(&hard.score()));
     }
 
+    fn class(bin: usize) -> DepthClass {
+        DepthClass {
+            answer_type: AnswerType::Short,
+            bin,
+        }
+    }
+
     #[test]
     fn learner_gives_up_on_depth_that_never_changes_answers() {
         let mut learner = DepthValueLearner::new(DepthValueConfig::default());
@@ -343,58 +434,76 @@ mod tests {
             "assumes depth may pay before evidence"
         );
         for _ in 0..100 {
-            learner.record(1, &[Some("no"), Some("no")], Some("no"));
+            learner.record(class(1), &[Some("no"), Some("no")], Some("no"));
         }
         let report = learner.report();
         assert!(!report.depth_pays, "{report:?}");
+        assert!(!learner.depth_pays_for(class(1)));
         assert_eq!(report.observed, 100);
         assert_eq!(report.answer_changes, 0);
         assert!(report.disagreement_upper < 0.05);
+        assert_eq!(report.classes.len(), 1);
         // It still probes, one request in `probe_every`.
-        let probes = (0..100).filter(|_| learner.next_request_is_probe()).count();
+        let probes = (0..100)
+            .filter(|_| learner.next_request_is_probe(class(1)))
+            .count();
         assert_eq!(probes, 5);
         // Single samples are no evidence.
-        learner.record(1, &[Some("yes")], Some("yes"));
+        learner.record(class(1), &[Some("yes")], Some("yes"));
         assert_eq!(learner.report().observed, 100);
     }
 
     #[test]
-    fn learner_keeps_depth_where_samples_disagree_and_tells_bins_apart() {
+    fn learner_keeps_depth_where_samples_disagree_and_tells_classes_apart() {
         let mut learner = DepthValueLearner::new(DepthValueConfig::default());
+        let yes_no = DepthClass {
+            answer_type: AnswerType::YesNo,
+            bin: 0,
+        };
         for i in 0..200 {
-            learner.record(0, &[Some("a"), Some("a"), Some("a")], Some("a"));
+            learner.record(yes_no, &[Some("no"), Some("no"), Some("no")], Some("no"));
             // A split pair: the vote keeps the first answer, but depth could change it.
             let second = if i % 2 == 0 { "b" } else { "a" };
-            learner.record(2, &[Some("a"), Some(second)], Some("a"));
+            learner.record(class(2), &[Some("a"), Some(second)], Some("a"));
         }
-        assert!(learner.depth_pays());
+        assert!(learner.depth_pays(), "the workload as a whole");
+        assert!(learner.depth_pays_for(class(2)));
         assert!(
-            learner.disagreement(0) < 0.05,
-            "{}",
-            learner.disagreement(0)
+            !learner.depth_pays_for(yes_no),
+            "systematic yes/no agreement"
         );
-        assert!((learner.disagreement(2) - 0.5).abs() < 0.1);
+        assert!(
+            learner.disagreement(yes_no) < 0.05,
+            "{}",
+            learner.disagreement(yes_no)
+        );
+        assert!((learner.disagreement(class(2)) - 0.5).abs() < 0.1);
+        // A class never seen takes the overall rate.
+        assert!((learner.disagreement(class(0)) - learner.report().disagreement).abs() < 1e-9);
+        assert!(learner.depth_pays_for(class(0)));
         assert_eq!(learner.report().answer_changes, 0);
-        assert!(!learner.next_request_is_probe());
+        assert_eq!(learner.report().classes.len(), 2);
+        assert!(!learner.next_request_is_probe(class(2)));
         // A changed answer is counted; an unanswered first sample disagrees with everything.
         let mut fresh = DepthValueLearner::new(DepthValueConfig::default());
-        fresh.record(0, &[Some("a"), Some("b"), Some("b")], Some("b"));
-        fresh.record(0, &[None, Some("b")], Some("b"));
+        fresh.record(class(0), &[Some("a"), Some("b"), Some("b")], Some("b"));
+        fresh.record(class(0), &[None, Some("b")], Some("b"));
         assert_eq!(fresh.report().answer_changes, 2);
-        assert!(fresh.disagreement(0) > 0.6);
+        assert!(fresh.disagreement(class(0)) > 0.6);
     }
 
     #[test]
     fn learner_forgets_and_notices_a_changed_workload() {
         let mut learner = DepthValueLearner::new(DepthValueConfig::default());
         for _ in 0..200 {
-            learner.record(1, &[Some("x"), Some("x")], Some("x"));
+            learner.record(class(1), &[Some("x"), Some("x")], Some("x"));
         }
         assert!(!learner.depth_pays());
         for i in 0..30 {
             let second = if i % 2 == 0 { "y" } else { "x" };
-            learner.record(1, &[Some("x"), Some(second)], Some("x"));
+            learner.record(class(1), &[Some("x"), Some(second)], Some("x"));
         }
         assert!(learner.depth_pays(), "{:?}", learner.report());
+        assert!(learner.depth_pays_for(class(1)));
     }
 }

@@ -28,7 +28,8 @@ use super::budget::{
 };
 use super::cost::CostObservation;
 use super::difficulty::{
-    DepthValueConfig, DepthValueLearner, DepthValueReport, DifficultySignal, PromptFeatures,
+    DepthClass, DepthValueConfig, DepthValueLearner, DepthValueReport, DifficultySignal,
+    PromptFeatures,
 };
 use super::stopping::{DEFAULT_EARLY_STOP_AGREEMENT, StopReason, StoppingRule, WindowDecision};
 use super::verifier::{Verdict, Verifier, VerifierError, VerifierSpec};
@@ -267,6 +268,8 @@ pub struct MeasuredEnergy {
 pub struct TtcOutcome {
     /// The strategy run.
     pub strategy: PlannedStrategy,
+    /// How answers were extracted.
+    pub answer_type: AnswerType,
     /// The chosen (normalised) answer, `None` when no sample had one.
     pub answer: Option<String>,
     /// Which sample to return to the client.
@@ -491,6 +494,7 @@ impl TtcSession {
         };
         TtcOutcome {
             strategy: self.plan.strategy,
+            answer_type: self.plan.answer_type,
             answer,
             chosen_index,
             samples: self.candidates.len(),
@@ -623,10 +627,14 @@ impl TtcController {
         let strategy = self.strategy_for(features);
         let bin = features.prompt.bin();
         let aware = self.policy.difficulty_aware;
-        let probe = aware && self.learner.next_request_is_probe();
-        let depth_worthless = aware && !probe && !self.learner.depth_pays();
+        let class = DepthClass {
+            answer_type: features.answer_type,
+            bin,
+        };
+        let probe = aware && self.learner.next_request_is_probe(class);
+        let depth_worthless = aware && !probe && !self.learner.depth_pays_for(class);
         let value = if aware {
-            self.learner.disagreement(bin)
+            self.learner.disagreement(class)
         } else {
             1.0
         };
@@ -716,8 +724,14 @@ impl TtcController {
             degraded: outcome.budget_state == BudgetState::Degraded,
         });
         let answers: Vec<Option<&str>> = outcome.answers.iter().map(Option::as_deref).collect();
-        self.learner
-            .record(outcome.difficulty_bin, &answers, outcome.answer.as_deref());
+        self.learner.record(
+            DepthClass {
+                answer_type: outcome.answer_type,
+                bin: outcome.difficulty_bin,
+            },
+            &answers,
+            outcome.answer.as_deref(),
+        );
     }
 
     /// The controller's state for metrics.

@@ -234,11 +234,17 @@ fn beats_uniform_depth_at_equal_energy() {
     );
     // The extra depth went to the queries where it changes answers.
     let report = controller.report();
-    let by_bin = &report.depth_value.disagreement_by_bin;
-    let noisy_bin = features(QueryKind::Noisy).prompt.bin();
-    let easy_bin = features(QueryKind::Easy).prompt.bin();
-    assert_ne!(noisy_bin, easy_bin);
-    assert!(by_bin[noisy_bin] > by_bin[easy_bin] + 0.2, "{by_bin:?}");
+    let class_of = |kind: QueryKind| super::difficulty::DepthClass {
+        answer_type: AnswerType::Short,
+        bin: features(kind).prompt.bin(),
+    };
+    let classes = &report.depth_value.classes;
+    let find = |kind| classes.iter().find(|c| c.class == class_of(kind));
+    let (Some(noisy), Some(easy)) = (find(QueryKind::Noisy), find(QueryKind::Easy)) else {
+        panic!("classes not learned: {classes:?}");
+    };
+    assert!(noisy.disagreement > easy.disagreement + 0.2, "{classes:?}");
+    assert!(noisy.depth_pays && !easy.depth_pays, "{classes:?}");
 }
 
 #[test]
