@@ -21,6 +21,8 @@ pub const DEFAULT_PRIORITY: u32 = 100;
 ///
 /// The operator injects the TTC sidecar into the selected pods, splits the budget among them by
 /// load and reports in the status whether the budget holds.
+// The derive takes one printcolumn(...) per column, which repeats its keys.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "energy.ttc.dev",

@@ -211,6 +211,8 @@ fn policy_events(
 }
 
 /// A signal that resolves once shutdown has begun.
+// Spelled out: `Controller::graceful_shutdown_on` needs the future to be `Sync` too.
+#[allow(clippy::manual_async_fn)]
 pub fn shutdown_signal(
     mut rx: watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = ()> + Send + Sync + 'static {

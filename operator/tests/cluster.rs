@@ -222,10 +222,7 @@ async fn status_where(
             if check(&status) {
                 Ok(Some(status))
             } else {
-                Err(format!(
-                    "{}",
-                    serde_json::to_string(&status).unwrap_or_default()
-                ))
+                Err(serde_json::to_string(&status).unwrap_or_default())
             }
         }
     })
