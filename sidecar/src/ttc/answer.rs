@@ -249,6 +249,27 @@ mod tests {
     }
 
     #[test]
+    fn built_in_patterns_compile() {
+        // Forces every pattern, so a typo fails here rather than on a request.
+        let patterns: [&LazyLock<Regex>; 10] = [
+            &NUMBER,
+            &BOXED,
+            &ANSWER_IS,
+            &CHOICE_BOXED,
+            &CHOICE_ANSWER_IS,
+            &CHOICE_PARENS,
+            &CHOICE_LEADING,
+            &CHOICE_MARKED,
+            &YES_NO,
+            &ANSWER_PREFIX,
+        ];
+        for p in patterns {
+            assert!(!LazyLock::force(p).as_str().is_empty());
+        }
+        assert!(ARTICLES.is_match("the"));
+    }
+
+    #[test]
     fn final_number_is_taken_and_normalised() {
         assert_eq!(num("3 + 5 = 8").as_deref(), Some("8"));
         assert_eq!(num("The sum is 1,024.").as_deref(), Some("1024"));
