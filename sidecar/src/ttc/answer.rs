@@ -45,7 +45,9 @@ impl AnswerType {
 }
 
 /// Extracts the normalised answer of `text` for `answer_type`; `None` when there is none.
+/// A `<think>…</think>` reasoning block is skipped ([`super::reasoning::answer_part`]).
 pub fn extract_answer(text: &str, answer_type: AnswerType) -> Option<String> {
+    let text = super::reasoning::answer_part(text);
     match answer_type {
         AnswerType::Number => extract_number(text),
         AnswerType::Choice { options } => extract_choice(text, options),

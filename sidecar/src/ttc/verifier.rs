@@ -209,9 +209,10 @@ impl Verifier {
         }
     }
 
-    /// Checks one candidate completion `answer` of `prompt`. Never fails: problems are
-    /// rejections with a reason.
+    /// Checks one candidate completion `answer` of `prompt` (its answer part: a `<think>`
+    /// block is skipped). Never fails: problems are rejections with a reason.
     pub async fn verify(&self, prompt: &str, answer: &str) -> Verdict {
+        let answer = super::reasoning::answer_part(answer);
         match self {
             Self::JsonSchema(validator) => verify_json(validator, answer),
             Self::Regex(re) => {
