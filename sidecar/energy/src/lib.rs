@@ -9,6 +9,34 @@
 //! batch's joules are shared among its requests by the tokens each processed, and energy spent
 //! while no batch runs is booked as idle. Per-request figures, idle and unattributed energy add
 //! up exactly (in microjoules) to what the meter read.
+//!
+//! ```
+//! use ttc_energy::{EnergyMeter, EnergySource, MeterConfig, SourceChoice};
+//!
+//! # fn main() -> Result<(), ttc_energy::EnergyError> {
+//! // At start-up: `auto` takes NVML, else RAPL, else the declared estimate.
+//! let meter = EnergyMeter::from_config(&MeterConfig {
+//!     source: SourceChoice::Estimate,
+//!     ..MeterConfig::default()
+//! })?;
+//!
+//! // Around each batch (one decode step, or one whole generate call) of the engine:
+//! let guard = meter.begin_batch();
+//! // ... run the batch ...
+//! let batch = guard.finish(&[("req-1", 120), ("req-2", 40)]); // tokens processed in it
+//! for r in &batch.requests {
+//!     // Add to the request's running total; put it and its source in the response's usage.
+//!     let _ = (r.request_id, r.joules(), r.source);
+//! }
+//! assert_eq!(batch.requests.iter().map(|r| r.energy_uj).sum::<u64>(), batch.energy_uj);
+//! assert_eq!(batch.source, EnergySource::Estimate);
+//!
+//! // Where all energy went; telemetry reads this too.
+//! let totals = meter.totals();
+//! assert_eq!(totals.requests_uj + totals.idle_uj, totals.metered_uj);
+//! # Ok(())
+//! # }
+//! ```
 
 mod attribution;
 mod error;

@@ -334,7 +334,9 @@ impl EnergyMeter {
         }
     }
 
-    fn close(&self, id: u64) -> Option<(Active, EnergySource)> {
+    /// Ends batch `id` and books its energy to requests (or, with none, as unattributed) in
+    /// the same critical section, so `totals()` never sees it in neither place.
+    fn close(&self, id: u64, has_requests: bool) -> Option<(Active, EnergySource)> {
         let mut ledger = self.lock();
         let read = ledger.boundary();
         let pos = ledger.active.iter().position(|a| a.id == id)?;
@@ -359,6 +361,14 @@ impl EnergyMeter {
         } else {
             ledger.source
         };
+        if has_requests {
+            ledger.requests_uj += batch.acc_uj;
+            if batch.estimated {
+                ledger.estimated_uj += batch.acc_uj;
+            }
+        } else {
+            ledger.unattributed_uj += batch.acc_uj;
+        }
         Some((batch, source))
     }
 }
@@ -388,7 +398,7 @@ impl BatchGuard {
     pub fn finish<R: Clone>(mut self, requests: &[(R, u64)]) -> BatchEnergy<R> {
         self.finished = true;
         let duration = self.started.elapsed();
-        let Some((batch, source)) = self.meter.close(self.id) else {
+        let Some((batch, source)) = self.meter.close(self.id, !requests.is_empty()) else {
             // Unreachable while guards are only made by begin_batch; report nothing measured.
             return BatchEnergy {
                 energy_uj: 0,
@@ -399,17 +409,6 @@ impl BatchGuard {
         };
         let tokens: Vec<u64> = requests.iter().map(|(_, t)| *t).collect();
         let shares = split_by_tokens(batch.acc_uj, &tokens);
-        {
-            let mut ledger = self.meter.lock();
-            if requests.is_empty() {
-                ledger.unattributed_uj += batch.acc_uj;
-            } else {
-                ledger.requests_uj += batch.acc_uj;
-                if batch.estimated {
-                    ledger.estimated_uj += batch.acc_uj;
-                }
-            }
-        }
         BatchEnergy {
             energy_uj: batch.acc_uj,
             source,
@@ -430,10 +429,9 @@ impl BatchGuard {
 
 impl Drop for BatchGuard {
     fn drop(&mut self) {
-        if !self.finished
-            && let Some((batch, _)) = self.meter.close(self.id)
-        {
-            self.meter.lock().unattributed_uj += batch.acc_uj;
+        if !self.finished {
+            // Booked as unattributed: nobody said which requests it served.
+            let _ = self.meter.close(self.id, false);
         }
     }
 }

@@ -7,6 +7,36 @@
 //! endpoint that is slow or down never slows or fails a request; failed exports are counted
 //! (`ttc.telemetry.dropped_exports`).
 //!
+//! ```no_run
+//! use std::time::Duration;
+//! use ttc_telemetry::{RequestRecord, SidecarMetrics, TelemetryConfig};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let meter = ttc_energy::EnergyMeter::from_config(&Default::default())?;
+//! // At start-up (outside the async runtime, or in spawn_blocking):
+//! let metrics = SidecarMetrics::new(&TelemetryConfig::from_env("smollm2-135m"), Some(meter))?;
+//!
+//! // When a request finishes:
+//! metrics.record_request(&RequestRecord {
+//!     operation: "chat",
+//!     input_tokens: 42,
+//!     output_tokens: 300,
+//!     duration: Duration::from_millis(2_400),
+//!     time_per_output_token: Some(Duration::from_millis(8)),
+//!     energy: Some((12.5, ttc_energy::EnergySource::Nvml)),
+//!     strategy: "vote",
+//!     depth: 4,
+//!     error_type: None,
+//! });
+//! // When the budget controller learns its allocation or spends from it:
+//! metrics.set_budget(3_600.0, 2_950.0);
+//! // GET /metrics:
+//! let body = metrics.encode_prometheus()?; // Content-Type: SidecarMetrics::PROMETHEUS_CONTENT_TYPE
+//! # let _ = body;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! | metric | kind | unit | attributes |
 //! |---|---|---|---|
 //! | `hw.energy` | counter | `J` | `hw.id`, `hw.type`, `ttc.energy.source` (measured sources only) |

@@ -301,9 +301,11 @@ fn endpoint_down_never_slows_recording_and_drops_are_counted() {
     let blackhole = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1/metrics", blackhole.local_addr().unwrap());
     let (counter, meter) = hand_meter();
-    let metrics = Arc::new(
-        SidecarMetrics::new(&config(OtlpExport::Endpoint(url)), Some(meter.clone())).unwrap(),
-    );
+    let mut cfg = config(OtlpExport::Endpoint(url));
+    // Long enough that a record waiting on the export would be unmistakable.
+    let timeout = Duration::from_secs(3);
+    cfg.export_timeout = Some(timeout);
+    let metrics = Arc::new(SidecarMetrics::new(&cfg, Some(meter.clone())).unwrap());
 
     // One export hangs on the black hole while the engine keeps recording.
     let flusher = {
@@ -311,19 +313,18 @@ fn endpoint_down_never_slows_recording_and_drops_are_counted() {
         std::thread::spawn(move || metrics.force_flush())
     };
     std::thread::sleep(Duration::from_millis(50));
-    let start = Instant::now();
     let mut slowest = Duration::ZERO;
     for _ in 0..1_000 {
         let t = Instant::now();
         record_some(&metrics, &meter, &counter);
         slowest = slowest.max(t.elapsed());
     }
-    let took = start.elapsed();
     assert!(
-        slowest < Duration::from_millis(50),
-        "one record took {slowest:?}"
+        !flusher.is_finished(),
+        "all records were done while the export still hung"
     );
-    assert!(took < Duration::from_secs(2), "1000 records took {took:?}");
+    // A shared CI machine may deschedule us for a while; never for the export's timeout.
+    assert!(slowest < timeout / 3, "one record took {slowest:?}");
 
     assert!(
         flusher.join().unwrap().is_err(),
