@@ -24,10 +24,15 @@
 //! let guard = meter.begin_batch();
 //! // ... run the batch ...
 //! let batch = guard.finish(&[("req-1", 120), ("req-2", 40)]); // tokens processed in it
+//! let mut tally = ttc_energy::RequestTally::default(); // one per request, kept by the engine
 //! for r in &batch.requests {
-//!     // Add to the request's running total; put it and its source in the response's usage.
-//!     let _ = (r.request_id, r.joules(), r.source);
+//!     if r.request_id == "req-1" {
+//!         tally.add(r);
+//!     }
 //! }
+//! // In the response: "usage": {..., "energy": {"joules": ..., "source": "estimate"}}
+//! let usage = tally.usage().expect("req-1 took part in a batch");
+//! assert_eq!(usage.source, EnergySource::Estimate);
 //! assert_eq!(batch.requests.iter().map(|r| r.energy_uj).sum::<u64>(), batch.energy_uj);
 //! assert_eq!(batch.source, EnergySource::Estimate);
 //!
@@ -45,6 +50,7 @@ mod meter;
 mod nvml;
 mod rapl;
 mod sensor;
+mod usage;
 
 pub use attribution::split_by_tokens;
 pub use error::EnergyError;
@@ -55,6 +61,7 @@ pub use meter::{
 pub use nvml::{NvmlConfig, NvmlSensor, VisibleDevices};
 pub use rapl::{RaplConfig, RaplSensor};
 pub use sensor::{DeviceReading, EnergySensor, HwType, SensorReading};
+pub use usage::{EnergyUsage, RequestTally};
 
 use serde::{Deserialize, Serialize};
 
