@@ -25,6 +25,11 @@ pub enum EnergyError {
         /// The UUIDs NVML reports.
         available: Vec<String>,
     },
+    /// The pod was given a MIG instance, whose energy NVML does not report on its own.
+    #[error(
+        "visible device `{0}` is a MIG instance: NVML reports energy only for whole GPUs, which other tenants share; give the pod a whole GPU or choose the `estimate` source"
+    )]
+    MigInstance(String),
     /// A GPU offers neither an energy counter nor power readings.
     #[error(
         "GPU {uuid} reports neither total energy nor power usage; choose the `estimate` source"

@@ -343,6 +343,9 @@ fn select_devices(
     let available = || all.iter().map(|(_, u)| u.clone()).collect::<Vec<_>>();
     let mut chosen: Vec<(u32, String)> = Vec::with_capacity(ids.len());
     for id in ids {
+        if id.starts_with("MIG-") {
+            return Err(EnergyError::MigInstance(id.clone()));
+        }
         let found = match id.parse::<u32>() {
             // NVML orders by PCI bus id, as CUDA does with CUDA_DEVICE_ORDER=PCI_BUS_ID.
             Ok(index) => all.iter().find(|(i, _)| *i == index),

@@ -27,7 +27,10 @@ struct RaplDomain {
 }
 
 /// Reads the CPU packages' RAPL energy counters (`intel-rapl:N/energy_uj`), which wrap at
-/// `max_energy_range_uj` every few minutes to hours under load.
+/// `max_energy_range_uj` every few minutes to hours under load. AMD CPUs expose the same files.
+///
+/// RAPL measures whole packages: on a node shared with other pods their joules are in it too,
+/// so it suits dedicated CPU inference nodes; elsewhere `estimate` is the honest choice.
 #[derive(Debug)]
 pub struct RaplSensor {
     domains: Vec<RaplDomain>,

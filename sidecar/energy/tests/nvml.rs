@@ -188,6 +188,11 @@ fn sums_the_pods_gpus_only() {
     assert_eq!(remapped.uuids().len(), 3);
     let missing = NvmlSensor::open(&config(lib.clone(), VisibleDevices::parse("GPU-zzzz")));
     assert!(matches!(missing, Err(EnergyError::DeviceNotFound { .. })));
+    let mig = NvmlSensor::open(&config(
+        lib.clone(),
+        VisibleDevices::parse("MIG-4a2b1c3d-0000-0000-0000-000000000000"),
+    ));
+    assert!(matches!(mig, Err(EnergyError::MigInstance(_))));
     let none = NvmlSensor::open(&config(lib, VisibleDevices::parse("none")));
     assert!(matches!(none, Err(EnergyError::NoVisibleGpu(_))));
 }
