@@ -21,7 +21,7 @@ use ttc_crds::{InferencePolicy, InferencePolicyStatus};
 
 use crate::domain::allocation::{PodLoad, PolicyBudget, allocate};
 use crate::domain::cluster_split::{BudgetSplit, PolicyDemand};
-use crate::domain::selection::{PeerPolicy, PodView, select_pods};
+use crate::domain::selection::{PeerPolicy, PodView, select_pods, selects, validate};
 use crate::domain::status::{self, PodEnergy, StatusInputs, compute_status, invalid_status};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -137,11 +137,9 @@ pub fn policies_selecting(
         return Vec::new();
     };
     policies
-        .state_filter(|p| p.namespace().as_deref() == Some(namespace.as_str()))
+        .state_filter(|p| p.metadata.namespace.as_deref() == Some(namespace.as_str()))
         .into_iter()
-        .filter(|p| {
-            crate::domain::selection::selects(&p.spec.selector, pod.labels()).unwrap_or(false)
-        })
+        .filter(|p| selects(&p.spec.selector, pod.labels()).unwrap_or(false))
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
 }
@@ -164,7 +162,8 @@ fn plan(
     time: Time,
 ) -> Plan {
     let peers_owned = ctx.policies.state_filter(|p| {
-        p.namespace().as_deref() == Some(namespace) && p.metadata.name.as_deref() != Some(name)
+        p.metadata.namespace.as_deref() == Some(namespace)
+            && p.metadata.name.as_deref() != Some(name)
     });
     let peers: Vec<PeerPolicy<'_>> = peers_owned
         .iter()
@@ -175,11 +174,22 @@ fn plan(
             })
         })
         .collect();
-    let pods = ctx
-        .pods
-        .state_filter(|p| p.metadata.namespace.as_deref() == Some(namespace));
+    let selector = &policy.spec.selector;
+    // Only the pods this policy selects are copied out of the cache; with thousands of pods in a
+    // namespace, copying all of them per reconcile dominated the reconcile time.
+    let selected = validate(selector).map(|()| {
+        ctx.pods.state_filter(|p| {
+            p.metadata.namespace.as_deref() == Some(namespace)
+                && selects(selector, p.labels()).unwrap_or(false)
+        })
+    });
+    let pods = selected.as_deref().unwrap_or_default();
     let views: Vec<PodView> = pods.iter().map(|p| pod_view(p)).collect();
-    let selection = match select_pods(&policy.spec.selector, &peers, &views) {
+    let selection = match selected
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|_| select_pods(selector, &peers, &views))
+    {
         Ok(selection) => selection,
         Err(invalid) => {
             let reason = format!("spec.selector: {}", invalid.0);
