@@ -320,14 +320,24 @@ pub async fn run(
         crate::receiver::router(receiver),
         shutdown_signal(shutdown.clone()),
     ));
-    {
+    // The webhook gets a thread and runtime of its own, so that admissions never queue behind a
+    // burst of reconciles (pod creation latency is on the webhook's path, not the controller's).
+    let webhook_thread = {
         let tls = tls.clone();
         let addr = config.webhook_addr;
         let signal = shutdown_signal(shutdown.clone());
-        servers.spawn(async move {
-            crate::webhook::serve(addr, &tls, crate::webhook::router(injector), signal).await
-        });
-    }
+        let router = crate::webhook::router(injector);
+        std::thread::Builder::new()
+            .name("ttc-webhook".into())
+            .spawn(move || -> Result<()> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| Error::Serve(format!("webhook runtime: {e}")))?;
+                runtime.block_on(crate::webhook::serve(addr, &tls, router, signal))
+            })
+            .map_err(|e| Error::Serve(format!("webhook thread: {e}")))?
+    };
     if let (Some(name), Some(target)) = (&config.webhook_config_name, config.webhook_target()?) {
         let configuration = crate::webhook::webhook_configuration(name, &target, &tls.ca_pem);
         crate::webhook::apply_webhook_configuration(client.clone(), &configuration).await?;
@@ -443,6 +453,11 @@ pub async fn run(
             Err(e) => error!(error = %e, "server task failed"),
             Ok(Ok(())) => {}
         }
+    }
+    match tokio::task::spawn_blocking(move || webhook_thread.join()).await {
+        Ok(Ok(Err(e))) => error!(error = %e, "webhook server failed"),
+        Ok(Err(_)) | Err(_) => error!("webhook thread panicked"),
+        Ok(Ok(Ok(()))) => {}
     }
     // The context (holding a leader receiver) is dropped with the controller; the lease task
     // then releases the lease.

@@ -58,6 +58,28 @@ async fn http_get(port: u16, path: &str) -> Result<String, std::io::Error> {
     Ok(body)
 }
 
+/// The quantile of a cumulative histogram `(upper bound, count)`, interpolated within its bucket.
+fn histogram_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if !le.is_finite() {
+                return lower.0;
+            }
+            let within = if count > lower.1 {
+                (rank - lower.1) / (count - lower.1)
+            } else {
+                0.0
+            };
+            return lower.0 + (le - lower.0) * within;
+        }
+        lower = (le, count);
+    }
+    lower.0
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -228,12 +250,28 @@ async fn policies_and_pods_at_scale() -> TestResult {
     );
 
     let metrics = http_get(admin, "/metrics").await?;
-    for line in metrics.lines().filter(|l| {
-        l.starts_with("ttc_operator_admission_duration_seconds_bucket")
-            || l.starts_with("ttc_operator_admissions_total")
-    }) {
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("ttc_operator_admissions_total"))
+    {
         println!("{line}");
     }
+    let buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("ttc_operator_admission_duration_seconds_bucket{le=\""))
+        .filter_map(|l| {
+            let (le, count) = l.split_once("\"} ")?;
+            Some((
+                le.parse().unwrap_or(f64::INFINITY),
+                count.trim().parse().ok()?,
+            ))
+        })
+        .collect();
+    println!(
+        "webhook admission latency (in the operator) p50 {:.2} ms p99 {:.2} ms",
+        histogram_quantile(&buckets, 0.5) * 1e3,
+        histogram_quantile(&buckets, 0.99) * 1e3
+    );
     println!(
         "operator RSS {} KiB (peak {} KiB)",
         rss_kib(pid, "VmRSS:").unwrap_or_default(),
