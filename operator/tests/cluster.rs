@@ -155,6 +155,99 @@ async fn api_server_accepts_valid_and_rejects_invalid_manifests_naming_the_field
     Ok(())
 }
 
+/// Applies `operator/deploy/rbac.yaml` and returns a client acting as a ServiceAccount of
+/// `namespace` bound to `role` (cluster-wide) and, for the operator, to leader election there.
+async fn client_with_role(
+    ns: &TestNamespace,
+    account: &str,
+    role: &str,
+) -> Result<Client, Box<dyn std::error::Error + Send + Sync>> {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{
+        ClusterRole, ClusterRoleBinding, RoleBinding, RoleRef, Subject,
+    };
+    let admin = ns.client().clone();
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/rbac.yaml"))?;
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let role: ClusterRole = serde::Deserialize::deserialize(document)?;
+        let name = role
+            .metadata
+            .name
+            .clone()
+            .ok_or("ClusterRole without a name")?;
+        Api::<ClusterRole>::all(admin.clone())
+            .patch(
+                &name,
+                &PatchParams::apply("ttc-operator-tests").force(),
+                &Patch::Apply(&role),
+            )
+            .await?;
+    }
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(account.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    ns.api::<ServiceAccount>()
+        .create(&PostParams::default(), &sa)
+        .await?;
+    let subject = Subject {
+        kind: "ServiceAccount".into(),
+        name: account.into(),
+        namespace: Some(ns.name().into()),
+        api_group: None,
+    };
+    let role_ref = |name: &str| RoleRef {
+        api_group: "rbac.authorization.k8s.io".into(),
+        kind: "ClusterRole".into(),
+        name: name.into(),
+    };
+    let binding = ClusterRoleBinding {
+        metadata: ObjectMeta {
+            name: Some(format!("{}-{account}", ns.name())),
+            ..Default::default()
+        },
+        role_ref: role_ref(role),
+        subjects: Some(vec![subject.clone()]),
+    };
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .create(&PostParams::default(), &binding)
+        .await?;
+    if role == "ttc-operator" {
+        let leader = RoleBinding {
+            metadata: ObjectMeta {
+                name: Some(format!("{account}-leader-election")),
+                ..Default::default()
+            },
+            role_ref: role_ref("ttc-operator-leader-election"),
+            subjects: Some(vec![subject]),
+        };
+        ns.api::<RoleBinding>()
+            .create(&PostParams::default(), &leader)
+            .await?;
+    }
+    let kubeconfig = kube::config::Kubeconfig::read_from(ns.cluster().kubeconfig())?;
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    config.auth_info.impersonate = Some(format!("system:serviceaccount:{}:{account}", ns.name()));
+    Ok(Client::try_from(config)?)
+}
+
+async fn delete_bindings(ns: &TestNamespace, accounts: &[&str]) -> TestResult {
+    use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+    let api = Api::<ClusterRoleBinding>::all(ns.client().clone());
+    for account in accounts {
+        api.delete(
+            &format!("{}-{account}", ns.name()),
+            &DeleteParams::default(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 fn free_port() -> Result<u16, std::io::Error> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -267,8 +360,10 @@ async fn operator_injects_converges_and_resplits() -> TestResult {
         webhook_service: None,
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // The operator runs with the rights of operator/deploy/rbac.yaml, nothing more.
+    let operator_client = client_with_role(&ns, "ttc-operator", "ttc-operator").await?;
     let operator = tokio::spawn(ttc_operator::run::run(
-        client.clone(),
+        operator_client.clone(),
         config.clone(),
         shutdown_rx,
     ));
@@ -423,6 +518,28 @@ async fn operator_injects_converges_and_resplits() -> TestResult {
     })
     .await?;
     assert_eq!(status.allocations.len(), 2);
+
+    // A sidecar reads its allocation with read-only rights and cannot write status.
+    let sidecar_client = client_with_role(&ns, "inference", "ttc-sidecar").await?;
+    let as_sidecar: Api<InferencePolicy> = Api::namespaced(sidecar_client, ns.name());
+    let seen = as_sidecar.get("chat").await?;
+    let mine = seen
+        .status
+        .as_ref()
+        .and_then(|s| s.allocations.iter().find(|a| a.pod == "chat-a"))
+        .ok_or("no allocation for chat-a")?;
+    assert!(mine.watts.is_some_and(|w| w > 0.0));
+    let write = as_sidecar
+        .patch_status(
+            "chat",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": {"matchedPods": 0}})),
+        )
+        .await;
+    assert!(
+        matches!(write, Err(kube::Error::Api(ref s)) if s.code == 403),
+        "sidecar could write status: {write:?}"
+    );
     assert!(
         status
             .allocations
@@ -459,7 +576,11 @@ async fn operator_injects_converges_and_resplits() -> TestResult {
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let restarted = Instant::now();
-    let operator = tokio::spawn(ttc_operator::run::run(client.clone(), config, shutdown_rx));
+    let operator = tokio::spawn(ttc_operator::run::run(
+        operator_client.clone(),
+        config,
+        shutdown_rx,
+    ));
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = ns.api();
     eventually(
         "new replica holds the lease",
@@ -503,6 +624,7 @@ async fn operator_injects_converges_and_resplits() -> TestResult {
     Api::<MutatingWebhookConfiguration>::all(client.clone())
         .delete(&webhook_config, &DeleteParams::default())
         .await?;
+    delete_bindings(&ns, &["ttc-operator", "inference"]).await?;
     other.delete().await?;
     ns.delete().await?;
     Ok(())
