@@ -460,6 +460,26 @@ async fn operator_injects_converges_and_resplits() -> TestResult {
         "a pod in a namespace that did not opt in got the sidecar"
     );
 
+    let elsewhere_policies: Api<InferencePolicy> = other.api();
+    eventually(
+        "not-opted-in namespace reported",
+        Duration::from_secs(60),
+        || {
+            let api = elsewhere_policies.clone();
+            async move {
+                let status = api.get("chat").await.map_err(|e| e.to_string())?.status;
+                let not_ready = status.is_some_and(|s| {
+                    s.conditions.iter().any(|c| {
+                        c.type_ == "Ready"
+                            && c.status == "False"
+                            && c.reason == "NamespaceNotOptedIn"
+                    })
+                });
+                Ok(not_ready.then_some(()))
+            }
+        },
+    )
+    .await?;
     status_where(&policies, "two injected pods", |s| {
         s.matched_pods == 2 && s.injected_pods == 2
     })

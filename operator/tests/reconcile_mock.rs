@@ -59,6 +59,15 @@ fn fixture(
     pods: Vec<PartialObjectMeta<Pod>>,
     leader: bool,
 ) -> Fixture {
+    fixture_with(policies, pods, leader, ReconcileSettings::default())
+}
+
+fn fixture_with(
+    policies: &[InferencePolicy],
+    pods: Vec<PartialObjectMeta<Pod>>,
+    leader: bool,
+    settings: ReconcileSettings,
+) -> Fixture {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let (policy_reader, mut policy_writer) = store::<InferencePolicy>();
@@ -78,7 +87,7 @@ fn fixture(
         pod_reader,
         ns_reader,
         Arc::new(ReportBook::new(Duration::from_secs(60))),
-        ReconcileSettings::default(),
+        settings,
         leader_rx,
         Reporter {
             controller: "ttc-operator".into(),
@@ -307,4 +316,36 @@ async fn api_errors_back_off_exponentially() {
             .render()
             .contains("ttc_operator_reconcile_errors_total{error=\"kube\"} 3")
     );
+}
+
+#[tokio::test]
+async fn cluster_power_cap_is_split_by_priority() {
+    let chat = policy("chat", json!({"matchLabels": {"app": "chat"}}));
+    let mut batch = policy("batch", json!({"matchLabels": {"app": "batch"}}));
+    batch.spec.priority = 300;
+    batch.spec.budget.power_cap_watts = None;
+    let settings = ReconcileSettings {
+        cluster_power_cap_watts: Some(80.0),
+        ..ReconcileSettings::default()
+    };
+    let mut f = fixture_with(
+        &[chat.clone(), batch],
+        vec![pod("chat-1", json!({"app": "chat"}), Some("chat"))],
+        true,
+        settings,
+    );
+    let task = tokio::spawn(reconcile(Arc::new(chat.clone()), f.ctx.clone()));
+    let body = expect(
+        &mut f.handle,
+        "PATCH",
+        STATUS_PATH,
+        StatusCode::OK,
+        serde_json::to_value(&chat).expect("json"),
+    )
+    .await;
+    task.await.expect("join").expect("reconciled");
+    // Priorities 100 and 300 of 80 W: chat is offered 20 W, less than its own 100 W cap.
+    assert_eq!(body["status"]["clusterShare"]["watts"], 20.0);
+    assert_eq!(body["status"]["clusterShare"]["fraction"], 0.25);
+    assert_eq!(body["status"]["allocations"][0]["watts"], 20.0);
 }
