@@ -10,5 +10,6 @@ pub mod chat_template;
 pub mod engine;
 pub mod gguf;
 pub mod model_store;
+pub mod policy_link;
 pub mod tokenizer;
 pub mod ttc;

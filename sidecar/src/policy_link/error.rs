@@ -1,0 +1,26 @@
+//! Errors of the link to the operator.
+
+/// What can go wrong setting up the link to the operator. Each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// An environment variable the operator injects is missing or empty.
+    #[error(
+        "environment variable {variable} is not set: the operator sets it on injected sidecars; \
+         set it by hand when running the sidecar outside an injected pod"
+    )]
+    MissingEnv {
+        /// The variable's name.
+        variable: &'static str,
+    },
+    /// The report endpoint is not an http(s) URL.
+    #[error("report endpoint {endpoint:?} is not a usable http:// or https:// URL: {reason}")]
+    InvalidEndpoint {
+        /// The endpoint as given.
+        endpoint: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The HTTP client for reports could not be built (TLS set-up).
+    #[error("building the HTTP client for energy reports: {0}")]
+    HttpClient(#[source] reqwest::Error),
+}
