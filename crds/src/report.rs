@@ -75,12 +75,14 @@ pub mod sidecar_env {
     pub const POD_UID: &str = "TTC_POD_UID";
     /// Node the pod runs on (downward API).
     pub const NODE_NAME: &str = "TTC_NODE_NAME";
-    /// Port of the sidecar's HTTP API.
-    pub const PORT: &str = "TTC_PORT";
-    /// Named model to serve (absent when a path is given).
-    pub const MODEL_NAME: &str = "TTC_MODEL_NAME";
-    /// Path of the GGUF model file to serve (absent when a name is given).
-    pub const MODEL_PATH: &str = "TTC_MODEL_PATH";
+    /// Model to serve: a known model name or the path of a GGUF file (the sidecar's `--model`).
+    pub const MODEL: &str = "TTC_MODEL";
+    /// Address the sidecar's HTTP API listens on, `0.0.0.0:<spec.sidecar.port>` (`--listen`).
+    pub const LISTEN: &str = "TTC_LISTEN";
+    /// `true`: test-time compute on, governed by the policy (`--ttc`).
+    pub const ENABLE_TTC: &str = "TTC_ENABLE";
+    /// Writable directory for fetched models (`--cache`); the root filesystem is read-only.
+    pub const MODEL_CACHE: &str = "TTC_MODEL_CACHE";
     /// OTLP/HTTP endpoint for metrics (the operator's receiver by default).
     pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
     /// OpenTelemetry resource attributes naming the pod and policy.

@@ -21,6 +21,8 @@ use crate::domain::selection::selects;
 pub const MODEL_MOUNT_PATH: &str = "/models";
 const MODEL_VOLUME: &str = "ttc-model";
 const TMP_VOLUME: &str = "ttc-tmp";
+/// Where the sidecar caches fetched models (on the /tmp emptyDir).
+pub const MODEL_CACHE_PATH: &str = "/tmp/models";
 /// UID the sidecar runs as (non-root).
 pub const SIDECAR_UID: i64 = 65532;
 
@@ -118,13 +120,17 @@ pub fn sidecar_container(
         from(sidecar_env::POD_NAME, "metadata.name"),
         from(sidecar_env::POD_UID, "metadata.uid"),
         from(sidecar_env::NODE_NAME, "spec.nodeName"),
-        value(sidecar_env::PORT, port.to_string()),
+        value(sidecar_env::LISTEN, format!("0.0.0.0:{port}")),
+        value(sidecar_env::ENABLE_TTC, "true".into()),
+        value(sidecar_env::MODEL_CACHE, MODEL_CACHE_PATH.into()),
     ];
-    match (&spec.model.path, &spec.model.name) {
-        (Some(path), _) => env.push(value(sidecar_env::MODEL_PATH, path.clone())),
-        (None, Some(name)) => env.push(value(sidecar_env::MODEL_NAME, name.clone())),
-        (None, None) => env.push(value(sidecar_env::MODEL_NAME, defaults.model_name.clone())),
-    }
+    let model = spec
+        .model
+        .path
+        .clone()
+        .or_else(|| spec.model.name.clone())
+        .unwrap_or_else(|| defaults.model_name.clone());
+    env.push(value(sidecar_env::MODEL, model));
     let otlp = spec
         .sidecar
         .otlp_endpoint
@@ -395,10 +401,18 @@ mod tests {
             Some("http://ttc-operator.ttc-system.svc:4318")
         );
         assert_eq!(
-            get(sidecar_env::MODEL_NAME).value.as_deref(),
+            get(sidecar_env::MODEL).value.as_deref(),
             Some("smollm2-135m")
         );
-        assert_eq!(get(sidecar_env::PORT).value.as_deref(), Some("8090"));
+        assert_eq!(
+            get(sidecar_env::LISTEN).value.as_deref(),
+            Some("0.0.0.0:8090")
+        );
+        assert_eq!(get(sidecar_env::ENABLE_TTC).value.as_deref(), Some("true"));
+        assert_eq!(
+            get(sidecar_env::MODEL_CACHE).value.as_deref(),
+            Some(MODEL_CACHE_PATH)
+        );
         let attrs = get(sidecar_env::OTEL_RESOURCE_ATTRIBUTES)
             .value
             .expect("attrs");
@@ -447,10 +461,15 @@ mod tests {
         );
         let env = c.env.expect("env");
         assert!(
-            env.iter().any(|e| e.name == sidecar_env::MODEL_PATH
-                && e.value.as_deref() == Some("/models/m.gguf"))
+            env.iter()
+                .any(|e| e.name == sidecar_env::MODEL
+                    && e.value.as_deref() == Some("/models/m.gguf"))
         );
-        assert!(!env.iter().any(|e| e.name == sidecar_env::MODEL_NAME));
+        assert!(
+            env.iter().any(
+                |e| e.name == sidecar_env::LISTEN && e.value.as_deref() == Some("0.0.0.0:9000")
+            )
+        );
     }
 
     #[test]
