@@ -13,3 +13,4 @@ pub mod model_store;
 pub mod policy_link;
 pub mod tokenizer;
 pub mod ttc;
+pub mod ttc_service;

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -11,6 +12,8 @@ use ttc_sidecar::engine::llama::WeightFormat;
 use ttc_sidecar::engine::worker::EngineHandle;
 use ttc_sidecar::engine::{Engine, EngineOptions};
 use ttc_sidecar::model_store::{DEFAULT_MODEL, KNOWN_MODELS, ModelStore};
+use ttc_sidecar::ttc::TtcPolicy;
+use ttc_sidecar::ttc_service::TtcService;
 
 #[derive(Parser)]
 #[command(
@@ -79,6 +82,36 @@ struct ServeArgs {
     /// Path of libnvidia-ml (default: found by the loader).
     #[arg(long, env = "TTC_NVML_LIBRARY")]
     nvml_library: Option<PathBuf>,
+    /// Enable test-time compute with this policy (YAML or JSON with the fields of an
+    /// InferencePolicy's `spec.ttc`: strategy, minSamples, maxSamples, earlyStopAgreement, ...).
+    #[arg(long, env = "TTC_POLICY_FILE")]
+    ttc_policy: Option<PathBuf>,
+    /// Enable test-time compute with the default policy (adaptive, 1-8 samples).
+    #[arg(long, env = "TTC_ENABLE")]
+    ttc: bool,
+    /// Energy allocation of this pod in joules per request (standalone mode; in a cluster the
+    /// operator sets it).
+    #[arg(long, env = "TTC_JOULES_PER_REQUEST")]
+    joules_per_request: Option<f64>,
+}
+
+fn ttc_service(args: &ServeArgs) -> anyhow::Result<Option<Arc<TtcService>>> {
+    let policy: TtcPolicy = match &args.ttc_policy {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading TTC policy {}", path.display()))?;
+            serde_yaml::from_str(&text)
+                .with_context(|| format!("TTC policy {} is invalid", path.display()))?
+        }
+        None if args.ttc || args.joules_per_request.is_some() => serde_json::from_str("{}")?,
+        None => return Ok(None),
+    };
+    let service = TtcService::new(policy).context("the TTC policy is inconsistent")?;
+    if let Some(j) = args.joules_per_request {
+        anyhow::ensure!(j > 0.0, "--joules-per-request must be positive, got {j}");
+        service.set_allocation(Some(j));
+    }
+    Ok(Some(Arc::new(service)))
 }
 
 fn store(cache: Option<PathBuf>) -> ModelStore {
@@ -120,7 +153,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let path = store(args.cache).resolve(&args.model)?;
+    let path = store(args.cache.clone()).resolve(&args.model)?;
     let name = args.served_model_name.clone().unwrap_or_else(|| {
         if KNOWN_MODELS.iter().any(|m| m.name == args.model) {
             args.model.clone()
@@ -159,12 +192,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "energy meter ready"
     );
     let handle = EngineHandle::spawn(engine, meter).context("starting the engine thread")?;
+    let ttc = ttc_service(&args)?;
     let state = AppState {
         engine: handle,
         limits: Limits {
             max_n: args.max_n,
             ..Limits::default()
         },
+        ttc,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -7,32 +7,41 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
+use std::sync::Arc;
 use tower::ServiceExt;
 use ttc_energy::{EnergyMeter, MeterConfig, SourceChoice};
 use ttc_sidecar::api::{AppState, Limits, router};
 use ttc_sidecar::engine::worker::EngineHandle;
 use ttc_sidecar::engine::{Engine, EngineOptions};
 use ttc_sidecar::model_store::DEFAULT_MODEL;
+use ttc_sidecar::ttc::TtcPolicy;
+use ttc_sidecar::ttc_service::TtcService;
+
+fn handle() -> EngineHandle {
+    static HANDLE: std::sync::OnceLock<EngineHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let engine = Engine::load(
+                &common::default_model_path(),
+                DEFAULT_MODEL.name,
+                &EngineOptions::default(),
+            )
+            .unwrap();
+            let meter = EnergyMeter::from_config(&MeterConfig {
+                source: SourceChoice::Estimate,
+                ..MeterConfig::default()
+            })
+            .unwrap();
+            EngineHandle::spawn(engine, meter).unwrap()
+        })
+        .clone()
+}
 
 fn app() -> axum::Router {
-    static HANDLE: std::sync::OnceLock<EngineHandle> = std::sync::OnceLock::new();
-    let handle = HANDLE.get_or_init(|| {
-        let engine = Engine::load(
-            &common::default_model_path(),
-            DEFAULT_MODEL.name,
-            &EngineOptions::default(),
-        )
-        .unwrap();
-        let meter = EnergyMeter::from_config(&MeterConfig {
-            source: SourceChoice::Estimate,
-            ..MeterConfig::default()
-        })
-        .unwrap();
-        EngineHandle::spawn(engine, meter).unwrap()
-    });
     router(AppState {
-        engine: handle.clone(),
+        engine: handle(),
         limits: Limits::default(),
+        ttc: None,
     })
 }
 
@@ -246,4 +255,64 @@ async fn bad_requests_get_openai_errors() {
     // The server still answers after all of that.
     let (status, _) = post("/v1/chat/completions", chat(json!({}))).await;
     assert_eq!(status, StatusCode::OK);
+}
+
+/// With a policy in force, a request without `n` gets samples voted on, one chosen answer, and a
+/// `ttc` report; a request that opts out gets one plain sample.
+#[tokio::test]
+async fn ttc_votes_and_reports_depth_and_energy() {
+    let policy: TtcPolicy = serde_json::from_value(json!({
+        "strategy": "MajorityVote", "minSamples": 3, "maxSamples": 4, "difficultyAware": false
+    }))
+    .unwrap();
+    let service = Arc::new(TtcService::new(policy).unwrap());
+    let app = router(AppState {
+        engine: handle(),
+        limits: Limits::default(),
+        ttc: Some(service.clone()),
+    });
+    let body = json!({
+        "model": DEFAULT_MODEL.name,
+        "messages": [{ "role": "user", "content": "What is 2+3? Answer with a number." }],
+        "max_tokens": 12, "temperature": 0.7, "seed": 5,
+        "ttc": { "answerType": { "type": "number" } }
+    });
+    let request = Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(v["choices"].as_array().unwrap().len(), 1, "{v}");
+    let samples = v["ttc"]["samples"].as_u64().unwrap();
+    assert!((3..=4).contains(&samples), "policy bounds not obeyed: {v}");
+    assert_eq!(v["ttc"]["strategy"], "MajorityVote");
+    assert_eq!(v["usage"]["energy"]["source"], "estimate");
+    assert!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() >= samples,
+        "{v}"
+    );
+    assert!(
+        (v["ttc"]["joules"].as_f64().unwrap() - v["usage"]["energy"]["joules"].as_f64().unwrap())
+            .abs()
+            < 1e-9
+    );
+
+    let mut opt_out = body.clone();
+    opt_out["ttc"] = json!({ "enabled": false });
+    let request = Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(opt_out.to_string()))
+        .unwrap();
+    let response = app.oneshot(request).await.unwrap();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    assert!(v.get("ttc").is_none(), "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 1);
 }

@@ -20,8 +20,13 @@ use serde_json::json;
 use crate::engine::sampler::SamplerConfig;
 use crate::engine::stop::StopStrings;
 use crate::engine::worker::EngineHandle;
-use crate::engine::{GenerationEvent, GenerationOutput, GenerationRequest};
+use crate::engine::{
+    Completion, GenerationEvent, GenerationOutput, GenerationRequest, RequestJoules,
+};
+use crate::ttc::TtcOutcome;
+use crate::ttc_service::{TtcRequest, TtcService};
 pub use error::ApiError;
+use std::sync::Arc;
 use types::*;
 
 /// Bounds on what one request may ask for.
@@ -47,6 +52,46 @@ impl Default for Limits {
 pub struct AppState {
     pub engine: EngineHandle,
     pub limits: Limits,
+    /// Test-time compute, when a policy is in force; requests without `n` then get the depth the
+    /// budget allows and one chosen answer.
+    pub ttc: Option<Arc<TtcService>>,
+}
+
+/// Whether a request runs under test-time compute: a policy is in force, the client asked for
+/// neither several choices nor a stream, and did not opt out.
+fn ttc_for<'a>(state: &'a AppState, s: &SamplingFields) -> Option<&'a Arc<TtcService>> {
+    let wanted = s.n.is_none() && !s.stream && s.ttc.enabled != Some(false);
+    state.ttc.as_ref().filter(|_| wanted)
+}
+
+async fn run_ttc(
+    service: &TtcService,
+    state: &AppState,
+    request: GenerationRequest,
+    prompt_text: String,
+    answer_type: Option<crate::ttc::AnswerType>,
+) -> Result<(Completion, Usage, TtcOutcome), ApiError> {
+    let answer = service
+        .answer(
+            &state.engine,
+            TtcRequest {
+                prompt: request.prompt,
+                prompt_text,
+                answer_type: answer_type.unwrap_or_default(),
+                max_tokens: request.max_tokens,
+                sampler: request.sampler,
+                seed: request.seed,
+                stop: request.stop,
+            },
+        )
+        .await?;
+    let usage = Usage {
+        prompt_tokens: answer.prompt_tokens,
+        completion_tokens: answer.completion_tokens,
+        total_tokens: answer.prompt_tokens + answer.completion_tokens,
+        energy: answer.energy.map(energy_usage),
+    };
+    Ok((answer.chosen, usage, answer.outcome))
 }
 
 /// The API's routes.
@@ -183,11 +228,15 @@ fn usage(out: &GenerationOutput) -> Usage {
         prompt_tokens: out.prompt_tokens,
         completion_tokens: out.completion_tokens,
         total_tokens: out.prompt_tokens + out.completion_tokens,
-        energy: out.energy.map(|e| EnergyUsage {
-            joules: e.joules,
-            source: e.source,
-            measured: e.source.is_measured(),
-        }),
+        energy: out.energy.map(energy_usage),
+    }
+}
+
+fn energy_usage(e: RequestJoules) -> EnergyUsage {
+    EnergyUsage {
+        joules: e.joules,
+        source: e.source,
+        measured: e.source.is_measured(),
     }
 }
 
@@ -229,6 +278,8 @@ async fn chat_completions(
         .as_ref()
         .is_some_and(|o| o.include_usage);
     let stream = req.sampling.stream;
+    let ttc = ttc_for(&state, &req.sampling).cloned();
+    let answer_type = req.sampling.ttc.answer_type;
     let request = build_request(&state, &req.model, prompt, "messages", req.sampling)?;
     let meta = StreamMeta {
         id: request_id("chatcmpl"),
@@ -237,6 +288,32 @@ async fn chat_completions(
         include_usage,
         chat: true,
     };
+    if let Some(service) = ttc {
+        let prompt_text = messages
+            .last()
+            .map(|m| m.content.clone())
+            .unwrap_or_default();
+        let (chosen, usage, outcome) =
+            run_ttc(&service, &state, request, prompt_text, answer_type).await?;
+        let body = ChatCompletion {
+            id: meta.id,
+            object: "chat.completion",
+            created: meta.created,
+            model: meta.model,
+            usage,
+            choices: vec![ChatChoice {
+                index: 0,
+                message: OutputMessage {
+                    role: "assistant",
+                    content: chosen.text,
+                },
+                finish_reason: chosen.finish,
+                logprobs: None,
+            }],
+            ttc: Some(outcome),
+        };
+        return Ok(Json(body).into_response());
+    }
     if stream {
         return Ok(stream_response(&state, request, meta).into_response());
     }
@@ -248,6 +325,7 @@ async fn chat_completions(
         object: "chat.completion",
         created: meta.created,
         model: meta.model,
+        ttc: None,
         usage: usage(&out),
         choices: out
             .completions
@@ -295,6 +373,8 @@ async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Respo
         .as_ref()
         .is_some_and(|o| o.include_usage);
     let stream = req.sampling.stream;
+    let ttc = ttc_for(&state, &req.sampling).cloned();
+    let answer_type = req.sampling.ttc.answer_type;
     let request = build_request(&state, &req.model, prompt, "prompt", req.sampling)?;
     let meta = StreamMeta {
         id: request_id("cmpl"),
@@ -303,6 +383,25 @@ async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Respo
         include_usage,
         chat: false,
     };
+    if let Some(service) = ttc {
+        let (chosen, usage, outcome) =
+            run_ttc(&service, &state, request, text, answer_type).await?;
+        let body = TextCompletion {
+            id: meta.id,
+            object: "text_completion",
+            created: meta.created,
+            model: meta.model,
+            usage,
+            choices: vec![TextChoice {
+                index: 0,
+                text: chosen.text,
+                finish_reason: chosen.finish,
+                logprobs: None,
+            }],
+            ttc: Some(outcome),
+        };
+        return Ok(Json(body).into_response());
+    }
     if stream {
         return Ok(stream_response(&state, request, meta).into_response());
     }
@@ -312,6 +411,7 @@ async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Respo
         object: "text_completion",
         created: meta.created,
         model: meta.model,
+        ttc: None,
         usage: usage(&out),
         choices: out
             .completions

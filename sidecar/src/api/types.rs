@@ -92,6 +92,19 @@ pub struct SamplingFields {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    /// Not in OpenAI's API: how test-time compute treats this request.
+    #[serde(default)]
+    pub ttc: TtcRequestOptions,
+}
+
+/// Per-request test-time-compute options (the `ttc` field of a request body).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TtcRequestOptions {
+    /// How answers are extracted and compared for the vote (default: short text).
+    pub answer_type: Option<crate::ttc::AnswerType>,
+    /// `false` opts this request out of test-time compute (one plain sample).
+    pub enabled: Option<bool>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -164,6 +177,9 @@ pub struct ChatCompletion {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    /// Not in OpenAI's API: what test-time compute did, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttc: Option<crate::ttc::TtcOutcome>,
 }
 
 /// One choice of a text completion.
@@ -184,6 +200,9 @@ pub struct TextCompletion {
     pub model: String,
     pub choices: Vec<TextChoice>,
     pub usage: Usage,
+    /// Not in OpenAI's API: what test-time compute did, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttc: Option<crate::ttc::TtcOutcome>,
 }
 
 /// `GET /v1/models` entry.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 
 use tokio::sync::{mpsc as async_mpsc, oneshot};
-use ttc_energy::EnergyMeter;
+use ttc_energy::{EnergyMeter, RequestTally};
 
 use super::{
     Engine, EngineError, Generation, GenerationEvent, GenerationOutput, GenerationRequest,
@@ -85,7 +85,7 @@ impl EngineHandle {
 
 struct Active {
     generation: Generation,
-    energy_uj: u64,
+    energy: RequestTally,
     events: Option<async_mpsc::UnboundedSender<GenerationEvent>>,
     done: oneshot::Sender<Result<GenerationOutput, EngineError>>,
 }
@@ -105,7 +105,7 @@ fn run(engine: &Engine, meter: &EnergyMeter, inbox: &mpsc::Receiver<Job>) {
             match Generation::new(engine, job.request) {
                 Ok(generation) => active.push(Active {
                     generation,
-                    energy_uj: 0,
+                    energy: RequestTally::default(),
                     events: job.events,
                     done: job.done,
                 }),
@@ -126,19 +126,18 @@ fn run(engine: &Engine, meter: &EnergyMeter, inbox: &mpsc::Receiver<Job>) {
             let tokens = a.generation.next_pass_tokens() as u64;
             let batch = meter.begin_batch();
             let stepped = a.generation.step(engine, &mut on_event);
-            a.energy_uj += batch
-                .finish(&[((), tokens)])
-                .requests
-                .iter()
-                .map(|r| r.energy_uj)
-                .sum::<u64>();
+            for share in &batch.finish(&[((), tokens)]).requests {
+                a.energy.add(share);
+            }
             match stepped {
                 Ok(false) => still.push(a),
                 Ok(true) => {
                     let mut output = a.generation.finish();
-                    output.energy = Some(RequestJoules {
-                        joules: a.energy_uj as f64 / 1e6,
-                        source: meter.source(),
+                    // A batch priced by the estimate after a failed read taints the request's
+                    // figure, so it is never shown as measured.
+                    output.energy = a.energy.usage().map(|u| RequestJoules {
+                        joules: u.joules,
+                        source: u.source,
                     });
                     let _ = a.done.send(Ok(output));
                 }

@@ -243,16 +243,7 @@ pub struct TtcPlan {
 }
 
 /// Where a joules figure comes from; an estimate is never shown as a measurement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EnergySource {
-    /// GPU energy counter.
-    Nvml,
-    /// CPU RAPL counters.
-    Rapl,
-    /// Estimated from CPU time.
-    Estimate,
-}
+pub use ttc_energy::EnergySource;
 
 /// The measured cost of a finished request.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

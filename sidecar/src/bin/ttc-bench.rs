@@ -1,0 +1,220 @@
+//! `ttc-bench`: our engine against llama.cpp on the same GGUF file, workload and thread count.
+//!
+//! Both sides time only the model's forward passes: a prompt prefill, then decode steps of `b`
+//! sequences sharing the prompt's KV cache. The llama.cpp side runs through llama-cpp-python
+//! (`sidecar/bench/llama_cpp_peer.py`); without it, only our figures are printed.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::Tensor;
+use clap::Parser;
+use ttc_sidecar::engine::llama::{Llama, WeightFormat};
+use ttc_sidecar::gguf::GgufFile;
+use ttc_sidecar::model_store::{DEFAULT_MODEL, ModelStore};
+
+#[derive(Parser)]
+#[command(
+    name = "ttc-bench",
+    about = "Engine throughput, ours vs llama.cpp, printed as ratios"
+)]
+struct Args {
+    /// A known model name or a GGUF path.
+    #[arg(long, default_value = DEFAULT_MODEL.name)]
+    model: String,
+    /// Compute threads, for both engines.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Prompt length for the prefill.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Decode steps per measurement.
+    #[arg(long, default_value_t = 64)]
+    decode_steps: usize,
+    /// Batch sizes (sequences decoded together).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,16")]
+    batches: Vec<usize>,
+    /// Repeats per figure (the best is kept).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Our in-memory weight format.
+    #[arg(long, value_enum, default_value_t = WeightFormat::Q8_0)]
+    weights: WeightFormat,
+    /// Python with llama-cpp-python installed.
+    #[arg(long, env = "TTC_PYTHON", default_value = "python3")]
+    python: String,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct Figures {
+    prefill_tok_s: f64,
+    /// Batch size -> figures.
+    decode: std::collections::BTreeMap<String, Decode>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct Decode {
+    step_ms: f64,
+    summed_tok_s: f64,
+}
+
+const TOKEN: u32 = 504;
+
+fn ours(args: &Args, path: &std::path::Path) -> anyhow::Result<Figures> {
+    let mut gguf = GgufFile::open(path)?;
+    let model = Llama::load(&mut gguf, args.weights, &candle_core::Device::Cpu)?;
+    let device = model.device().clone();
+    let prompt = Tensor::new(vec![TOKEN; args.prompt_tokens], &device)?.unsqueeze(0)?;
+    let prefill = |cache: &mut _| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        model.forward(&prompt, cache)?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    prefill(&mut model.new_cache())?;
+    let mut best = f64::MAX;
+    for _ in 0..args.repeats {
+        best = best.min(prefill(&mut model.new_cache())?);
+    }
+    let mut figures = Figures {
+        prefill_tok_s: args.prompt_tokens as f64 / best,
+        ..Figures::default()
+    };
+    for &b in &args.batches {
+        let step = Tensor::new(vec![TOKEN; b], &device)?.unsqueeze(1)?;
+        let mut best = f64::MAX;
+        for _ in 0..args.repeats {
+            let mut cache = model.new_cache();
+            prefill(&mut cache)?;
+            let mut cache = cache.repeat_rows(b)?;
+            let t = Instant::now();
+            for _ in 0..args.decode_steps {
+                model.forward(&step, &mut cache)?;
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        figures.decode.insert(
+            b.to_string(),
+            Decode {
+                step_ms: best / args.decode_steps as f64 * 1e3,
+                summed_tok_s: (b * args.decode_steps) as f64 / best,
+            },
+        );
+    }
+    Ok(figures)
+}
+
+fn peer(args: &Args, path: &std::path::Path) -> anyhow::Result<Figures> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/llama_cpp_peer.py");
+    let batches = args
+        .batches
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let output = Command::new(&args.python)
+        .arg(&script)
+        .arg("--model")
+        .arg(path)
+        .args(["--threads", &args.threads.to_string()])
+        .args(["--prompt-tokens", &args.prompt_tokens.to_string()])
+        .args(["--decode-steps", &args.decode_steps.to_string()])
+        .args(["--batches", &batches])
+        .args(["--repeats", &args.repeats.to_string()])
+        .output()
+        .with_context(|| format!("running {}", args.python))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "llama.cpp peer failed (install it with: CMAKE_ARGS=\"-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF\" pip install llama-cpp-python==0.3.36): {}",
+        String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .last()
+            .unwrap_or_default()
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .last()
+        .context("llama.cpp peer printed nothing")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn row(name: &str, ours: f64, peer: Option<f64>, unit: &str) {
+    match peer {
+        Some(p) => println!(
+            "| {name} | {ours:.1} {unit} | {p:.1} {unit} | {:.2} |",
+            ours / p
+        ),
+        None => println!("| {name} | {ours:.1} {unit} | - | - |"),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // SAFETY: set before any other thread exists; candle reads it once, on first use.
+    unsafe { std::env::set_var("CANDLE_NUM_THREADS", args.threads.to_string()) };
+    let path = ModelStore::default_location().resolve(&args.model)?;
+    eprintln!(
+        "model {} | {} threads | prompt {} tokens | {} decode steps | best of {}",
+        path.display(),
+        args.threads,
+        args.prompt_tokens,
+        args.decode_steps,
+        args.repeats
+    );
+    let ours = ours(&args, &path)?;
+    let peer = match peer(&args, &path) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            eprintln!("llama.cpp figures unavailable: {e:#}");
+            None
+        }
+    };
+    println!(
+        "| figure | ours ({:?}) | llama.cpp | ours / llama.cpp |",
+        args.weights
+    );
+    println!("|---|---|---|---|");
+    row(
+        "prefill",
+        ours.prefill_tok_s,
+        peer.as_ref().map(|p| p.prefill_tok_s),
+        "tok/s",
+    );
+    for b in &args.batches {
+        let key = b.to_string();
+        let mine = &ours.decode[&key];
+        let theirs = peer.as_ref().and_then(|p| p.decode.get(&key));
+        let label = if *b == 1 {
+            "decode b=1".to_owned()
+        } else {
+            format!("decode summed b={b}")
+        };
+        row(
+            &label,
+            mine.summed_tok_s,
+            theirs.map(|d| d.summed_tok_s),
+            "tok/s",
+        );
+    }
+    if let (Some(one), Some(eight)) = (ours.decode.get("1"), ours.decode.get("8")) {
+        let cost = |o: &Decode, e: &Decode| e.step_ms / o.step_ms;
+        let theirs = peer
+            .as_ref()
+            .and_then(|p| Some(cost(p.decode.get("1")?, p.decode.get("8")?)));
+        // Lower is better here, so the ratio is theirs / ours.
+        match theirs {
+            Some(t) => println!(
+                "| cost of 8 samples vs 1 (per step) | {:.2}x | {t:.2}x | {:.2} |",
+                cost(one, eight),
+                t / cost(one, eight)
+            ),
+            None => println!(
+                "| cost of 8 samples vs 1 (per step) | {:.2}x | - | - |",
+                cost(one, eight)
+            ),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,176 @@
+//! Runs test-time compute for one request: asks the [`TtcController`] for a plan, draws samples
+//! window by window from the engine, verifies or votes, and books what the request cost so the
+//! controller keeps the pod within its energy allocation.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use crate::engine::sampler::SamplerConfig;
+use crate::engine::stop::StopStrings;
+use crate::engine::worker::EngineHandle;
+use crate::engine::{Completion, EngineError, GenerationRequest, RequestJoules};
+use crate::ttc::{
+    AnswerType, EnergySource, MeasuredEnergy, PromptFeatures, RequestFeatures, TtcController,
+    TtcError, TtcOptions, TtcOutcome, TtcPolicy, TtcReport, WindowDecision,
+};
+
+/// One request for an answer chosen by test-time compute.
+#[derive(Debug, Clone)]
+pub struct TtcRequest {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// The prompt's text (for prompt features and HTTP verifiers).
+    pub prompt_text: String,
+    /// How answers are extracted and compared.
+    pub answer_type: AnswerType,
+    /// Token limit per sample.
+    pub max_tokens: usize,
+    /// Sampling settings of every sample.
+    pub sampler: SamplerConfig,
+    /// Sample `i` uses seed `seed + i`.
+    pub seed: u64,
+    /// Stop strings.
+    pub stop: StopStrings,
+}
+
+/// The chosen answer and what it took.
+#[derive(Debug, Clone)]
+pub struct TtcAnswer {
+    /// The sample returned to the client.
+    pub chosen: Completion,
+    /// Strategy, depth, agreement, joules.
+    pub outcome: TtcOutcome,
+    /// Prompt tokens (of one sample).
+    pub prompt_tokens: usize,
+    /// Generated tokens over all samples.
+    pub completion_tokens: usize,
+    /// Joules of every sample together.
+    pub energy: Option<RequestJoules>,
+}
+
+/// The pod's test-time-compute controller, shared by all requests.
+pub struct TtcService {
+    controller: Mutex<TtcController>,
+}
+
+impl TtcService {
+    /// A service for `policy`, without an allocation until one is set.
+    pub fn new(policy: TtcPolicy) -> Result<Self, TtcError> {
+        Ok(Self {
+            controller: Mutex::new(TtcController::new(policy, TtcOptions::default())?),
+        })
+    }
+
+    fn controller(&self) -> MutexGuard<'_, TtcController> {
+        // The controller's state stays consistent between calls; a panic elsewhere leaves it usable.
+        self.controller
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets the pod's allocation in joules per request (`None`: no budget).
+    pub fn set_allocation(&self, joules_per_request: Option<f64>) {
+        self.controller().set_allocation(joules_per_request);
+    }
+
+    /// Replaces the policy, keeping what was learned.
+    pub fn set_policy(&self, policy: TtcPolicy) -> Result<(), TtcError> {
+        self.controller().set_policy(policy)
+    }
+
+    /// Budget and depth-value state, for metrics and status.
+    pub fn report(&self) -> TtcReport {
+        self.controller().report()
+    }
+
+    /// Answers one request with as much depth as the budget and the policy allow.
+    pub async fn answer(
+        &self,
+        engine: &EngineHandle,
+        request: TtcRequest,
+    ) -> Result<TtcAnswer, EngineError> {
+        let features = RequestFeatures {
+            prompt: PromptFeatures::from_text(&request.prompt_text, request.prompt.len()),
+            answer_type: request.answer_type,
+            max_tokens: request.max_tokens,
+            reasoning_model: false,
+        };
+        let (mut session, verifier) = {
+            let mut controller = self.controller();
+            (controller.plan(&features), controller.verifier())
+        };
+        let plan = session.plan().clone();
+        let mut window = session.first_window();
+        let mut samples: Vec<Completion> = Vec::new();
+        let prompt_tokens = request.prompt.len();
+        let (mut joules, mut source, mut completion_tokens) = (0.0, None, 0);
+        loop {
+            let generation = GenerationRequest {
+                prompt: request.prompt.clone(),
+                n: window,
+                max_tokens: plan.max_tokens.min(request.max_tokens).max(1),
+                sampler: request.sampler,
+                seed: request.seed.wrapping_add(samples.len() as u64),
+                stop: request.stop.clone(),
+            };
+            let out = match engine.generate(generation).await {
+                Ok(out) => out,
+                Err(e) => {
+                    self.controller().abandon(&plan);
+                    return Err(e);
+                }
+            };
+            completion_tokens += out.completion_tokens;
+            if let Some(energy) = out.energy {
+                joules += energy.joules;
+                // One estimated window makes the whole request's figure an estimate.
+                source = match source {
+                    Some(EnergySource::Estimate) => Some(EnergySource::Estimate),
+                    _ => Some(energy.source),
+                };
+            }
+            for completion in out.completions {
+                let index = session.add_sample(
+                    &completion.text,
+                    completion.logprob,
+                    completion.token_ids.len(),
+                );
+                if session.needs_verdicts()
+                    && let Some(verifier) = &verifier
+                {
+                    session.add_verdict(
+                        index,
+                        verifier
+                            .verify(&request.prompt_text, &completion.text)
+                            .await,
+                    );
+                }
+                samples.push(completion);
+            }
+            match session.decide() {
+                WindowDecision::Continue { samples } => window = samples.max(1),
+                WindowDecision::Stop { .. } => break,
+            }
+        }
+        let source = source.unwrap_or(EnergySource::Estimate);
+        let outcome = session.finish(MeasuredEnergy {
+            joules,
+            source,
+            prompt_tokens,
+            completion_tokens,
+        });
+        self.controller().record(&outcome);
+        let chosen = outcome
+            .chosen_index
+            .and_then(|i| samples.get(i))
+            .or(samples.first())
+            .cloned()
+            .ok_or(EngineError::ShutDown)?;
+        Ok(TtcAnswer {
+            chosen,
+            outcome,
+            prompt_tokens,
+            completion_tokens,
+            energy: Some(RequestJoules { joules, source }),
+        })
+    }
+}
