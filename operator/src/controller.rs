@@ -348,7 +348,9 @@ fn truncate(message: &str) -> String {
 #[instrument(skip_all, fields(policy = %policy.name_any(), namespace = policy.namespace().unwrap_or_default()))]
 pub async fn reconcile(policy: Arc<InferencePolicy>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
+    ctx.metrics.reconciles_in_flight.inc();
     let result = reconcile_policy(&policy, &ctx).await;
+    ctx.metrics.reconciles_in_flight.dec();
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub malformed_objects: Counter,
     /// Policies in the cache.
     pub policies: Gauge,
+    /// Reconciles running now (the controller's queue as far as it is visible).
+    pub reconciles_in_flight: Gauge,
 }
 
 impl Default for Metrics {
@@ -49,6 +51,7 @@ impl Default for Metrics {
         let reports = Family::<Labels, Counter>::default();
         let malformed_objects = Counter::default();
         let policies = Gauge::default();
+        let reconciles_in_flight = Gauge::default();
         registry.register(
             "reconciliations",
             "Reconciliations by outcome",
@@ -99,6 +102,11 @@ impl Default for Metrics {
             "InferencePolicies in the cache",
             policies.clone(),
         );
+        registry.register(
+            "reconciles_in_flight",
+            "Reconciles running now",
+            reconciles_in_flight.clone(),
+        );
         Self {
             registry,
             reconciliations,
@@ -111,6 +119,7 @@ impl Default for Metrics {
             reports,
             malformed_objects,
             policies,
+            reconciles_in_flight,
         }
     }
 }

@@ -478,3 +478,39 @@ async fn serve_plain(
         .await
         .map_err(|e| Error::Serve(format!("serve {addr}: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn object(spec: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "energy.ttc.dev/v1alpha1", "kind": "InferencePolicy",
+            "metadata": {"name": "p", "namespace": "ns"}, "spec": spec
+        }))
+        .expect("dynamic object")
+    }
+
+    #[test]
+    fn a_malformed_policy_is_skipped_and_counted_not_fatal() {
+        let metrics = Metrics::default();
+        let good = object(json!({"selector": {}, "budget": {"joulesPerRequest": 1.0}}));
+        let bad = object(json!({"selector": "everything", "budget": 7}));
+        assert!(matches!(
+            parse_event(watcher::Event::Apply(good), &metrics),
+            Some(watcher::Event::Apply(_))
+        ));
+        assert!(parse_event(watcher::Event::InitApply(bad.clone()), &metrics).is_none());
+        assert!(parse_event(watcher::Event::Apply(bad), &metrics).is_none());
+        assert!(matches!(
+            parse_event(watcher::Event::InitDone, &metrics),
+            Some(watcher::Event::InitDone)
+        ));
+        assert!(
+            metrics
+                .render()
+                .contains("ttc_operator_malformed_objects_total 2")
+        );
+    }
+}
