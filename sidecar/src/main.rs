@@ -14,6 +14,7 @@ use ttc_sidecar::engine::{Engine, EngineOptions};
 use ttc_sidecar::model_store::{DEFAULT_MODEL, KNOWN_MODELS, ModelStore};
 use ttc_sidecar::ttc::TtcPolicy;
 use ttc_sidecar::ttc_service::TtcService;
+use ttc_telemetry::{SidecarMetrics, TelemetryConfig};
 
 #[derive(Parser)]
 #[command(
@@ -191,8 +192,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         measured = meter.source().is_measured(),
         "energy meter ready"
     );
+    let meter_for_metrics = meter.clone();
     let handle = EngineHandle::spawn(engine, meter).context("starting the engine thread")?;
     let ttc = ttc_service(&args)?;
+    let metrics = SidecarMetrics::new(&TelemetryConfig::from_env(&name), Some(meter_for_metrics))
+        .context("setting up metrics export")?;
     let state = AppState {
         engine: handle,
         limits: Limits {
@@ -200,12 +204,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ..Limits::default()
         },
         ttc,
+        metrics: Some(metrics.clone()),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -214,7 +219,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_graceful_shutdown(shutdown_signal())
             .await
             .context("HTTP server failed")
-    })
+    });
+    // Flush the last metrics before exiting; a failed export is logged, not fatal.
+    if let Err(e) = metrics.shutdown() {
+        tracing::warn!(error = %e, "final metrics export failed");
+    }
+    served
 }
 
 async fn shutdown_signal() {

@@ -16,6 +16,7 @@ use ttc_sidecar::engine::{Engine, EngineOptions};
 use ttc_sidecar::model_store::DEFAULT_MODEL;
 use ttc_sidecar::ttc::TtcPolicy;
 use ttc_sidecar::ttc_service::TtcService;
+use ttc_telemetry::{SidecarMetrics, TelemetryConfig};
 
 fn handle() -> EngineHandle {
     static HANDLE: std::sync::OnceLock<EngineHandle> = std::sync::OnceLock::new();
@@ -42,7 +43,18 @@ fn app() -> axum::Router {
         engine: handle(),
         limits: Limits::default(),
         ttc: None,
+        metrics: Some(metrics()),
     })
+}
+
+/// Metrics with OTLP off (no OTEL_* variables in tests): Prometheus only.
+fn metrics() -> SidecarMetrics {
+    static METRICS: std::sync::OnceLock<SidecarMetrics> = std::sync::OnceLock::new();
+    METRICS
+        .get_or_init(|| {
+            SidecarMetrics::new(&TelemetryConfig::from_env(DEFAULT_MODEL.name), None).unwrap()
+        })
+        .clone()
 }
 
 async fn send(method: &str, path: &str, body: &str) -> (StatusCode, String) {
@@ -181,6 +193,17 @@ async fn models_and_health() {
     let body: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(body["data"][0]["id"], DEFAULT_MODEL.name);
     assert_eq!(send("GET", "/healthz", "").await.0, StatusCode::OK);
+    // A served request shows up in the Prometheus metrics.
+    let (status, _) = post(
+        "/v1/completions",
+        json!({ "model": DEFAULT_MODEL.name, "prompt": "Hi", "max_tokens": 2 }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, text) = send("GET", "/metrics", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(text.contains("gen_ai_server_request_duration"), "{text}");
+    assert!(text.contains("text_completion"), "{text}");
     assert_eq!(send("GET", "/readyz", "").await.0, StatusCode::OK);
 }
 
@@ -270,6 +293,7 @@ async fn ttc_votes_and_reports_depth_and_energy() {
         engine: handle(),
         limits: Limits::default(),
         ttc: Some(service.clone()),
+        metrics: None,
     });
     let body = json!({
         "model": DEFAULT_MODEL.name,

@@ -27,6 +27,8 @@ use crate::ttc::TtcOutcome;
 use crate::ttc_service::{TtcRequest, TtcService};
 pub use error::ApiError;
 use std::sync::Arc;
+use std::time::Instant;
+use ttc_telemetry::{RequestRecord, SidecarMetrics};
 use types::*;
 
 /// Bounds on what one request may ask for.
@@ -55,6 +57,59 @@ pub struct AppState {
     /// Test-time compute, when a policy is in force; requests without `n` then get the depth the
     /// budget allows and one chosen answer.
     pub ttc: Option<Arc<TtcService>>,
+    /// OTLP and Prometheus metrics (`GET /metrics`), when enabled.
+    pub metrics: Option<SidecarMetrics>,
+}
+
+/// What one answered request is recorded as in the metrics.
+struct Served<'a> {
+    operation: &'a str,
+    usage: &'a Usage,
+    started: Instant,
+    strategy: &'a str,
+    depth: usize,
+}
+
+fn record(state: &AppState, served: Served<'_>) {
+    let Some(metrics) = &state.metrics else {
+        return;
+    };
+    let duration = served.started.elapsed();
+    let output = served.usage.completion_tokens as u64;
+    metrics.record_request(&RequestRecord {
+        operation: served.operation,
+        input_tokens: served.usage.prompt_tokens as u64,
+        output_tokens: output,
+        duration,
+        time_per_output_token: (output > 0).then(|| duration / output as u32),
+        energy: served.usage.energy.as_ref().map(|e| (e.joules, e.source)),
+        strategy: served.strategy,
+        depth: served.depth as u64,
+        error_type: None,
+    });
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    match state
+        .metrics
+        .as_ref()
+        .map(SidecarMetrics::encode_prometheus)
+    {
+        Some(Ok(text)) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                SidecarMetrics::PROMETHEUS_CONTENT_TYPE,
+            )],
+            text,
+        )
+            .into_response(),
+        Some(Err(e)) => ApiError::internal(format!("encoding metrics: {e}")).into_response(),
+        None => ApiError {
+            status: axum::http::StatusCode::NOT_FOUND,
+            ..ApiError::invalid(None, "metrics are disabled")
+        }
+        .into_response(),
+    }
 }
 
 /// Whether a request runs under test-time compute: a policy is in force, the client asked for
@@ -100,6 +155,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ready" }))
         .fallback(|| async {
@@ -254,6 +310,7 @@ async fn chat_completions(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let started = Instant::now();
     let req: ChatCompletionRequest = parse(&body)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
@@ -312,6 +369,19 @@ async fn chat_completions(
             }],
             ttc: Some(outcome),
         };
+        let (strategy, depth) = body.ttc.as_ref().map_or(("none", body.choices.len()), |o| {
+            (o.strategy.label(), o.samples)
+        });
+        record(
+            &state,
+            Served {
+                operation: "chat",
+                usage: &body.usage,
+                started,
+                strategy,
+                depth,
+            },
+        );
         return Ok(Json(body).into_response());
     }
     if stream {
@@ -341,10 +411,24 @@ async fn chat_completions(
             })
             .collect(),
     };
+    let (strategy, depth) = body.ttc.as_ref().map_or(("none", body.choices.len()), |o| {
+        (o.strategy.label(), o.samples)
+    });
+    record(
+        &state,
+        Served {
+            operation: "chat",
+            usage: &body.usage,
+            started,
+            strategy,
+            depth,
+        },
+    );
     Ok(Json(body).into_response())
 }
 
 async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let started = Instant::now();
     let req: CompletionRequest = parse(&body)?;
     let text = match req.prompt {
         PromptField::One(p) => p,
@@ -400,6 +484,19 @@ async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Respo
             }],
             ttc: Some(outcome),
         };
+        let (strategy, depth) = body.ttc.as_ref().map_or(("none", body.choices.len()), |o| {
+            (o.strategy.label(), o.samples)
+        });
+        record(
+            &state,
+            Served {
+                operation: "text_completion",
+                usage: &body.usage,
+                started,
+                strategy,
+                depth,
+            },
+        );
         return Ok(Json(body).into_response());
     }
     if stream {
@@ -424,6 +521,19 @@ async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Respo
             })
             .collect(),
     };
+    let (strategy, depth) = body.ttc.as_ref().map_or(("none", body.choices.len()), |o| {
+        (o.strategy.label(), o.samples)
+    });
+    record(
+        &state,
+        Served {
+            operation: "text_completion",
+            usage: &body.usage,
+            started,
+            strategy,
+            depth,
+        },
+    );
     Ok(Json(body).into_response())
 }
 
