@@ -35,7 +35,7 @@ pub const FIELD_MANAGER: &str = "ttc-operator";
 pub struct ReconcileSettings {
     /// The cluster-wide power cap split among policies, if any.
     pub cluster_power_cap_watts: Option<f64>,
-    /// How often a policy's status is recomputed from reports.
+    /// How often a policy's status is recomputed while its pods report.
     pub requeue_after: Duration,
     /// A pod with a sidecar that has not reported this long after its creation is silent.
     pub stale_after: Duration,
@@ -400,7 +400,14 @@ async fn reconcile_policy(policy: &InferencePolicy, ctx: &Context) -> Result<Act
         });
     }
     ctx.metrics.reconciled("ok");
-    Ok(Action::requeue(ctx.settings.requeue_after))
+    // Without fresh reports only staleness can change the status, on the staleness scale; a
+    // pod's first report wakes the policy at once (see the receiver).
+    let requeue = if status.observed.is_some() {
+        ctx.settings.requeue_after
+    } else {
+        ctx.settings.stale_after.max(ctx.settings.requeue_after)
+    };
+    Ok(Action::requeue(requeue))
 }
 
 async fn write_status(

@@ -9,13 +9,15 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use kube::runtime::reflector::ObjectRef;
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
 use prost::Message;
+use tokio::sync::mpsc;
 use tracing::debug;
-use ttc_crds::EnergyReport;
 use ttc_crds::report::{JSON_REPORTS_PATH, OTLP_METRICS_PATH};
+use ttc_crds::{EnergyReport, InferencePolicy};
 
 use crate::metrics::Metrics;
 use crate::reports::{ReportBook, reports_from_otlp};
@@ -26,6 +28,19 @@ pub struct ReportReceiver {
     pub book: Arc<ReportBook>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Asks the controller to reconcile a policy whose pod started reporting; full or absent,
+    /// the periodic resync catches up.
+    pub wake: Option<mpsc::Sender<ObjectRef<InferencePolicy>>>,
+}
+
+impl ReportReceiver {
+    fn record(&self, report: &EnergyReport, now: Instant) {
+        if self.book.record(report, now)
+            && let Some(wake) = &self.wake
+        {
+            let _ = wake.try_send(ObjectRef::new(&report.policy).within(&report.namespace));
+        }
+    }
 }
 
 async fn otlp(
@@ -60,7 +75,7 @@ async fn otlp(
         Ok(reports) => {
             let now = Instant::now();
             for report in &reports {
-                receiver.book.record(report, now);
+                receiver.record(report, now);
                 receiver.metrics.report("otlp", "accepted");
             }
             debug!(count = reports.len(), "OTLP energy reports recorded");
@@ -82,7 +97,7 @@ async fn json(
         receiver.metrics.report("json", "rejected");
         return StatusCode::UNPROCESSABLE_ENTITY;
     }
-    receiver.book.record(&report, Instant::now());
+    receiver.record(&report, Instant::now());
     receiver.metrics.report("json", "accepted");
     StatusCode::NO_CONTENT
 }
@@ -108,7 +123,48 @@ mod tests {
         Arc::new(ReportReceiver {
             book: Arc::new(ReportBook::new(Duration::from_secs(60))),
             metrics: Arc::new(Metrics::default()),
+            wake: None,
         })
+    }
+
+    #[tokio::test]
+    async fn a_pods_first_report_wakes_its_policy() {
+        let (wake, mut woken) = mpsc::channel(8);
+        let receiver = Arc::new(ReportReceiver {
+            book: Arc::new(ReportBook::new(Duration::from_secs(60))),
+            metrics: Arc::new(Metrics::default()),
+            wake: Some(wake),
+        });
+        let report = |joules: f64| EnergyReport {
+            namespace: "ns".into(),
+            pod: "p".into(),
+            policy: "pol".into(),
+            source: EnergySource::Nvml,
+            joules_total: joules,
+            requests_total: 1,
+            samples_total: 1,
+            watts: None,
+        };
+        for joules in [1.0, 2.0] {
+            let request = Request::post(JSON_REPORTS_PATH)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(
+                    serde_json::to_vec(&report(joules)).expect("json"),
+                ))
+                .expect("request");
+            router(receiver.clone())
+                .oneshot(request)
+                .await
+                .expect("response");
+        }
+        assert_eq!(
+            woken.try_recv().ok(),
+            Some(ObjectRef::new("pol").within("ns"))
+        );
+        assert!(
+            woken.try_recv().is_err(),
+            "only the first report wakes the policy"
+        );
     }
 
     #[tokio::test]

@@ -70,8 +70,9 @@ impl ReportBook {
         }
     }
 
-    /// Records one report received at `now`.
-    pub fn record(&self, report: &EnergyReport, now: Instant) {
+    /// Records one report received at `now`. Returns whether the pod was silent before (no
+    /// history, or stale): then its policy's status changes and deserves a reconcile now.
+    pub fn record(&self, report: &EnergyReport, now: Instant) -> bool {
         let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
         let key = (report.namespace.clone(), report.pod.clone());
         let history = pods.entry(key).or_insert_with(|| PodHistory {
@@ -86,6 +87,10 @@ impl ReportBook {
             requests: report.requests_total,
             samples: report.samples_total,
         };
+        let was_silent = history
+            .series
+            .back()
+            .is_none_or(|last| now.saturating_duration_since(last.at) > self.stale_after);
         if let Some(last) = history.series.back()
             && (sample.joules < last.joules || sample.requests < last.requests)
         {
@@ -107,6 +112,7 @@ impl ReportBook {
         if history.series.len() > MAX_SAMPLES {
             thin(&mut history.series);
         }
+        was_silent
     }
 
     /// The energy of a pod over the last `window` as of `now`.
@@ -320,6 +326,15 @@ mod tests {
         assert_eq!(e.requests_per_second(), Some(1.0));
         // A window longer than the history uses all of it.
         assert_eq!(fresh(&book, 3600, now).joules, 1000.0);
+    }
+
+    #[test]
+    fn record_says_when_a_silent_pod_speaks() {
+        let book = ReportBook::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        assert!(book.record(&report(1.0, 1), t0));
+        assert!(!book.record(&report(2.0, 2), t0 + Duration::from_secs(5)));
+        assert!(book.record(&report(3.0, 3), t0 + Duration::from_secs(120)));
     }
 
     #[test]

@@ -299,9 +299,11 @@ pub async fn run(
         ready: Default::default(),
         metrics: metrics.clone(),
     });
+    let (wake, woken) = tokio::sync::mpsc::channel(1024);
     let receiver = Arc::new(ReportReceiver {
         book: book.clone(),
         metrics: metrics.clone(),
+        wake: Some(wake),
     });
     let injector = Arc::new(Injector {
         policies: policies.clone(),
@@ -428,6 +430,9 @@ pub async fn run(
                 .collect::<Vec<_>>()
         })
         .reconcile_all_on(became_leader)
+        .reconcile_on(futures::stream::unfold(woken, |mut rx| async move {
+            rx.recv().await.map(|policy| (policy, rx))
+        }))
         .with_config(
             controller::Config::default()
                 .concurrency(8)

@@ -168,7 +168,9 @@ async fn writes_status_for_a_healthy_policy() {
     )
     .await;
     let action = task.await.expect("join").expect("reconciled");
-    assert_eq!(action, Action::requeue(Duration::from_secs(15)));
+    // No reports yet: only staleness can change the status, so the next look is a staleness
+    // period away (a pod's first report wakes the policy earlier).
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
     let status = &body["status"];
     assert_eq!(body["kind"], "InferencePolicy");
     assert_eq!(status["matchedPods"], 1);
@@ -187,7 +189,7 @@ async fn writes_status_for_a_healthy_policy() {
     let action = reconcile(Arc::new(stored), f.ctx.clone())
         .await
         .expect("reconciled");
-    assert_eq!(action, Action::requeue(Duration::from_secs(15)));
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
     no_more_requests(&mut f.handle).await;
 }
 
@@ -348,4 +350,53 @@ async fn cluster_power_cap_is_split_by_priority() {
     assert_eq!(body["status"]["clusterShare"]["watts"], 20.0);
     assert_eq!(body["status"]["clusterShare"]["fraction"], 0.25);
     assert_eq!(body["status"]["allocations"][0]["watts"], 20.0);
+}
+
+#[tokio::test]
+async fn reporting_policies_resync_at_the_resync_interval() {
+    let chat = policy("chat", json!({"matchLabels": {"app": "chat"}}));
+    let mut f = fixture(
+        std::slice::from_ref(&chat),
+        vec![pod("chat-1", json!({"app": "chat"}), Some("chat"))],
+        true,
+    );
+    let now = std::time::Instant::now();
+    let report = |joules: f64, requests: u64| ttc_crds::EnergyReport {
+        namespace: "ml".into(),
+        pod: "chat-1".into(),
+        policy: "chat".into(),
+        source: ttc_crds::EnergySource::Nvml,
+        joules_total: joules,
+        requests_total: requests,
+        samples_total: requests,
+        watts: Some(5.0),
+    };
+    f.ctx.reports.record(
+        &report(0.0, 0),
+        now.checked_sub(Duration::from_secs(10)).expect("clock"),
+    );
+    f.ctx.reports.record(&report(30.0, 10), now);
+    let task = tokio::spawn(reconcile(Arc::new(chat.clone()), f.ctx.clone()));
+    let body = expect(
+        &mut f.handle,
+        "PATCH",
+        STATUS_PATH,
+        StatusCode::OK,
+        serde_json::to_value(&chat).expect("json"),
+    )
+    .await;
+    assert_eq!(body["status"]["observed"]["joulesPerRequest"], 3.0);
+    assert_eq!(body["status"]["observed"]["source"], "nvml");
+    assert_eq!(condition(&body["status"], "BudgetMet")["status"], "False");
+    let event = expect(
+        &mut f.handle,
+        "POST",
+        EVENTS_PATH,
+        StatusCode::CREATED,
+        json!({}),
+    )
+    .await;
+    assert_eq!(event["reason"], "OverBudget");
+    let action = task.await.expect("join").expect("reconciled");
+    assert_eq!(action, Action::requeue(Duration::from_secs(15)));
 }
