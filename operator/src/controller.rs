@@ -119,6 +119,19 @@ pub fn pod_view(pod: &PartialObjectMeta<Pod>) -> PodView {
     }
 }
 
+/// What of a pod matters to its policies (labels, injected policy, deletion), as a hash: pod
+/// events that leave it unchanged trigger no reconcile.
+pub fn pod_fingerprint(pod: &PartialObjectMeta<Pod>) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    pod.metadata.labels.hash(&mut hasher);
+    pod.annotations()
+        .get(INJECTED_POLICY_ANNOTATION)
+        .hash(&mut hasher);
+    pod.metadata.deletion_timestamp.is_some().hash(&mut hasher);
+    Some(hasher.finish())
+}
+
 /// Whether a namespace opted into injection.
 pub fn opted_in(namespace: Option<&PartialObjectMeta<Namespace>>) -> bool {
     namespace.is_some_and(|ns| {
@@ -461,6 +474,21 @@ pub fn backoff(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_fingerprint_ignores_what_policies_do_not_read() {
+        let pod = |labels: serde_json::Value, extra: &str| -> PartialObjectMeta<Pod> {
+            serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "p", "namespace": "ns", "labels": labels, "resourceVersion": extra,
+                    "annotations": {"energy.ttc.dev/policy": "chat", "other": extra}}
+            }))
+            .expect("pod")
+        };
+        let base = pod_fingerprint(&pod(json!({"app": "chat"}), "1"));
+        assert_eq!(base, pod_fingerprint(&pod(json!({"app": "chat"}), "2")));
+        assert_ne!(base, pod_fingerprint(&pod(json!({"app": "search"}), "1")));
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

@@ -281,7 +281,9 @@ pub async fn run(
         .default_backoff()
         .modify(|p| p.managed_fields_mut().clear()),
     )
-    .touched_objects();
+    .touched_objects()
+    // Pods change often (status, IPs); only label, injection or deletion changes matter here.
+    .predicate_filter(crate::controller::pod_fingerprint, Default::default());
     let namespace_stream = reflector::reflector(
         namespace_writer,
         watcher(
