@@ -6,12 +6,14 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ttc_crds::report::sidecar_env;
 use ttc_energy::{EnergyMeter, EstimateModel, MeterConfig, NvmlConfig, SourceChoice};
 use ttc_sidecar::api::{self, AppState, Limits};
 use ttc_sidecar::engine::llama::WeightFormat;
 use ttc_sidecar::engine::worker::EngineHandle;
 use ttc_sidecar::engine::{Engine, EngineOptions};
 use ttc_sidecar::model_store::{DEFAULT_MODEL, KNOWN_MODELS, ModelStore};
+use ttc_sidecar::policy_link::{PodIdentity, watch_policy};
 use ttc_sidecar::ttc::TtcPolicy;
 use ttc_sidecar::ttc_service::TtcService;
 use ttc_telemetry::{SidecarMetrics, TelemetryConfig};
@@ -96,6 +98,56 @@ struct ServeArgs {
     joules_per_request: Option<f64>,
 }
 
+/// In a pod the operator injected (`TTC_POLICY_NAME` set), the sidecar follows its policy: the
+/// TTC limits of the spec and this pod's allocation from the status.
+fn cluster_identity() -> anyhow::Result<Option<PodIdentity>> {
+    if std::env::var_os(sidecar_env::POLICY_NAME).is_none() {
+        return Ok(None);
+    }
+    Ok(Some(
+        PodIdentity::from_env().context("the injected pod identity is incomplete")?,
+    ))
+}
+
+/// Applies each new view of the policy to the TTC service until the watch ends.
+async fn follow_policy(identity: PodIdentity, service: Arc<TtcService>) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API to watch the InferencePolicy")?;
+    let mut views = watch_policy(client, identity.clone());
+    tokio::spawn(async move {
+        loop {
+            let view = views.borrow_and_update().clone();
+            match view {
+                Some(view) => {
+                    match serde_json::to_value(&view.ttc)
+                        .and_then(serde_json::from_value::<TtcPolicy>)
+                    {
+                        Ok(policy) => {
+                            if let Err(e) = service.set_policy(policy) {
+                                tracing::warn!(error = %e, "the policy's TTC settings are inconsistent; keeping the previous ones");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the policy's TTC settings")
+                        }
+                    }
+                    service.set_allocation(view.joules_per_request);
+                    tracing::info!(policy = %identity.policy, joules_per_request = ?view.joules_per_request, "policy applied");
+                }
+                None => {
+                    tracing::warn!(policy = %identity.policy, "the policy is gone; serving without a budget");
+                    service.set_allocation(None);
+                }
+            }
+            if views.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
 fn ttc_service(args: &ServeArgs) -> anyhow::Result<Option<Arc<TtcService>>> {
     let policy: TtcPolicy = match &args.ttc_policy {
         Some(path) => {
@@ -104,7 +156,12 @@ fn ttc_service(args: &ServeArgs) -> anyhow::Result<Option<Arc<TtcService>>> {
             serde_yaml::from_str(&text)
                 .with_context(|| format!("TTC policy {} is invalid", path.display()))?
         }
-        None if args.ttc || args.joules_per_request.is_some() => serde_json::from_str("{}")?,
+        None if args.ttc
+            || args.joules_per_request.is_some()
+            || std::env::var_os(sidecar_env::POLICY_NAME).is_some() =>
+        {
+            serde_json::from_str("{}")?
+        }
         None => return Ok(None),
     };
     let service = TtcService::new(policy).context("the TTC policy is inconsistent")?;
@@ -210,7 +267,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let identity = cluster_identity()?;
     let served = runtime.block_on(async move {
+        if let (Some(identity), Some(service)) = (identity, state.ttc.clone()) {
+            follow_policy(identity, service).await?;
+        }
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
