@@ -205,6 +205,8 @@ async fn the_operators_receiver_gets_the_cumulative_counters() -> TestResult {
     let receiver = Arc::new(ReportReceiver {
         book: book.clone(),
         metrics: Arc::new(Metrics::default()),
+        // No controller here to wake.
+        wake: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let endpoint = format!("http://{}", listener.local_addr()?);

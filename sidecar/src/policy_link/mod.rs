@@ -16,7 +16,8 @@
 //! use std::time::Duration;
 //! use tokio_util::sync::CancellationToken;
 //! use ttc_sidecar::policy_link::{
-//!     PodIdentity, UsageCounters, report_endpoint_from_env, run_reporter, watch_policy,
+//!     PodIdentity, UsageCounters, report_endpoint_from_env, report_source, run_reporter,
+//!     watch_policy,
 //! };
 //!
 //! let identity = PodIdentity::from_env()?;
@@ -27,7 +28,7 @@
 //!     report_endpoint_from_env()?,
 //!     identity,
 //!     counters.clone(),
-//!     ttc_crds::EnergySource::Estimate,
+//!     report_source(ttc_energy::EnergySource::Estimate),
 //!     Duration::from_secs(10),
 //!     shutdown.clone(),
 //! ));
@@ -47,8 +48,8 @@ pub mod watch;
 pub use error::LinkError;
 pub use identity::PodIdentity;
 pub use reporter::{
-    DEFAULT_REPORT_INTERVAL, DeliveryCounts, REPORT_TIMEOUT, report_endpoint_from_env, report_url,
-    run_reporter,
+    DEFAULT_REPORT_INTERVAL, DeliveryCounts, REPORT_TIMEOUT, report_endpoint_from_env,
+    report_source, report_url, run_reporter,
 };
 pub use usage::{UsageCounters, UsageTotals};
 pub use view::PolicyView;

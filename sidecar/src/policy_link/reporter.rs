@@ -69,6 +69,15 @@ pub fn report_endpoint_from_env() -> Result<Url, LinkError> {
     report_url(&endpoint)
 }
 
+/// The report's name for the source of the energy meter's figures.
+pub fn report_source(source: ttc_energy::EnergySource) -> EnergySource {
+    match source {
+        ttc_energy::EnergySource::Nvml => EnergySource::Nvml,
+        ttc_energy::EnergySource::Rapl => EnergySource::Rapl,
+        ttc_energy::EnergySource::Estimate => EnergySource::Estimate,
+    }
+}
+
 /// Posts an [`EnergyReport`] of `counters` for `identity` to `reports_url` (see [`report_url`])
 /// every `interval` (at least 100 ms), the first one at once, until `shutdown` is cancelled; then
 /// sends one last report and returns the delivery counts.
@@ -215,6 +224,17 @@ mod tests {
                 "{endpoint}: {error}"
             );
             assert!(error.to_string().contains(endpoint), "{error}");
+        }
+    }
+
+    #[test]
+    fn meter_sources_keep_their_names_in_reports() {
+        for source in [
+            ttc_energy::EnergySource::Nvml,
+            ttc_energy::EnergySource::Rapl,
+            ttc_energy::EnergySource::Estimate,
+        ] {
+            assert_eq!(report_source(source).as_str(), source.as_str());
         }
     }
 
