@@ -252,8 +252,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let meter_for_metrics = meter.clone();
     let handle = EngineHandle::spawn(engine, meter).context("starting the engine thread")?;
     let ttc = ttc_service(&args)?;
-    let metrics = SidecarMetrics::new(&TelemetryConfig::from_env(&name), Some(meter_for_metrics))
+    let mut telemetry = TelemetryConfig::from_env(&name);
+    if std::env::var_os("OTEL_METRIC_EXPORT_INTERVAL").is_none() {
+        // The operator counts a pod silent after 60 s without a report; OTel's default interval
+        // is 60 s, so export well within that.
+        telemetry.export_interval = Some(std::time::Duration::from_secs(10));
+    }
+    let metrics = SidecarMetrics::new(&telemetry, Some(meter_for_metrics))
         .context("setting up metrics export")?;
+    // The operator works with differences between reports: a first one at start-up is the
+    // baseline, so the first interval's requests count too. A failure only means no baseline.
+    // Off the start-up path: an unreachable endpoint must not delay serving.
+    let first_export = metrics.clone();
+    std::thread::spawn(move || {
+        if let Err(e) = first_export.force_flush() {
+            tracing::warn!(error = %e, "first metrics export failed");
+        }
+    });
     let state = AppState {
         engine: handle,
         limits: Limits {

@@ -329,102 +329,19 @@ async fn chat_completions(
         return Err(ApiError::unknown_model(&req.model, engine.name()));
     }
     let prompt = engine.encode_chat(&messages)?;
-    let include_usage = req
-        .sampling
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
-    let stream = req.sampling.stream;
-    let ttc = ttc_for(&state, &req.sampling).cloned();
-    let answer_type = req.sampling.ttc.answer_type;
-    let request = build_request(&state, &req.model, prompt, "messages", req.sampling)?;
-    let meta = StreamMeta {
-        id: request_id("chatcmpl"),
-        created: now(),
+    // The last message is the question; HTTP verifiers and prompt features look at it.
+    let prompt_text = messages
+        .last()
+        .map(|m| m.content.clone())
+        .unwrap_or_default();
+    let request = Prepared {
+        kind: Kind::Chat,
         model: req.model,
-        include_usage,
-        chat: true,
+        prompt,
+        prompt_text,
+        sampling: req.sampling,
     };
-    if let Some(service) = ttc {
-        let prompt_text = messages
-            .last()
-            .map(|m| m.content.clone())
-            .unwrap_or_default();
-        let (chosen, usage, outcome) =
-            run_ttc(&service, &state, request, prompt_text, answer_type).await?;
-        let body = ChatCompletion {
-            id: meta.id,
-            object: "chat.completion",
-            created: meta.created,
-            model: meta.model,
-            usage,
-            choices: vec![ChatChoice {
-                index: 0,
-                message: OutputMessage {
-                    role: "assistant",
-                    content: chosen.text,
-                },
-                finish_reason: chosen.finish,
-                logprobs: None,
-            }],
-            ttc: Some(outcome),
-        };
-        let (strategy, depth) = body.ttc.as_ref().map_or(("none", body.choices.len()), |o| {
-            (o.strategy.label(), o.samples)
-        });
-        record(
-            &state,
-            Served {
-                operation: "chat",
-                usage: &body.usage,
-                started,
-                strategy,
-                depth,
-            },
-        );
-        return Ok(Json(body).into_response());
-    }
-    if stream {
-        return Ok(stream_response(&state, request, meta).into_response());
-    }
-    let n = request.n;
-    let out = state.engine.generate(request).await?;
-    debug_assert_eq!(out.completions.len(), n);
-    let body = ChatCompletion {
-        id: meta.id,
-        object: "chat.completion",
-        created: meta.created,
-        model: meta.model,
-        ttc: None,
-        usage: usage(&out),
-        choices: out
-            .completions
-            .into_iter()
-            .map(|c| ChatChoice {
-                index: c.index,
-                message: OutputMessage {
-                    role: "assistant",
-                    content: c.text,
-                },
-                finish_reason: c.finish,
-                logprobs: None,
-            })
-            .collect(),
-    };
-    let (strategy, depth) = body.ttc.as_ref().map_or(("none", body.choices.len()), |o| {
-        (o.strategy.label(), o.samples)
-    });
-    record(
-        &state,
-        Served {
-            operation: "chat",
-            usage: &body.usage,
-            started,
-            strategy,
-            depth,
-        },
-    );
-    Ok(Json(body).into_response())
+    answer(state, request, started).await
 }
 
 async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
@@ -451,6 +368,36 @@ async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Respo
             "prompt must not be empty",
         ));
     }
+    let request = Prepared {
+        kind: Kind::Text,
+        model: req.model,
+        prompt,
+        prompt_text: text,
+        sampling: req.sampling,
+    };
+    answer(state, request, started).await
+}
+
+/// Which endpoint a request came through; decides the response's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+/// A parsed, tokenized request, common to both endpoints.
+struct Prepared {
+    kind: Kind,
+    model: String,
+    prompt: Vec<u32>,
+    prompt_text: String,
+    sampling: SamplingFields,
+}
+
+/// Runs a request (under test-time compute, as a stream, or as plain sampling) and shapes the
+/// response for its endpoint.
+async fn answer(state: AppState, req: Prepared, started: Instant) -> Result<Response, ApiError> {
+    let chat = req.kind == Kind::Chat;
     let include_usage = req
         .sampling
         .stream_options
@@ -459,82 +406,89 @@ async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Respo
     let stream = req.sampling.stream;
     let ttc = ttc_for(&state, &req.sampling).cloned();
     let answer_type = req.sampling.ttc.answer_type;
-    let request = build_request(&state, &req.model, prompt, "prompt", req.sampling)?;
+    let prompt_param = if chat { "messages" } else { "prompt" };
+    let request = build_request(&state, &req.model, req.prompt, prompt_param, req.sampling)?;
     let meta = StreamMeta {
-        id: request_id("cmpl"),
+        id: request_id(if chat { "chatcmpl" } else { "cmpl" }),
         created: now(),
         model: req.model,
         include_usage,
-        chat: false,
+        chat,
     };
-    if let Some(service) = ttc {
-        let (chosen, usage, outcome) =
-            run_ttc(&service, &state, request, text, answer_type).await?;
-        let body = TextCompletion {
-            id: meta.id,
-            object: "text_completion",
-            created: meta.created,
-            model: meta.model,
-            usage,
-            choices: vec![TextChoice {
-                index: 0,
-                text: chosen.text,
-                finish_reason: chosen.finish,
-                logprobs: None,
-            }],
-            ttc: Some(outcome),
-        };
-        let (strategy, depth) = body.ttc.as_ref().map_or(("none", body.choices.len()), |o| {
-            (o.strategy.label(), o.samples)
-        });
-        record(
-            &state,
-            Served {
-                operation: "text_completion",
-                usage: &body.usage,
-                started,
-                strategy,
-                depth,
-            },
-        );
-        return Ok(Json(body).into_response());
-    }
-    if stream {
-        return Ok(stream_response(&state, request, meta).into_response());
-    }
-    let out = state.engine.generate(request).await?;
-    let body = TextCompletion {
-        id: meta.id,
-        object: "text_completion",
-        created: meta.created,
-        model: meta.model,
-        ttc: None,
-        usage: usage(&out),
-        choices: out
-            .completions
-            .into_iter()
-            .map(|c| TextChoice {
-                index: c.index,
-                text: c.text,
-                finish_reason: c.finish,
-                logprobs: None,
-            })
-            .collect(),
+    let (completions, usage, outcome) = match ttc {
+        Some(service) => {
+            let (chosen, usage, outcome) =
+                run_ttc(&service, &state, request, req.prompt_text, answer_type).await?;
+            (
+                vec![Completion { index: 0, ..chosen }],
+                usage,
+                Some(outcome),
+            )
+        }
+        None if stream => return Ok(stream_response(&state, request, meta).into_response()),
+        None => {
+            let out = state.engine.generate(request).await?;
+            let usage = usage(&out);
+            (out.completions, usage, None)
+        }
     };
-    let (strategy, depth) = body.ttc.as_ref().map_or(("none", body.choices.len()), |o| {
+    let (strategy, depth) = outcome.as_ref().map_or(("none", completions.len()), |o| {
         (o.strategy.label(), o.samples)
     });
+    let operation = if chat { "chat" } else { "text_completion" };
     record(
         &state,
         Served {
-            operation: "text_completion",
-            usage: &body.usage,
+            operation,
+            usage: &usage,
             started,
             strategy,
             depth,
         },
     );
-    Ok(Json(body).into_response())
+    let response = if chat {
+        Json(ChatCompletion {
+            id: meta.id,
+            object: "chat.completion",
+            created: meta.created,
+            model: meta.model,
+            usage,
+            ttc: outcome,
+            choices: completions
+                .into_iter()
+                .map(|c| ChatChoice {
+                    index: c.index,
+                    message: OutputMessage {
+                        role: "assistant",
+                        content: c.text,
+                    },
+                    finish_reason: c.finish,
+                    logprobs: None,
+                })
+                .collect(),
+        })
+        .into_response()
+    } else {
+        Json(TextCompletion {
+            id: meta.id,
+            object: "text_completion",
+            created: meta.created,
+            model: meta.model,
+            usage,
+            ttc: outcome,
+            choices: completions
+                .into_iter()
+                .map(|c| TextChoice {
+                    index: c.index,
+                    text: c.text,
+                    finish_reason: c.finish,
+                    logprobs: None,
+                })
+                .collect(),
+        })
+        .into_response()
+    };
+    Ok(response)
 }
 
 struct StreamMeta {

@@ -12,15 +12,4 @@ pub enum LinkError {
         /// The variable's name.
         variable: &'static str,
     },
-    /// The report endpoint is not an http(s) URL.
-    #[error("report endpoint {endpoint:?} is not a usable http:// or https:// URL: {reason}")]
-    InvalidEndpoint {
-        /// The endpoint as given.
-        endpoint: String,
-        /// Why it was refused.
-        reason: String,
-    },
-    /// The HTTP client for reports could not be built (TLS set-up).
-    #[error("building the HTTP client for energy reports: {0}")]
-    HttpClient(#[source] reqwest::Error),
 }
