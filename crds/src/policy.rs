@@ -226,7 +226,7 @@ impl Default for TtcSpec {
 }
 
 /// How candidate answers are checked. Exactly one of jsonSchema, regex and http.
-#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("[has(self.jsonSchema), has(self.regex), has(self.http)].filter(x, x).size() == 1").message("ttc.verifier needs exactly one of jsonSchema, regex, http"))]
 pub struct Verifier {
@@ -255,10 +255,19 @@ pub struct HttpVerifier {
     #[serde(default = "default_verifier_timeout_ms")]
     #[schemars(range(min = 1, max = 60000))]
     pub timeout_ms: u32,
+
+    /// Score at or above which a candidate is accepted (0-1).
+    #[serde(default = "default_verifier_accept_score")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub accept_score: f64,
 }
 
 fn default_verifier_timeout_ms() -> u32 {
     2000
+}
+
+fn default_verifier_accept_score() -> f64 {
+    0.5
 }
 
 /// Which model the sidecar serves: a named model known to the sidecar image, or a GGUF file on a

@@ -37,86 +37,13 @@ use super::difficulty::{
     DepthClass, DepthValueConfig, DepthValueLearner, DepthValueReport, DifficultySignal,
     PromptFeatures,
 };
-use super::stopping::{DEFAULT_EARLY_STOP_AGREEMENT, StopReason, StoppingRule, WindowDecision};
-use super::verifier::{Verdict, Verifier, VerifierError, VerifierSpec};
+use super::stopping::{StopReason, StoppingRule, WindowDecision};
+use super::verifier::{Verdict, Verifier, VerifierError};
 use super::vote::{Candidate, VoteWeighting, majority_vote};
 
-/// The test-time-compute strategy; mirrors the InferencePolicy `ttc.strategy` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-pub enum TtcStrategy {
-    /// Sample several answers and return the most frequent one.
-    MajorityVote,
-    /// Sample until the verifier accepts a candidate.
-    BestOfN,
-    /// One answer with a budget of reasoning tokens.
-    ReasoningBudget,
-    /// Per request: best-of-N when a verifier is set, a reasoning budget for reasoning models,
-    /// otherwise majority vote with early stopping.
-    #[default]
-    Adaptive,
-}
-
-/// The policy's test-time-compute limits; mirrors the InferencePolicy `ttc` field, with the
-/// same names and defaults.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TtcPolicy {
-    /// The strategy.
-    #[serde(default)]
-    pub strategy: TtcStrategy,
-    /// Fewest samples per request.
-    #[serde(default = "default_min_samples")]
-    pub min_samples: u32,
-    /// Most samples per request.
-    #[serde(default = "default_max_samples")]
-    pub max_samples: u32,
-    /// Fewest reasoning tokens per sample.
-    #[serde(default)]
-    pub min_reasoning_tokens: u32,
-    /// Most reasoning tokens per sample.
-    #[serde(default = "default_max_reasoning_tokens")]
-    pub max_reasoning_tokens: u32,
-    /// Stop sampling once this share of the samples agree (0.5-1.0).
-    #[serde(default = "default_early_stop_agreement")]
-    pub early_stop_agreement: f64,
-    /// Spend more depth where it changes answers and none where it does not.
-    #[serde(default = "default_difficulty_aware")]
-    pub difficulty_aware: bool,
-    /// How candidates are checked (required by BestOfN).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verifier: Option<VerifierSpec>,
-}
-
-fn default_min_samples() -> u32 {
-    1
-}
-fn default_max_samples() -> u32 {
-    8
-}
-fn default_max_reasoning_tokens() -> u32 {
-    1024
-}
-fn default_early_stop_agreement() -> f64 {
-    DEFAULT_EARLY_STOP_AGREEMENT
-}
-fn default_difficulty_aware() -> bool {
-    true
-}
-
-impl Default for TtcPolicy {
-    fn default() -> Self {
-        Self {
-            strategy: TtcStrategy::default(),
-            min_samples: default_min_samples(),
-            max_samples: default_max_samples(),
-            min_reasoning_tokens: 0,
-            max_reasoning_tokens: default_max_reasoning_tokens(),
-            early_stop_agreement: default_early_stop_agreement(),
-            difficulty_aware: default_difficulty_aware(),
-            verifier: None,
-        }
-    }
-}
+/// The policy's test-time-compute limits and strategy: the InferencePolicy's `ttc` field, so the
+/// CRD is the one source of their names and defaults.
+pub use ttc_crds::{TtcSpec as TtcPolicy, TtcStrategy};
 
 /// Sidecar-side settings of test-time compute (not part of the policy).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

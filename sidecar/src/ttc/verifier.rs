@@ -13,50 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use super::answer::parse_first_json;
 
-/// Default timeout of one HTTP verification call (the InferencePolicy default).
-pub const DEFAULT_HTTP_TIMEOUT_MS: u32 = 2000;
-/// Default score at or above which an HTTP verifier accepts a candidate.
-pub const DEFAULT_ACCEPT_SCORE: f64 = 0.5;
-
-/// How candidate answers are checked; mirrors the InferencePolicy `ttc.verifier` field (exactly
-/// one of `jsonSchema`, `regex`, `http`).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct VerifierSpec {
-    /// A JSON Schema (as JSON text) the answer must validate against. The first JSON object or
-    /// array in the completion is validated; prose or code fences around it are ignored.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub json_schema: Option<String>,
-    /// A regular expression the answer must match (anywhere; anchor it with `^...$` to match the
-    /// whole trimmed completion).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub regex: Option<String>,
-    /// An HTTP endpoint that scores answers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub http: Option<HttpVerifierSpec>,
-}
-
-/// An HTTP endpoint that scores candidate answers; mirrors `ttc.verifier.http`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct HttpVerifierSpec {
-    /// URL the sidecar POSTs `{"prompt", "answer"}` to; it answers `{"score": <number>}`.
-    pub url: String,
-    /// Timeout of one verification call, in milliseconds.
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u32,
-    /// Score at or above which a candidate is accepted. Not (yet) a CRD field: the CRD's
-    /// "scores answers" leaves the threshold to the sidecar, whose default is 0.5.
-    #[serde(default = "default_accept_score")]
-    pub accept_score: f64,
-}
-
-fn default_timeout_ms() -> u32 {
-    DEFAULT_HTTP_TIMEOUT_MS
-}
-fn default_accept_score() -> f64 {
-    DEFAULT_ACCEPT_SCORE
-}
+/// How candidate answers are checked: the InferencePolicy's `ttc.verifier` (exactly one of
+/// `jsonSchema`, `regex`, `http`).
+pub use ttc_crds::policy::{HttpVerifier as HttpVerifierSpec, Verifier as VerifierSpec};
 
 /// Why a verifier could not be built from its spec.
 #[derive(Debug, thiserror::Error)]
@@ -302,7 +261,7 @@ mod tests {
             http: Some(HttpVerifierSpec {
                 url,
                 timeout_ms,
-                accept_score: DEFAULT_ACCEPT_SCORE,
+                accept_score: 0.5,
             }),
             ..Default::default()
         }
