@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TTC_CACHE_DIR="${TTC_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ttc-operator}"
+# The official OpenAI Python client, which a sidecar test drives.
+python3 -c "import openai" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check "openai>=1.40"
 if [ -z "${KUBECONFIG_FOR_TESTS:-}" ]; then
   TTC_CONTROL_PLANE_BIN="$(e2e/controlplane/build.sh | tail -n 1)"
   export TTC_CONTROL_PLANE_BIN
