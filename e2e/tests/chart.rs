@@ -1,0 +1,425 @@
+//! The Helm chart (`charts/ttc-operator`) against the real local API server: lint, server-side
+//! dry run of the rendered manifests, install / upgrade / uninstall without orphans.
+//!
+//! The operator's image does not run here (kwok only marks pods Running), so these tests check
+//! the objects, not the operator's behaviour. Each test uses its own namespace and a release
+//! named after it, so cluster-scoped objects (named after the release) never collide.
+//!
+//! Needs `KUBECONFIG_FOR_TESTS` or `TTC_CONTROL_PLANE_BIN` (see `e2e/test.sh`), except the
+//! check that the chart's CRD is the generated one.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+use ttc_e2e::testing::{TestCluster, TestNamespace, shared_cluster};
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+const CRD_FILE: &str = "inferencepolicy.crd.yaml";
+const CRD_NAME: &str = "inferencepolicies.energy.ttc.dev";
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e/ has a parent")
+        .to_path_buf()
+}
+
+fn chart_dir() -> PathBuf {
+    repo_root().join("charts/ttc-operator")
+}
+
+/// Runs `command` (with `stdin` piped in when given) and returns its stdout; fails with its
+/// stderr when it exits non-zero.
+fn run(command: &mut Command, stdin: Option<&[u8]>) -> Result<String, String> {
+    let described = format!("{command:?}");
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    if stdin.is_some() {
+        command.stdin(Stdio::piped());
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("{described}: cannot start: {e}"))?;
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin is piped");
+        pipe.write_all(input)
+            .map_err(|e| format!("{described}: writing stdin: {e}"))?;
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| format!("{described}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        return Err(format!(
+            "{described} failed ({}):\n{}\n{stdout}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(stdout)
+}
+
+async fn cluster() -> Result<&'static TestCluster, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(tokio::task::spawn_blocking(shared_cluster).await??)
+}
+
+/// Installs the chart's CRD (server-side apply: the same object other tests may create).
+fn install_crd(cluster: &TestCluster) -> Result<(), String> {
+    let crd = chart_dir().join("crds").join(CRD_FILE);
+    run(
+        cluster.kubectl().args([
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=ttc-e2e-chart",
+            "-f",
+            "-",
+        ]),
+        Some(&std::fs::read(&crd).map_err(|e| format!("{}: {e}", crd.display()))?),
+    )?;
+    run(
+        cluster.kubectl().args([
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            &format!("crd/{CRD_NAME}"),
+        ]),
+        None,
+    )?;
+    Ok(())
+}
+
+/// `kubectl get <kinds> -o json` items (an empty list when none).
+fn get_items(
+    command: &mut Command,
+) -> Result<Vec<Value>, Box<dyn std::error::Error + Send + Sync>> {
+    let out = run(command.args(["-o", "json"]), None)?;
+    let list: Value = serde_json::from_str(&out)?;
+    Ok(list["items"].as_array().cloned().unwrap_or_default())
+}
+
+fn get_one(command: &mut Command) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+    let out = run(command.args(["-o", "json"]), None)?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+#[test]
+fn chart_crd_is_the_generated_manifest() {
+    let generated = repo_root().join("crds").join(CRD_FILE);
+    let copy = chart_dir().join("crds").join(CRD_FILE);
+    let generated_text = std::fs::read_to_string(&generated).expect("generated CRD manifest");
+    let copy_text = std::fs::read_to_string(&copy).expect("chart's CRD manifest");
+    assert!(
+        generated_text == copy_text,
+        "{} differs from {}; copy it: cp {} {}",
+        copy.display(),
+        generated.display(),
+        generated.display(),
+        copy.display()
+    );
+}
+
+#[tokio::test]
+async fn helm_lint_is_clean() -> TestResult {
+    let cluster = cluster().await?;
+    let chart = chart_dir();
+    for extra in [
+        &[][..],
+        &["--set", "webhook.certManager.enabled=true"][..],
+        &[
+            "--set",
+            "model.hostPath=/var/lib/models",
+            "--set",
+            "model.namespaces={ml}",
+            "--set",
+            "clusterPowerCapWatts=500",
+        ][..],
+    ] {
+        let out = run(
+            cluster
+                .helm()
+                .arg("lint")
+                .arg("--strict")
+                .arg(&chart)
+                .args(extra),
+            None,
+        )?;
+        assert!(
+            out.contains("0 chart(s) failed") && !out.contains("[WARNING]"),
+            "helm lint {extra:?}:\n{out}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn cert_manager_option_renders_a_certificate_and_ca_injection() -> TestResult {
+    let cluster = cluster().await?;
+    let out = run(
+        cluster
+            .helm()
+            .args(["template", "cm", "--namespace", "ttc-system"])
+            .arg(chart_dir())
+            .args(["--set", "webhook.certManager.enabled=true"]),
+        None,
+    )?;
+    assert!(out.contains("kind: Certificate"), "{out}");
+    assert!(
+        out.contains("cert-manager.io/inject-ca-from: ttc-system/cm-ttc-operator-webhook"),
+        "{out}"
+    );
+    assert!(!out.contains("caBundle:"), "{out}");
+    assert!(!out.contains("kind: Secret"), "{out}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn rendered_chart_is_accepted_by_the_api_server() -> TestResult {
+    let ns = TestNamespace::create("chart-template").await?;
+    let cluster = ns.cluster();
+    install_crd(cluster)?;
+    let release = ns.name().to_string();
+    for extra in [
+        &[][..],
+        &[
+            "--set",
+            "clusterPowerCapWatts=750",
+            "--set-json",
+            r#"sidecar.resources={"limits":{"nvidia.com/gpu":"1","memory":"4Gi"}}"#,
+            "--set",
+            "sidecar.otlpEndpoint=http://otel-collector.observability:4318",
+            "--set",
+            "model.default=/models/qwen.gguf",
+            "--set",
+            "model.hostPath=/var/lib/models",
+            "--set",
+            &format!("model.namespaces={{{release}}}"),
+            "--set-json",
+            &format!(
+                r#"sidecar.rbac.bindings=[{{"namespace":"{release}","serviceAccount":"default"}}]"#
+            ),
+            "--set",
+            "operator.logLevel=debug",
+        ][..],
+    ] {
+        let rendered = run(
+            cluster
+                .helm()
+                .args([
+                    "template",
+                    &release,
+                    "--include-crds",
+                    "--namespace",
+                    &release,
+                ])
+                .arg(chart_dir())
+                .args(extra),
+            None,
+        )?;
+        let applied = run(
+            cluster
+                .kubectl()
+                .args(["apply", "--dry-run=server", "-f", "-"]),
+            Some(rendered.as_bytes()),
+        )?;
+        for expected in [
+            "deployment.apps/",
+            "mutatingwebhookconfiguration.admissionregistration.k8s.io/",
+            "poddisruptionbudget.policy/",
+            "clusterrole.rbac.authorization.k8s.io/",
+            "service/",
+            "secret/",
+        ] {
+            assert!(
+                applied.contains(expected),
+                "dry run {extra:?} lacks {expected}:\n{applied}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn install_upgrade_uninstall_leaves_no_orphans() -> TestResult {
+    let ns = TestNamespace::create("chart-install").await?;
+    let cluster = ns.cluster();
+    let release = ns.name().to_string();
+    let selector = format!("app.kubernetes.io/instance={release}");
+    let helm = || {
+        let mut command = cluster.helm();
+        command.args(["--namespace", &release]);
+        command
+    };
+
+    run(
+        helm().args(["install", &release]).arg(chart_dir()).args([
+            "--set",
+            "model.hostPath=/var/lib/models",
+            "--set",
+            &format!("model.namespaces={{{release}}}"),
+            "--set-json",
+            &format!(
+                r#"sidecar.rbac.bindings=[{{"namespace":"{release}","serviceAccount":"default"}}]"#
+            ),
+        ]),
+        None,
+    )?;
+
+    // The CRD is installed (or was already there) and established.
+    install_crd(cluster)?;
+
+    // The objects, as the API server keeps them.
+    let fullname = format!("{release}-ttc-operator");
+    let deployment = get_one(ns.kubectl().args(["get", "deployment", &fullname]))?;
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let container = &pod["containers"][0];
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        container["securityContext"]["allowPrivilegeEscalation"],
+        false
+    );
+    assert_eq!(
+        container["securityContext"]["capabilities"]["drop"][0],
+        "ALL"
+    );
+    assert_eq!(
+        container["image"],
+        "ghcr.io/ttc-operator/ttc-operator:0.1.0"
+    );
+
+    let config = get_one(ns.kubectl().args(["get", "configmap", &fullname]))?;
+    assert_eq!(config["data"]["TTC_LEASE_NAME"], fullname.as_str());
+    assert_eq!(
+        config["data"]["TTC_OTLP_ENDPOINT"],
+        format!("http://{fullname}.{release}.svc:4318").as_str()
+    );
+    assert!(config["data"].get("TTC_CLUSTER_POWER_CAP_WATTS").is_none());
+
+    let service = get_one(ns.kubectl().args(["get", "service", &fullname]))?;
+    let ports: Vec<i64> = service["spec"]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["port"].as_i64())
+        .collect();
+    assert_eq!(ports, [443, 4318, 8080]);
+
+    let secret_name = format!("{fullname}-webhook-tls");
+    let secret = get_one(ns.kubectl().args(["get", "secret", &secret_name]))?;
+    let ca = secret["data"]["ca.crt"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!ca.is_empty(), "the webhook Secret has a CA: {secret}");
+
+    let webhook =
+        get_one(
+            cluster
+                .kubectl()
+                .args(["get", "mutatingwebhookconfiguration", &fullname]),
+        )?;
+    let hook = &webhook["webhooks"][0];
+    assert_eq!(hook["failurePolicy"], "Ignore");
+    assert_eq!(
+        hook["namespaceSelector"]["matchLabels"][ttc_crds_label()],
+        "enabled"
+    );
+    assert_eq!(hook["clientConfig"]["caBundle"], ca.as_str());
+    assert_eq!(hook["clientConfig"]["service"]["name"], fullname.as_str());
+    assert_eq!(
+        hook["clientConfig"]["service"]["namespace"],
+        release.as_str()
+    );
+
+    let pdb = get_one(ns.kubectl().args(["get", "pdb", &fullname]))?;
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    for role in [fullname.clone(), format!("{fullname}-sidecar")] {
+        get_one(cluster.kubectl().args(["get", "clusterrole", &role]))?;
+    }
+    get_one(ns.kubectl().args(["get", "pvc", "ttc-models"]))?;
+
+    // Upgrade with a changed value: the configuration follows, the certificate stays.
+    run(
+        helm().args(["upgrade", &release]).arg(chart_dir()).args([
+            "--reuse-values",
+            "--set",
+            "clusterPowerCapWatts=750",
+        ]),
+        None,
+    )?;
+    let config = get_one(ns.kubectl().args(["get", "configmap", &fullname]))?;
+    assert_eq!(config["data"]["TTC_CLUSTER_POWER_CAP_WATTS"], "750");
+    let secret = get_one(ns.kubectl().args(["get", "secret", &secret_name]))?;
+    assert_eq!(
+        secret["data"]["ca.crt"],
+        ca.as_str(),
+        "an upgrade keeps the webhook certificate"
+    );
+    let webhook =
+        get_one(
+            cluster
+                .kubectl()
+                .args(["get", "mutatingwebhookconfiguration", &fullname]),
+        )?;
+    assert_eq!(
+        webhook["webhooks"][0]["clientConfig"]["caBundle"],
+        ca.as_str()
+    );
+    let status = run(helm().args(["status", &release, "-o", "json"]), None)?;
+    let status: Value = serde_json::from_str(&status)?;
+    assert_eq!(status["version"], 2);
+
+    // Uninstall: nothing of the release is left, the CRD stays.
+    run(helm().args(["uninstall", &release, "--wait"]), None)?;
+    // Owned objects (ReplicaSets, Pods) go with the garbage collector, in the background.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let namespaced = get_items(ns.kubectl().args([
+            "get",
+            "deployments,replicasets,pods,services,configmaps,secrets,serviceaccounts,roles,\
+             rolebindings,poddisruptionbudgets,persistentvolumeclaims",
+            "-l",
+            &selector,
+        ]))?;
+        let cluster_scoped = get_items(cluster.kubectl().args([
+            "get",
+            "clusterroles,clusterrolebindings,mutatingwebhookconfigurations,persistentvolumes",
+            "-l",
+            &selector,
+        ]))?;
+        if namespaced.is_empty() && cluster_scoped.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left after uninstall: in the namespace {:?}, cluster-scoped {:?}",
+            names(&namespaced),
+            names(&cluster_scoped)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    get_one(cluster.kubectl().args(["get", "crd", CRD_NAME]))?;
+    Ok(())
+}
+
+fn ttc_crds_label() -> &'static str {
+    // crds/src/labels.rs INJECTION_NAMESPACE_LABEL (ttc-crds is not a dependency of ttc-e2e).
+    "energy.ttc.dev/injection"
+}
+
+fn names(items: &[Value]) -> Vec<String> {
+    items
+        .iter()
+        .map(|i| {
+            format!(
+                "{}/{}",
+                i["kind"].as_str().unwrap_or("?"),
+                i["metadata"]["name"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
+}
