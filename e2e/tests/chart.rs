@@ -315,6 +315,7 @@ async fn install_upgrade_uninstall_leaves_no_orphans() -> TestResult {
         .unwrap_or_default()
         .to_string();
     assert!(!ca.is_empty(), "the webhook Secret has a CA: {secret}");
+    check_webhook_certificate(&secret, &format!("{fullname}.{release}.svc"))?;
 
     let webhook =
         get_one(
@@ -341,6 +342,12 @@ async fn install_upgrade_uninstall_leaves_no_orphans() -> TestResult {
         get_one(cluster.kubectl().args(["get", "clusterrole", &role]))?;
     }
     get_one(ns.kubectl().args(["get", "pvc", "ttc-models"]))?;
+
+    // The README's quickstart policy is accepted in the release's world.
+    run(
+        ns.kubectl().args(["apply", "-f", "-"]),
+        Some(QUICKSTART_POLICY.as_bytes()),
+    )?;
 
     // Upgrade with a changed value: the configuration follows, the certificate stays.
     run(
@@ -403,6 +410,53 @@ async fn install_upgrade_uninstall_leaves_no_orphans() -> TestResult {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     get_one(cluster.kubectl().args(["get", "crd", CRD_NAME]))?;
+    Ok(())
+}
+
+/// The policy of the README's Helm quickstart (namespace left to kubectl).
+const QUICKSTART_POLICY: &str = r#"
+apiVersion: energy.ttc.dev/v1alpha1
+kind: InferencePolicy
+metadata: {name: chat}
+spec:
+  selector: {matchLabels: {app: chat}}
+  budget: {joulesPerRequest: 2, windowSeconds: 300}
+  ttc: {strategy: Adaptive, minSamples: 1, maxSamples: 8}
+  model: {name: smollm2-135m-instruct}
+"#;
+
+/// The webhook Secret holds a key rustls can serve with and a certificate for the Service's
+/// name that verifies against the CA the API server is given.
+fn check_webhook_certificate(
+    secret: &Value,
+    host: &str,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use base64::Engine as _;
+    use rustls::client::danger::ServerCertVerifier as _;
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+    let field = |name: &str| -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
+        let encoded = secret["data"][name]
+            .as_str()
+            .ok_or_else(|| format!("the webhook Secret lacks {name}"))?;
+        Ok(base64::engine::general_purpose::STANDARD.decode(encoded)?)
+    };
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let key = PrivateKeyDer::from_pem_slice(&field("tls.key")?)?;
+    provider.key_provider.load_private_key(key)?;
+    let cert = CertificateDer::from_pem_slice(&field("tls.crt")?)?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(&field("ca.crt")?)?)?;
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+            .build()?;
+    verifier.verify_server_cert(
+        &cert,
+        &[],
+        &ServerName::try_from(host.to_string())?,
+        &[],
+        UnixTime::now(),
+    )?;
     Ok(())
 }
 
