@@ -343,6 +343,104 @@ async fn install_upgrade_uninstall_leaves_no_orphans() -> TestResult {
     }
     get_one(ns.kubectl().args(["get", "pvc", "ttc-models"]))?;
 
+    // Least privilege: what the operator and the bound sidecar account may and may not do.
+    let operator_sa = format!("system:serviceaccount:{release}:{fullname}");
+    let sidecar_sa = format!("system:serviceaccount:{release}:default");
+    let everywhere = ["--all-namespaces"];
+    let here = ["--namespace", release.as_str()];
+    let elsewhere = ["--namespace", "default"];
+    let status_everywhere = ["--all-namespaces", "--subresource=status"];
+    let status_here = ["--namespace", release.as_str(), "--subresource=status"];
+    for (who, verb, resource, scope, allowed) in [
+        (
+            &operator_sa,
+            "watch",
+            "inferencepolicies.energy.ttc.dev",
+            &everywhere[..],
+            true,
+        ),
+        (
+            &operator_sa,
+            "patch",
+            "inferencepolicies.energy.ttc.dev",
+            &status_everywhere[..],
+            true,
+        ),
+        (
+            &operator_sa,
+            "update",
+            "inferencepolicies.energy.ttc.dev",
+            &everywhere[..],
+            false,
+        ),
+        (&operator_sa, "list", "pods", &everywhere[..], true),
+        (&operator_sa, "patch", "pods", &everywhere[..], false),
+        (&operator_sa, "watch", "namespaces", &everywhere[..], true),
+        (
+            &operator_sa,
+            "create",
+            "events.events.k8s.io",
+            &elsewhere[..],
+            true,
+        ),
+        (
+            &operator_sa,
+            "update",
+            "leases.coordination.k8s.io",
+            &here[..],
+            true,
+        ),
+        (
+            &operator_sa,
+            "create",
+            "leases.coordination.k8s.io",
+            &elsewhere[..],
+            false,
+        ),
+        (&operator_sa, "get", "secrets", &here[..], false),
+        (
+            &operator_sa,
+            "create",
+            "mutatingwebhookconfigurations",
+            &everywhere[..],
+            false,
+        ),
+        (
+            &sidecar_sa,
+            "watch",
+            "inferencepolicies.energy.ttc.dev",
+            &here[..],
+            true,
+        ),
+        (
+            &sidecar_sa,
+            "list",
+            "inferencepolicies.energy.ttc.dev",
+            &elsewhere[..],
+            false,
+        ),
+        (
+            &sidecar_sa,
+            "patch",
+            "inferencepolicies.energy.ttc.dev",
+            &status_here[..],
+            false,
+        ),
+    ] {
+        let out = cluster
+            .kubectl()
+            .args(["auth", "can-i", verb, resource, "--as", who])
+            .args(scope)
+            .output()?;
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert_eq!(
+            answer == "yes",
+            allowed,
+            "{who} {verb} {resource} {scope:?}: kubectl auth can-i says {answer:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     // The README's quickstart policy is accepted in the release's world.
     run(
         ns.kubectl().args(["apply", "-f", "-"]),
