@@ -263,6 +263,12 @@ async fn install_upgrade_uninstall_leaves_no_orphans() -> TestResult {
             &format!(
                 r#"sidecar.rbac.bindings=[{{"namespace":"{release}","serviceAccount":"default"}}]"#
             ),
+            // Other tests on the shared cluster create pods in opted-in namespaces: keep this
+            // release's webhook (which has no running backend) away from them.
+            "--set-json",
+            &format!(
+                r#"webhook.objectSelector={{"matchLabels":{{"ttc-e2e/chart-release":"{release}"}}}}"#
+            ),
         ]),
         None,
     )?;
@@ -330,6 +336,10 @@ async fn install_upgrade_uninstall_leaves_no_orphans() -> TestResult {
         "enabled"
     );
     assert_eq!(hook["clientConfig"]["caBundle"], ca.as_str());
+    assert_eq!(
+        hook["objectSelector"]["matchLabels"]["ttc-e2e/chart-release"],
+        release.as_str()
+    );
     assert_eq!(hook["clientConfig"]["service"]["name"], fullname.as_str());
     assert_eq!(
         hook["clientConfig"]["service"]["namespace"],
