@@ -253,6 +253,17 @@ async fn install_upgrade_uninstall_leaves_no_orphans() -> TestResult {
         command
     };
 
+    // The operator's pods must pass the "restricted" Pod Security Standard.
+    run(
+        ns.kubectl().args([
+            "label",
+            "namespace",
+            &release,
+            "pod-security.kubernetes.io/enforce=restricted",
+        ]),
+        None,
+    )?;
+
     run(
         helm().args(["install", &release]).arg(chart_dir()).args([
             "--set",
@@ -449,6 +460,20 @@ async fn install_upgrade_uninstall_leaves_no_orphans() -> TestResult {
             "{who} {verb} {resource} {scope:?}: kubectl auth can-i says {answer:?} {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    // Both replicas are created under the restricted policy (kwok marks them Running).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let pods = get_items(ns.kubectl().args(["get", "pods", "-l", &selector]))?;
+        if pods.len() == 2 {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            let events = run(ns.kubectl().args(["get", "events"]), None)?;
+            panic!("{} operator pods after 60s; events:\n{events}", pods.len());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 
     // The README's quickstart policy is accepted in the release's world.
