@@ -277,7 +277,7 @@ fn default_verifier_accept_score() -> f64 {
 #[x_kube(validation = Rule::new("!(has(self.name) && has(self.path))").message("model takes name or path, not both").field_path(".path"))]
 #[x_kube(validation = Rule::new("!has(self.volumeClaim) || has(self.path)").message("model.path is required when model.volumeClaim is set").field_path(".path"))]
 pub struct ModelSpec {
-    /// A named model known to the sidecar image (for example `smollm2-135m`).
+    /// A named model known to the sidecar image (for example `smollm2-135m-instruct`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
 

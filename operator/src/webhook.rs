@@ -333,7 +333,7 @@ mod tests {
             policies: reader,
             defaults: SidecarDefaults {
                 image: "ttc-sidecar:dev".into(),
-                model_name: "smollm2-135m".into(),
+                model_name: "smollm2-135m-instruct".into(),
                 otlp_endpoint: "http://op:4318".into(),
                 resources: None,
             },

@@ -342,7 +342,7 @@ async fn operator_injects_converges_and_resplits() -> TestResult {
         webhook_addr: ([127, 0, 0, 1], webhook_port).into(),
         receiver_addr: ([127, 0, 0, 1], receiver_port).into(),
         sidecar_image: "ttc-sidecar:test".into(),
-        default_model: "smollm2-135m".into(),
+        default_model: "smollm2-135m-instruct".into(),
         otlp_endpoint: format!("http://127.0.0.1:{receiver_port}"),
         sidecar_resources: None,
         cluster_power_cap_watts: None,

@@ -321,7 +321,7 @@ mod tests {
     fn defaults() -> SidecarDefaults {
         SidecarDefaults {
             image: "ttc-sidecar:dev".into(),
-            model_name: "smollm2-135m".into(),
+            model_name: "smollm2-135m-instruct".into(),
             otlp_endpoint: "http://ttc-operator.ttc-system.svc:4318".into(),
             resources: None,
         }
@@ -402,7 +402,7 @@ mod tests {
         );
         assert_eq!(
             get(sidecar_env::MODEL).value.as_deref(),
-            Some("smollm2-135m")
+            Some("smollm2-135m-instruct")
         );
         assert_eq!(
             get(sidecar_env::LISTEN).value.as_deref(),
