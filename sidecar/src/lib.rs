@@ -8,6 +8,7 @@
 pub mod api;
 pub mod chat_template;
 pub mod engine;
+pub mod eval;
 pub mod gguf;
 pub mod model_store;
 pub mod policy_link;

@@ -1,0 +1,146 @@
+//! `ttc-eval`: where test-time compute buys accuracy per joule, and where it does not (issue 7).
+//!
+//! Runs seeded task families under greedy, fixed votes, early-stop voting, the adaptive policy
+//! under an allocation and verifier best-of-N; prints a table and the findings; writes
+//! `results.csv`, `results.json` and one `frontier_<family>.png` per family into `--out`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use ttc_energy::{EnergyMeter, MeterConfig, SourceChoice};
+use ttc_sidecar::engine::llama::WeightFormat;
+use ttc_sidecar::engine::worker::EngineHandle;
+use ttc_sidecar::engine::{Engine, EngineOptions};
+use ttc_sidecar::eval::{self, EvalSettings};
+use ttc_sidecar::model_store::{DEFAULT_MODEL, ModelStore};
+use ttc_sidecar::ttc::tasks::TaskFamily;
+
+#[derive(Parser)]
+#[command(
+    name = "ttc-eval",
+    about = "Accuracy vs joules of test-time compute strategies on seeded task families"
+)]
+struct Args {
+    /// Items per family.
+    #[arg(long, default_value_t = 20)]
+    items: usize,
+    /// Task families (comma-separated): single_digit_addition, two_digit_addition_no_carry,
+    /// two_digit_addition_carry, larger_of_two, yes_no_facts, multiple_choice, letter_counting,
+    /// structured_output, or `all`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "single_digit_addition,larger_of_two,structured_output"
+    )]
+    families: Vec<String>,
+    /// Fixed vote depths.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    depths: Vec<usize>,
+    /// Output folder.
+    #[arg(long, default_value = "eval-results")]
+    out: PathBuf,
+    /// Seed of items and samples.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Compute threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Sampling temperature of the sampled configurations.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Token limit per sample (default 32, 64 for JSON answers).
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Most samples of early-stop, adaptive and best-of-N.
+    #[arg(long, default_value_t = 8)]
+    max_samples: usize,
+    /// A known model name or a GGUF path.
+    #[arg(long, default_value = DEFAULT_MODEL.name)]
+    model: String,
+    /// In-memory weight format.
+    #[arg(long, value_enum, default_value_t = WeightFormat::Q8_0)]
+    weights: WeightFormat,
+    /// Run on the first CUDA device (a build with the `cuda` feature).
+    #[arg(long)]
+    cuda: bool,
+    /// Energy source: auto (nvml, then rapl, then estimate), nvml, rapl or estimate.
+    #[arg(long, default_value = "auto")]
+    energy_source: SourceChoice,
+}
+
+fn family(name: &str) -> anyhow::Result<Vec<TaskFamily>> {
+    if name == "all" {
+        return Ok(TaskFamily::ALL.to_vec());
+    }
+    TaskFamily::ALL
+        .iter()
+        .copied()
+        .find(|f| f.name() == name)
+        .map(|f| vec![f])
+        .with_context(|| format!("unknown family `{name}`"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // SAFETY: set before any other thread exists; candle reads it once, on first use.
+    unsafe { std::env::set_var("CANDLE_NUM_THREADS", args.threads.to_string()) };
+    let mut families = Vec::new();
+    for name in &args.families {
+        families.extend(family(name.trim())?);
+    }
+    let settings = EvalSettings {
+        families,
+        items: args.items,
+        depths: args.depths.clone(),
+        seed: args.seed,
+        temperature: args.temperature,
+        max_tokens: args.max_tokens,
+        max_samples: args.max_samples,
+        ..EvalSettings::default()
+    };
+    let path = ModelStore::default_location().resolve(&args.model)?;
+    let engine = Engine::load(
+        &path,
+        &args.model,
+        &EngineOptions {
+            weights: args.weights,
+            cuda: args.cuda,
+        },
+    )?;
+    let meter = EnergyMeter::from_config(&MeterConfig {
+        source: args.energy_source,
+        ..MeterConfig::default()
+    })
+    .context("opening the energy meter")?;
+    eprintln!(
+        "model {} | {} threads | energy source {} ({})",
+        path.display(),
+        args.threads,
+        meter.source(),
+        if meter.source().is_measured() {
+            "measured"
+        } else {
+            "NOT measured: CPU time x declared watts"
+        }
+    );
+    let handle = EngineHandle::spawn(engine, meter).context("starting the engine thread")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(eval::run(&handle, &settings, |line| eprintln!("{line}")))?;
+    println!("{}", eval::report::table(&report));
+    println!("Findings:");
+    for f in &report.findings {
+        println!("- {f}");
+    }
+    println!("Notes:");
+    for n in &report.notes {
+        println!("- {n}");
+    }
+    let written = eval::report::write_all(&report, &args.out)?;
+    for p in written {
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,702 @@
+//! The evaluation of issue 7: where test-time compute buys accuracy per joule, and where not.
+//!
+//! For each task family ([`crate::ttc::tasks`], seeded) the same items run under every
+//! [`Configuration`]: greedy, fixed votes of `k` samples, early-stop voting, the adaptive policy
+//! under a joules-per-request allocation, and best-of-N with the family's verifier where the
+//! family has one. Every sample of item `i` uses the same sampling seeds in every configuration
+//! (common random numbers), so vote@4's samples are the first four of vote@8's and configurations
+//! are compared item by item (paired sign test), not only by their totals.
+//!
+//! Energy figures carry the meter's source: `estimate` (CPU time x declared watts) is never
+//! presented as a measurement.
+
+pub mod plot;
+pub mod report;
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::chat_template::ChatMessage;
+use crate::engine::sampler::SamplerConfig;
+use crate::engine::stop::StopStrings;
+use crate::engine::worker::EngineHandle;
+use crate::engine::{EngineError, GenerationRequest};
+use crate::ttc::stats::{Proportion, pass_at_k, wilson_95};
+use crate::ttc::tasks::{TaskFamily, TaskItem, generate};
+use crate::ttc::{
+    AnswerType, Candidate, EnergySource, TtcError, TtcPolicy, TtcStrategy, VoteWeighting,
+    extract_answer, majority_vote,
+};
+use crate::ttc_service::{TtcRequest, TtcService};
+
+/// Why the evaluation could not run or write its results.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// The engine failed on a request.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A configuration's policy was rejected.
+    #[error(transparent)]
+    Policy(#[from] TtcError),
+    /// The engine returned no energy figure (it must run under a meter).
+    #[error("the engine reported no energy for a request: spawn it with an energy meter")]
+    NoEnergy,
+    /// The settings cannot produce an evaluation.
+    #[error("invalid evaluation settings: {0}")]
+    Settings(String),
+    /// A result file could not be written.
+    #[error("writing {path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Results could not be serialised.
+    #[error("serialising results: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A plot could not be drawn.
+    #[error("plotting {path}: {message}")]
+    Plot {
+        /// The image file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// What to evaluate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EvalSettings {
+    /// Task families, in report order.
+    pub families: Vec<TaskFamily>,
+    /// Items per family.
+    pub items: usize,
+    /// Fixed vote depths (samples per request).
+    pub depths: Vec<usize>,
+    /// Seed of the items and of the samples.
+    pub seed: u64,
+    /// Sampling temperature of every configuration but greedy.
+    pub temperature: f32,
+    /// Token limit per sample; `None`: 32, or 64 for JSON answers.
+    pub max_tokens: Option<usize>,
+    /// Most samples of the early-stop, adaptive and best-of-N configurations.
+    pub max_samples: usize,
+    /// Early-stop agreement threshold.
+    pub early_stop_agreement: f64,
+}
+
+impl Default for EvalSettings {
+    fn default() -> Self {
+        Self {
+            families: vec![
+                TaskFamily::SingleDigitAddition,
+                TaskFamily::LargerOfTwo,
+                TaskFamily::StructuredOutput,
+            ],
+            items: 20,
+            depths: vec![1, 4, 8],
+            seed: 7,
+            temperature: 0.7,
+            max_tokens: None,
+            max_samples: 8,
+            early_stop_agreement: 0.75,
+        }
+    }
+}
+
+/// One way of answering a request.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Configuration {
+    /// One sample at temperature 0.
+    Greedy,
+    /// Majority vote over exactly `k` samples, generated as one batch.
+    Vote {
+        /// Samples.
+        k: usize,
+    },
+    /// Policy MajorityVote: windows of 2 samples until the agreement threshold or the maximum.
+    EarlyStop {
+        /// Most samples.
+        max_samples: usize,
+        /// Agreement threshold.
+        agreement: f64,
+    },
+    /// Policy Adaptive (difficulty-aware, with the family's verifier if any) under an allocation.
+    Adaptive {
+        /// Joules per request allocated to the pod.
+        allocation_joules: f64,
+        /// The vote depth whose measured mean joules set the allocation.
+        reference_depth: usize,
+    },
+    /// Policy BestOfN with the family's verifier: sample until one is accepted.
+    BestOfN {
+        /// Most samples.
+        max_samples: usize,
+    },
+}
+
+impl Configuration {
+    /// A short label for tables and plots.
+    pub fn label(&self) -> String {
+        match self {
+            Self::Greedy => "greedy".into(),
+            Self::Vote { k } => format!("vote@{k}"),
+            Self::EarlyStop { max_samples, .. } => format!("early-stop@{max_samples}"),
+            Self::Adaptive {
+                reference_depth, ..
+            } => format!("adaptive(=vote@{reference_depth} J)"),
+            Self::BestOfN { max_samples } => format!("best-of-{max_samples}+verifier"),
+        }
+    }
+
+    /// Whether the configuration spends test-time compute (more than one greedy sample).
+    pub fn is_ttc(&self) -> bool {
+        !matches!(self, Self::Greedy | Self::Vote { k: 1 })
+    }
+}
+
+/// One item answered under one configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ItemRecord {
+    /// The item's id (`family/index`).
+    pub item_id: String,
+    /// The expected answer.
+    pub expected: String,
+    /// The chosen answer (normalised), if any.
+    pub answer: Option<String>,
+    /// Whether the chosen answer is right.
+    pub correct: bool,
+    /// Samples drawn.
+    pub samples: usize,
+    /// Samples whose own answer is right.
+    pub correct_samples: usize,
+    /// Whether the verifier accepted the chosen sample (best-of-N only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
+    /// Joules of the request.
+    pub joules: f64,
+    /// Where the joules figure comes from.
+    pub energy_source: EnergySource,
+    /// Prompt tokens computed (once per generation window).
+    pub prompt_tokens: usize,
+    /// Tokens generated over all samples.
+    pub completion_tokens: usize,
+    /// Wall-clock seconds of the request.
+    pub latency_s: f64,
+}
+
+/// pass@k: the chance that at least one of `k` samples is right (an oracle verifier's ceiling).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PassAtK {
+    /// Samples.
+    pub k: usize,
+    /// Mean over items of the unbiased estimate.
+    pub value: f64,
+    /// Samples per item it was estimated from.
+    pub from_samples: usize,
+}
+
+/// One family under one configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigResult {
+    /// The family.
+    pub family: TaskFamily,
+    /// The configuration.
+    pub configuration: Configuration,
+    /// Its label.
+    pub label: String,
+    /// Accuracy with its 95% Wilson interval.
+    pub accuracy: Proportion,
+    /// pass@k for vote configurations (estimated from the deepest vote's samples).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pass_at_k: Option<PassAtK>,
+    /// Mean joules per request.
+    pub mean_joules: f64,
+    /// Source of the joules (`estimate` if any request's figure was estimated).
+    pub energy_source: EnergySource,
+    /// Mean samples per request.
+    pub mean_samples: f64,
+    /// Mean generated tokens per request (all samples).
+    pub mean_completion_tokens: f64,
+    /// Mean prompt tokens computed per request.
+    pub mean_prompt_tokens: f64,
+    /// Mean wall-clock seconds per request.
+    pub mean_latency_s: f64,
+    /// Every item.
+    pub items: Vec<ItemRecord>,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EvalReport {
+    /// The model's name.
+    pub model: String,
+    /// The settings.
+    pub settings: EvalSettings,
+    /// Results, family by family, configuration by configuration.
+    pub results: Vec<ConfigResult>,
+    /// What the results show, in sentences.
+    pub findings: Vec<String>,
+    /// How the run was made (sources, caveats).
+    pub notes: Vec<String>,
+}
+
+/// Token limit of one sample for `answer_type`.
+fn max_tokens_for(settings: &EvalSettings, answer_type: AnswerType) -> usize {
+    settings.max_tokens.unwrap_or(match answer_type {
+        AnswerType::Json => 64,
+        _ => 32,
+    })
+}
+
+/// Sampling seed of item `index`: sample `j` uses this plus `j` in every configuration.
+fn sample_seed(seed: u64, index: usize) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(index as u64 * 1024)
+}
+
+struct Prepared {
+    item: TaskItem,
+    prompt: Vec<u32>,
+    seed: u64,
+}
+
+/// Runs the evaluation on `engine` (which must run under an energy meter); `progress` hears a
+/// line per finished configuration.
+pub async fn run(
+    engine: &EngineHandle,
+    settings: &EvalSettings,
+    mut progress: impl FnMut(&str),
+) -> Result<EvalReport, EvalError> {
+    if settings.families.is_empty() || settings.items == 0 || settings.depths.is_empty() {
+        return Err(EvalError::Settings(
+            "at least one family, one item and one depth are needed".into(),
+        ));
+    }
+    if settings.depths.contains(&0) || settings.max_samples == 0 {
+        return Err(EvalError::Settings(
+            "depths and max samples must be at least 1".into(),
+        ));
+    }
+    let mut depths = settings.depths.clone();
+    depths.sort_unstable();
+    depths.dedup();
+    let mut results = Vec::new();
+    for &family in &settings.families {
+        let prepared = generate(family, settings.items, settings.seed)
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let prompt = engine.engine().encode_chat(&[ChatMessage {
+                    role: "user".into(),
+                    content: item.prompt.clone(),
+                }])?;
+                Ok(Prepared {
+                    item,
+                    prompt,
+                    seed: sample_seed(settings.seed, i),
+                })
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        let mut family_results = Vec::new();
+        let greedy = SamplerConfig {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+        };
+        let sampled = SamplerConfig {
+            temperature: settings.temperature,
+            top_p: 1.0,
+            top_k: 0,
+        };
+        let mut records = Vec::new();
+        for p in &prepared {
+            records.push(run_batch(engine, settings, p, 1, greedy).await?);
+        }
+        family_results.push(summarise(family, Configuration::Greedy, records));
+        progress(&progress_line(family_results.last()));
+        for &k in &depths {
+            let mut records = Vec::new();
+            for p in &prepared {
+                records.push(run_batch(engine, settings, p, k, sampled).await?);
+            }
+            family_results.push(summarise(family, Configuration::Vote { k }, records));
+            progress(&progress_line(family_results.last()));
+        }
+        add_pass_at_k(&mut family_results, &depths);
+
+        let early = Configuration::EarlyStop {
+            max_samples: settings.max_samples,
+            agreement: settings.early_stop_agreement,
+        };
+        let policy = TtcPolicy {
+            strategy: TtcStrategy::MajorityVote,
+            min_samples: 1,
+            max_samples: settings.max_samples as u32,
+            early_stop_agreement: settings.early_stop_agreement,
+            difficulty_aware: false,
+            verifier: None,
+            ..TtcPolicy::default()
+        };
+        let records = run_service(engine, settings, &prepared, policy, None, sampled).await?;
+        family_results.push(summarise(family, early, records));
+        progress(&progress_line(family_results.last()));
+
+        // The allocation: what the vote depth nearest 4 cost here, so adaptive and uniform
+        // depth are compared at (about) equal energy.
+        let reference_depth = depths
+            .iter()
+            .copied()
+            .min_by_key(|d| d.abs_diff(4))
+            .unwrap_or(1);
+        let allocation_joules = family_results
+            .iter()
+            .find(|r| r.configuration == Configuration::Vote { k: reference_depth })
+            .map_or(0.0, |r| r.mean_joules);
+        let adaptive = Configuration::Adaptive {
+            allocation_joules,
+            reference_depth,
+        };
+        let policy = TtcPolicy {
+            strategy: TtcStrategy::Adaptive,
+            min_samples: 1,
+            max_samples: settings.max_samples as u32,
+            early_stop_agreement: settings.early_stop_agreement,
+            difficulty_aware: true,
+            verifier: family.verifier(),
+            ..TtcPolicy::default()
+        };
+        let records = run_service(
+            engine,
+            settings,
+            &prepared,
+            policy,
+            Some(allocation_joules),
+            sampled,
+        )
+        .await?;
+        family_results.push(summarise(family, adaptive, records));
+        progress(&progress_line(family_results.last()));
+
+        if let Some(verifier) = family.verifier() {
+            let policy = TtcPolicy {
+                strategy: TtcStrategy::BestOfN,
+                min_samples: 1,
+                max_samples: settings.max_samples as u32,
+                difficulty_aware: false,
+                verifier: Some(verifier),
+                ..TtcPolicy::default()
+            };
+            let records = run_service(engine, settings, &prepared, policy, None, sampled).await?;
+            family_results.push(summarise(
+                family,
+                Configuration::BestOfN {
+                    max_samples: settings.max_samples,
+                },
+                records,
+            ));
+            progress(&progress_line(family_results.last()));
+        }
+        results.extend(family_results);
+    }
+    let findings = report::findings(&results, settings);
+    let source = results
+        .iter()
+        .map(|r| r.energy_source)
+        .find(|s| *s == EnergySource::Estimate)
+        .or(results.first().map(|r| r.energy_source))
+        .unwrap_or(EnergySource::Estimate);
+    let notes = vec![
+        format!(
+            "Energy source: {}{}.",
+            source,
+            if source.is_measured() {
+                " (measured by hardware counters)"
+            } else {
+                " — NOT measured: this process's CPU seconds x declared watts per core"
+            }
+        ),
+        "Items: ttc::tasks::generate(family, items, seed); each family's generator is documented there.".into(),
+        "Samples: item i uses seeds s_i + j for sample j in every configuration (common random numbers); vote@k runs k samples as one batch, early-stop/adaptive/best-of-N run through TtcService in windows of 2 (each window prefills the prompt again).".into(),
+        "pass@k is what an oracle verifier would reach with k samples (unbiased estimate from the deepest vote's samples) — a ceiling, not a strategy.".into(),
+        "Best-of-N runs only where the family has a verifier that checks structure without knowing the answer (the JSON schema of structured_output). A regex such as ^\\s*\\d+\\s*$ on arithmetic answers checks the format, not the sum, so it is not used as a verifier.".into(),
+        "Only one model is evaluated: no model-size points on the frontier.".into(),
+    ];
+    Ok(EvalReport {
+        model: engine.engine().name().to_owned(),
+        settings: settings.clone(),
+        results,
+        findings,
+        notes,
+    })
+}
+
+fn progress_line(result: Option<&ConfigResult>) -> String {
+    result.map_or_else(String::new, |r| {
+        format!(
+            "{} {}: {:.0}% ({}/{}), {:.3} J/request ({})",
+            r.family.name(),
+            r.label,
+            r.accuracy.estimate * 100.0,
+            r.items.iter().filter(|i| i.correct).count(),
+            r.items.len(),
+            r.mean_joules,
+            r.energy_source
+        )
+    })
+}
+
+/// `n` samples of one item as one batch, majority-voted.
+async fn run_batch(
+    engine: &EngineHandle,
+    settings: &EvalSettings,
+    p: &Prepared,
+    n: usize,
+    sampler: SamplerConfig,
+) -> Result<ItemRecord, EvalError> {
+    let started = Instant::now();
+    let out = engine
+        .generate(GenerationRequest {
+            prompt: p.prompt.clone(),
+            n,
+            max_tokens: max_tokens_for(settings, p.item.answer_type),
+            sampler,
+            seed: p.seed,
+            stop: StopStrings::default(),
+        })
+        .await?;
+    let latency_s = started.elapsed().as_secs_f64();
+    let energy = out.energy.ok_or(EvalError::NoEnergy)?;
+    let candidates: Vec<Candidate> = out
+        .completions
+        .iter()
+        .map(|c| Candidate {
+            answer: extract_answer(&c.text, p.item.answer_type),
+            logprob: c.logprob,
+            tokens: c.token_ids.len(),
+        })
+        .collect();
+    let answer = majority_vote(&candidates, VoteWeighting::Uniform).map(|v| v.answer);
+    let correct_samples = out
+        .completions
+        .iter()
+        .filter(|c| p.item.is_correct(&c.text))
+        .count();
+    Ok(ItemRecord {
+        item_id: p.item.id.clone(),
+        expected: p.item.expected.clone(),
+        correct: answer.as_deref() == Some(p.item.expected.as_str()),
+        answer,
+        samples: out.completions.len(),
+        correct_samples,
+        verified: None,
+        joules: energy.joules,
+        energy_source: energy.source,
+        prompt_tokens: out.prompt_tokens,
+        completion_tokens: out.completion_tokens,
+        latency_s,
+    })
+}
+
+/// Every item through one fresh [`TtcService`] under `policy`, in order (the controller learns
+/// as it goes, as it would in a pod).
+async fn run_service(
+    engine: &EngineHandle,
+    settings: &EvalSettings,
+    prepared: &[Prepared],
+    policy: TtcPolicy,
+    allocation: Option<f64>,
+    sampler: SamplerConfig,
+) -> Result<Vec<ItemRecord>, EvalError> {
+    let service = TtcService::new(policy)?;
+    service.set_allocation(allocation);
+    let mut records = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        let started = Instant::now();
+        let answer = service
+            .answer(
+                engine,
+                TtcRequest {
+                    prompt: p.prompt.clone(),
+                    prompt_text: p.item.prompt.clone(),
+                    answer_type: p.item.answer_type,
+                    max_tokens: max_tokens_for(settings, p.item.answer_type),
+                    sampler,
+                    seed: p.seed,
+                    stop: StopStrings::default(),
+                },
+            )
+            .await?;
+        let latency_s = started.elapsed().as_secs_f64();
+        let energy = answer.energy.ok_or(EvalError::NoEnergy)?;
+        let outcome = answer.outcome;
+        let correct_samples = outcome
+            .answers
+            .iter()
+            .filter(|a| a.as_deref() == Some(p.item.expected.as_str()))
+            .count();
+        records.push(ItemRecord {
+            item_id: p.item.id.clone(),
+            expected: p.item.expected.clone(),
+            correct: outcome.answer.as_deref() == Some(p.item.expected.as_str()),
+            answer: outcome.answer,
+            samples: outcome.samples,
+            correct_samples,
+            verified: outcome.verified,
+            joules: energy.joules,
+            energy_source: energy.source,
+            prompt_tokens: outcome.prompt_tokens * outcome.windows.max(1),
+            completion_tokens: answer.completion_tokens,
+            latency_s,
+        });
+    }
+    Ok(records)
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if n == 0 { 0.0 } else { sum / n as f64 }
+}
+
+/// Accuracy, means and the energy source of one configuration's records.
+pub fn summarise(
+    family: TaskFamily,
+    configuration: Configuration,
+    items: Vec<ItemRecord>,
+) -> ConfigResult {
+    let correct = items.iter().filter(|i| i.correct).count() as u64;
+    let energy_source = if items
+        .iter()
+        .any(|i| i.energy_source == EnergySource::Estimate)
+    {
+        EnergySource::Estimate
+    } else {
+        items
+            .first()
+            .map_or(EnergySource::Estimate, |i| i.energy_source)
+    };
+    ConfigResult {
+        family,
+        label: configuration.label(),
+        configuration,
+        accuracy: wilson_95(correct, items.len() as u64),
+        pass_at_k: None,
+        mean_joules: mean(items.iter().map(|i| i.joules)),
+        energy_source,
+        mean_samples: mean(items.iter().map(|i| i.samples as f64)),
+        mean_completion_tokens: mean(items.iter().map(|i| i.completion_tokens as f64)),
+        mean_prompt_tokens: mean(items.iter().map(|i| i.prompt_tokens as f64)),
+        mean_latency_s: mean(items.iter().map(|i| i.latency_s)),
+        items,
+    }
+}
+
+/// pass@k of every vote row, estimated from the deepest vote's samples of the same items.
+fn add_pass_at_k(results: &mut [ConfigResult], depths: &[usize]) {
+    let Some(&deepest) = depths.last() else {
+        return;
+    };
+    let counts: Vec<(u64, u64)> = results
+        .iter()
+        .find(|r| r.configuration == Configuration::Vote { k: deepest })
+        .map(|r| {
+            r.items
+                .iter()
+                .map(|i| (i.samples as u64, i.correct_samples as u64))
+                .collect()
+        })
+        .unwrap_or_default();
+    for r in results.iter_mut() {
+        if let Configuration::Vote { k } = r.configuration {
+            let values: Vec<f64> = counts
+                .iter()
+                .filter_map(|&(n, c)| pass_at_k(n, c, k as u64))
+                .collect();
+            if !values.is_empty() {
+                r.pass_at_k = Some(PassAtK {
+                    k,
+                    value: mean(values.iter().copied()),
+                    from_samples: deepest,
+                });
+            }
+        }
+    }
+}
+
+/// Two-sided exact sign test on paired outcomes: `wins` items right only under one
+/// configuration, `losses` right only under the other. 1.0 when there is no discordant pair.
+pub fn sign_test(wins: usize, losses: usize) -> f64 {
+    let n = wins + losses;
+    if n == 0 {
+        return 1.0;
+    }
+    let tail = wins.min(losses);
+    // Sum of C(n, i) / 2^n for i <= tail, in logs to stay finite for large n.
+    let ln_choose =
+        |n: usize, k: usize| -> f64 { (1..=k).map(|i| ((n - k + i) as f64 / i as f64).ln()).sum() };
+    let p: f64 = (0..=tail)
+        .map(|i| (ln_choose(n, i) - n as f64 * std::f64::consts::LN_2).exp())
+        .sum();
+    (2.0 * p).min(1.0)
+}
+
+/// Items right under `a` but not `b`, and right under `b` but not `a` (matched by item id).
+pub fn discordant(a: &ConfigResult, b: &ConfigResult) -> (usize, usize) {
+    let mut wins = 0;
+    let mut losses = 0;
+    for x in &a.items {
+        if let Some(y) = b.items.iter().find(|y| y.item_id == x.item_id) {
+            match (x.correct, y.correct) {
+                (true, false) => wins += 1,
+                (false, true) => losses += 1,
+                _ => {}
+            }
+        }
+    }
+    (wins, losses)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sign_test_reference_values() {
+        // 8 wins, 0 losses: 2 / 256.
+        assert!((sign_test(8, 0) - 2.0 / 256.0).abs() < 1e-12);
+        assert_eq!(sign_test(0, 0), 1.0);
+        assert_eq!(sign_test(3, 3), 1.0);
+        // 9 vs 1: 2 * (1 + 10) / 1024.
+        assert!((sign_test(9, 1) - 22.0 / 1024.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn labels_are_distinct() {
+        let labels = [
+            Configuration::Greedy.label(),
+            Configuration::Vote { k: 4 }.label(),
+            Configuration::EarlyStop {
+                max_samples: 8,
+                agreement: 0.75,
+            }
+            .label(),
+            Configuration::Adaptive {
+                allocation_joules: 1.0,
+                reference_depth: 4,
+            }
+            .label(),
+            Configuration::BestOfN { max_samples: 8 }.label(),
+        ];
+        let set: std::collections::HashSet<_> = labels.iter().collect();
+        assert_eq!(set.len(), labels.len());
+    }
+}

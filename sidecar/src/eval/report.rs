@@ -1,0 +1,305 @@
+//! The evaluation's outputs: the printed table, `results.csv`, `results.json`, and the findings
+//! in sentences.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use super::{
+    ConfigResult, Configuration, EvalError, EvalReport, EvalSettings, discordant, sign_test,
+};
+
+/// Significance level of the paired sign test behind "gained" or "lost".
+const ALPHA: f64 = 0.05;
+
+/// The results as a Markdown table.
+pub fn table(report: &EvalReport) -> String {
+    let mut out = String::new();
+    out.push_str("| family | configuration | accuracy [95% CI] | pass@k | samples/req | joules/req (source) | tokens/req | latency s |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|\n");
+    for r in &report.results {
+        let pass = r.pass_at_k.map_or_else(
+            || "-".to_owned(),
+            |p| format!("{:.0}% (k={})", p.value * 100.0, p.k),
+        );
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0}% [{:.0}-{:.0}] | {} | {:.2} | {:.3} ({}) | {:.1} | {:.2} |",
+            r.family.name(),
+            r.label,
+            r.accuracy.estimate * 100.0,
+            r.accuracy.low * 100.0,
+            r.accuracy.high * 100.0,
+            pass,
+            r.mean_samples,
+            r.mean_joules,
+            r.energy_source,
+            r.mean_completion_tokens,
+            r.mean_latency_s,
+        );
+    }
+    out
+}
+
+const CSV_HEADER: &str = "family,configuration,kind,samples_max,items,correct,accuracy,accuracy_low95,accuracy_high95,pass_at_k,pass_k,mean_samples,mean_joules,energy_source,mean_completion_tokens,mean_prompt_tokens,mean_latency_s,allocation_joules,on_frontier";
+
+/// The results as CSV, one row per family and configuration.
+pub fn csv(report: &EvalReport) -> String {
+    let mut out = String::from(CSV_HEADER);
+    out.push('\n');
+    for r in &report.results {
+        let (kind, depth, allocation) = match r.configuration {
+            Configuration::Greedy => ("greedy", 1, None),
+            Configuration::Vote { k } => ("vote", k, None),
+            Configuration::EarlyStop { max_samples, .. } => ("early_stop", max_samples, None),
+            Configuration::Adaptive {
+                allocation_joules, ..
+            } => (
+                "adaptive",
+                report.settings.max_samples,
+                Some(allocation_joules),
+            ),
+            Configuration::BestOfN { max_samples } => ("best_of_n", max_samples, None),
+        };
+        let family: Vec<&ConfigResult> = report
+            .results
+            .iter()
+            .filter(|x| x.family == r.family)
+            .collect();
+        let on_frontier = frontier(&family).iter().any(|f| f.label == r.label);
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{:.4},{:.4},{:.4},{},{},{:.3},{:.5},{},{:.2},{:.2},{:.4},{},{}",
+            r.family.name(),
+            csv_field(&r.label),
+            kind,
+            depth,
+            r.items.len(),
+            r.items.iter().filter(|i| i.correct).count(),
+            r.accuracy.estimate,
+            r.accuracy.low,
+            r.accuracy.high,
+            r.pass_at_k
+                .map_or(String::new(), |p| format!("{:.4}", p.value)),
+            r.pass_at_k.map_or(String::new(), |p| p.k.to_string()),
+            r.mean_samples,
+            r.mean_joules,
+            r.energy_source,
+            r.mean_completion_tokens,
+            r.mean_prompt_tokens,
+            r.mean_latency_s,
+            allocation.map_or(String::new(), |a| format!("{a:.5}")),
+            on_frontier,
+        );
+    }
+    out
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+/// Writes `results.csv`, `results.json` and one frontier PNG per family into `dir`; returns the
+/// paths written.
+pub fn write_all(report: &EvalReport, dir: &Path) -> Result<Vec<PathBuf>, EvalError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| EvalError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut written = Vec::new();
+    let csv_path = dir.join("results.csv");
+    std::fs::write(&csv_path, csv(report)).map_err(io(&csv_path))?;
+    written.push(csv_path);
+    let json_path = dir.join("results.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(report)?).map_err(io(&json_path))?;
+    written.push(json_path);
+    for &family in &report.settings.families {
+        let rows: Vec<&ConfigResult> = report
+            .results
+            .iter()
+            .filter(|r| r.family == family)
+            .collect();
+        let path = dir.join(format!("frontier_{}.png", family.name()));
+        super::plot::frontier_png(&path, family, &rows, &frontier(&rows), &report.model)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// The configurations no other one beats on both accuracy and joules (the Pareto frontier),
+/// cheapest first.
+pub fn frontier<'a>(rows: &[&'a ConfigResult]) -> Vec<&'a ConfigResult> {
+    let mut points: Vec<&ConfigResult> = rows
+        .iter()
+        .copied()
+        .filter(|r| {
+            !rows.iter().any(|o| {
+                o.label != r.label
+                    && o.accuracy.estimate >= r.accuracy.estimate
+                    && o.mean_joules <= r.mean_joules
+                    && (o.accuracy.estimate > r.accuracy.estimate || o.mean_joules < r.mean_joules)
+            })
+        })
+        .collect();
+    points.sort_by(|a, b| a.mean_joules.total_cmp(&b.mean_joules));
+    points
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.0}%", x * 100.0)
+}
+
+/// What the results show, family by family, in sentences: gains and losses against greedy with
+/// a paired sign test, the cost of each, early-stop against the deepest vote, adaptive against
+/// uniform depth at equal energy, best-of-N against greedy, and the frontier.
+pub fn findings(results: &[ConfigResult], settings: &EvalSettings) -> Vec<String> {
+    let mut out = Vec::new();
+    for &family in &settings.families {
+        let rows: Vec<&ConfigResult> = results.iter().filter(|r| r.family == family).collect();
+        let find =
+            |c: &dyn Fn(&Configuration) -> bool| rows.iter().copied().find(|r| c(&r.configuration));
+        let Some(greedy) = find(&|c| *c == Configuration::Greedy) else {
+            continue;
+        };
+        let name = family.name();
+        let source = greedy.energy_source;
+        out.push(format!(
+            "{name}: greedy {} at {:.3} J/request ({source}).",
+            pct(greedy.accuracy.estimate),
+            greedy.mean_joules
+        ));
+        for r in rows
+            .iter()
+            .filter(|r| r.configuration != Configuration::Greedy)
+        {
+            let (wins, losses) = discordant(r, greedy);
+            let p = sign_test(wins, losses);
+            let delta = (r.accuracy.estimate - greedy.accuracy.estimate) * 100.0;
+            let ratio = if greedy.mean_joules > 0.0 {
+                r.mean_joules / greedy.mean_joules
+            } else {
+                f64::NAN
+            };
+            let extra = r.mean_joules - greedy.mean_joules;
+            let verdict = if p < ALPHA && delta > 0.0 {
+                format!(
+                    "TTC bought accuracy: {:.1} pts per extra joule",
+                    delta / extra.max(1e-9)
+                )
+            } else if p < ALPHA && delta < 0.0 {
+                "significantly worse than greedy".to_owned()
+            } else if extra > 0.0 {
+                format!("no significant gain: {extra:.3} J/request more for nothing measurable")
+            } else {
+                format!("no significant difference, {:.3} J/request less", -extra)
+            };
+            out.push(format!(
+                "{name}: {} {} vs greedy {} ({delta:+.0} pts; {wins} items gained, {losses} lost, sign test p={p:.2}) at {ratio:.1}x greedy's joules -> {verdict}.",
+                r.label,
+                pct(r.accuracy.estimate),
+                pct(greedy.accuracy.estimate),
+            ));
+        }
+        let deepest = rows
+            .iter()
+            .copied()
+            .filter_map(|r| match r.configuration {
+                Configuration::Vote { k } => Some((k, r)),
+                _ => None,
+            })
+            .max_by_key(|(k, _)| *k);
+        if let (Some(early), Some((k, vote))) = (
+            find(&|c| matches!(c, Configuration::EarlyStop { .. })),
+            deepest,
+        ) {
+            let delta = (early.accuracy.estimate - vote.accuracy.estimate) * 100.0;
+            let share = early.mean_joules / vote.mean_joules.max(1e-12);
+            let met = delta >= -1.0 && share <= 0.40;
+            out.push(format!(
+                "{name}: early-stop {} with {:.1} samples vs vote@{k} {} ({delta:+.0} pts) at {:.0}% of its joules; issue 7's goal (within 1 pt at <= 40%) {}.",
+                pct(early.accuracy.estimate),
+                early.mean_samples,
+                pct(vote.accuracy.estimate),
+                share * 100.0,
+                if met { "met" } else { "not met" }
+            ));
+        }
+        if let Some(adaptive) = find(&|c| matches!(c, Configuration::Adaptive { .. }))
+            && let Configuration::Adaptive {
+                allocation_joules,
+                reference_depth,
+            } = adaptive.configuration
+            && let Some(uniform) = find(&|c| *c == Configuration::Vote { k: reference_depth })
+        {
+            let (wins, losses) = discordant(adaptive, uniform);
+            out.push(format!(
+                "{name}: adaptive under {allocation_joules:.3} J/request (vote@{reference_depth}'s mean) spent {:.3} J ({:+.0}% of the allocation) with {:.1} samples and reached {} vs uniform vote@{reference_depth} {} ({wins} items gained, {losses} lost, p={:.2}).",
+                adaptive.mean_joules,
+                (adaptive.mean_joules / allocation_joules.max(1e-12) - 1.0) * 100.0,
+                adaptive.mean_samples,
+                pct(adaptive.accuracy.estimate),
+                pct(uniform.accuracy.estimate),
+                sign_test(wins, losses),
+            ));
+        }
+        if let Some(best) = find(&|c| matches!(c, Configuration::BestOfN { .. })) {
+            let ratio = best.mean_joules / greedy.mean_joules.max(1e-12);
+            out.push(format!(
+                "{name}: verifier best-of-N {} vs greedy {} at {ratio:.1}x greedy's joules ({:.1} samples, {:.0}% of requests verified).",
+                pct(best.accuracy.estimate),
+                pct(greedy.accuracy.estimate),
+                best.mean_samples,
+                100.0 * best.items.iter().filter(|i| i.verified == Some(true)).count() as f64
+                    / best.items.len().max(1) as f64,
+            ));
+            if let Some((k, vote)) = deepest {
+                out.push(format!(
+                    "{name}: best-of-N {} at {:.3} J vs vote@{k} {} at {:.3} J.",
+                    pct(best.accuracy.estimate),
+                    best.mean_joules,
+                    pct(vote.accuracy.estimate),
+                    vote.mean_joules
+                ));
+            }
+        }
+        // At equal accuracy: the cheapest configuration statistically tied with the best one.
+        if let Some(top) = rows.iter().copied().max_by(|a, b| {
+            a.accuracy
+                .estimate
+                .total_cmp(&b.accuracy.estimate)
+                .then(b.mean_joules.total_cmp(&a.mean_joules))
+        }) {
+            let cheapest_tied = rows
+                .iter()
+                .copied()
+                .filter(|r| {
+                    let (w, l) = discordant(top, r);
+                    sign_test(w, l) >= ALPHA
+                })
+                .min_by(|a, b| a.mean_joules.total_cmp(&b.mean_joules));
+            if let Some(c) = cheapest_tied {
+                out.push(format!(
+                    "{name}: best accuracy {} by {} at {:.3} J; the cheapest configuration not significantly worse is {} ({}) at {:.3} J = {:.0}% of that and {:.1}x greedy.",
+                    pct(top.accuracy.estimate),
+                    top.label,
+                    top.mean_joules,
+                    c.label,
+                    pct(c.accuracy.estimate),
+                    c.mean_joules,
+                    100.0 * c.mean_joules / top.mean_joules.max(1e-12),
+                    c.mean_joules / greedy.mean_joules.max(1e-12),
+                ));
+            }
+        }
+        let front: Vec<String> = frontier(&rows).iter().map(|r| r.label.clone()).collect();
+        out.push(format!(
+            "{name}: accuracy-vs-joules frontier: {}.",
+            front.join(" -> ")
+        ));
+    }
+    out
+}
