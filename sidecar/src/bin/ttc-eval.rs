@@ -12,7 +12,7 @@ use ttc_energy::{EnergyMeter, MeterConfig, SourceChoice};
 use ttc_sidecar::engine::llama::WeightFormat;
 use ttc_sidecar::engine::worker::EngineHandle;
 use ttc_sidecar::engine::{Engine, EngineOptions};
-use ttc_sidecar::eval::{self, EvalSettings};
+use ttc_sidecar::eval::{self, EvalReport, EvalSettings};
 use ttc_sidecar::model_store::{DEFAULT_MODEL, ModelStore};
 use ttc_sidecar::ttc::tasks::TaskFamily;
 
@@ -64,6 +64,9 @@ struct Args {
     /// Run on the first CUDA device (a build with the `cuda` feature).
     #[arg(long)]
     cuda: bool,
+    /// Re-print and re-write the outputs of an earlier run from its results.json (runs nothing).
+    #[arg(long)]
+    from_json: Option<PathBuf>,
     /// Energy source: auto (nvml, then rapl, then estimate), nvml, rapl or estimate.
     #[arg(long, default_value = "auto")]
     energy_source: SourceChoice,
@@ -81,8 +84,31 @@ fn family(name: &str) -> anyhow::Result<Vec<TaskFamily>> {
         .with_context(|| format!("unknown family `{name}`"))
 }
 
+fn print_and_write(report: &EvalReport, out: &std::path::Path) -> anyhow::Result<()> {
+    println!("{}", eval::report::table(report));
+    println!("Findings:");
+    for f in &report.findings {
+        println!("- {f}");
+    }
+    println!("Notes:");
+    for n in &report.notes {
+        println!("- {n}");
+    }
+    for p in eval::report::write_all(report, out)? {
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(path) = &args.from_json {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let report: EvalReport =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        return print_and_write(&report, &args.out);
+    }
     // SAFETY: set before any other thread exists; candle reads it once, on first use.
     unsafe { std::env::set_var("CANDLE_NUM_THREADS", args.threads.to_string()) };
     let mut families = Vec::new();
@@ -129,18 +155,5 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let report = runtime.block_on(eval::run(&handle, &settings, |line| eprintln!("{line}")))?;
-    println!("{}", eval::report::table(&report));
-    println!("Findings:");
-    for f in &report.findings {
-        println!("- {f}");
-    }
-    println!("Notes:");
-    for n in &report.notes {
-        println!("- {n}");
-    }
-    let written = eval::report::write_all(&report, &args.out)?;
-    for p in written {
-        eprintln!("wrote {}", p.display());
-    }
-    Ok(())
+    print_and_write(&report, &args.out)
 }

@@ -22,13 +22,33 @@ fn register_font() -> Result<(), String> {
         .clone()
 }
 
-fn colour(configuration: &Configuration) -> RGBColor {
+/// Greedy in black; TTC configurations in distinct colours.
+fn colour(configuration: &Configuration, index: usize) -> RGBColor {
+    const PALETTE: [RGBColor; 8] = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(23, 190, 207),
+    ];
     match configuration {
         Configuration::Greedy => BLACK,
-        Configuration::Vote { .. } => BLUE,
-        Configuration::EarlyStop { .. } => RGBColor(0, 140, 0),
-        Configuration::Adaptive { .. } => RGBColor(200, 100, 0),
-        Configuration::BestOfN { .. } => RED,
+        _ => PALETTE[index % PALETTE.len()],
+    }
+}
+
+/// Greedy is a square (the baseline), single-sample votes a triangle, TTC points circles.
+fn point<DB: DrawingBackend>(
+    configuration: &Configuration,
+    colour: RGBColor,
+) -> DynElement<'static, DB, (i32, i32)> {
+    match configuration {
+        Configuration::Greedy => Rectangle::new([(-5, -5), (5, 5)], colour.filled()).into_dyn(),
+        Configuration::Vote { k: 1 } => TriangleMarker::new((0, 0), 6, colour.filled()).into_dyn(),
+        _ => Circle::new((0, 0), 5, colour.filled()).into_dyn(),
     }
 }
 
@@ -84,8 +104,8 @@ pub fn frontier_png(
         .map_err(|e| fail(e.to_string()))?
         .label("Pareto frontier")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RGBColor(150, 150, 150)));
-    for r in rows {
-        let c = colour(&r.configuration);
+    for (i, r) in rows.iter().enumerate() {
+        let c = colour(&r.configuration, i);
         let (x, y) = (r.mean_joules, r.accuracy.estimate);
         chart
             .draw_series(std::iter::once(PathElement::new(
@@ -93,20 +113,28 @@ pub fn frontier_png(
                 c.stroke_width(1),
             )))
             .map_err(|e| fail(e.to_string()))?;
+        // Labels are staggered so that configurations at about the same point stay readable.
+        let offset = -18 + 14 * (i as i32 % 4);
+        let label = r.label.clone();
+        let marker = r.configuration;
         chart
-            .draw_series(std::iter::once(Circle::new((x, y), 5, c.filled())))
-            .map_err(|e| fail(e.to_string()))?;
-        chart
-            .draw_series(std::iter::once(Text::new(
-                r.label.clone(),
-                (x, y),
-                (FONT, 14).into_font().color(&c),
-            )))
-            .map_err(|e| fail(e.to_string()))?;
+            .draw_series(std::iter::once(
+                EmptyElement::at((x, y))
+                    + point(&marker, c)
+                    + Text::new(label.clone(), (9, offset), (FONT, 13).into_font().color(&c)),
+            ))
+            .map_err(|e| fail(e.to_string()))?
+            .label(format!(
+                "{label}: {:.0}% at {:.3} J",
+                r.accuracy.estimate * 100.0,
+                r.mean_joules
+            ))
+            .legend(move |(lx, ly)| EmptyElement::at((lx + 8, ly)) + point(&marker, c));
     }
     chart
         .configure_series_labels()
-        .label_font((FONT, 14))
+        .position(SeriesLabelPosition::LowerRight)
+        .label_font((FONT, 13))
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
