@@ -380,3 +380,28 @@ mod tests {
         assert_eq!(dns_label_prefix(&"a".repeat(100)).len(), 40);
     }
 }
+
+/// Polls `check` every 200 ms until it returns `Some`, or fails after `limit` with the last state
+/// it described: the way tests wait for a cluster to converge without fixed sleeps.
+pub async fn eventually<T, F, Fut>(
+    what: &str,
+    limit: Duration,
+    mut check: F,
+) -> std::result::Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<Option<T>, String>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        let last = match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => "condition not met".to_string(),
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            return Err(format!("{what}: not true after {limit:?} (last: {last})"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

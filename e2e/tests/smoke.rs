@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
@@ -16,31 +16,10 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
-use ttc_e2e::testing::{TestNamespace, shared_cluster};
+use ttc_e2e::testing::{TestNamespace, eventually, shared_cluster};
 use ttc_e2e::{GPU_RESOURCE, K8S_VERSION};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-/// Polls `check` every 200 ms until it returns `Some`, or fails after `limit` with the last
-/// state it described.
-async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<T, String>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>, String>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        let last = match check().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => "condition not met".to_string(),
-            Err(e) => e,
-        };
-        if Instant::now() >= deadline {
-            return Err(format!("{what}: not true after {limit:?} (last: {last})"));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 #[tokio::test]
 async fn kubectl_reports_the_pinned_server_version() -> TestResult {

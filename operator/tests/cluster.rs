@@ -21,30 +21,10 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use ttc_crds::{EnergyReport, EnergySource, InferencePolicy, InferencePolicyStatus};
-use ttc_e2e::testing::TestNamespace;
+use ttc_e2e::testing::{TestNamespace, eventually};
 use ttc_operator::run::OperatorConfig;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-/// Polls `check` every 250 ms until it returns `Some`, or fails after `limit` with the last state.
-async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<T, String>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>, String>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        let last = match check().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => "condition not met".to_string(),
-            Err(e) => e,
-        };
-        if Instant::now() >= deadline {
-            return Err(format!("{what}: not true after {limit:?} (last: {last})"));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 fn crds_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds")
