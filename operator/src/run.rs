@@ -51,7 +51,11 @@ pub struct OperatorConfig {
     )]
     pub sidecar_image: String,
     /// Model served when a policy names none.
-    #[arg(long, env = "TTC_DEFAULT_MODEL", default_value = "smollm2-135m-instruct")]
+    #[arg(
+        long,
+        env = "TTC_DEFAULT_MODEL",
+        default_value = "smollm2-135m-instruct"
+    )]
     pub default_model: String,
     /// OTLP endpoint given to sidecars when a policy names none (this operator's receiver).
     #[arg(
