@@ -191,15 +191,12 @@ fn request_id(prefix: &str) -> String {
 /// Validates the sampling fields and builds the engine request.
 fn build_request(
     state: &AppState,
-    model: &str,
     prompt: Vec<u32>,
     prompt_param: &'static str,
     s: SamplingFields,
 ) -> Result<GenerationRequest, ApiError> {
+    // The model name was checked by the handler, before the prompt was tokenized.
     let engine = state.engine.engine();
-    if model != engine.name() {
-        return Err(ApiError::unknown_model(model, engine.name()));
-    }
     let n = s.n.unwrap_or(1);
     if n < 1 || n as usize > state.limits.max_n {
         return Err(ApiError::invalid(
@@ -407,7 +404,7 @@ async fn answer(state: AppState, req: Prepared, started: Instant) -> Result<Resp
     let ttc = ttc_for(&state, &req.sampling).cloned();
     let answer_type = req.sampling.ttc.answer_type;
     let prompt_param = if chat { "messages" } else { "prompt" };
-    let request = build_request(&state, &req.model, req.prompt, prompt_param, req.sampling)?;
+    let request = build_request(&state, req.prompt, prompt_param, req.sampling)?;
     let meta = StreamMeta {
         id: request_id(if chat { "chatcmpl" } else { "cmpl" }),
         created: now(),
