@@ -74,14 +74,16 @@ pub const DEFAULT_PRIORITY: u32 = 100;
 pub struct InferencePolicySpec {
     /// Which pods of this policy's namespace the policy governs. An empty selector selects every
     /// pod of the namespace. A pod selected by two policies is governed by neither (see the
-    /// `Degraded` condition).
+    /// `Degraded` condition). Pods get the sidecar only in namespaces labelled
+    /// `energy.ttc.dev/injection=enabled`.
     pub selector: LabelSelector,
 
     /// The energy budget of all selected pods together. At least one of joulesPerRequest,
     /// powerCapWatts and joulesPerWindow must be set.
     pub budget: EnergyBudget,
 
-    /// How the sidecar spends test-time compute within the budget.
+    /// How the sidecar spends test-time compute within the budget. Omitted: the Adaptive strategy
+    /// with the defaults of its fields.
     #[serde(default)]
     pub ttc: TtcSpec,
 
@@ -110,22 +112,26 @@ fn default_priority() -> u32 {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.joulesPerRequest) || has(self.powerCapWatts) || has(self.joulesPerWindow)").message("budget needs at least one of joulesPerRequest, powerCapWatts, joulesPerWindow"))]
 pub struct EnergyBudget {
-    /// Average energy per request over the window, in joules, across all selected pods.
+    /// Average energy per request over the window, in joules, across all selected pods. Each
+    /// sidecar picks every request's TTC depth so that its average stays within it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self > 0.0").message("budget.joulesPerRequest must be greater than 0"))]
     pub joules_per_request: Option<f64>,
 
-    /// Average power of all selected pods together over the window, in watts.
+    /// Average power of all selected pods together over the window, in watts, split among the
+    /// pods by their share of the load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self > 0.0").message("budget.powerCapWatts must be greater than 0"))]
     pub power_cap_watts: Option<f64>,
 
-    /// Energy all selected pods together may spend per window, in joules (3.6e6 J = 1 kWh).
+    /// Energy all selected pods together may spend per window, in joules (3.6e6 J = 1 kWh). The
+    /// operator checks it against the current power times windowSeconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self > 0.0").message("budget.joulesPerWindow must be greater than 0"))]
     pub joules_per_window: Option<f64>,
 
-    /// Length of the averaging window, in seconds (10 s to 24 h).
+    /// Length of the averaging window, in seconds (10 s to 24 h). The observed figures in the
+    /// status are over the same window.
     #[serde(default = "default_window_seconds")]
     #[schemars(range(min = 10, max = 86400))]
     pub window_seconds: u32,
@@ -138,13 +144,14 @@ fn default_window_seconds() -> u32 {
 /// The test-time-compute strategy of the sidecar.
 #[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum TtcStrategy {
-    /// Sample several answers and return the most frequent one.
+    /// Sample several answers and return the most frequent one, stopping early on agreement.
     MajorityVote,
-    /// Sample several answers and return the one the verifier scores best (needs `verifier`).
+    /// Sample answers until the verifier accepts one (needs `verifier`).
     BestOfN,
     /// One answer with a budget of reasoning tokens.
     ReasoningBudget,
-    /// Choose per request between the above by estimated difficulty and remaining budget.
+    /// BestOfN when a verifier is set, else ReasoningBudget for a reasoning model, else
+    /// MajorityVote; the depth of each request by its estimated difficulty and the budget left.
     #[default]
     Adaptive,
 }
@@ -156,31 +163,38 @@ pub enum TtcStrategy {
 #[x_kube(validation = Rule::new("self.minReasoningTokens <= self.maxReasoningTokens").message("ttc.minReasoningTokens must be less than or equal to ttc.maxReasoningTokens").field_path(".minReasoningTokens"))]
 #[x_kube(validation = Rule::new("self.strategy != 'BestOfN' || has(self.verifier)").message("ttc.verifier is required when ttc.strategy is BestOfN").field_path(".verifier"))]
 pub struct TtcSpec {
-    /// The TTC strategy: MajorityVote, BestOfN, ReasoningBudget or Adaptive.
+    /// The TTC strategy. MajorityVote: sample several answers and return the most frequent one,
+    /// stopping early on agreement. BestOfN: sample answers until the verifier accepts one (needs
+    /// verifier). ReasoningBudget: one answer with a budget of reasoning tokens. Adaptive: BestOfN
+    /// when a verifier is set, else ReasoningBudget for a reasoning model, else MajorityVote.
+    /// Every strategy picks the depth of each request within the bounds below so that the budget
+    /// holds.
     #[serde(default)]
     pub strategy: TtcStrategy,
 
-    /// Fewest samples per request (1-64).
+    /// Fewest samples per request (1-64), however tight the budget.
     #[serde(default = "default_min_samples")]
     #[schemars(range(min = 1, max = 64))]
     pub min_samples: u32,
 
-    /// Most samples per request (1-64).
+    /// Most samples per request (1-64), however much budget is left.
     #[serde(default = "default_max_samples")]
     #[schemars(range(min = 1, max = 64))]
     pub max_samples: u32,
 
-    /// Fewest reasoning tokens per sample (0-32768).
+    /// Fewest reasoning tokens per sample under ReasoningBudget (0-32768).
     #[serde(default)]
     #[schemars(range(min = 0, max = 32768))]
     pub min_reasoning_tokens: u32,
 
-    /// Most reasoning tokens per sample (0-32768).
+    /// Most reasoning tokens per sample under ReasoningBudget (0-32768); 0 keeps Adaptive from
+    /// choosing ReasoningBudget.
     #[serde(default = "default_max_reasoning_tokens")]
     #[schemars(range(min = 0, max = 32768))]
     pub max_reasoning_tokens: u32,
 
-    /// Stop sampling early once this fraction of the samples so far agree (0.5-1.0).
+    /// Stop sampling early once this fraction of the samples drawn so far agree on one answer
+    /// (0.5-1.0).
     #[serde(default = "default_early_stop_agreement")]
     #[schemars(range(min = 0.5, max = 1.0))]
     pub early_stop_agreement: f64,
@@ -189,7 +203,8 @@ pub struct TtcSpec {
     #[serde(default = "default_difficulty_aware")]
     pub difficulty_aware: bool,
 
-    /// How candidate answers are checked (required by BestOfN, optional otherwise).
+    /// How candidate answers are checked: required by BestOfN; under Adaptive, setting one makes
+    /// every request BestOfN.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verifier: Option<Verifier>,
 }
@@ -230,11 +245,12 @@ impl Default for TtcSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("[has(self.jsonSchema), has(self.regex), has(self.http)].filter(x, x).size() == 1").message("ttc.verifier needs exactly one of jsonSchema, regex, http"))]
 pub struct Verifier {
-    /// A JSON Schema (as JSON text) the answer must validate against.
+    /// A JSON Schema (as JSON text) that the first JSON object or array in the answer must
+    /// validate against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub json_schema: Option<String>,
 
-    /// A regular expression the answer must match.
+    /// A regular expression the answer must match (anywhere in it, unless anchored with ^ and $).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub regex: Option<String>,
 
@@ -277,7 +293,8 @@ fn default_verifier_accept_score() -> f64 {
 #[x_kube(validation = Rule::new("!(has(self.name) && has(self.path))").message("model takes name or path, not both").field_path(".path"))]
 #[x_kube(validation = Rule::new("!has(self.volumeClaim) || has(self.path)").message("model.path is required when model.volumeClaim is set").field_path(".path"))]
 pub struct ModelSpec {
-    /// A named model known to the sidecar image (for example `smollm2-135m-instruct`).
+    /// A named model known to the sidecar image (for example `smollm2-135m-instruct`), fetched
+    /// and checksummed into the sidecar's cache when it starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
 
@@ -297,7 +314,7 @@ pub struct ModelSpec {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct SidecarSpec {
-    /// Container image of the sidecar.
+    /// Container image of the sidecar. Default: the operator's `--sidecar-image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 
@@ -306,7 +323,8 @@ pub struct SidecarSpec {
     #[schemars(range(min = 1024, max = 65535))]
     pub port: Option<u16>,
 
-    /// Compute resources of the sidecar container (for example nvidia.com/gpu).
+    /// Compute resources of the sidecar container (for example nvidia.com/gpu). Default: the
+    /// operator's `--sidecar-resources`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 
@@ -378,8 +396,10 @@ pub struct InferencePolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// Ready (the policy is in force), BudgetMet (observed energy within budget) and Degraded
-    /// (pods without sidecar, stale reports, overlapping policies, estimated energy).
+    /// Ready (the policy is in force; False when the namespace is not opted into injection or the
+    /// spec cannot be acted on), BudgetMet (observed energy within budget, Unknown without fresh
+    /// reports; the message names the energy source) and Degraded (pods without the sidecar,
+    /// stale reports, overlapping policies).
     #[serde(default)]
     pub conditions: Vec<Condition>,
 

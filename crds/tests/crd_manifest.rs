@@ -1,15 +1,26 @@
-//! The committed CRD manifest must be what the Rust types generate.
+//! The committed CRD manifest and field reference must be what the Rust types generate.
+
+/// Fails unless the file at `path` (relative to this crate) is `generated`, byte for byte.
+fn assert_committed(path: &str, generated: &str, source: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "{} differs from {source}; regenerate it with `cargo run -p ttc-crds --bin crdgen`",
+        path.display()
+    );
+}
 
 #[test]
 fn committed_crd_manifest_matches_the_types() {
     let generated = ttc_crds::crd_manifest_yaml().expect("CRD serializes to YAML");
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(ttc_crds::CRD_MANIFEST_PATH);
-    let committed = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        committed == generated,
-        "{} differs from the types; regenerate it with `cargo run -p ttc-crds --bin crdgen`",
-        path.display()
-    );
+    assert_committed(ttc_crds::CRD_MANIFEST_PATH, &generated, "the types");
+}
+
+#[test]
+fn committed_reference_matches_the_crd() {
+    let generated = ttc_crds::reference_markdown();
+    assert_committed(ttc_crds::REFERENCE_DOC_PATH, &generated, "the CRD schema");
 }
 
 #[test]
