@@ -361,10 +361,7 @@ pub async fn run(
             admin.clone(),
         );
         tokio::spawn(async move {
-            if policies.wait_until_ready().await.is_ok()
-                && pods.wait_until_ready().await.is_ok()
-                && namespaces.wait_until_ready().await.is_ok()
-            {
+            if synced(&policies).await && synced(&pods).await && synced(&namespaces).await {
                 admin.ready.store(true, Ordering::Relaxed);
                 info!("caches synced; ready");
             }
@@ -474,6 +471,25 @@ pub async fn run(
     // then releases the lease.
     let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
     Ok(())
+}
+
+/// Whether `store` has synced (false: its writer is gone).
+///
+/// `Store::wait_until_ready` wakes only the last task that polled it (one waker per store), and
+/// the controller polls the policy store too; so poll again every half second instead of
+/// waiting for a wake-up that may go to the other task.
+async fn synced<K>(store: &reflector::Store<K>) -> bool
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        if let Ok(result) =
+            tokio::time::timeout(Duration::from_millis(500), store.wait_until_ready()).await
+        {
+            return result.is_ok();
+        }
+    }
 }
 
 async fn serve_plain(
