@@ -1,4 +1,5 @@
-//! The valid and invalid manifests under `tests/manifests/` against the CRD schema, client-side.
+//! The valid and invalid manifests under `tests/manifests/` and the examples under `examples/`
+//! against the CRD schema, client-side.
 //!
 //! CEL rules are evaluated with kube's CEL interpreter on the object after defaulting (the API
 //! server defaults before it validates); OpenAPI bounds are checked against the schema's
@@ -12,10 +13,16 @@ use serde_json::Value;
 use ttc_crds::InferencePolicy;
 
 fn manifests(kind: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/manifests")
-        .join(kind);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+    yaml_files(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/manifests")
+            .join(kind),
+    )
+}
+
+/// The YAML files of a directory, sorted; fails when there are none.
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .expect("manifest dir exists")
         .map(|e| e.expect("dir entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
@@ -93,9 +100,10 @@ fn openapi_rejects(schema: &Value, raw: &Value, field: &str) -> bool {
 }
 
 #[test]
-fn valid_manifests_pass_schema_and_cel() {
+fn valid_manifests_and_examples_pass_schema_and_cel() {
     let schema = schema();
-    for path in manifests("valid") {
+    let examples = yaml_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples"));
+    for path in manifests("valid").into_iter().chain(examples) {
         let text = std::fs::read_to_string(&path).expect("readable");
         let object = defaulted(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         if let Some(err) = cel_errors(&schema, &object) {

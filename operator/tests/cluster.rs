@@ -1,7 +1,7 @@
 //! Against the real local control plane (e2e/): the CRD installs, the API server accepts the valid
-//! manifests and rejects each invalid one naming its field, the webhook injects the sidecar in
-//! opted-in namespaces only, status converges from reports sent the way a sidecar sends them, and
-//! a budget change re-splits the allocation.
+//! manifests and the examples (`examples/`) and rejects each invalid manifest naming its field,
+//! the webhook injects the sidecar in opted-in namespaces only, status converges from reports sent
+//! the way a sidecar sends them, and a budget change re-splits the allocation.
 //!
 //! Needs `KUBECONFIG_FOR_TESTS` or `TTC_CONTROL_PLANE_BIN` (see `e2e/test.sh`); without either
 //! these tests fail.
@@ -67,8 +67,13 @@ fn policy_api(client: &Client, namespace: &str) -> Api<DynamicObject> {
 }
 
 fn manifests(kind: &str) -> Result<Vec<(String, String)>, std::io::Error> {
+    yaml_files(&crds_dir().join("tests/manifests").join(kind))
+}
+
+/// (file name, text) of the YAML files of a directory, sorted by name.
+fn yaml_files(dir: &Path) -> Result<Vec<(String, String)>, std::io::Error> {
     let mut files = Vec::new();
-    for entry in std::fs::read_dir(crds_dir().join("tests/manifests").join(kind))? {
+    for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "yaml") {
             let name = path
@@ -131,6 +136,41 @@ async fn api_server_accepts_valid_and_rejects_invalid_manifests_naming_the_field
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    ns.delete().await?;
+    Ok(())
+}
+
+/// Every annotated example under `examples/` is accepted as it is, by server-side apply into a
+/// test namespace (the example's own namespace is overridden).
+#[tokio::test]
+async fn api_server_accepts_the_examples() -> TestResult {
+    let ns = TestNamespace::create("ipol-examples").await?;
+    install_crd(ns.client()).await?;
+    let api = policy_api(ns.client(), ns.name());
+    let examples = yaml_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples"))?;
+    assert!(examples.len() >= 4, "only {} examples", examples.len());
+
+    let mut failures = Vec::new();
+    for (file, text) in &examples {
+        let mut object: DynamicObject = serde_yaml::from_str(text)?;
+        object.metadata.namespace = Some(ns.name().to_string());
+        let name = object
+            .metadata
+            .name
+            .clone()
+            .ok_or("example without a name")?;
+        let params = PatchParams::apply("ttc-examples-test");
+        match api.patch(&name, &params, &Patch::Apply(&object)).await {
+            Ok(stored) if stored.data["spec"].is_object() => {}
+            Ok(stored) => failures.push(format!("{file}: stored without a spec: {stored:?}")),
+            Err(e) => failures.push(format!("{file}: rejected: {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // They parse as the operator reads them, with the API server's defaults filled in.
+    let typed: Api<InferencePolicy> = ns.api();
+    let stored = typed.list(&Default::default()).await?;
+    assert_eq!(stored.items.len(), examples.len());
     ns.delete().await?;
     Ok(())
 }
