@@ -11,7 +11,9 @@ if [ -z "${KUBECONFIG_FOR_TESTS:-}" ]; then
   TTC_CONTROL_PLANE_BIN="$(e2e/controlplane/build.sh | tail -n 1)"
   export TTC_CONTROL_PLANE_BIN
 
-  cargo build --locked -p ttc-e2e --bin ttc-cluster
+  # The cluster, and the binaries the demo test runs as processes.
+  cargo build --locked -p ttc-e2e -p ttc-operator -p ttc-sidecar \
+    --bin ttc-cluster --bin ttc-operator --bin ttc-sidecar
   cluster_bin="${CARGO_TARGET_DIR:-$PWD/target}/debug/ttc-cluster"
   run_dir="$(mktemp -d "${TMPDIR:-/tmp}/ttc-test-cluster.XXXXXX")"
   state="$run_dir/state"

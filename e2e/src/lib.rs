@@ -3,9 +3,10 @@
 //! [`LocalCluster`] runs etcd, kube-apiserver, kube-controller-manager, kube-scheduler and
 //! kwok (with simulated GPU nodes) as child processes on loopback, from binaries built by
 //! `e2e/controlplane/build.sh`. [`testing`] gives tests one shared cluster per test run and a
-//! fresh namespace per test.
+//! fresh namespace per test. [`demo`] is the one-command demo built on it.
 
 pub mod cluster;
+pub mod demo;
 pub mod error;
 pub mod kubeconfig;
 pub mod nodes;

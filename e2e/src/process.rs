@@ -84,6 +84,18 @@ pub struct Component {
 impl Component {
     /// Starts `binary` with `args`, writing stdout and stderr to `log`.
     pub fn start(name: &str, binary: &Path, args: &[String], log: &Path) -> Result<Self> {
+        Self::start_with_env(name, binary, args, &[], log)
+    }
+
+    /// Starts `binary` with `args` and these environment variables added to ours, writing
+    /// stdout and stderr to `log`.
+    pub fn start_with_env(
+        name: &str,
+        binary: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: &Path,
+    ) -> Result<Self> {
         if !binary.is_file() {
             return Err(Error::MissingBinary {
                 component: name.into(),
@@ -97,6 +109,7 @@ impl Component {
         let mut command = Command::new(binary);
         command
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);

@@ -12,6 +12,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
+use serde::Deserialize as _;
 use serde_json::Value;
 use ttc_e2e::testing::{TestCluster, TestNamespace, shared_cluster};
 
@@ -172,6 +173,41 @@ async fn cert_manager_option_renders_a_certificate_and_ca_injection() -> TestRes
     );
     assert!(!out.contains("caBundle:"), "{out}");
     assert!(!out.contains("kind: Secret"), "{out}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn webhook_url_option_calls_the_url_with_a_certificate_for_its_host() -> TestResult {
+    let cluster = cluster().await?;
+    for (url, host) in [
+        ("https://127.0.0.1:9443/mutate", "127.0.0.1"),
+        (
+            "https://webhook.example.com:8443/mutate",
+            "webhook.example.com",
+        ),
+    ] {
+        let out = run(
+            cluster
+                .helm()
+                .args(["template", "url", "--namespace", "ttc-system"])
+                .arg(chart_dir())
+                .args(["--set", &format!("webhook.url={url}")]),
+            None,
+        )?;
+        let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&out)
+            .map(|doc| Value::deserialize(doc).unwrap_or(Value::Null))
+            .collect();
+        let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).cloned();
+        let webhook = kind("MutatingWebhookConfiguration").ok_or("no webhook configuration")?;
+        let client_config = &webhook["webhooks"][0]["clientConfig"];
+        assert_eq!(client_config["url"], url, "{client_config}");
+        assert!(client_config.get("service").is_none(), "{client_config}");
+        assert!(client_config["caBundle"].is_string(), "{client_config}");
+        let secret = kind("Secret").ok_or("no webhook Secret")?;
+        check_webhook_certificate(&secret, host)?;
+        // The Service name stays valid for replicas that are called through it.
+        check_webhook_certificate(&secret, "url-ttc-operator.ttc-system.svc")?;
+    }
     Ok(())
 }
 
@@ -594,8 +630,7 @@ fn check_webhook_certificate(
 }
 
 fn ttc_crds_label() -> &'static str {
-    // crds/src/labels.rs INJECTION_NAMESPACE_LABEL (ttc-crds is not a dependency of ttc-e2e).
-    "energy.ttc.dev/injection"
+    ttc_crds::labels::INJECTION_NAMESPACE_LABEL
 }
 
 fn names(items: &[Value]) -> Vec<String> {

@@ -10,9 +10,12 @@ use plotters::style::FontStyle;
 use super::{ConfigResult, Configuration, EvalError};
 use crate::ttc::tasks::TaskFamily;
 
-const FONT: &str = "sans-serif";
+/// The family name the bundled font is registered under.
+pub const FONT: &str = "sans-serif";
 
-fn register_font() -> Result<(), String> {
+/// Registers the bundled DejaVu Sans as [`FONT`] (once per process); plots by other tools of
+/// the project use it too.
+pub fn register_font() -> Result<(), String> {
     static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
     REGISTERED
         .get_or_init(|| {
