@@ -275,6 +275,16 @@ fn free_port() -> Result<u16, std::io::Error> {
 }
 
 /// Sends one JSON energy report the way a sidecar does (plain HTTP/1.1 POST).
+/// The status line of `GET path` on 127.0.0.1:`port`.
+async fn get_status_line(port: u16, path: &str) -> Result<String, std::io::Error> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let head = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response.lines().next().unwrap_or_default().to_string())
+}
+
 async fn send_report(port: u16, report: &EnergyReport) -> TestResult {
     let body = serde_json::to_vec(report)?;
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
@@ -408,6 +418,18 @@ async fn operator_injects_converges_and_resplits() -> TestResult {
             .iter()
             .any(|c| c.type_ == "Ready" && c.status == "True")
     })
+    .await?;
+    // Readiness (the Deployment's probe, hence the Service's endpoints) follows the caches.
+    eventually(
+        "/readyz answers 200",
+        Duration::from_secs(30),
+        || async move {
+            let line = get_status_line(admin_port, "/readyz")
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(line.contains(" 200 ").then_some(()))
+        },
+    )
     .await?;
 
     let pods: Api<Pod> = ns.api();
