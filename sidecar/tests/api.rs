@@ -289,11 +289,12 @@ async fn ttc_votes_and_reports_depth_and_energy() {
     }))
     .unwrap();
     let service = Arc::new(TtcService::new(policy).unwrap());
+    service.set_allocation(Some(50.0));
     let app = router(AppState {
         engine: handle(),
         limits: Limits::default(),
         ttc: Some(service.clone()),
-        metrics: None,
+        metrics: Some(metrics()),
     });
     let body = json!({
         "model": DEFAULT_MODEL.name,
@@ -324,6 +325,31 @@ async fn ttc_votes_and_reports_depth_and_energy() {
         (v["ttc"]["joules"].as_f64().unwrap() - v["usage"]["energy"]["joules"].as_f64().unwrap())
             .abs()
             < 1e-9
+    );
+
+    // The pod's target and its headroom are exported once a request ran under the budget.
+    let request = Request::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ttc_budget_allocation_joules ") && l.ends_with(" 50.0")),
+        "{text}"
+    );
+    let headroom: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ttc_budget_remaining_joules "))
+        .expect("ttc_budget_remaining_joules exported")
+        .parse()
+        .unwrap();
+    let joules = v["usage"]["energy"]["joules"].as_f64().unwrap();
+    assert!(
+        (headroom - (50.0 - joules)).abs() < 1e-6,
+        "{headroom} vs {joules}"
     );
 
     let mut opt_out = body.clone();

@@ -87,6 +87,13 @@ fn record(state: &AppState, served: Served<'_>) {
         depth: served.depth as u64,
         error_type: None,
     });
+    if let Some(ttc) = &state.ttc {
+        let budget = ttc.report().budget;
+        if let Some(target) = budget.allocation_joules_per_request {
+            let mean = budget.window_mean_joules.unwrap_or(0.0);
+            metrics.set_budget(target, target - mean);
+        }
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

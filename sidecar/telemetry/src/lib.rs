@@ -28,8 +28,8 @@
 //!     depth: 4,
 //!     error_type: None,
 //! });
-//! // When the budget controller learns its allocation or spends from it:
-//! metrics.set_budget(3_600.0, 2_950.0);
+//! // After each request under a budget: the target and the headroom, in joules per request:
+//! metrics.set_budget(4.0, 0.35);
 //! // GET /metrics:
 //! let body = metrics.encode_prometheus()?; // Content-Type: SidecarMetrics::PROMETHEUS_CONTENT_TYPE
 //! # let _ = body;
@@ -278,8 +278,9 @@ impl SidecarMetrics {
         self.inner.prom.depth(strategy, depth);
     }
 
-    /// Sets `ttc.budget.allocation` (joules the operator allocated to this pod for the current
-    /// window) and `ttc.budget.remaining` (joules left of it).
+    /// Sets `ttc.budget.allocation` (this pod's target average joules per request) and
+    /// `ttc.budget.remaining` (how far the window's mean is below it, in joules per request;
+    /// negative when over).
     pub fn set_budget(&self, allocation_j: f64, remaining_j: f64) {
         if let Some(otlp) = &self.inner.otlp {
             otlp.budget_allocation.record(allocation_j, &[]);

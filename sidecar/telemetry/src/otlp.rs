@@ -167,12 +167,12 @@ impl OtlpPipeline {
             budget_allocation: m
                 .f64_gauge("ttc.budget.allocation")
                 .with_unit("J")
-                .with_description("Energy allocated to this pod for the current budget window")
+                .with_description("This pod's target average joules per request (its share of the policy's budget)")
                 .build(),
             budget_remaining: m
                 .f64_gauge("ttc.budget.remaining")
                 .with_unit("J")
-                .with_description("Energy left of this pod's allocation in the current window")
+                .with_description("Headroom of this pod's window mean below its target, in joules per request (negative when over)")
                 .build(),
             requests: m
                 .u64_counter("ttc.requests")

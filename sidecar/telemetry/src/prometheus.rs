@@ -104,14 +104,14 @@ impl PromMetrics {
         let budget_allocation = Gauge::<f64, AtomicU64>::default();
         registry.register_with_unit(
             "ttc_budget_allocation",
-            "Energy allocated to this pod for the current budget window",
+            "This pod's target average joules per request (its share of the policy's budget)",
             Unit::Joules,
             budget_allocation.clone(),
         );
         let budget_remaining = Gauge::<f64, AtomicU64>::default();
         registry.register_with_unit(
             "ttc_budget_remaining",
-            "Energy left of this pod's allocation in the current window",
+            "Headroom of this pod's window mean below its target, in joules per request (negative when over)",
             Unit::Joules,
             budget_remaining.clone(),
         );
