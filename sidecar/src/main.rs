@@ -64,6 +64,10 @@ struct ServeArgs {
     /// Compute threads (default: all cores).
     #[arg(long, env = "TTC_THREADS")]
     threads: Option<usize>,
+    /// MiB of prefilled prompts kept for reuse by later requests with the same prompt (the
+    /// windows of a test-time-compute request); 0 disables it.
+    #[arg(long, env = "TTC_PREFIX_CACHE_MIB", default_value_t = ttc_sidecar::engine::DEFAULT_PREFIX_CACHE_BYTES >> 20)]
+    prefix_cache_mib: usize,
     /// Run on the first CUDA GPU (needs a build with the `cuda` feature).
     #[arg(long, env = "TTC_CUDA")]
     cuda: bool,
@@ -228,6 +232,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         &EngineOptions {
             weights: args.weights,
             cuda: args.cuda,
+            prefix_cache_bytes: args.prefix_cache_mib << 20,
         },
     )?;
     tracing::info!(model = %name, path = %path.display(), load_ms = started.elapsed().as_millis() as u64, "model loaded");

@@ -103,12 +103,22 @@ impl TtcService {
         let mut samples: Vec<Completion> = Vec::new();
         let prompt_tokens = request.prompt.len();
         let (mut joules, mut source, mut completion_tokens) = (0.0, None, 0);
+        // A plan of one sample votes on nothing: decode its most likely answer (greedy) rather
+        // than a random one.
+        let sampler = if plan.max_samples == 1 {
+            SamplerConfig {
+                temperature: 0.0,
+                ..request.sampler
+            }
+        } else {
+            request.sampler
+        };
         loop {
             let generation = GenerationRequest {
                 prompt: request.prompt.clone(),
                 n: window,
                 max_tokens: plan.max_tokens.min(request.max_tokens).max(1),
-                sampler: request.sampler,
+                sampler,
                 seed: request.seed.wrapping_add(samples.len() as u64),
                 stop: request.stop.clone(),
             };

@@ -139,9 +139,15 @@ fn batched_greedy_rows_equal_single_greedy() {
             c.index
         );
     }
-    // The prompt is computed once, whatever n is.
-    assert_eq!(batch.passes[0].tokens, batch.prompt_tokens);
-    assert_eq!(batch.passes[1].tokens, 4);
+    // The prompt is computed once, whatever n is: by the single request; the batch reuses it
+    // (the prefix cache) and decodes its four rows together.
+    assert_eq!(single.passes[0].tokens, single.prompt_tokens);
+    assert!(
+        batch.passes.iter().all(|p| p.tokens <= 4),
+        "{:?}",
+        batch.passes
+    );
+    assert_eq!(batch.passes[0].tokens, 4);
 }
 
 #[test]
@@ -168,6 +174,50 @@ fn seeded_sampling_is_reproducible_and_rows_differ() {
     assert!(
         distinct.len() > 1,
         "six samples at temperature 1 were all identical"
+    );
+}
+
+/// The second request with a prompt starts from the kept prefill: no prefill pass, and exactly
+/// the samples a fresh prefill gives (the first request computed those).
+#[test]
+fn a_repeated_prompt_skips_its_prefill_and_samples_the_same() {
+    let engine = Engine::load(
+        &common::default_model_path(),
+        DEFAULT_MODEL.name,
+        &EngineOptions::default(),
+    )
+    .unwrap();
+    let prompt = engine
+        .encode_chat(&user("Name three colours of the rainbow."))
+        .unwrap();
+    let request = GenerationRequest {
+        sampler: SamplerConfig {
+            temperature: 0.8,
+            ..Default::default()
+        },
+        seed: 3,
+        ..greedy(prompt.clone(), 3, 12)
+    };
+    let fresh = engine.generate(request.clone(), &mut |_| true).unwrap();
+    let reused = engine.generate(request, &mut |_| true).unwrap();
+    assert_eq!(fresh.passes[0].tokens, prompt.len());
+    assert!(
+        reused.passes.iter().all(|p| p.tokens <= 3),
+        "the second request ran a prefill: {:?}",
+        reused.passes
+    );
+    assert_eq!(fresh.completions, reused.completions);
+    let (hits, misses, bytes) = engine.prefix_cache_stats();
+    assert_eq!((hits, misses), (1, 1));
+    assert!(bytes > 0);
+    engine.clear_prefix_cache();
+    let again = engine
+        .generate(greedy(prompt.clone(), 1, 4), &mut |_| true)
+        .unwrap();
+    assert_eq!(
+        again.passes[0].tokens,
+        prompt.len(),
+        "cleared, yet no prefill"
     );
 }
 

@@ -132,6 +132,7 @@ fn main() -> anyhow::Result<()> {
         &EngineOptions {
             weights: args.weights,
             cuda: args.cuda,
+            ..EngineOptions::default()
         },
     )?;
     let meter = EnergyMeter::from_config(&MeterConfig {

@@ -93,6 +93,23 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// An empty cache for a model of `n_layers` layers.
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: vec![None; n_layers],
+            len: 0,
+        }
+    }
+
+    /// Bytes of the cached keys and values.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+
     /// Number of rows (sequences) the cache holds; 0 when empty.
     pub fn rows(&self) -> usize {
         self.layers
@@ -262,10 +279,7 @@ impl Llama {
 
     /// An empty cache for this model.
     pub fn new_cache(&self) -> KvCache {
-        KvCache {
-            layers: vec![None; self.config.n_layer],
-            len: 0,
-        }
+        KvCache::new(self.config.n_layer)
     }
 
     /// Runs `tokens` (rows x new positions) after what `cache` holds, appends their keys and

@@ -3,14 +3,18 @@
 //! A request for `n` samples prefills its prompt once, copies the prompt's KV cache into `n` rows,
 //! and decodes the rows in lock-step; a row that stops (end of turn, stop string, token limit)
 //! leaves the batch so the others run cheaper. [`Generation`] is a resumable state machine, so the
-//! [`worker`] can interleave the decode steps of concurrent requests.
+//! [`worker`] can interleave the decode steps of concurrent requests. Prefilled prompts are kept
+//! in a [`prefix_cache`]: the next window of a test-time-compute request (the same prompt) starts
+//! decoding at once.
 
 pub mod llama;
+pub mod prefix_cache;
 pub mod sampler;
 pub mod stop;
 pub mod worker;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
@@ -19,6 +23,7 @@ use crate::chat_template::{CHATML, ChatMessage, ChatTemplate, TemplateError};
 use crate::gguf::{GgufError, GgufFile};
 use crate::tokenizer::{GgufTokenizer, TokenizerError};
 use llama::{KvCache, Llama, ModelError, WeightFormat};
+use prefix_cache::{Prefill, PrefixCache};
 use sampler::{Sampler, SamplerConfig};
 use stop::{StopCheck, StopStrings};
 
@@ -49,13 +54,28 @@ pub enum EngineError {
     ShutDown,
 }
 
+/// Default memory for prefilled prompts kept for reuse (see [`prefix_cache`]).
+pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 64 << 20;
+
 /// How to load a model.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// In-memory weight format.
     pub weights: WeightFormat,
     /// Run on the first CUDA device (needs the `cuda` feature).
     pub cuda: bool,
+    /// Bytes of prefilled prompts kept for reuse; 0 disables the prefix cache.
+    pub prefix_cache_bytes: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            weights: WeightFormat::default(),
+            cuda: false,
+            prefix_cache_bytes: DEFAULT_PREFIX_CACHE_BYTES,
+        }
+    }
 }
 
 /// A loaded model with its tokenizer and chat template.
@@ -65,6 +85,7 @@ pub struct Engine {
     template: ChatTemplate,
     name: String,
     path: PathBuf,
+    prefixes: Mutex<PrefixCache>,
 }
 
 /// Why a sample stopped.
@@ -183,7 +204,28 @@ impl Engine {
             template,
             name: name.to_owned(),
             path: path.to_owned(),
+            prefixes: Mutex::new(PrefixCache::new(options.prefix_cache_bytes)),
         })
+    }
+
+    fn prefixes(&self) -> MutexGuard<'_, PrefixCache> {
+        // The cache is consistent between calls; a panic elsewhere leaves it usable.
+        self.prefixes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forgets every kept prefill (evaluations call it so that each configuration pays for its
+    /// own prefills).
+    pub fn clear_prefix_cache(&self) {
+        let mut prefixes = self.prefixes();
+        let max_bytes = prefixes.max_bytes();
+        *prefixes = PrefixCache::new(max_bytes);
+    }
+
+    /// Prefix-cache lookups that hit and missed, and bytes kept.
+    pub fn prefix_cache_stats(&self) -> (u64, u64, usize) {
+        let prefixes = self.prefixes();
+        let (hits, misses) = prefixes.hits_and_misses();
+        (hits, misses, prefixes.bytes())
     }
 
     /// The served model's name.
@@ -270,6 +312,11 @@ impl Generation {
     /// Validates the request and prepares its rows.
     pub fn new(engine: &Engine, request: GenerationRequest) -> Result<Self, EngineError> {
         engine.check(&request)?;
+        // A prompt prefilled before starts from its keys, values and last logits.
+        let (cache, logits) = match engine.prefixes().get(&request.prompt) {
+            Some(prefill) => (prefill.cache.repeat_rows(request.n)?, Some(prefill.logits)),
+            None => (engine.model.new_cache(), None),
+        };
         let rows = (0..request.n)
             .map(|index| Row {
                 index,
@@ -280,11 +327,11 @@ impl Generation {
             })
             .collect();
         Ok(Self {
-            cache: engine.model.new_cache(),
+            cache,
             request,
             rows,
             done: Vec::new(),
-            logits: None,
+            logits,
             passes: Vec::new(),
         })
     }
@@ -313,6 +360,13 @@ impl Generation {
                 let prompt =
                     Tensor::new(self.request.prompt.as_slice(), model.device())?.unsqueeze(0)?;
                 let logits = model.forward(&prompt, &mut self.cache)?;
+                engine.prefixes().insert(
+                    &self.request.prompt,
+                    Prefill {
+                        cache: self.cache.clone(),
+                        logits: logits.clone(),
+                    },
+                );
                 self.cache = self.cache.repeat_rows(self.rows.len())?;
                 self.passes.push(ForwardPass {
                     tokens: self.request.prompt.len(),

@@ -463,6 +463,8 @@ async fn run_batch(
     n: usize,
     sampler: SamplerConfig,
 ) -> Result<ItemRecord, EvalError> {
+    // Every request pays for its own prefill, whichever configuration ran the item before.
+    engine.engine().clear_prefix_cache();
     let started = Instant::now();
     let out = engine
         .generate(GenerationRequest {
@@ -521,6 +523,8 @@ async fn run_service(
     service.set_allocation(allocation);
     let mut records = Vec::with_capacity(prepared.len());
     for p in prepared {
+        // The request's own windows reuse its prefill; earlier configurations' do not count.
+        engine.engine().clear_prefix_cache();
         let started = Instant::now();
         let answer = service
             .answer(
@@ -554,7 +558,8 @@ async fn run_service(
             verified: outcome.verified,
             joules: energy.joules,
             energy_source: energy.source,
-            prompt_tokens: outcome.prompt_tokens * outcome.windows.max(1),
+            // Prefilled once: later windows reuse it from the prefix cache.
+            prompt_tokens: outcome.prompt_tokens,
             completion_tokens: answer.completion_tokens,
             latency_s,
         });
