@@ -100,6 +100,10 @@ struct ServeArgs {
     /// operator sets it).
     #[arg(long, env = "TTC_JOULES_PER_REQUEST")]
     joules_per_request: Option<f64>,
+    /// Power cap of this pod in watts (standalone mode; in a cluster the operator sets it): the
+    /// depth is held to the joules per request it allows at the measured request rate.
+    #[arg(long, env = "TTC_POWER_CAP_WATTS")]
+    power_cap_watts: Option<f64>,
 }
 
 /// In a pod the operator injected (`TTC_POLICY_NAME` set), the sidecar follows its policy: the
@@ -137,11 +141,19 @@ async fn follow_policy(identity: PodIdentity, service: Arc<TtcService>) -> anyho
                         }
                     }
                     service.set_allocation(view.joules_per_request);
-                    tracing::info!(policy = %identity.policy, joules_per_request = ?view.joules_per_request, "policy applied");
+                    service.set_power_limits(
+                        view.watts,
+                        view.joules_per_window,
+                        Some(std::time::Duration::from_secs(u64::from(
+                            view.window_seconds,
+                        ))),
+                    );
+                    tracing::info!(policy = %identity.policy, joules_per_request = ?view.joules_per_request, watts = ?view.watts, joules_per_window = ?view.joules_per_window, "policy applied");
                 }
                 None => {
                     tracing::warn!(policy = %identity.policy, "the policy is gone; serving without a budget");
                     service.set_allocation(None);
+                    service.set_power_limits(None, None, None);
                 }
             }
             if views.changed().await.is_err() {
@@ -162,6 +174,7 @@ fn ttc_service(args: &ServeArgs) -> anyhow::Result<Option<Arc<TtcService>>> {
         }
         None if args.ttc
             || args.joules_per_request.is_some()
+            || args.power_cap_watts.is_some()
             || std::env::var_os(sidecar_env::POLICY_NAME).is_some() =>
         {
             serde_json::from_str("{}")?
@@ -172,6 +185,10 @@ fn ttc_service(args: &ServeArgs) -> anyhow::Result<Option<Arc<TtcService>>> {
     if let Some(j) = args.joules_per_request {
         anyhow::ensure!(j > 0.0, "--joules-per-request must be positive, got {j}");
         service.set_allocation(Some(j));
+    }
+    if let Some(w) = args.power_cap_watts {
+        anyhow::ensure!(w > 0.0, "--power-cap-watts must be positive, got {w}");
+        service.set_power_limits(Some(w), None, None);
     }
     Ok(Some(Arc::new(service)))
 }

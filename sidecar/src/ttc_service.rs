@@ -3,11 +3,13 @@
 //! controller keeps the pod within its energy allocation.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::engine::sampler::SamplerConfig;
 use crate::engine::stop::StopStrings;
 use crate::engine::worker::EngineHandle;
 use crate::engine::{Completion, EngineError, GenerationRequest, RequestJoules};
+use crate::ttc::power::PowerBudget;
 use crate::ttc::{
     AnswerType, EnergySource, MeasuredEnergy, PromptFeatures, RequestFeatures, TtcController,
     TtcError, TtcOptions, TtcOutcome, TtcPolicy, TtcReport, WindowDecision,
@@ -50,6 +52,7 @@ pub struct TtcAnswer {
 /// The pod's test-time-compute controller, shared by all requests.
 pub struct TtcService {
     controller: Mutex<TtcController>,
+    power: Mutex<PowerBudget>,
 }
 
 impl TtcService {
@@ -57,6 +60,7 @@ impl TtcService {
     pub fn new(policy: TtcPolicy) -> Result<Self, TtcError> {
         Ok(Self {
             controller: Mutex::new(TtcController::new(policy, TtcOptions::default())?),
+            power: Mutex::new(PowerBudget::new(Instant::now())),
         })
     }
 
@@ -65,6 +69,25 @@ impl TtcService {
         self.controller
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn power(&self) -> MutexGuard<'_, PowerBudget> {
+        self.power.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets the pod's power limits: a cap in watts and an energy budget per window (from its
+    /// allocation in the policy's status), and the policy's window. The budget controller holds
+    /// the joules per request they allow at the measured request rate, as well as the
+    /// joules-per-request allocation, whichever is tighter.
+    pub fn set_power_limits(
+        &self,
+        watts: Option<f64>,
+        joules_per_window: Option<f64>,
+        window: Option<Duration>,
+    ) {
+        self.power().set_limits(watts, joules_per_window, window);
+        let bound = self.power().joules_per_request(Instant::now());
+        self.controller().set_cap(bound);
     }
 
     /// Sets the pod's allocation in joules per request (`None`: no budget).
@@ -94,8 +117,10 @@ impl TtcService {
             max_tokens: request.max_tokens,
             reasoning_model: false,
         };
+        let bound = self.power().joules_per_request(Instant::now());
         let (mut session, verifier) = {
             let mut controller = self.controller();
+            controller.set_cap(bound);
             (controller.plan(&features), controller.verifier())
         };
         let plan = session.plan().clone();
@@ -169,6 +194,7 @@ impl TtcService {
             completion_tokens,
         });
         self.controller().record(&outcome);
+        self.power().record(Instant::now());
         let chosen = outcome
             .chosen_index
             .and_then(|i| samples.get(i))

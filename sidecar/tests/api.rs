@@ -366,3 +366,52 @@ async fn ttc_votes_and_reports_depth_and_energy() {
     assert!(v.get("ttc").is_none(), "{v}");
     assert_eq!(v["choices"].as_array().unwrap().len(), 1);
 }
+
+/// A power cap holds the depth to the joules per request it allows at the measured rate: a cap
+/// far below what one sample costs leaves every request after the first at the minimum depth.
+#[tokio::test]
+async fn a_power_cap_holds_requests_to_the_minimum_depth() {
+    let policy: TtcPolicy = serde_json::from_value(json!({
+        "strategy": "MajorityVote", "minSamples": 1, "maxSamples": 6, "difficultyAware": false
+    }))
+    .unwrap();
+    let service = Arc::new(TtcService::new(policy).unwrap());
+    service.set_power_limits(Some(0.001), None, None);
+    let app = router(AppState {
+        engine: handle(),
+        limits: Limits::default(),
+        ttc: Some(service.clone()),
+        metrics: None,
+    });
+    let body = json!({
+        "model": DEFAULT_MODEL.name,
+        "messages": [{ "role": "user", "content": "What is 4+4? Answer with a number." }],
+        "max_tokens": 8, "temperature": 0.7, "seed": 9,
+        "ttc": { "answerType": { "type": "number" } }
+    });
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        let request = Request::builder()
+            .method("POST")
+            .uri("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        outcomes.push(v["ttc"].clone());
+    }
+    // No rate before the first request: the cap cannot bind yet, so it may go deep.
+    for ttc in &outcomes[1..] {
+        assert_eq!(ttc["samples"], 1, "{ttc}");
+        assert_eq!(ttc["budgetState"], "degraded", "{ttc}");
+    }
+    let target = service
+        .report()
+        .budget
+        .allocation_joules_per_request
+        .unwrap();
+    assert!(target < 0.01, "a 1 mW cap allowed {target} J per request");
+}

@@ -13,6 +13,10 @@ pub struct PolicyView {
     pub joules_per_request: Option<f64>,
     /// This pod's power cap, in watts, when the operator allocates one.
     pub watts: Option<f64>,
+    /// This pod's energy per window, in joules, when the operator allocates one.
+    pub joules_per_window: Option<f64>,
+    /// The policy's budget window (`spec.budget.windowSeconds`).
+    pub window_seconds: u32,
     /// The spec generation the view was read from (`metadata.generation`).
     pub generation: Option<i64>,
 }
@@ -29,6 +33,8 @@ impl PolicyView {
             ttc: policy.spec.ttc.clone(),
             joules_per_request: allocation.and_then(|a| a.joules_per_request),
             watts: allocation.and_then(|a| a.watts),
+            joules_per_window: allocation.and_then(|a| a.joules_per_window),
+            window_seconds: policy.spec.budget.window_seconds,
             generation: policy.metadata.generation,
         }
     }
@@ -77,6 +83,11 @@ mod tests {
         let view = PolicyView::from_policy(&policy, "p1");
         assert_eq!(view.joules_per_request, Some(1.5));
         assert_eq!(view.watts, Some(40.0));
+        assert_eq!(view.joules_per_window, Some(100.0));
+        assert_eq!(
+            view.window_seconds,
+            ttc_crds::policy::DEFAULT_WINDOW_SECONDS
+        );
         assert_eq!(view.generation, Some(3));
         assert_eq!(view.ttc.strategy, TtcStrategy::MajorityVote);
         assert_eq!(view.ttc.max_samples, 5);

@@ -169,6 +169,9 @@ struct WindowEntry {
 pub struct BudgetController {
     config: BudgetConfig,
     allocation: Option<f64>,
+    /// A second bound on the mean joules per request, from a power cap at the current request
+    /// rate ([`super::power`]); it moves with the rate, so changing it keeps the window.
+    cap: Option<f64>,
     cost: DepthCost,
     window: VecDeque<WindowEntry>,
     window_joules: f64,
@@ -207,6 +210,7 @@ impl BudgetController {
             cost: DepthCost::new(config.cost_prior),
             config,
             allocation: None,
+            cap: None,
             window: VecDeque::new(),
             window_joules: 0.0,
             mean_value: None,
@@ -235,9 +239,20 @@ impl BudgetController {
         self.allocation = next;
     }
 
-    /// The current allocation.
+    /// Sets the power cap's bound in joules per request (`None` or a non-positive value: none).
+    /// Unlike [`Self::set_allocation`] it keeps the window: the bound follows the request rate
+    /// and changes with every request.
+    pub fn set_cap(&mut self, joules_per_request: Option<f64>) {
+        self.cap = joules_per_request.filter(|j| j.is_finite() && *j > 0.0);
+    }
+
+    /// The target mean joules per request: the allocation or the power cap's bound, whichever
+    /// is lower.
     pub fn allocation(&self) -> Option<f64> {
-        self.allocation
+        match (self.allocation, self.cap) {
+            (Some(a), Some(c)) => Some(a.min(c)),
+            (a, c) => a.or(c),
+        }
     }
 
     /// The learned cost model.
@@ -313,7 +328,7 @@ impl BudgetController {
         min_depth: usize,
         max_depth: usize,
     ) -> DepthChoice {
-        let Some(target) = self.allocation else {
+        let Some(target) = self.allocation() else {
             let depth = if request.depth_worthless {
                 min_depth
             } else {
@@ -450,12 +465,12 @@ impl BudgetController {
     pub fn report(&self) -> BudgetReport {
         let n = self.window.len();
         let mean = (n > 0).then(|| self.window_joules / n as f64);
-        let deviation = match (mean, self.allocation) {
+        let deviation = match (mean, self.allocation()) {
             (Some(m), Some(a)) => Some(m / a - 1.0),
             _ => None,
         };
         BudgetReport {
-            allocation_joules_per_request: self.allocation,
+            allocation_joules_per_request: self.allocation(),
             window_requests: n,
             window_mean_joules: mean,
             deviation,
@@ -518,6 +533,31 @@ mod tests {
             depths.push(choice.samples);
         }
         depths
+    }
+
+    #[test]
+    fn a_power_cap_bound_tightens_the_target_without_clearing_the_window() {
+        let mut rng = SplitMix64::new(11);
+        let mut controller = BudgetController::new(BudgetConfig::default());
+        controller.set_allocation(Some(8.0));
+        run(&mut controller, 50, &mut rng);
+        let before = controller.report().window_requests;
+        controller.set_cap(Some(4.0));
+        assert_eq!(controller.allocation(), Some(4.0));
+        assert_eq!(controller.report().window_requests, before);
+        // Held to the cap's bound: the deeper depths of the 8 J allocation are gone.
+        let deep = run(&mut controller, 150, &mut rng);
+        let mean = controller.report().window_mean_joules.unwrap();
+        assert!(mean < 6.0, "mean {mean} J under a 4 J cap");
+        assert!(deep[100..].iter().all(|d| *d <= 4), "{deep:?}");
+        // A cap looser than the allocation leaves the allocation in charge; none removes it.
+        controller.set_cap(Some(100.0));
+        assert_eq!(controller.allocation(), Some(8.0));
+        controller.set_cap(None);
+        assert_eq!(controller.allocation(), Some(8.0));
+        controller.set_allocation(None);
+        controller.set_cap(Some(3.0));
+        assert_eq!(controller.allocation(), Some(3.0));
     }
 
     #[test]

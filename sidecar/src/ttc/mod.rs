@@ -20,6 +20,7 @@ pub mod budget;
 pub mod cost;
 pub mod difficulty;
 pub mod plan;
+pub mod power;
 pub mod reasoning;
 pub mod stats;
 pub mod stopping;

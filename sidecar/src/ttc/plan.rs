@@ -518,6 +518,11 @@ impl TtcController {
         self.budget.set_allocation(joules_per_request);
     }
 
+    /// Sets the power cap's bound in joules per request (see [`BudgetController::set_cap`]).
+    pub fn set_cap(&mut self, joules_per_request: Option<f64>) {
+        self.budget.set_cap(joules_per_request);
+    }
+
     /// The policy in force.
     pub fn policy(&self) -> &TtcPolicy {
         &self.policy
