@@ -7,16 +7,13 @@
 //! these tests fail.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
-use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams,
-};
+use kube::api::{Api, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -24,47 +21,9 @@ use ttc_crds::{EnergyReport, EnergySource, InferencePolicy, InferencePolicyStatu
 use ttc_e2e::testing::{TestNamespace, eventually};
 use ttc_operator::run::OperatorConfig;
 
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+mod common;
 
-fn crds_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds")
-}
-
-/// Applies the committed CRD manifest and waits until it is established.
-async fn install_crd(client: &Client) -> TestResult {
-    let text = std::fs::read_to_string(crds_dir().join(ttc_crds::CRD_MANIFEST_PATH))?;
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&text)?;
-    let name = crd.metadata.name.clone().ok_or("CRD without a name")?;
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    api.patch(
-        &name,
-        &PatchParams::apply("ttc-operator-tests").force(),
-        &Patch::Apply(&crd),
-    )
-    .await?;
-    eventually("CRD established", Duration::from_secs(30), || {
-        let api = api.clone();
-        let name = name.clone();
-        async move {
-            let crd = api.get(&name).await.map_err(|e| e.to_string())?;
-            let established = crd.status.and_then(|s| s.conditions).is_some_and(|c| {
-                c.iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-            });
-            Ok(established.then_some(()))
-        }
-    })
-    .await?;
-    Ok(())
-}
-
-fn policy_api(client: &Client, namespace: &str) -> Api<DynamicObject> {
-    Api::namespaced_with(
-        client.clone(),
-        namespace,
-        &ApiResource::erase::<InferencePolicy>(&()),
-    )
-}
+use common::{LocalPorts, TestResult, crds_dir, install_crd, local_operator, policy_api};
 
 fn manifests(kind: &str) -> Result<Vec<(String, String)>, std::io::Error> {
     yaml_files(&crds_dir().join("tests/manifests").join(kind))
@@ -268,13 +227,6 @@ async fn delete_bindings(ns: &TestNamespace, accounts: &[&str]) -> TestResult {
     Ok(())
 }
 
-fn free_port() -> Result<u16, std::io::Error> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Sends one JSON energy report the way a sidecar does (plain HTTP/1.1 POST).
 /// The status line of `GET path` on 127.0.0.1:`port`.
 async fn get_status_line(port: u16, path: &str) -> Result<String, std::io::Error> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
@@ -285,6 +237,7 @@ async fn get_status_line(port: u16, path: &str) -> Result<String, std::io::Error
     Ok(response.lines().next().unwrap_or_default().to_string())
 }
 
+/// Sends one JSON energy report the way a sidecar does (plain HTTP/1.1 POST).
 async fn send_report(port: u16, report: &EnergyReport) -> TestResult {
     let body = serde_json::to_vec(report)?;
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
@@ -365,30 +318,13 @@ async fn operator_injects_converges_and_resplits() -> TestResult {
         .patch(ns.name(), &PatchParams::default(), &Patch::Merge(&label))
         .await?;
 
-    let (admin_port, receiver_port, webhook_port) = (free_port()?, free_port()?, free_port()?);
     let webhook_config = format!("ttc-test-{}", ns.name());
-    let config = OperatorConfig {
-        admin_addr: ([127, 0, 0, 1], admin_port).into(),
-        webhook_addr: ([127, 0, 0, 1], webhook_port).into(),
-        receiver_addr: ([127, 0, 0, 1], receiver_port).into(),
-        sidecar_image: "ttc-sidecar:test".into(),
-        default_model: "smollm2-135m-instruct".into(),
-        otlp_endpoint: format!("http://127.0.0.1:{receiver_port}"),
-        sidecar_resources: None,
-        cluster_power_cap_watts: None,
-        resync_seconds: 1,
-        stale_seconds: 60,
-        lease_name: "ttc-operator".into(),
-        lease_namespace: ns.name().into(),
-        identity: Some("test-replica".into()),
-        tls_cert_file: None,
-        tls_key_file: None,
-        tls_ca_file: None,
-        tls_names: vec!["127.0.0.1".into(), "localhost".into()],
-        webhook_config_name: Some(webhook_config.clone()),
-        webhook_url: Some(format!("https://127.0.0.1:{webhook_port}")),
-        webhook_service: None,
-    };
+    let (config, ports) = local_operator(ns.name(), Some(webhook_config.clone()))?;
+    let LocalPorts {
+        admin: admin_port,
+        receiver: receiver_port,
+        ..
+    } = ports;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // The operator runs with the rights of operator/deploy/rbac.yaml, nothing more.
     let operator_client = client_with_role(&ns, "ttc-operator", "ttc-operator").await?;
