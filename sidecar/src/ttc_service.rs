@@ -58,8 +58,14 @@ pub struct TtcService {
 impl TtcService {
     /// A service for `policy`, without an allocation until one is set.
     pub fn new(policy: TtcPolicy) -> Result<Self, TtcError> {
+        Self::with_options(policy, TtcOptions::default())
+    }
+
+    /// A service for `policy` with these sidecar-side settings (window size, vote weighting,
+    /// budget controller).
+    pub fn with_options(policy: TtcPolicy, options: TtcOptions) -> Result<Self, TtcError> {
         Ok(Self {
-            controller: Mutex::new(TtcController::new(policy, TtcOptions::default())?),
+            controller: Mutex::new(TtcController::new(policy, options)?),
             power: Mutex::new(PowerBudget::new(Instant::now())),
         })
     }

@@ -415,3 +415,90 @@ async fn a_power_cap_holds_requests_to_the_minimum_depth() {
         .unwrap();
     assert!(target < 0.01, "a 1 mW cap allowed {target} J per request");
 }
+
+/// A stream that opts in to test-time compute gets the voted answer as one chunk, then the
+/// usage and the `ttc` object; without opting in, a stream is sampled token by token.
+#[tokio::test]
+async fn a_stream_that_opts_in_gets_the_voted_answer_with_its_ttc_report() {
+    let policy: TtcPolicy = serde_json::from_value(json!({
+        "strategy": "MajorityVote", "minSamples": 2, "maxSamples": 3, "difficultyAware": false
+    }))
+    .unwrap();
+    let app = router(AppState {
+        engine: handle(),
+        limits: Limits::default(),
+        ttc: Some(Arc::new(TtcService::new(policy).unwrap())),
+        metrics: None,
+    });
+    let stream_body = |ttc: Value| {
+        json!({
+            "model": DEFAULT_MODEL.name,
+            "messages": [{ "role": "user", "content": "What is 1+2? Answer with a number." }],
+            "max_tokens": 8, "temperature": 0.7, "seed": 1, "stream": true,
+            "stream_options": { "include_usage": true },
+            "ttc": ttc
+        })
+    };
+    let events = |text: String| -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(str::to_owned)
+            .collect()
+    };
+    let send_stream = |body: Value| {
+        let app = app.clone();
+        async move {
+            let request = Request::builder()
+                .method("POST")
+                .uri("/v1/chat/completions")
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap();
+            let response = app.oneshot(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+    };
+
+    let voted = events(
+        send_stream(stream_body(
+            json!({ "enabled": true, "answerType": { "type": "number" } }),
+        ))
+        .await,
+    );
+    assert_eq!(
+        voted.last().map(String::as_str),
+        Some("[DONE]"),
+        "{voted:?}"
+    );
+    let chunks: Vec<Value> = voted[..voted.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let content: Vec<&str> = chunks
+        .iter()
+        .filter_map(|c| {
+            c.pointer("/choices/0/delta/content")
+                .and_then(Value::as_str)
+        })
+        .filter(|t| !t.is_empty())
+        .collect();
+    assert_eq!(
+        content.len(),
+        1,
+        "the answer comes as one chunk: {chunks:?}"
+    );
+    let last = chunks.last().unwrap();
+    let samples = last["ttc"]["samples"].as_u64().unwrap();
+    assert!((2..=3).contains(&samples), "{last}");
+    assert!(
+        last["usage"]["energy"]["joules"].as_f64().unwrap() > 0.0,
+        "{last}"
+    );
+
+    // Without opting in, the stream is plain token-by-token sampling: no ttc object.
+    let plain = events(send_stream(stream_body(json!({}))).await);
+    assert_eq!(plain.last().map(String::as_str), Some("[DONE]"));
+    assert!(plain.iter().all(|e| !e.contains("\"ttc\"")), "{plain:?}");
+}

@@ -119,10 +119,13 @@ async fn metrics(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Whether a request runs under test-time compute: a policy is in force, the client asked for
-/// neither several choices nor a stream, and did not opt out.
+/// Whether a request runs under test-time compute: a policy is in force, the client did not ask
+/// for several choices, and did not opt out. A stream runs under it only when the client opts
+/// in (`"ttc": {"enabled": true}`): its answer is known only after the vote, so it comes as one
+/// chunk instead of token by token.
 fn ttc_for<'a>(state: &'a AppState, s: &SamplingFields) -> Option<&'a Arc<TtcService>> {
-    let wanted = s.n.is_none() && !s.stream && s.ttc.enabled != Some(false);
+    let opted_in = s.ttc.enabled == Some(true);
+    let wanted = s.n.is_none() && (!s.stream || opted_in) && s.ttc.enabled != Some(false);
     state.ttc.as_ref().filter(|_| wanted)
 }
 
@@ -450,6 +453,9 @@ async fn answer(state: AppState, req: Prepared, started: Instant) -> Result<Resp
             depth,
         },
     );
+    if stream {
+        return Ok(answered_stream(meta, completions, usage, outcome).into_response());
+    }
     let response = if chat {
         Json(ChatCompletion {
             id: meta.id,
@@ -534,6 +540,37 @@ impl StreamMeta {
             json!([{ "index": index, "text": text.unwrap_or_default(), "finish_reason": finish, "logprobs": null }])
         }
     }
+}
+
+/// A finished answer as a stream: the role, the whole text as one chunk, the finish, the usage
+/// (when asked for) and the `ttc` object in the last chunk.
+fn answered_stream(
+    meta: StreamMeta,
+    completions: Vec<Completion>,
+    usage: Usage,
+    outcome: Option<TtcOutcome>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<>> {
+    let mut events = Vec::new();
+    for c in &completions {
+        if meta.chat {
+            events.push(meta.chunk(meta.choice(c.index, None, None), None));
+        }
+        events.push(meta.chunk(meta.choice(c.index, Some(c.text.clone()), None), None));
+        events.push(meta.chunk(meta.choice(c.index, None, Some(c.finish)), None));
+    }
+    let mut last = json!({
+        "id": meta.id, "object": if meta.chat { "chat.completion.chunk" } else { "text_completion" },
+        "created": meta.created, "model": meta.model, "choices": [],
+    });
+    if meta.include_usage {
+        last["usage"] = json!(usage);
+    }
+    if let Some(outcome) = outcome {
+        last["ttc"] = json!(outcome);
+    }
+    events.push(Event::default().data(last.to_string()));
+    events.push(Event::default().data("[DONE]"));
+    Sse::new(futures::stream::iter(events.into_iter().map(Ok)))
 }
 
 fn stream_response(

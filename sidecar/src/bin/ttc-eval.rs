@@ -55,6 +55,9 @@ struct Args {
     /// Most samples of early-stop, adaptive and best-of-N.
     #[arg(long, default_value_t = 8)]
     max_samples: usize,
+    /// Samples per window of early-stop, adaptive and best-of-N (the vote is checked after each).
+    #[arg(long, default_value_t = ttc_sidecar::ttc::TtcOptions::default().window)]
+    window: usize,
     /// A known model name or a GGUF path.
     #[arg(long, default_value = DEFAULT_MODEL.name)]
     model: String,
@@ -123,6 +126,7 @@ fn main() -> anyhow::Result<()> {
         temperature: args.temperature,
         max_tokens: args.max_tokens,
         max_samples: args.max_samples,
+        window: args.window,
         ..EvalSettings::default()
     };
     let path = ModelStore::default_location().resolve(&args.model)?;

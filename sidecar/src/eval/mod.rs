@@ -25,8 +25,8 @@ use crate::engine::{EngineError, GenerationRequest};
 use crate::ttc::stats::{Proportion, pass_at_k, wilson_95};
 use crate::ttc::tasks::{TaskFamily, TaskItem, generate};
 use crate::ttc::{
-    AnswerType, Candidate, EnergySource, TtcError, TtcPolicy, TtcStrategy, VoteWeighting,
-    extract_answer, majority_vote,
+    AnswerType, Candidate, EnergySource, TtcError, TtcOptions, TtcPolicy, TtcStrategy,
+    VoteWeighting, extract_answer, majority_vote,
 };
 use crate::ttc_service::{TtcRequest, TtcService};
 
@@ -87,6 +87,13 @@ pub struct EvalSettings {
     pub max_samples: usize,
     /// Early-stop agreement threshold.
     pub early_stop_agreement: f64,
+    /// Samples per window of the early-stop, adaptive and best-of-N configurations.
+    #[serde(default = "default_window")]
+    pub window: usize,
+}
+
+fn default_window() -> usize {
+    TtcOptions::default().window
 }
 
 impl Default for EvalSettings {
@@ -104,6 +111,7 @@ impl Default for EvalSettings {
             max_tokens: None,
             max_samples: 8,
             early_stop_agreement: 0.75,
+            window: default_window(),
         }
     }
 }
@@ -119,7 +127,8 @@ pub enum Configuration {
         /// Samples.
         k: usize,
     },
-    /// Policy MajorityVote: windows of 2 samples until the agreement threshold or the maximum.
+    /// Policy MajorityVote: windows of `window` samples until the agreement threshold or the
+    /// maximum.
     EarlyStop {
         /// Most samples.
         max_samples: usize,
@@ -183,7 +192,7 @@ pub struct ItemRecord {
     pub joules: f64,
     /// Where the joules figure comes from.
     pub energy_source: EnergySource,
-    /// Prompt tokens computed (once per generation window).
+    /// Prompt tokens computed (once per request: later windows reuse the prefill).
     pub prompt_tokens: usize,
     /// Tokens generated over all samples.
     pub completion_tokens: usize,
@@ -426,7 +435,10 @@ pub async fn run(
             }
         ),
         "Items: ttc::tasks::generate(family, items, seed); each family's generator is documented there.".into(),
-        "Samples: item i uses seeds s_i + j for sample j in every configuration (common random numbers); vote@k runs k samples as one batch, early-stop/adaptive/best-of-N run through TtcService in windows of 2 (each window prefills the prompt again).".into(),
+        format!(
+            "Samples: item i uses seeds s_i + j for sample j in every configuration (common random numbers); vote@k runs k samples as one batch, early-stop/adaptive/best-of-N run through TtcService in windows of {} (later windows reuse the first window's prefill).",
+            settings.window
+        ),
         "pass@k is what an oracle verifier would reach with k samples (unbiased estimate from the deepest vote's samples) — a ceiling, not a strategy.".into(),
         "Best-of-N runs only where the family has a verifier that checks structure without knowing the answer (the JSON schema of structured_output). A regex such as ^\\s*\\d+\\s*$ on arithmetic answers checks the format, not the sum, so it is not used as a verifier.".into(),
         "Only one model is evaluated: no model-size points on the frontier.".into(),
@@ -519,7 +531,13 @@ async fn run_service(
     allocation: Option<f64>,
     sampler: SamplerConfig,
 ) -> Result<Vec<ItemRecord>, EvalError> {
-    let service = TtcService::new(policy)?;
+    let service = TtcService::with_options(
+        policy,
+        TtcOptions {
+            window: settings.window,
+            ..TtcOptions::default()
+        },
+    )?;
     service.set_allocation(allocation);
     let mut records = Vec::with_capacity(prepared.len());
     for p in prepared {
