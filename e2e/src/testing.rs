@@ -369,18 +369,6 @@ fn dns_label_prefix(prefix: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::dns_label_prefix;
-
-    #[test]
-    fn prefixes_become_dns_labels() {
-        assert_eq!(dns_label_prefix("Smoke_Test::deploy"), "smoke-test--deploy");
-        assert_eq!(dns_label_prefix("__"), "test");
-        assert_eq!(dns_label_prefix(&"a".repeat(100)).len(), 40);
-    }
-}
-
 /// Polls `check` every 200 ms until it returns `Some`, or fails after `limit` with the last state
 /// it described: the way tests wait for a cluster to converge without fixed sleeps.
 pub async fn eventually<T, F, Fut>(
@@ -403,5 +391,17 @@ where
             return Err(format!("{what}: not true after {limit:?} (last: {last})"));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dns_label_prefix;
+
+    #[test]
+    fn prefixes_become_dns_labels() {
+        assert_eq!(dns_label_prefix("Smoke_Test::deploy"), "smoke-test--deploy");
+        assert_eq!(dns_label_prefix("__"), "test");
+        assert_eq!(dns_label_prefix(&"a".repeat(100)).len(), 40);
     }
 }

@@ -230,7 +230,7 @@ fn stop_strings_and_limits_end_rows_and_events_add_up() {
     let mut request = greedy(prompt, 2, 40);
     request.stop = StopStrings::new(["5".to_owned()]);
     let mut streamed = vec![String::new(); 2];
-    let mut finished = vec![None; 2];
+    let mut finished = [None; 2];
     let out = engine
         .generate(request, &mut |e| {
             match e {

@@ -19,10 +19,17 @@ pub enum ModelError {
     Tensor {
         path: String,
         name: String,
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
+    // Boxed: candle's error is large, and every Result of the engine carries its size.
     #[error("model computation failed: {0}")]
-    Compute(#[from] candle_core::Error),
+    Compute(Box<candle_core::Error>),
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Compute(Box::new(e))
+    }
 }
 
 /// How weights are kept in memory.
@@ -165,7 +172,7 @@ fn tensor(gguf: &mut GgufFile, name: &str, device: &Device) -> Result<QTensor, M
         .map_err(|source| ModelError::Tensor {
             path,
             name: name.to_owned(),
-            source,
+            source: Box::new(source),
         })
 }
 
@@ -288,10 +295,12 @@ impl Llama {
         let (rows, seq_len) = tokens.dims2()?;
         let pos = cache.len;
         if pos + seq_len > self.config.context_length {
-            return Err(ModelError::Compute(candle_core::Error::Msg(format!(
-                "sequence of {} tokens exceeds the context length {}",
-                pos + seq_len,
-                self.config.context_length
+            return Err(ModelError::Compute(Box::new(candle_core::Error::Msg(
+                format!(
+                    "sequence of {} tokens exceeds the context length {}",
+                    pos + seq_len,
+                    self.config.context_length
+                ),
             ))));
         }
         let cos = self.cos.narrow(0, pos, seq_len)?;

@@ -38,8 +38,9 @@ pub enum EngineError {
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Template(#[from] TemplateError),
+    // Boxed like `ModelError::Compute`.
     #[error("model computation failed: {0}")]
-    Compute(#[from] candle_core::Error),
+    Compute(Box<candle_core::Error>),
     #[error(
         "the prompt has {prompt} tokens and asks for up to {max_tokens} more, but the model's context holds {context}"
     )]
@@ -56,6 +57,12 @@ pub enum EngineError {
 
 /// Default memory for prefilled prompts kept for reuse (see [`prefix_cache`]).
 pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 64 << 20;
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Compute(Box::new(e))
+    }
+}
 
 /// How to load a model.
 #[derive(Debug, Clone)]
