@@ -27,6 +27,7 @@ pub mod stopping;
 pub mod tasks;
 pub mod verifier;
 pub mod vote;
+pub mod windows;
 
 #[cfg(test)]
 mod simulation;

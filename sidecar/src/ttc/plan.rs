@@ -40,6 +40,7 @@ use super::difficulty::{
 use super::stopping::{StopReason, StoppingRule, WindowDecision};
 use super::verifier::{Verdict, Verifier, VerifierError};
 use super::vote::{Candidate, VoteWeighting, majority_vote};
+use super::windows::{WindowConfig, WindowLearner, WindowReport};
 
 /// The policy's test-time-compute limits and strategy: the InferencePolicy's `ttc` field, so the
 /// CRD is the one source of their names and defaults.
@@ -57,6 +58,9 @@ pub struct TtcOptions {
     pub budget: BudgetConfig,
     /// The depth-value learner's settings.
     pub depth_value: DepthValueConfig,
+    /// When to draw a request's samples as one batch instead of in windows.
+    #[serde(default)]
+    pub windows: WindowConfig,
 }
 
 impl Default for TtcOptions {
@@ -66,6 +70,7 @@ impl Default for TtcOptions {
             weighting: VoteWeighting::Uniform,
             budget: BudgetConfig::default(),
             depth_value: DepthValueConfig::default(),
+            windows: WindowConfig::default(),
         }
     }
 }
@@ -202,6 +207,8 @@ pub struct TtcOutcome {
     pub samples: usize,
     /// Windows drawn.
     pub windows: usize,
+    /// Samples per window of the plan (the whole limit when drawn as one batch).
+    pub window: usize,
     /// Most samples the plan allowed.
     pub max_samples: usize,
     /// Reasoning tokens allowed (ReasoningBudget only).
@@ -423,6 +430,7 @@ impl TtcSession {
             chosen_index,
             samples: self.candidates.len(),
             windows: self.windows,
+            window: self.plan.window,
             max_samples: self.plan.max_samples,
             reasoning_tokens: self.plan.reasoning_tokens,
             stop_reason: self.stop,
@@ -450,6 +458,7 @@ pub struct TtcController {
     verifier: Option<Arc<Verifier>>,
     budget: BudgetController,
     learner: DepthValueLearner,
+    windows: WindowLearner,
     requests: u64,
 }
 
@@ -463,6 +472,8 @@ pub struct TtcReport {
     pub budget: BudgetReport,
     /// Whether extra depth changes answers.
     pub depth_value: DepthValueReport,
+    /// Whether early stopping pays for its windows.
+    pub windows: WindowReport,
 }
 
 fn validate(policy: &TtcPolicy) -> Result<Option<Arc<Verifier>>, TtcError> {
@@ -499,6 +510,7 @@ impl TtcController {
         Ok(Self {
             budget: BudgetController::new(options.budget),
             learner: DepthValueLearner::new(options.depth_value),
+            windows: WindowLearner::new(options.windows),
             policy,
             options,
             verifier,
@@ -596,10 +608,15 @@ impl TtcController {
                 None,
             ),
         };
+        // Windows let a request stop early; where that rarely happens one batch is cheaper.
+        let window = match strategy {
+            PlannedStrategy::ReasoningBudget => self.options.window,
+            _ => self.windows.window(self.options.window, max_samples),
+        };
         let rule = StoppingRule::new(
             min_samples,
             max_samples,
-            self.options.window,
+            window,
             self.policy.early_stop_agreement,
         );
         let plan = TtcPlan {
@@ -652,6 +669,10 @@ impl TtcController {
             predicted_joules: outcome.predicted_joules,
             degraded: outcome.budget_state == BudgetState::Degraded,
         });
+        if outcome.strategy != PlannedStrategy::ReasoningBudget {
+            self.windows
+                .record(outcome.window, outcome.samples, outcome.max_samples);
+        }
         let answers: Vec<Option<&str>> = outcome.answers.iter().map(Option::as_deref).collect();
         self.learner.record(
             DepthClass {
@@ -669,6 +690,7 @@ impl TtcController {
             requests: self.requests,
             budget: self.budget.report(),
             depth_value: self.learner.report(),
+            windows: self.windows.report(),
         }
     }
 }
@@ -758,6 +780,42 @@ mod tests {
             ..VerifierSpec::default()
         });
         assert!(err(bad_regex).contains("regex does not compile"));
+    }
+
+    /// Requests whose windows never agree early teach the controller to draw one batch.
+    #[test]
+    fn a_pod_whose_windows_never_stop_early_draws_one_batch() -> Result<(), TtcError> {
+        let mut controller = TtcController::new(
+            TtcPolicy {
+                strategy: TtcStrategy::MajorityVote,
+                difficulty_aware: false,
+                ..TtcPolicy::default()
+            },
+            TtcOptions::default(),
+        )?;
+        for i in 0..8 {
+            let mut session = controller.plan(&features(AnswerType::Number));
+            assert_eq!(session.first_window(), 2, "request {i}");
+            let mut answer = 0;
+            loop {
+                // Every sample a different answer: the vote never agrees.
+                for _ in 0..session.first_window().min(2) {
+                    answer += 1;
+                    session.add_sample(&answer.to_string(), -1.0, 2);
+                }
+                if matches!(session.decide(), WindowDecision::Stop { .. }) {
+                    break;
+                }
+            }
+            let outcome = session.finish(energy(5.0));
+            assert_eq!((outcome.samples, outcome.window), (8, 2));
+            controller.record(&outcome);
+        }
+        assert!(controller.report().windows.batching);
+        let session = controller.plan(&features(AnswerType::Number));
+        assert_eq!(session.first_window(), 8, "one batch of the whole limit");
+        assert_eq!(session.plan().window, 8);
+        Ok(())
     }
 
     #[test]
