@@ -13,7 +13,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, anyhow, bail};
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Container, Pod, ServiceAccount};
+use kube::Client;
+use kube::api::{Api, PostParams};
+use serde_json::Value;
+
+use crate::LocalCluster;
 
 /// The ConfigMaps a container's environment may refer to: name → data.
 pub type ConfigMaps = BTreeMap<String, BTreeMap<String, String>>;
@@ -198,6 +204,53 @@ pub fn token_kubeconfig(server: &str, ca_data: &str, token: &str, namespace: &st
          contexts:\n- name: sa\n  context:\n    cluster: local\n    user: sa\n    namespace: {namespace}\n\
          current-context: sa\n"
     )
+}
+
+/// A token of `account` in `namespace`, valid for a day.
+pub async fn service_account_token(
+    client: &Client,
+    namespace: &str,
+    account: &str,
+) -> anyhow::Result<String> {
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: Vec::new(),
+            expiration_seconds: Some(24 * 3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let issued = Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create_token_request(account, &PostParams::default(), &request)
+        .await
+        .with_context(|| format!("issuing a token for ServiceAccount {namespace}/{account}"))?;
+    issued
+        .status
+        .map(|s| s.token)
+        .context("the token request returned no token")
+}
+
+/// Writes a kubeconfig for `account` in `namespace` into `dir` and returns its path.
+pub async fn service_account_kubeconfig(
+    client: &Client,
+    cluster: &LocalCluster,
+    namespace: &str,
+    account: &str,
+    dir: &Path,
+) -> anyhow::Result<PathBuf> {
+    let token = service_account_token(client, namespace, account).await?;
+    let admin: Value = serde_yaml::from_str(&std::fs::read_to_string(cluster.kubeconfig())?)?;
+    let ca = admin
+        .pointer("/clusters/0/cluster/certificate-authority-data")
+        .and_then(Value::as_str)
+        .context("the admin kubeconfig has no certificate-authority-data")?;
+    let path = dir.join("kubeconfig");
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        &path,
+        token_kubeconfig(&cluster.server_url(), ca, &token, namespace),
+    )?;
+    Ok(path)
 }
 
 #[cfg(test)]

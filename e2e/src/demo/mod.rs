@@ -10,26 +10,27 @@
 //! temporary.
 
 pub mod kubelet;
+mod operator;
+mod pods;
 pub mod report;
 pub mod workload;
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Pod, Secret, ServiceAccount};
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
-use kube::{Client, ResourceExt};
-use serde_json::{Value, json};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::ResourceExt;
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+use serde_json::json;
 use ttc_crds::InferencePolicy;
-use ttc_crds::labels::{INJECTION_ENABLED, INJECTION_NAMESPACE_LABEL, SIDECAR_CONTAINER_NAME};
+use ttc_crds::labels::{INJECTION_ENABLED, INJECTION_NAMESPACE_LABEL};
 
-use self::kubelet::{ConfigMaps, HostMount};
-use self::workload::{Endpoint, Phase, Record};
+use self::operator::{OperatorPorts, start_operator};
+use self::pods::{start_sidecar, start_workload};
+use self::workload::{Phase, Record};
 use crate::process::Component;
 use crate::{ClusterConfig, LocalCluster};
 
@@ -519,296 +520,6 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
     })
 }
 
-/// The operator's ports on loopback.
-struct OperatorPorts {
-    admin: u16,
-    webhook: u16,
-    receiver: u16,
-}
-
-/// A token of `account` in `namespace`, valid for a day.
-async fn service_account_token(
-    client: &Client,
-    namespace: &str,
-    account: &str,
-) -> anyhow::Result<String> {
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: Vec::new(),
-            expiration_seconds: Some(24 * 3600),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let issued = Api::<ServiceAccount>::namespaced(client.clone(), namespace)
-        .create_token_request(account, &PostParams::default(), &request)
-        .await
-        .with_context(|| format!("issuing a token for ServiceAccount {namespace}/{account}"))?;
-    issued
-        .status
-        .map(|s| s.token)
-        .context("the token request returned no token")
-}
-
-/// Writes a kubeconfig for `account` in `namespace` into `dir` and returns its path.
-async fn service_account_kubeconfig(
-    client: &Client,
-    running: &Running,
-    namespace: &str,
-    account: &str,
-    dir: &Path,
-) -> anyhow::Result<PathBuf> {
-    let token = service_account_token(client, namespace, account).await?;
-    let admin: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(running.cluster.kubeconfig())?)?;
-    let ca = admin
-        .pointer("/clusters/0/cluster/certificate-authority-data")
-        .and_then(Value::as_str)
-        .context("the admin kubeconfig has no certificate-authority-data")?;
-    let path = dir.join("kubeconfig");
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(
-        &path,
-        kubelet::token_kubeconfig(&running.cluster.server_url(), ca, &token, namespace),
-    )?;
-    Ok(path)
-}
-
-/// Starts the operator as the chart's Deployment would run it, on 127.0.0.1.
-async fn start_operator(
-    client: &Client,
-    running: &Running,
-    config: &DemoConfig,
-    ports: &OperatorPorts,
-) -> anyhow::Result<Component> {
-    let deployment = Api::<Deployment>::namespaced(client.clone(), SYSTEM_NAMESPACE)
-        .get(RELEASE)
-        .await
-        .context("reading the chart's operator Deployment")?;
-    let template = deployment
-        .spec
-        .and_then(|s| s.template.spec)
-        .context("the operator Deployment has no pod template")?;
-    let container = template
-        .containers
-        .first()
-        .context("the operator Deployment has no container")?
-        .clone();
-    let dir = running.state.path().join("operator");
-    // Volumes: the webhook certificate Secret, written where the container mounts it.
-    let mut mounts = Vec::new();
-    let secrets = Api::<Secret>::namespaced(client.clone(), SYSTEM_NAMESPACE);
-    for mount in container.volume_mounts.iter().flatten() {
-        let Some(volume) = template
-            .volumes
-            .iter()
-            .flatten()
-            .find(|v| v.name == mount.name)
-        else {
-            continue;
-        };
-        let Some(secret_name) = volume.secret.as_ref().and_then(|s| s.secret_name.clone()) else {
-            continue;
-        };
-        let secret = secrets
-            .get(&secret_name)
-            .await
-            .with_context(|| format!("reading Secret {secret_name}"))?;
-        let host_dir = dir.join("volumes").join(&mount.name);
-        std::fs::create_dir_all(&host_dir)?;
-        for (key, value) in secret.data.iter().flatten() {
-            std::fs::write(host_dir.join(key), &value.0)?;
-        }
-        mounts.push(HostMount {
-            mount_path: mount.mount_path.clone(),
-            host_dir,
-        });
-    }
-    let mut config_maps = ConfigMaps::new();
-    for source in container.env_from.iter().flatten() {
-        if let Some(reference) = &source.config_map_ref {
-            let map = Api::<ConfigMap>::namespaced(client.clone(), SYSTEM_NAMESPACE)
-                .get(&reference.name)
-                .await
-                .with_context(|| format!("reading ConfigMap {}", reference.name))?;
-            config_maps.insert(reference.name.clone(), map.data.unwrap_or_default());
-        }
-    }
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": format!("{RELEASE}-local"), "namespace": SYSTEM_NAMESPACE, "uid": "local"},
-        "spec": {"nodeName": "localhost", "containers": []},
-        "status": {"podIP": "127.0.0.1"}
-    }))?;
-    let mut env = kubelet::container_env(&pod, &container, &config_maps, &mounts)?;
-    let account = template
-        .service_account_name
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let kubeconfig =
-        service_account_kubeconfig(client, running, SYSTEM_NAMESPACE, &account, &dir).await?;
-    env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
-    detail(&format!(
-        "as ServiceAccount {SYSTEM_NAMESPACE}/{account}, admin port {}, log {}",
-        ports.admin,
-        dir.join("operator.log").display()
-    ));
-    Component::start_with_env(
-        "ttc-operator",
-        &config.operator_bin,
-        &container.args.clone().unwrap_or_default(),
-        &env,
-        &dir.join("operator.log"),
-    )
-    .map_err(Into::into)
-}
-
-fn has_sidecar(pod: &Pod) -> bool {
-    pod.spec.as_ref().is_some_and(|s| {
-        s.containers
-            .iter()
-            .any(|c| c.name == SIDECAR_CONTAINER_NAME)
-    })
-}
-
-/// Creates the Deployment and waits for its pods to run with the sidecar injected.
-async fn start_workload(client: &Client, config: &DemoConfig) -> anyhow::Result<Vec<Pod>> {
-    let mut deployment: Deployment = serde_yaml::from_str(&std::fs::read_to_string(
-        config.repo_root.join("e2e/demo/deployment.yaml"),
-    )?)?;
-    if let Some(spec) = deployment.spec.as_mut() {
-        spec.replicas = Some(config.replicas as i32);
-    }
-    Api::<Deployment>::namespaced(client.clone(), NAMESPACE)
-        .create(&PostParams::default(), &deployment)
-        .await
-        .context("creating the Deployment")?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
-    let replicas = config.replicas as usize;
-    wait_for("the pods to run with the sidecar", Duration::from_secs(180), || {
-        let pods = pods.clone();
-        async move {
-            let list = pods.list(&ListParams::default().labels("app=chat")).await?;
-            let mut ready = Vec::new();
-            for pod in list.items {
-                if pod.metadata.deletion_timestamp.is_some() {
-                    continue;
-                }
-                if !has_sidecar(&pod) {
-                    // Created before the webhook knew the policy: let the ReplicaSet replace it.
-                    detail(&format!(
-                        "{} was created without the sidecar; deleting it so that it is recreated",
-                        pod.name_any()
-                    ));
-                    pods.delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
-                        .await?;
-                    continue;
-                }
-                let running = pod
-                    .status
-                    .as_ref()
-                    .is_some_and(|s| s.phase.as_deref() == Some("Running") && s.pod_ip.is_some());
-                if running {
-                    ready.push(pod);
-                }
-            }
-            ready.sort_by_key(|p| p.name_any());
-            Ok((ready.len() >= replicas).then(|| ready.into_iter().take(replicas).collect()))
-        }
-    })
-    .await
-}
-
-/// Threads for a container: its CPU limit rounded up (the demo's stand-in for a cgroup quota),
-/// else an equal part of this machine's cores.
-fn threads_for(container: &Container, replicas: u32) -> usize {
-    let limit = container
-        .resources
-        .as_ref()
-        .and_then(|r| r.limits.as_ref())
-        .and_then(|l| l.get("cpu"))
-        .and_then(|q| parse_cpu(&q.0));
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    match limit {
-        Some(cpu) => (cpu.ceil() as usize).clamp(1, cores),
-        None => (cores / replicas.max(1) as usize).max(1),
-    }
-}
-
-/// A CPU quantity (`2`, `1.5`, `500m`) in cores.
-fn parse_cpu(quantity: &str) -> Option<f64> {
-    match quantity.strip_suffix('m') {
-        Some(milli) => milli.parse::<f64>().ok().map(|m| m / 1000.0),
-        None => quantity.parse().ok(),
-    }
-}
-
-/// Starts the sidecar container of `pod` as a local process on the pod's IP.
-async fn start_sidecar(
-    client: &Client,
-    running: &Running,
-    config: &DemoConfig,
-    pod: &Pod,
-) -> anyhow::Result<(Component, Endpoint)> {
-    let name = pod.name_any();
-    let spec = pod.spec.as_ref().context("the pod has no spec")?;
-    let container = spec
-        .containers
-        .iter()
-        .find(|c| c.name == SIDECAR_CONTAINER_NAME)
-        .context("the pod has no sidecar")?;
-    let dir = running.state.path().join("pods").join(&name);
-    // emptyDir volumes get a directory each; the model cache is seeded from this machine's.
-    let mut mounts = Vec::new();
-    for mount in container.volume_mounts.iter().flatten() {
-        let volume = spec.volumes.iter().flatten().find(|v| v.name == mount.name);
-        if volume.is_some_and(|v| v.empty_dir.is_some()) {
-            let host_dir = dir.join("volumes").join(&mount.name);
-            std::fs::create_dir_all(&host_dir)?;
-            mounts.push(HostMount {
-                mount_path: mount.mount_path.clone(),
-                host_dir,
-            });
-        }
-    }
-    let mut env = kubelet::container_env(pod, container, &ConfigMaps::new(), &mounts)?;
-    let lookup = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-    if let Some(cache) = lookup(ttc_crds::report::sidecar_env::MODEL_CACHE) {
-        kubelet::link_tree(&config.model_cache, Path::new(&cache))?;
-    }
-    let listen = lookup(ttc_crds::report::sidecar_env::LISTEN)
-        .context("the sidecar container has no listen address")?;
-    let account = spec
-        .service_account_name
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let namespace = pod.namespace().unwrap_or_else(|| NAMESPACE.into());
-    let kubeconfig =
-        service_account_kubeconfig(client, running, &namespace, &account, &dir).await?;
-    env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
-    let threads = threads_for(container, config.replicas);
-    env.push(("TTC_THREADS".into(), threads.to_string()));
-    let log = dir.join("sidecar.log");
-    detail(&format!(
-        "{name}: ttc-sidecar {} on {listen}, {threads} thread(s), as ServiceAccount {namespace}/{account}, log {}",
-        container.args.clone().unwrap_or_default().join(" "),
-        log.display()
-    ));
-    let component = Component::start_with_env(
-        &format!("sidecar of {name}"),
-        &config.sidecar_bin,
-        &container.args.clone().unwrap_or_default(),
-        &env,
-        &log,
-    )?;
-    Ok((
-        component,
-        Endpoint {
-            pod: name,
-            url: format!("http://{listen}"),
-        },
-    ))
-}
-
 /// Waits until every pod's allocation in the policy's status carries `budget`.
 async fn wait_for_allocation(
     policies: &Api<InferencePolicy>,
@@ -878,27 +589,5 @@ impl Progress {
             depth,
             right * 100.0
         ));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cpu_quantities_parse() {
-        assert_eq!(parse_cpu("2"), Some(2.0));
-        assert_eq!(parse_cpu("500m"), Some(0.5));
-        assert_eq!(parse_cpu("1.5"), Some(1.5));
-        assert_eq!(parse_cpu("lots"), None);
-    }
-
-    #[test]
-    fn threads_follow_the_cpu_limit() {
-        let container: Container = serde_json::from_value(json!({
-            "name": "c", "resources": {"limits": {"cpu": "500m"}}
-        }))
-        .unwrap();
-        assert_eq!(threads_for(&container, 4), 1);
     }
 }

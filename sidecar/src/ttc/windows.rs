@@ -82,7 +82,8 @@ impl WindowLearner {
             return window;
         }
         self.eligible += 1;
-        let probe = self.config.probe_every > 0 && self.eligible % self.config.probe_every == 0;
+        let probe =
+            self.config.probe_every > 0 && self.eligible.is_multiple_of(self.config.probe_every);
         if self.batching() && !probe {
             max_samples
         } else {
