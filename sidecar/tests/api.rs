@@ -58,16 +58,34 @@ fn metrics() -> SidecarMetrics {
 }
 
 async fn send(method: &str, path: &str, body: &str) -> (StatusCode, String) {
+    send_to(app(), method, path, body).await
+}
+
+/// Sends one request to `app`; returns the status and the body as text.
+async fn send_to(app: axum::Router, method: &str, path: &str, body: &str) -> (StatusCode, String) {
     let request = Request::builder()
         .method(method)
         .uri(path)
         .header("content-type", "application/json")
         .body(Body::from(body.to_owned()))
         .unwrap();
-    let response = app().oneshot(request).await.unwrap();
+    let response = app.oneshot(request).await.unwrap();
     let status = response.status();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+/// Posts a chat completion to `app`, expecting 200 and a JSON answer.
+async fn chat_to(app: &axum::Router, body: &Value) -> Value {
+    let (status, text) = send_to(
+        app.clone(),
+        "POST",
+        "/v1/chat/completions",
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    serde_json::from_str(&text).unwrap()
 }
 
 async fn post(path: &str, body: Value) -> (StatusCode, Value) {
@@ -302,16 +320,7 @@ async fn ttc_votes_and_reports_depth_and_energy() {
         "max_tokens": 12, "temperature": 0.7, "seed": 5,
         "ttc": { "answerType": { "type": "number" } }
     });
-    let request = Request::builder()
-        .method("POST")
-        .uri("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
-    let response = app.clone().oneshot(request).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    let v = chat_to(&app, &body).await;
     assert_eq!(v["choices"].as_array().unwrap().len(), 1, "{v}");
     let samples = v["ttc"]["samples"].as_u64().unwrap();
     assert!((3..=4).contains(&samples), "policy bounds not obeyed: {v}");
@@ -328,13 +337,7 @@ async fn ttc_votes_and_reports_depth_and_energy() {
     );
 
     // The pod's target and its headroom are exported once a request ran under the budget.
-    let request = Request::builder()
-        .uri("/metrics")
-        .body(Body::empty())
-        .unwrap();
-    let response = app.clone().oneshot(request).await.unwrap();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    let text = String::from_utf8_lossy(&bytes);
+    let (_, text) = send_to(app.clone(), "GET", "/metrics", "").await;
     assert!(
         text.lines()
             .any(|l| l.starts_with("ttc_budget_allocation_joules ") && l.ends_with(" 50.0")),
@@ -354,15 +357,7 @@ async fn ttc_votes_and_reports_depth_and_energy() {
 
     let mut opt_out = body.clone();
     opt_out["ttc"] = json!({ "enabled": false });
-    let request = Request::builder()
-        .method("POST")
-        .uri("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .body(Body::from(opt_out.to_string()))
-        .unwrap();
-    let response = app.oneshot(request).await.unwrap();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    let v = chat_to(&app, &opt_out).await;
     assert!(v.get("ttc").is_none(), "{v}");
     assert_eq!(v["choices"].as_array().unwrap().len(), 1);
 }
@@ -391,16 +386,7 @@ async fn a_power_cap_holds_requests_to_the_minimum_depth() {
     });
     let mut outcomes = Vec::new();
     for _ in 0..3 {
-        let request = Request::builder()
-            .method("POST")
-            .uri("/v1/chat/completions")
-            .header("content-type", "application/json")
-            .body(Body::from(body.to_string()))
-            .unwrap();
-        let response = app.clone().oneshot(request).await.unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        let v = chat_to(&app, &body).await;
         outcomes.push(v["ttc"].clone());
     }
     // No rate before the first request: the cap cannot bind yet, so it may go deep.
@@ -448,16 +434,10 @@ async fn a_stream_that_opts_in_gets_the_voted_answer_with_its_ttc_report() {
     let send_stream = |body: Value| {
         let app = app.clone();
         async move {
-            let request = Request::builder()
-                .method("POST")
-                .uri("/v1/chat/completions")
-                .header("content-type", "application/json")
-                .body(Body::from(body.to_string()))
-                .unwrap();
-            let response = app.oneshot(request).await.unwrap();
-            assert_eq!(response.status(), StatusCode::OK);
-            let bytes = response.into_body().collect().await.unwrap().to_bytes();
-            String::from_utf8_lossy(&bytes).into_owned()
+            let (status, text) =
+                send_to(app, "POST", "/v1/chat/completions", &body.to_string()).await;
+            assert_eq!(status, StatusCode::OK, "{text}");
+            text
         }
     };
 
