@@ -369,6 +369,13 @@ fn dns_label_prefix(prefix: &str) -> String {
     }
 }
 
+/// A free TCP port on 127.0.0.1 (free when asked; bind it soon).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// Polls `check` every 200 ms until it returns `Some`, or fails after `limit` with the last state
 /// it described: the way tests wait for a cluster to converge without fixed sleeps.
 pub async fn eventually<T, F, Fut>(

@@ -20,7 +20,7 @@ use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, P
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ttc_crds::InferencePolicy;
-use ttc_e2e::testing::TestNamespace;
+use ttc_e2e::testing::{TestNamespace, free_port};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -29,12 +29,6 @@ fn env_or(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn free_port() -> Result<u16, std::io::Error> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn rss_kib(pid: u32, field: &str) -> Option<u64> {

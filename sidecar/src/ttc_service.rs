@@ -91,8 +91,11 @@ impl TtcService {
         joules_per_window: Option<f64>,
         window: Option<Duration>,
     ) {
-        self.power().set_limits(watts, joules_per_window, window);
-        let bound = self.power().joules_per_request(Instant::now());
+        let bound = {
+            let mut power = self.power();
+            power.set_limits(watts, joules_per_window, window);
+            power.joules_per_request(Instant::now())
+        };
         self.controller().set_cap(bound);
     }
 

@@ -32,6 +32,7 @@ use self::operator::{OperatorPorts, start_operator};
 use self::pods::{start_sidecar, start_workload};
 use self::workload::{Phase, Record};
 use crate::process::Component;
+use crate::testing::{eventually, free_port};
 use crate::{ClusterConfig, LocalCluster};
 
 /// Namespace of the inference workload (opted in to injection).
@@ -100,32 +101,18 @@ fn run_tool(command: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// A free port on loopback.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Polls `check` every half second until it yields a value, for at most `limit`.
+/// [`eventually`] for checks that fail with `anyhow` errors.
 async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
 {
-    let deadline = Instant::now() + limit;
-    let mut last = String::from("not yet");
-    loop {
-        match check().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {limit:?} waiting for {what} (last: {last})");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    eventually(what, limit, || {
+        let checked = check();
+        async move { checked.await.map_err(|e| format!("{e:#}")) }
+    })
+    .await
+    .map_err(anyhow::Error::msg)
 }
 
 /// Everything the demo started; dropped in this order (processes before the cluster).
@@ -277,7 +264,9 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
         .build()?;
     let admin = format!("http://127.0.0.1:{}", ports.admin);
     let operator_up =
-        workload::wait_until_up(&http, &format!("{admin}/readyz"), Duration::from_secs(60)).await;
+        workload::wait_until_up(&http, &format!("{admin}/readyz"), Duration::from_secs(60))
+            .await
+            .is_ok();
     if let Some(operator) = running.operator.as_mut() {
         operator.check_running()?;
         anyhow::ensure!(
@@ -382,7 +371,8 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
             &format!("{}/readyz", endpoint.url),
             Duration::from_secs(300),
         )
-        .await;
+        .await
+        .is_ok();
         sidecar.check_running()?;
         anyhow::ensure!(
             up,

@@ -8,6 +8,7 @@ use anyhow::{Context as _, anyhow};
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use ttc_sidecar::eval::plot::{FONT, register_font};
+use ttc_sidecar::ttc::stats::mean;
 
 use super::workload::Record;
 
@@ -30,12 +31,6 @@ pub struct PhaseSummary {
     pub accuracy: f64,
     /// The energy sources seen, with "measured" or "estimated".
     pub energy: String,
-}
-
-/// The mean of `values` (0 for none).
-fn mean(values: impl Iterator<Item = f64>) -> f64 {
-    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
-    if n == 0 { 0.0 } else { sum / n as f64 }
 }
 
 /// How the energy of `records` was obtained, e.g. `estimate (estimated)`.

@@ -208,17 +208,16 @@ pub async fn drive(
 }
 
 /// Waits until `url` answers 200, for at most `limit`.
-pub async fn wait_until_up(http: &reqwest::Client, url: &str, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Ok(response) = http.get(url).send().await
-            && response.status().is_success()
-        {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    false
+pub async fn wait_until_up(
+    http: &reqwest::Client,
+    url: &str,
+    limit: Duration,
+) -> Result<(), String> {
+    crate::testing::eventually(url, limit, || async move {
+        let response = http.get(url).send().await.map_err(|e| e.to_string())?;
+        Ok(response.status().is_success().then_some(()))
+    })
+    .await
 }
 
 #[cfg(test)]

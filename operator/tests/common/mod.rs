@@ -9,7 +9,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use ttc_crds::InferencePolicy;
-use ttc_e2e::testing::eventually;
+use ttc_e2e::testing::{eventually, free_port};
 use ttc_operator::run::OperatorConfig;
 
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
@@ -52,12 +52,6 @@ pub fn policy_api(client: &Client, namespace: &str) -> Api<DynamicObject> {
         namespace,
         &ApiResource::erase::<InferencePolicy>(&()),
     )
-}
-
-pub fn free_port() -> Result<u16, std::io::Error> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// Loopback ports of an operator run in-process.

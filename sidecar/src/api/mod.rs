@@ -511,6 +511,10 @@ struct StreamMeta {
 
 impl StreamMeta {
     fn chunk(&self, choices: serde_json::Value, usage: Option<&Usage>) -> Event {
+        Event::default().data(self.chunk_body(choices, usage).to_string())
+    }
+
+    fn chunk_body(&self, choices: serde_json::Value, usage: Option<&Usage>) -> serde_json::Value {
         let object = if self.chat {
             "chat.completion.chunk"
         } else {
@@ -520,7 +524,7 @@ impl StreamMeta {
         if let Some(usage) = usage {
             body["usage"] = json!(usage);
         }
-        Event::default().data(body.to_string())
+        body
     }
 
     fn choice(
@@ -558,13 +562,7 @@ fn answered_stream(
         events.push(meta.chunk(meta.choice(c.index, Some(c.text.clone()), None), None));
         events.push(meta.chunk(meta.choice(c.index, None, Some(c.finish)), None));
     }
-    let mut last = json!({
-        "id": meta.id, "object": if meta.chat { "chat.completion.chunk" } else { "text_completion" },
-        "created": meta.created, "model": meta.model, "choices": [],
-    });
-    if meta.include_usage {
-        last["usage"] = json!(usage);
-    }
+    let mut last = meta.chunk_body(json!([]), meta.include_usage.then_some(&usage));
     if let Some(outcome) = outcome {
         last["ttc"] = json!(outcome);
     }

@@ -22,7 +22,7 @@ use crate::engine::sampler::SamplerConfig;
 use crate::engine::stop::StopStrings;
 use crate::engine::worker::EngineHandle;
 use crate::engine::{EngineError, GenerationRequest};
-use crate::ttc::stats::{Proportion, pass_at_k, wilson_95};
+use crate::ttc::stats::{Proportion, mean, pass_at_k, wilson_95};
 use crate::ttc::tasks::{TaskFamily, TaskItem, generate};
 use crate::ttc::{
     AnswerType, Candidate, EnergySource, TtcError, TtcOptions, TtcPolicy, TtcStrategy,
@@ -583,11 +583,6 @@ async fn run_service(
         });
     }
     Ok(records)
-}
-
-fn mean(values: impl Iterator<Item = f64>) -> f64 {
-    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
-    if n == 0 { 0.0 } else { sum / n as f64 }
 }
 
 /// Accuracy, means and the energy source of one configuration's records.

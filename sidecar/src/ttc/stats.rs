@@ -16,6 +16,12 @@ pub struct Proportion {
     pub trials: u64,
 }
 
+/// The arithmetic mean of `values` (0 for none).
+pub fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if n == 0 { 0.0 } else { sum / n as f64 }
+}
+
 /// `successes` of `trials` with a 95% Wilson score interval, which stays inside [0, 1] and is
 /// honest at 0% and 100% (where the normal approximation collapses to a point).
 pub fn wilson_95(successes: u64, trials: u64) -> Proportion {
