@@ -222,10 +222,8 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(args) => {
-            if let Some(threads) = args.threads {
-                // SAFETY: set before any other thread exists; candle reads it once, on first use.
-                unsafe { std::env::set_var("CANDLE_NUM_THREADS", threads.to_string()) };
-            }
+            // SAFETY: before any other thread exists (the runtime starts in `serve`).
+            unsafe { ttc_sidecar::engine::set_compute_threads(args.threads) };
             serve(args)
         }
     }

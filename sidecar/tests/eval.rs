@@ -37,13 +37,23 @@ async fn small_evaluation_writes_results_that_parse() {
         .await
         .expect("the evaluation runs");
 
-    // greedy, vote@1, vote@2, early-stop, adaptive; no best-of-N (the family has no verifier).
+    // greedy, vote@1, vote@2, early-stop, adaptive, and best-of-N checked by the checking tool
+    // over HTTP (the family has no schema).
     let labels: Vec<&str> = report.results.iter().map(|r| r.label.as_str()).collect();
-    assert_eq!(labels.len(), 5, "{labels:?}");
+    assert_eq!(labels.len(), 6, "{labels:?}");
     assert!(
         labels.contains(&"greedy") && labels.contains(&"vote@2"),
         "{labels:?}"
     );
+    let best = report
+        .results
+        .iter()
+        .find(|r| r.label == "best-of-2+tool")
+        .expect("best-of-2+tool");
+    for item in &best.items {
+        // The tool accepts exactly the right answers: verified iff correct.
+        assert_eq!(item.verified, Some(item.correct), "{item:?}");
+    }
     for r in &report.results {
         assert_eq!(r.items.len(), 3, "{}", r.label);
         let a = r.accuracy;

@@ -152,8 +152,8 @@ fn row(name: &str, ours: f64, peer: Option<f64>, unit: &str) {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    // SAFETY: set before any other thread exists; candle reads it once, on first use.
-    unsafe { std::env::set_var("CANDLE_NUM_THREADS", args.threads.to_string()) };
+    // SAFETY: before any other thread exists.
+    unsafe { ttc_sidecar::engine::set_compute_threads(Some(args.threads)) };
     let path = ModelStore::default_location().resolve(&args.model)?;
     eprintln!(
         "model {} | {} threads | prompt {} tokens | {} decode steps | best of {}",

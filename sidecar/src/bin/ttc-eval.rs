@@ -112,8 +112,8 @@ fn main() -> anyhow::Result<()> {
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         return print_and_write(&report, &args.out);
     }
-    // SAFETY: set before any other thread exists; candle reads it once, on first use.
-    unsafe { std::env::set_var("CANDLE_NUM_THREADS", args.threads.to_string()) };
+    // SAFETY: before any other thread exists.
+    unsafe { ttc_sidecar::engine::set_compute_threads(Some(args.threads)) };
     let mut families = Vec::new();
     for name in &args.families {
         families.extend(family(name.trim())?);

@@ -7,6 +7,7 @@ use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, RmsNorm};
 
 use crate::gguf::{GgufError, GgufFile};
+use ttc_kernels::q8::{self, Q8Rows};
 
 /// Why a model could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
@@ -48,8 +49,9 @@ impl From<candle_core::Error> for ModelError {
 pub enum WeightFormat {
     /// As stored in the file.
     Native,
-    /// Requantized to Q8_0 at load: on CPU candle has SIMD kernels for Q8_0 but not for Q4_1,
-    /// measured 1.5x decode and 2.8x prefill speed for twice the weight memory.
+    /// Requantized to Q8_0 at load. On CPU our own batched kernel ([`ttc_kernels::q8`]) runs them
+    /// (candle has no SIMD kernel for Q4_1; Q8_0 measured 1.5x decode and 2.8x prefill speed for
+    /// twice the weight memory); on GPU, candle's.
     #[default]
     Q8_0,
 }
@@ -67,16 +69,89 @@ pub struct LlamaConfig {
     pub rope_base: f32,
 }
 
+/// One or more linear maps of the same input (q, k and v; gate and up).
+enum Projection {
+    /// candle's quantized matmul, one per part: GPU, or weights kept in their file's format.
+    Candle(Vec<QMatMul>),
+    /// Our Q8_0 kernel over the parts stacked into one matrix: one pass over the input, and
+    /// the weights stream once per forward pass whatever the number of rows.
+    Q8 { matrix: Q8Rows, parts: Vec<usize> },
+}
+
+impl Projection {
+    fn new(parts: Vec<QTensor>, format: WeightFormat, device: &Device) -> Result<Self, ModelError> {
+        let fits_q8 = |q: &QTensor| q.shape().dims().last().is_some_and(|d| d % q8::BLOCK == 0);
+        if device.is_cpu() && format == WeightFormat::Q8_0 && parts.iter().all(fits_q8) {
+            let mut matrices = Vec::with_capacity(parts.len());
+            for q in &parts {
+                let (rows, cols) = q.shape().dims2()?;
+                let values = q.dequantize(device)?.flatten_all()?.to_vec1::<f32>()?;
+                matrices.push(Q8Rows::quantize(&values, rows, cols));
+            }
+            return Ok(Self::Q8 {
+                parts: matrices.iter().map(Q8Rows::rows).collect(),
+                matrix: Q8Rows::stack(&matrices),
+            });
+        }
+        Ok(Self::Candle(
+            parts
+                .into_iter()
+                .map(|q| matmul(q, format, device))
+                .collect::<Result<_, _>>()?,
+        ))
+    }
+
+    /// `x` (.., in) through every part: one tensor (.., out_i) per part.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        match self {
+            Self::Candle(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Self::Q8 { matrix, parts } => {
+                let dims = x.dims();
+                let cols = dims[dims.len() - 1];
+                let m = x.elem_count() / cols;
+                let input = x.flatten_all()?.to_vec1::<f32>()?;
+                let out = matrix.matmul(&input, m);
+                let shape = |width: usize| {
+                    let mut shape = dims.to_vec();
+                    *shape.last_mut().expect("at least one dimension") = width;
+                    shape
+                };
+                if let [width] = parts[..] {
+                    return Ok(vec![Tensor::from_vec(out, shape(width), x.device())?]);
+                }
+                let n = matrix.rows();
+                let mut start = 0;
+                parts
+                    .iter()
+                    .map(|&width| {
+                        let part: Vec<f32> = out
+                            .chunks_exact(n)
+                            .flat_map(|row| &row[start..start + width])
+                            .copied()
+                            .collect();
+                        start += width;
+                        Tensor::from_vec(part, shape(width), x.device())
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The single part's output.
+    fn forward_one(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.forward(x)?.swap_remove(0))
+    }
+}
+
 struct Layer {
     attn_norm: RmsNorm,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    /// q, k, v.
+    qkv: Projection,
+    wo: Projection,
     ffn_norm: RmsNorm,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    /// gate, up.
+    gate_up: Projection,
+    w_down: Projection,
 }
 
 /// The loaded weights; immutable, so several caches (requests) can use them.
@@ -85,35 +160,124 @@ pub struct Llama {
     embeddings: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: QMatMul,
+    output: Projection,
     cos: Tensor,
     sin: Tensor,
     device: Device,
 }
 
+/// One layer's keys and values: buffers of shape (rows, kv heads, capacity, head dim), of which
+/// the first `len` positions (the cache's) are filled. New positions are written in place, so a
+/// decode step copies only its own keys and values, not the whole history.
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+}
+
+impl LayerKv {
+    fn capacity(&self) -> usize {
+        self.k.dims()[2]
+    }
+
+    /// Buffers of `capacity` positions holding the first `len` positions of `k` and `v`
+    /// (contiguous copies; never shares storage with them).
+    fn with_capacity(
+        k: &Tensor,
+        v: &Tensor,
+        len: usize,
+        capacity: usize,
+    ) -> candle_core::Result<Self> {
+        let (rows, heads, _, head_dim) = k.dims4()?;
+        let shape = (rows, heads, capacity, head_dim);
+        let layer = Self {
+            k: Tensor::zeros(shape, k.dtype(), k.device())?,
+            v: Tensor::zeros(shape, v.dtype(), v.device())?,
+        };
+        if len > 0 {
+            layer
+                .k
+                .slice_set(&k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            layer
+                .v
+                .slice_set(&v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+        }
+        Ok(layer)
+    }
+
+    /// Writes `k` and `v` (rows, kv heads, new, head dim) at position `pos`, growing the buffers
+    /// (doubling) when they are full; returns the views of positions 0..pos + new.
+    fn append(
+        &mut self,
+        k: &Tensor,
+        v: &Tensor,
+        pos: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let new = k.dims()[2];
+        if pos + new > self.capacity() {
+            let capacity = (pos + new).max(2 * self.capacity()).next_multiple_of(64);
+            *self = Self::with_capacity(&self.k, &self.v, pos, capacity)?;
+        }
+        self.k.slice_set(&k.contiguous()?, 2, pos)?;
+        self.v.slice_set(&v.contiguous()?, 2, pos)?;
+        Ok((
+            self.k.narrow(2, 0, pos + new)?,
+            self.v.narrow(2, 0, pos + new)?,
+        ))
+    }
+}
+
 /// Per-layer keys and values of `rows` sequences that share one position counter.
-#[derive(Clone)]
+///
+/// Cloning copies the filled positions into buffers of their own (the prefix cache keeps clones
+/// of prefilled prompts while the generation that made them goes on writing).
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
     /// Number of positions cached.
     pub len: usize,
+}
+
+/// Positions a new cache has room for before its first growth.
+const INITIAL_CAPACITY: usize = 256;
+
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        self.map_layers(|l| LayerKv::with_capacity(&l.k, &l.v, self.len, self.len.max(1)))
+            .expect("copying a KV cache of the same shape")
+    }
 }
 
 impl KvCache {
     /// An empty cache for a model of `n_layers` layers.
     pub fn new(n_layers: usize) -> Self {
         Self {
-            layers: vec![None; n_layers],
+            layers: (0..n_layers).map(|_| None).collect(),
             len: 0,
         }
     }
 
-    /// Bytes of the cached keys and values.
+    fn map_layers(
+        &self,
+        f: impl Fn(&LayerKv) -> candle_core::Result<LayerKv>,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.as_ref().map(&f).transpose())
+                .collect::<candle_core::Result<_>>()?,
+            len: self.len,
+        })
+    }
+
+    /// Bytes of the cached keys and values (filled positions; buffers may hold more).
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
             .flatten()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .map(|l| {
+                let per_position = l.k.elem_count() / l.capacity().max(1);
+                2 * per_position * self.len * l.k.dtype().size_in_bytes()
+            })
             .sum()
     }
 
@@ -122,24 +286,17 @@ impl KvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dims()[0])
+            .map(|l| l.k.dims()[0])
             .unwrap_or(0)
     }
 
-    /// Repeats a one-row cache (a prefilled prompt) into `n` identical rows.
+    /// Repeats a one-row cache (a prefilled prompt) into `n` identical rows, with room to decode.
     pub fn repeat_rows(&self, n: usize) -> candle_core::Result<Self> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| {
-                l.as_ref()
-                    .map(|(k, v)| Ok((k.repeat((n, 1, 1, 1))?, v.repeat((n, 1, 1, 1))?)))
-                    .transpose()
-            })
-            .collect::<candle_core::Result<_>>()?;
-        Ok(Self {
-            layers,
-            len: self.len,
+        let capacity = self.len + INITIAL_CAPACITY;
+        self.map_layers(|l| {
+            let k = l.k.narrow(2, 0, self.len)?.repeat((n, 1, 1, 1))?;
+            let v = l.v.narrow(2, 0, self.len)?.repeat((n, 1, 1, 1))?;
+            LayerKv::with_capacity(&k, &v, self.len, capacity)
         })
     }
 
@@ -150,16 +307,14 @@ impl KvCache {
             .iter()
             .flatten()
             .next()
-            .map(|(k, _)| k.device().clone())
+            .map(|l| l.k.device().clone())
         else {
             return Ok(());
         };
         let index = Tensor::new(rows, &device)?;
         for layer in self.layers.iter_mut().flatten() {
-            *layer = (
-                layer.0.index_select(&index, 0)?,
-                layer.1.index_select(&index, 0)?,
-            );
+            layer.k = layer.k.index_select(&index, 0)?;
+            layer.v = layer.v.index_select(&index, 0)?;
         }
         Ok(())
     }
@@ -241,7 +396,7 @@ impl Llama {
         } else {
             embedding_q
         };
-        let output = matmul(output_q, format, device)?;
+        let output = Projection::new(vec![output_q], format, device)?;
         let norm = rms_norm(
             tensor(gguf, "output_norm.weight", device)?,
             config.rms_eps,
@@ -252,14 +407,15 @@ impl Llama {
             let mut load = |suffix: &str| tensor(gguf, &format!("blk.{i}.{suffix}.weight"), device);
             layers.push(Layer {
                 attn_norm: rms_norm(load("attn_norm")?, config.rms_eps, device)?,
-                wq: matmul(load("attn_q")?, format, device)?,
-                wk: matmul(load("attn_k")?, format, device)?,
-                wv: matmul(load("attn_v")?, format, device)?,
-                wo: matmul(load("attn_output")?, format, device)?,
+                qkv: Projection::new(
+                    vec![load("attn_q")?, load("attn_k")?, load("attn_v")?],
+                    format,
+                    device,
+                )?,
+                wo: Projection::new(vec![load("attn_output")?], format, device)?,
                 ffn_norm: rms_norm(load("ffn_norm")?, config.rms_eps, device)?,
-                w_gate: matmul(load("ffn_gate")?, format, device)?,
-                w_up: matmul(load("ffn_up")?, format, device)?,
-                w_down: matmul(load("ffn_down")?, format, device)?,
+                gate_up: Projection::new(vec![load("ffn_gate")?, load("ffn_up")?], format, device)?,
+                w_down: Projection::new(vec![load("ffn_down")?], format, device)?,
             });
         }
         Ok(Self {
@@ -314,17 +470,33 @@ impl Llama {
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
-            let h = self.attention(layer, &h, slot, &cos, &sin, mask.as_ref(), rows, seq_len)?;
+            let h = self.attention(
+                layer,
+                &h,
+                slot,
+                pos,
+                &cos,
+                &sin,
+                mask.as_ref(),
+                rows,
+                seq_len,
+            )?;
             let x1 = (h + residual)?;
             let h = layer.ffn_norm.forward(&x1)?;
-            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
-            let h = layer.w_down.forward(&(gate * layer.w_up.forward(&h)?)?)?;
+            let [gate, up]: [Tensor; 2] = layer
+                .gate_up
+                .forward(&h)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("gate_up has two parts".into()))?;
+            let h = layer
+                .w_down
+                .forward_one(&(candle_nn::ops::silu(&gate)? * up)?)?;
             x = (h + x1)?;
         }
         cache.len += seq_len;
         // The last position's slice is strided when rows > 1; the matmul needs it contiguous.
         let last = x.i((.., seq_len - 1, ..))?.contiguous()?;
-        let logits = self.output.forward(&self.norm.forward(&last)?)?;
+        let logits = self.output.forward_one(&self.norm.forward(&last)?)?;
         Ok(logits.to_dtype(DType::F32)?)
     }
 
@@ -333,7 +505,8 @@ impl Llama {
         &self,
         layer: &Layer,
         x: &Tensor,
-        slot: &mut Option<(Tensor, Tensor)>,
+        slot: &mut Option<LayerKv>,
+        pos: usize,
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
@@ -341,34 +514,36 @@ impl Llama {
         seq_len: usize,
     ) -> Result<Tensor, ModelError> {
         let c = &self.config;
-        let q = layer
-            .wq
+        let [q, k, v]: [Tensor; 3] = layer
+            .qkv
             .forward(x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("qkv has three parts".into()))?;
+        let q = q
             .reshape((rows, seq_len, c.n_head, c.head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
-        let k = layer
-            .wk
-            .forward(x)?
+        let k = k
             .reshape((rows, seq_len, c.n_kv_head, c.head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
-        let v = layer
-            .wv
-            .forward(x)?
+        let v = v
             .reshape((rows, seq_len, c.n_kv_head, c.head_dim))?
-            .transpose(1, 2)?;
+            .transpose(1, 2)?
+            .contiguous()?;
         // GGUF stores Q/K rows permuted for llama.cpp's interleaved rotary embedding.
         let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
-        let (k, v) = match slot.take() {
-            Some((k_cache, v_cache)) => (
-                Tensor::cat(&[&k_cache, &k], 2)?,
-                Tensor::cat(&[&v_cache, &v], 2)?,
-            ),
-            None => (k, v.contiguous()?),
+        let layer_kv = match slot {
+            Some(layer_kv) => layer_kv,
+            None => slot.insert(LayerKv::with_capacity(
+                &k,
+                &v,
+                0,
+                seq_len + INITIAL_CAPACITY,
+            )?),
         };
-        *slot = Some((k.clone(), v.clone()));
+        let (k, v) = layer_kv.append(&k, &v, pos)?;
         let group = c.n_head / c.n_kv_head;
         let total = k.dims()[2];
         // Grouped-query attention: fold the query heads that share a KV head into the sequence
@@ -390,7 +565,7 @@ impl Llama {
             .reshape((rows, c.n_head, seq_len, c.head_dim))?
             .transpose(1, 2)?
             .reshape((rows, seq_len, c.hidden))?;
-        Ok(layer.wo.forward(&y)?)
+        Ok(layer.wo.forward_one(&y)?)
     }
 }
 

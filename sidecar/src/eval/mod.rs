@@ -10,6 +10,7 @@
 //! Energy figures carry the meter's source: `estimate` (CPU time x declared watts) is never
 //! presented as a measurement.
 
+pub mod checker;
 pub mod plot;
 pub mod report;
 
@@ -24,6 +25,7 @@ use crate::engine::worker::EngineHandle;
 use crate::engine::{EngineError, GenerationRequest};
 use crate::ttc::stats::{Proportion, mean, pass_at_k, wilson_95};
 use crate::ttc::tasks::{TaskFamily, TaskItem, generate};
+use crate::ttc::verifier::{HttpVerifierSpec, VerifierSpec};
 use crate::ttc::{
     AnswerType, Candidate, EnergySource, TtcError, TtcOptions, TtcPolicy, TtcStrategy,
     VoteWeighting, extract_answer, majority_vote,
@@ -142,11 +144,26 @@ pub enum Configuration {
         /// The vote depth whose measured mean joules set the allocation.
         reference_depth: usize,
     },
-    /// Policy BestOfN with the family's verifier: sample until one is accepted.
+    /// Policy BestOfN: sample until the verifier accepts one.
     BestOfN {
         /// Most samples.
         max_samples: usize,
+        /// Which verifier checks the candidates.
+        #[serde(default)]
+        verifier: EvalVerifier,
     },
+}
+
+/// The verifier of a best-of-N configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum EvalVerifier {
+    /// The family's JSON schema: checks structure, not values.
+    #[default]
+    Schema,
+    /// The checking tool ([`checker`]) behind the HTTP verifier: recomputes what the question
+    /// asks.
+    Tool,
 }
 
 impl Configuration {
@@ -159,7 +176,14 @@ impl Configuration {
             Self::Adaptive {
                 reference_depth, ..
             } => format!("adaptive(=vote@{reference_depth} J)"),
-            Self::BestOfN { max_samples } => format!("best-of-{max_samples}+verifier"),
+            Self::BestOfN {
+                max_samples,
+                verifier: EvalVerifier::Schema,
+            } => format!("best-of-{max_samples}+schema"),
+            Self::BestOfN {
+                max_samples,
+                verifier: EvalVerifier::Tool,
+            } => format!("best-of-{max_samples}+tool"),
         }
     }
 
@@ -299,6 +323,16 @@ pub async fn run(
     let mut depths = settings.depths.clone();
     depths.sort_unstable();
     depths.dedup();
+    // The checking tool serves the HTTP verifier of the tool-checkable families.
+    let checker = if settings.families.iter().any(|f| f.is_tool_checkable()) {
+        Some(
+            checker::CheckerServer::start()
+                .await
+                .map_err(|e| EvalError::Settings(format!("starting the checking tool: {e}")))?,
+        )
+    } else {
+        None
+    };
     let mut results = Vec::new();
     for &family in &settings.families {
         let prepared = generate(family, settings.items, settings.seed)
@@ -396,13 +430,30 @@ pub async fn run(
         family_results.push(summarise(family, adaptive, records));
         progress(&progress_line(family_results.last()));
 
-        if let Some(verifier) = family.verifier() {
+        let verifiers = [
+            family.verifier().map(|spec| (EvalVerifier::Schema, spec)),
+            checker
+                .as_ref()
+                .filter(|_| family.is_tool_checkable())
+                .map(|c| {
+                    let spec = VerifierSpec {
+                        http: Some(HttpVerifierSpec {
+                            url: c.url(),
+                            timeout_ms: 2000,
+                            accept_score: 0.5,
+                        }),
+                        ..VerifierSpec::default()
+                    };
+                    (EvalVerifier::Tool, spec)
+                }),
+        ];
+        for (kind, spec) in verifiers.into_iter().flatten() {
             let policy = TtcPolicy {
                 strategy: TtcStrategy::BestOfN,
                 min_samples: 1,
                 max_samples: settings.max_samples as u32,
                 difficulty_aware: false,
-                verifier: Some(verifier),
+                verifier: Some(spec),
                 ..TtcPolicy::default()
             };
             let records = run_service(engine, settings, &prepared, policy, None, sampled).await?;
@@ -410,6 +461,7 @@ pub async fn run(
                 family,
                 Configuration::BestOfN {
                     max_samples: settings.max_samples,
+                    verifier: kind,
                 },
                 records,
             ));
@@ -440,7 +492,7 @@ pub async fn run(
             settings.window
         ),
         "pass@k is what an oracle verifier would reach with k samples (unbiased estimate from the deepest vote's samples) — a ceiling, not a strategy.".into(),
-        "Best-of-N runs only where the family has a verifier that checks structure without knowing the answer (the JSON schema of structured_output). A regex such as ^\\s*\\d+\\s*$ on arithmetic answers checks the format, not the sum, so it is not used as a verifier.".into(),
+        "best-of-N+schema: structured_output's JSON schema, which checks structure, not values. best-of-N+tool: the checking tool (eval::checker) behind the HTTP verifier on the families a tool can check (addition, larger-of-two, letter counting); it recomputes what the question asks without the answer key, which on these families makes it as strong as an oracle, so it shows what a calculator, a test suite or a type checker buys. A regex such as ^\\s*\\d+\\s*$ checks the format, not the sum, so it is not used.".into(),
         "Only one model is evaluated: no model-size points on the frontier.".into(),
     ];
     Ok(EvalReport {
@@ -712,7 +764,16 @@ mod tests {
                 reference_depth: 4,
             }
             .label(),
-            Configuration::BestOfN { max_samples: 8 }.label(),
+            Configuration::BestOfN {
+                max_samples: 8,
+                verifier: EvalVerifier::Schema,
+            }
+            .label(),
+            Configuration::BestOfN {
+                max_samples: 8,
+                verifier: EvalVerifier::Tool,
+            }
+            .label(),
         ];
         let set: std::collections::HashSet<_> = labels.iter().collect();
         assert_eq!(set.len(), labels.len());

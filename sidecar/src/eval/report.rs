@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::{
-    ConfigResult, Configuration, EvalError, EvalReport, EvalSettings, discordant, sign_test,
+    ConfigResult, Configuration, EvalError, EvalReport, EvalSettings, EvalVerifier, discordant,
+    sign_test,
 };
 
 /// Significance level of the paired sign test behind "gained" or "lost".
@@ -58,7 +59,14 @@ pub fn csv(report: &EvalReport) -> String {
                 report.settings.max_samples,
                 Some(allocation_joules),
             ),
-            Configuration::BestOfN { max_samples } => ("best_of_n", max_samples, None),
+            Configuration::BestOfN {
+                max_samples,
+                verifier: EvalVerifier::Schema,
+            } => ("best_of_n_schema", max_samples, None),
+            Configuration::BestOfN {
+                max_samples,
+                verifier: EvalVerifier::Tool,
+            } => ("best_of_n_tool", max_samples, None),
         };
         let family: Vec<&ConfigResult> = report
             .results
@@ -246,19 +254,27 @@ pub fn findings(results: &[ConfigResult], settings: &EvalSettings) -> Vec<String
                 sign_test(wins, losses),
             ));
         }
-        if let Some(best) = find(&|c| matches!(c, Configuration::BestOfN { .. })) {
+        for best in rows
+            .iter()
+            .copied()
+            .filter(|r| matches!(r.configuration, Configuration::BestOfN { .. }))
+        {
             let ratio = best.mean_joules / greedy.mean_joules.max(1e-12);
+            let (wins, losses) = discordant(best, greedy);
             out.push(format!(
-                "{name}: verifier best-of-N {} vs greedy {} at {ratio:.1}x greedy's joules ({:.1} samples, {:.0}% of requests verified).",
+                "{name}: {} {} vs greedy {} at {ratio:.1}x greedy's joules ({:.1} samples, {:.0}% of requests verified; {wins} items gained, {losses} lost, p={:.3}).",
+                best.label,
                 pct(best.accuracy.estimate),
                 pct(greedy.accuracy.estimate),
                 best.mean_samples,
                 100.0 * best.items.iter().filter(|i| i.verified == Some(true)).count() as f64
                     / best.items.len().max(1) as f64,
+                sign_test(wins, losses),
             ));
             if let Some((k, vote)) = deepest {
                 out.push(format!(
-                    "{name}: best-of-N {} at {:.3} J vs vote@{k} {} at {:.3} J.",
+                    "{name}: {} {} at {:.3} J vs vote@{k} {} at {:.3} J.",
+                    best.label,
                     pct(best.accuracy.estimate),
                     best.mean_joules,
                     pct(vote.accuracy.estimate),

@@ -137,6 +137,20 @@ impl TaskFamily {
         }
     }
 
+    /// Whether a tool can check an answer from the question alone (compute the sum, compare the
+    /// numbers, count the letters): the families [`crate::eval::checker`] serves as an HTTP
+    /// verifier.
+    pub fn is_tool_checkable(self) -> bool {
+        matches!(
+            self,
+            Self::SingleDigitAddition
+                | Self::TwoDigitAdditionNoCarry
+                | Self::TwoDigitAdditionCarry
+                | Self::LargerOfTwo
+                | Self::LetterCounting
+        )
+    }
+
     /// The verifier that applies to the whole family, if any (structured output's schema).
     pub fn verifier(self) -> Option<VerifierSpec> {
         (self == Self::StructuredOutput).then(|| VerifierSpec {
