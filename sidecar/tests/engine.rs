@@ -70,10 +70,18 @@ fn tokenizer_matches_llama_cpp_ids() {
 
 /// Greedy continuations from llama.cpp (llama-cpp-python 0.3.36, temp 0) on the same file; with
 /// the file's own Q4_1 weights our engine must pick the same tokens.
+/// Through candle's quantized matmul on the file's Q4_1 weights, and through our Q8_0 kernel
+/// (weights requantized at load): both continue as llama.cpp does on the file.
 #[test]
-fn greedy_tokens_match_llama_cpp_on_native_weights() {
+fn greedy_tokens_match_llama_cpp_on_native_and_q8_weights() {
+    for weights in [WeightFormat::Native, WeightFormat::Q8_0] {
+        greedy_tokens_match_llama_cpp(weights);
+    }
+}
+
+fn greedy_tokens_match_llama_cpp(weights: WeightFormat) {
     let options = EngineOptions {
-        weights: WeightFormat::Native,
+        weights,
         ..EngineOptions::default()
     };
     let engine = Engine::load(&common::default_model_path(), DEFAULT_MODEL.name, &options).unwrap();
@@ -96,7 +104,7 @@ fn greedy_tokens_match_llama_cpp_on_native_weights() {
             .unwrap();
         assert_eq!(
             out.completions[0].token_ids, *expected,
-            "greedy continuation of {prompt:?}"
+            "greedy continuation of {prompt:?} on {weights:?} weights"
         );
     }
 }

@@ -7,6 +7,7 @@ use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, RmsNorm};
 
 use crate::gguf::{GgufError, GgufFile};
+use ttc_kernels::attention;
 use ttc_kernels::q8::{self, Q8Rows};
 
 /// Why a model could not be loaded or run.
@@ -205,24 +206,31 @@ impl LayerKv {
     }
 
     /// Writes `k` and `v` (rows, kv heads, new, head dim) at position `pos`, growing the buffers
-    /// (doubling) when they are full; returns the views of positions 0..pos + new.
-    fn append(
-        &mut self,
-        k: &Tensor,
-        v: &Tensor,
-        pos: usize,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
+    /// (doubling) when they are full.
+    fn write(&mut self, k: &Tensor, v: &Tensor, pos: usize) -> candle_core::Result<()> {
         let new = k.dims()[2];
         if pos + new > self.capacity() {
             let capacity = (pos + new).max(2 * self.capacity()).next_multiple_of(64);
             *self = Self::with_capacity(&self.k, &self.v, pos, capacity)?;
         }
         self.k.slice_set(&k.contiguous()?, 2, pos)?;
-        self.v.slice_set(&v.contiguous()?, 2, pos)?;
-        Ok((
-            self.k.narrow(2, 0, pos + new)?,
-            self.v.narrow(2, 0, pos + new)?,
-        ))
+        self.v.slice_set(&v.contiguous()?, 2, pos)
+    }
+
+    /// Views of the first `len` positions.
+    fn filled(&self, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((self.k.narrow(2, 0, len)?, self.v.narrow(2, 0, len)?))
+    }
+}
+
+/// A contiguous f32 CPU tensor's values, for our kernels.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
+            Ok(f(&cpu.as_slice::<f32>()?[start..end]))
+        }
+        _ => candle_core::bail!("expected a contiguous f32 tensor on the CPU"),
     }
 }
 
@@ -543,7 +551,25 @@ impl Llama {
                 seq_len + INITIAL_CAPACITY,
             )?),
         };
-        let (k, v) = layer_kv.append(&k, &v, pos)?;
+        layer_kv.write(&k, &v, pos)?;
+        if seq_len == 1 && self.device.is_cpu() {
+            // A decode step: our kernel, straight over the cache buffers.
+            let shape = attention::DecodeShape {
+                rows,
+                heads: c.n_head,
+                kv_heads: c.n_kv_head,
+                head_dim: c.head_dim,
+                capacity: layer_kv.capacity(),
+                len: pos + 1,
+            };
+            let q = q.flatten_all()?.to_vec1::<f32>()?;
+            let y = with_cpu_f32(&layer_kv.k, |k| {
+                with_cpu_f32(&layer_kv.v, |v| attention::decode(&q, k, v, shape))
+            })??;
+            let y = Tensor::from_vec(y, (rows, 1, c.n_head * c.head_dim), &self.device)?;
+            return Ok(layer.wo.forward_one(&y)?);
+        }
+        let (k, v) = layer_kv.filled(pos + seq_len)?;
         let group = c.n_head / c.n_kv_head;
         let total = k.dims()[2];
         // Grouped-query attention: fold the query heads that share a KV head into the sequence
