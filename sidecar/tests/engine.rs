@@ -5,10 +5,12 @@ mod common;
 
 use std::sync::{Arc, OnceLock};
 
+use ttc_energy::{EnergyMeter, MeterConfig, SourceChoice};
 use ttc_sidecar::chat_template::ChatMessage;
 use ttc_sidecar::engine::llama::WeightFormat;
 use ttc_sidecar::engine::sampler::SamplerConfig;
 use ttc_sidecar::engine::stop::StopStrings;
+use ttc_sidecar::engine::worker::EngineHandle;
 use ttc_sidecar::engine::{
     Engine, EngineOptions, FinishReason, GenerationEvent, GenerationRequest,
 };
@@ -156,6 +158,60 @@ fn batched_greedy_rows_equal_single_greedy() {
         batch.passes
     );
     assert_eq!(batch.passes[0].tokens, 4);
+}
+
+/// Requests submitted together decode in shared passes (rows of several requests in one pass,
+/// each at its own position) and get exactly the tokens each gets alone.
+#[tokio::test]
+async fn concurrent_requests_share_decode_passes_and_decode_as_alone() {
+    let prompts: Vec<Vec<u32>> = [
+        "What is 2 + 2?",
+        "Name a color.",
+        "Write one short sentence about the sea and the sky.",
+    ]
+    .iter()
+    .map(|q| engine().encode_chat(&user(q)).unwrap())
+    .collect();
+    let alone: Vec<Vec<Vec<u32>>> = prompts
+        .iter()
+        .map(|p| {
+            let out = engine()
+                .generate(greedy(p.clone(), 2, 12), &mut |_| true)
+                .unwrap();
+            out.completions.into_iter().map(|c| c.token_ids).collect()
+        })
+        .collect();
+    let meter = EnergyMeter::from_config(&MeterConfig {
+        source: SourceChoice::Estimate,
+        ..MeterConfig::default()
+    })
+    .unwrap();
+    let handle = EngineHandle::spawn(
+        Engine::load(
+            &common::default_model_path(),
+            DEFAULT_MODEL.name,
+            &EngineOptions::default(),
+        )
+        .unwrap(),
+        meter,
+    )
+    .unwrap();
+    let submissions: Vec<_> = prompts
+        .iter()
+        .map(|p| handle.submit(greedy(p.clone(), 2, 12), false))
+        .collect();
+    let mut widest = 0;
+    for (submission, alone) in submissions.into_iter().zip(&alone) {
+        let out = submission.done.await.unwrap().unwrap();
+        let ids: Vec<Vec<u32>> = out.completions.into_iter().map(|c| c.token_ids).collect();
+        assert_eq!(&ids, alone);
+        assert!(out.energy.is_some_and(|e| e.joules > 0.0));
+        widest = widest.max(out.passes.iter().map(|p| p.batch_rows).max().unwrap_or(0));
+    }
+    assert!(
+        widest > 2,
+        "no decode pass held rows of more than one request (widest {widest})"
+    );
 }
 
 #[test]

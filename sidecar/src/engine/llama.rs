@@ -456,40 +456,63 @@ impl Llama {
     /// Runs `tokens` (rows x new positions) after what `cache` holds, appends their keys and
     /// values to it, and returns the logits of each row's last position (rows x vocab, f32).
     pub fn forward(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor, ModelError> {
-        let (rows, seq_len) = tokens.dims2()?;
-        let pos = cache.len;
-        if pos + seq_len > self.config.context_length {
-            return Err(ModelError::Compute(Box::new(candle_core::Error::Msg(
-                format!(
-                    "sequence of {} tokens exceeds the context length {}",
-                    pos + seq_len,
-                    self.config.context_length
-                ),
-            ))));
-        }
-        let cos = self.cos.narrow(0, pos, seq_len)?;
-        let sin = self.sin.narrow(0, pos, seq_len)?;
-        let mask = if seq_len > 1 {
-            Some(causal_mask(seq_len, pos, &self.device)?)
-        } else {
-            None
+        let mut logits = self.forward_many(&mut [Segment { tokens, cache }])?;
+        Ok(logits.swap_remove(0))
+    }
+
+    /// One pass over several caches' rows at once: concurrent requests sharing a decode step.
+    /// The linear layers (nearly all the work) run once over every row, so the weights stream
+    /// once for all requests; attention runs per cache, at its own position. Every segment has
+    /// the same number of new positions. Returns each segment's logits, in order.
+    pub fn forward_many(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Tensor>, ModelError> {
+        let Some(first) = segments.first() else {
+            return Ok(Vec::new());
         };
-        let mut x = self.embeddings.forward(tokens)?;
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let seq_len = first.tokens.dims2()?.1;
+        let mut rows = Vec::with_capacity(segments.len());
+        for segment in segments.iter() {
+            let (r, s) = segment.tokens.dims2()?;
+            if s != seq_len {
+                return Err(candle_core::Error::Msg(format!(
+                    "segments of one pass need equal lengths ({s} vs {seq_len})"
+                ))
+                .into());
+            }
+            let end = segment.cache.len + seq_len;
+            if end > self.config.context_length {
+                return Err(candle_core::Error::Msg(format!(
+                    "sequence of {end} tokens exceeds the context length {}",
+                    self.config.context_length
+                ))
+                .into());
+            }
+            rows.push(r);
+        }
+        let tokens: Vec<&Tensor> = segments.iter().map(|s| s.tokens).collect();
+        let mut x = self.embeddings.forward(&cat_rows(&tokens)?)?;
+        for (index, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
-            let h = self.attention(
-                layer,
-                &h,
-                slot,
-                pos,
-                &cos,
-                &sin,
-                mask.as_ref(),
-                rows,
-                seq_len,
-            )?;
-            let x1 = (h + residual)?;
+            let [q, k, v]: [Tensor; 3] = layer
+                .qkv
+                .forward(&h)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("qkv has three parts".into()))?;
+            let mut start = 0;
+            let mut attended = Vec::with_capacity(segments.len());
+            for (segment, &r) in segments.iter_mut().zip(&rows) {
+                let pos = segment.cache.len;
+                let slot = &mut segment.cache.layers[index];
+                let (q, k, v) = (
+                    q.narrow(0, start, r)?,
+                    k.narrow(0, start, r)?,
+                    v.narrow(0, start, r)?,
+                );
+                attended.push(self.attend(&q, &k, &v, slot, pos)?);
+                start += r;
+            }
+            let attended: Vec<&Tensor> = attended.iter().collect();
+            let x1 = (layer.wo.forward_one(&cat_rows(&attended)?)? + residual)?;
             let h = layer.ffn_norm.forward(&x1)?;
             let [gate, up]: [Tensor; 2] = layer
                 .gate_up
@@ -501,47 +524,52 @@ impl Llama {
                 .forward_one(&(candle_nn::ops::silu(&gate)? * up)?)?;
             x = (h + x1)?;
         }
-        cache.len += seq_len;
+        for segment in segments.iter_mut() {
+            segment.cache.len += seq_len;
+        }
         // The last position's slice is strided when rows > 1; the matmul needs it contiguous.
         let last = x.i((.., seq_len - 1, ..))?.contiguous()?;
-        let logits = self.output.forward_one(&self.norm.forward(&last)?)?;
-        Ok(logits.to_dtype(DType::F32)?)
+        let logits = self
+            .output
+            .forward_one(&self.norm.forward(&last)?)?
+            .to_dtype(DType::F32)?;
+        let mut start = 0;
+        rows.iter()
+            .map(|&r| {
+                let part = logits.narrow(0, start, r);
+                start += r;
+                Ok(part?)
+            })
+            .collect()
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
+    /// Attention of `q`, `k`, `v` (rows, new positions, heads x head dim) after the `pos`
+    /// positions `slot` holds; appends `k` and `v` to it. Returns (rows, new, heads x head dim).
+    fn attend(
         &self,
-        layer: &Layer,
-        x: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
         slot: &mut Option<LayerKv>,
         pos: usize,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        rows: usize,
-        seq_len: usize,
     ) -> Result<Tensor, ModelError> {
         let c = &self.config;
-        let [q, k, v]: [Tensor; 3] = layer
-            .qkv
-            .forward(x)?
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("qkv has three parts".into()))?;
-        let q = q
-            .reshape((rows, seq_len, c.n_head, c.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = k
-            .reshape((rows, seq_len, c.n_kv_head, c.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = v
-            .reshape((rows, seq_len, c.n_kv_head, c.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let (rows, seq_len, _) = q.dims3()?;
+        let heads = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+            t.reshape((rows, seq_len, n, c.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (
+            heads(q, c.n_head)?,
+            heads(k, c.n_kv_head)?,
+            heads(v, c.n_kv_head)?,
+        );
         // GGUF stores Q/K rows permuted for llama.cpp's interleaved rotary embedding.
-        let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
+        let cos = self.cos.narrow(0, pos, seq_len)?;
+        let sin = self.sin.narrow(0, pos, seq_len)?;
+        let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
+        let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
         let layer_kv = match slot {
             Some(layer_kv) => layer_kv,
             None => slot.insert(LayerKv::with_capacity(
@@ -566,8 +594,11 @@ impl Llama {
             let y = with_cpu_f32(&layer_kv.k, |k| {
                 with_cpu_f32(&layer_kv.v, |v| attention::decode(&q, k, v, shape))
             })??;
-            let y = Tensor::from_vec(y, (rows, 1, c.n_head * c.head_dim), &self.device)?;
-            return Ok(layer.wo.forward_one(&y)?);
+            return Ok(Tensor::from_vec(
+                y,
+                (rows, 1, c.n_head * c.head_dim),
+                &self.device,
+            )?);
         }
         let (k, v) = layer_kv.filled(pos + seq_len)?;
         let group = c.n_head / c.n_kv_head;
@@ -577,21 +608,35 @@ impl Llama {
         let q = q.reshape((rows, c.n_kv_head, group * seq_len, c.head_dim))?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let att = (q.matmul(&k.t()?)? * scale)?;
-        let att = match mask {
-            Some(mask) => {
-                let att = att.reshape((rows, c.n_kv_head, group, seq_len, total))?;
-                att.broadcast_add(mask)?
-                    .reshape((rows, c.n_kv_head, group * seq_len, total))?
-            }
-            None => att,
+        let att = if seq_len > 1 {
+            let mask = causal_mask(seq_len, pos, &self.device)?;
+            let att = att.reshape((rows, c.n_kv_head, group, seq_len, total))?;
+            att.broadcast_add(&mask)?
+                .reshape((rows, c.n_kv_head, group * seq_len, total))?
+        } else {
+            att
         };
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let y = att.matmul(&v)?;
-        let y = y
-            .reshape((rows, c.n_head, seq_len, c.head_dim))?
+        Ok(y.reshape((rows, c.n_head, seq_len, c.head_dim))?
             .transpose(1, 2)?
-            .reshape((rows, seq_len, c.hidden))?;
-        Ok(layer.wo.forward_one(&y)?)
+            .reshape((rows, seq_len, c.n_head * c.head_dim))?)
+    }
+}
+
+/// One cache's rows in a [`Llama::forward_many`] pass.
+pub struct Segment<'a> {
+    /// New tokens: rows x positions.
+    pub tokens: &'a Tensor,
+    /// The rows' cache (as many rows as `tokens`, or empty before a prefill).
+    pub cache: &'a mut KvCache,
+}
+
+/// Tensors stacked along the first (row) dimension; one tensor is returned as it is.
+fn cat_rows(parts: &[&Tensor]) -> candle_core::Result<Tensor> {
+    match parts {
+        [one] => Ok((*one).clone()),
+        _ => Tensor::cat(parts, 0),
     }
 }
 

@@ -22,7 +22,7 @@ use candle_core::{Device, Tensor};
 use crate::chat_template::{CHATML, ChatMessage, ChatTemplate, TemplateError};
 use crate::gguf::{GgufError, GgufFile};
 use crate::tokenizer::{GgufTokenizer, TokenizerError};
-use llama::{KvCache, Llama, ModelError, WeightFormat};
+use llama::{KvCache, Llama, ModelError, Segment, WeightFormat};
 use prefix_cache::{Prefill, PrefixCache};
 use sampler::{Sampler, SamplerConfig};
 use stop::{StopCheck, StopStrings};
@@ -175,6 +175,8 @@ pub enum GenerationEvent {
 pub struct ForwardPass {
     pub tokens: usize,
     pub elapsed: Duration,
+    /// Rows of the whole pass: more than this request's when concurrent requests shared it.
+    pub batch_rows: usize,
 }
 
 /// Energy one request used, with where the figure came from.
@@ -317,6 +319,51 @@ impl Engine {
     }
 }
 
+/// What a generation needs after [`Generation::sample`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Every row has finished.
+    Done,
+    /// A decode pass over these tokens, one per live row.
+    Decode(Vec<u32>),
+}
+
+/// One decode pass for several generations at once: concurrent requests share the pass, so the
+/// weights stream once for all their rows ([`Llama::forward_many`]). `steps` pairs each
+/// generation with the tokens its [`Generation::sample`] returned. On an error no generation
+/// has advanced its logits; each should be failed.
+pub fn decode_together(
+    engine: &Engine,
+    steps: &mut [(&mut Generation, Vec<u32>)],
+) -> Result<(), EngineError> {
+    let model = &engine.model;
+    let started = Instant::now();
+    let tokens = steps
+        .iter()
+        .map(|(_, t)| Ok(Tensor::new(t.as_slice(), model.device())?.unsqueeze(1)?))
+        .collect::<Result<Vec<_>, EngineError>>()?;
+    let mut segments: Vec<Segment<'_>> = steps
+        .iter_mut()
+        .zip(&tokens)
+        .map(|((generation, _), tokens)| Segment {
+            tokens,
+            cache: &mut generation.cache,
+        })
+        .collect();
+    let logits = model.forward_many(&mut segments)?;
+    let elapsed = started.elapsed();
+    let batch_rows = steps.iter().map(|(_, tokens)| tokens.len()).sum();
+    for ((generation, tokens), logits) in steps.iter_mut().zip(logits) {
+        generation.logits = Some(logits);
+        generation.passes.push(ForwardPass {
+            tokens: tokens.len(),
+            elapsed,
+            batch_rows,
+        });
+    }
+    Ok(())
+}
+
 struct Row {
     index: usize,
     sampler: Sampler,
@@ -373,13 +420,30 @@ impl Generation {
         }
     }
 
-    /// Runs one forward pass (the prefill, or one decode step for all live rows) and samples.
-    /// Returns true when every row has finished.
+    /// Runs one step: samples every live row (after the prompt's prefill, the first time) and
+    /// runs the decode pass of the rows that go on. Returns true when every row has finished.
     pub fn step(
         &mut self,
         engine: &Engine,
         on_event: &mut dyn FnMut(GenerationEvent) -> bool,
     ) -> Result<bool, EngineError> {
+        match self.sample(engine, on_event)? {
+            Next::Done => Ok(true),
+            Next::Decode(tokens) => {
+                decode_together(engine, &mut [(self, tokens)])?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Samples the next token of every live row from the last pass's logits (running the
+    /// prompt's prefill first, the first time) and reports the rows' events. Rows that finished
+    /// leave the batch; the others' tokens are what the next decode pass needs.
+    pub fn sample(
+        &mut self,
+        engine: &Engine,
+        on_event: &mut dyn FnMut(GenerationEvent) -> bool,
+    ) -> Result<Next, EngineError> {
         let model = &engine.model;
         let logits = match self.logits.take() {
             Some(logits) => logits,
@@ -399,6 +463,7 @@ impl Generation {
                 self.passes.push(ForwardPass {
                     tokens: self.request.prompt.len(),
                     elapsed: started.elapsed(),
+                    batch_rows: 1,
                 });
                 logits
             }
@@ -428,19 +493,12 @@ impl Generation {
             }
         }
         if self.rows.is_empty() {
-            return Ok(true);
+            return Ok(Next::Done);
         }
         if keep.len() < self.cache.rows() {
             self.cache.select_rows(&keep)?;
         }
-        let started = Instant::now();
-        let tokens = Tensor::new(next.as_slice(), model.device())?.unsqueeze(1)?;
-        self.logits = Some(model.forward(&tokens, &mut self.cache)?);
-        self.passes.push(ForwardPass {
-            tokens: next.len(),
-            elapsed: started.elapsed(),
-        });
-        Ok(false)
+        Ok(Next::Decode(next))
     }
 
     /// Emits the row's new text; returns why it finished, if it did.

@@ -1,5 +1,8 @@
 //! The engine's worker thread: owns the model's compute, takes requests from async callers, and
-//! interleaves the decode steps of concurrent requests so that none waits for another to finish.
+//! runs the decode steps of concurrent requests as one shared pass, so that none waits for
+//! another to finish and together they cost little more than one (the weights stream once per
+//! pass whatever the number of rows). A new request joins at the next step: its prefill runs on
+//! its own, then it decodes with the others.
 
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -8,8 +11,8 @@ use tokio::sync::{mpsc as async_mpsc, oneshot};
 use ttc_energy::{EnergyMeter, RequestTally};
 
 use super::{
-    Engine, EngineError, Generation, GenerationEvent, GenerationOutput, GenerationRequest,
-    RequestJoules,
+    Engine, EngineError, Generation, GenerationEvent, GenerationOutput, GenerationRequest, Next,
+    RequestJoules, decode_together,
 };
 
 struct Job {
@@ -90,6 +93,33 @@ struct Active {
     done: oneshot::Sender<Result<GenerationOutput, EngineError>>,
 }
 
+impl Active {
+    /// Forwards events to the caller; false once the caller has gone (cancels the request).
+    fn on_event(&self) -> impl FnMut(GenerationEvent) -> bool + use<> {
+        let events = self.events.clone();
+        move |event| match &events {
+            Some(tx) => tx.send(event).is_ok(),
+            None => true,
+        }
+    }
+
+    fn complete(self) {
+        let mut output = self.generation.finish();
+        // A batch priced by the estimate after a failed read taints the request's figure, so
+        // it is never shown as measured.
+        output.energy = self.energy.usage().map(|u| RequestJoules {
+            joules: u.joules,
+            source: u.source,
+        });
+        let _ = self.done.send(Ok(output));
+    }
+
+    fn fail(self, error: EngineError) {
+        tracing::error!(error = %error, "generation failed");
+        let _ = self.done.send(Err(error));
+    }
+}
+
 fn run(engine: &Engine, meter: &EnergyMeter, inbox: &mpsc::Receiver<Job>) {
     let mut active: Vec<Active> = Vec::new();
     loop {
@@ -114,39 +144,53 @@ fn run(engine: &Engine, meter: &EnergyMeter, inbox: &mpsc::Receiver<Job>) {
                 }
             }
         }
-        // Round robin: one forward pass per active request.
-        let mut still = Vec::with_capacity(active.len());
+        // Each request samples its rows (after its prompt's prefill, the first time): one
+        // metered batch per request, since the work is its own.
+        let mut decoding = Vec::with_capacity(active.len());
         for mut a in active.drain(..) {
-            let events = a.events.clone();
-            let mut on_event = |event: GenerationEvent| match &events {
-                Some(tx) => tx.send(event).is_ok(),
-                None => true,
-            };
-            // Each forward pass is one metered batch; it holds one request's rows.
-            let tokens = a.generation.next_pass_tokens() as u64;
+            let tokens = a.generation.next_pass_tokens().max(1) as u64;
             let batch = meter.begin_batch();
-            let stepped = a.generation.step(engine, &mut on_event);
+            let sampled = a.generation.sample(engine, &mut a.on_event());
             for share in &batch.finish(&[((), tokens)]).requests {
                 a.energy.add(share);
             }
-            match stepped {
-                Ok(false) => still.push(a),
-                Ok(true) => {
-                    let mut output = a.generation.finish();
-                    // A batch priced by the estimate after a failed read taints the request's
-                    // figure, so it is never shown as measured.
-                    output.energy = a.energy.usage().map(|u| RequestJoules {
-                        joules: u.joules,
-                        source: u.source,
-                    });
-                    let _ = a.done.send(Ok(output));
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "generation failed");
-                    let _ = a.done.send(Err(e));
+            match sampled {
+                Ok(Next::Decode(tokens)) => decoding.push((a, tokens)),
+                Ok(Next::Done) => a.complete(),
+                Err(e) => a.fail(e),
+            }
+        }
+        if decoding.is_empty() {
+            continue;
+        }
+        // Then one decode pass shared by every request that goes on: the weights stream once
+        // for all their rows, and the pass's energy is split by rows.
+        let rows: Vec<(usize, u64)> = decoding
+            .iter()
+            .enumerate()
+            .map(|(i, (_, tokens))| (i, tokens.len() as u64))
+            .collect();
+        let batch = meter.begin_batch();
+        let decoded = {
+            let mut steps: Vec<(&mut Generation, Vec<u32>)> = decoding
+                .iter_mut()
+                .map(|(a, tokens)| (&mut a.generation, std::mem::take(tokens)))
+                .collect();
+            decode_together(engine, &mut steps)
+        };
+        for share in &batch.finish(&rows).requests {
+            decoding[share.request_id].0.energy.add(share);
+        }
+        match decoded {
+            Ok(()) => active.extend(decoding.into_iter().map(|(a, _)| a)),
+            Err(e) => {
+                let message = e.to_string();
+                for (a, _) in decoding {
+                    a.fail(EngineError::Compute(Box::new(candle_core::Error::Msg(
+                        message.clone(),
+                    ))));
                 }
             }
         }
-        active = still;
     }
 }
