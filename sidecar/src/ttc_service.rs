@@ -148,11 +148,19 @@ impl TtcService {
             request.sampler
         };
         loop {
+            let greedy = samples.is_empty() && session.greedy_first();
             let generation = GenerationRequest {
                 prompt: request.prompt.clone(),
                 n: window,
                 max_tokens: plan.max_tokens.min(request.max_tokens).max(1),
-                sampler,
+                sampler: if greedy {
+                    SamplerConfig {
+                        temperature: 0.0,
+                        ..sampler
+                    }
+                } else {
+                    sampler
+                },
                 seed: request.seed.wrapping_add(samples.len() as u64),
                 stop: request.stop.clone(),
             };

@@ -116,16 +116,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_values;
 
     /// The textbook computation, head by head.
     fn reference(q: &[f32], k: &[f32], v: &[f32], s: DecodeShape) -> Vec<f32> {
@@ -170,9 +161,9 @@ mod tests {
                 capacity: 48,
                 len,
             };
-            let q = values(rows * s.heads * s.head_dim, 1);
+            let q = test_values(rows * s.heads * s.head_dim, 1);
             let cache = rows * s.kv_heads * s.capacity * s.head_dim;
-            let (k, mut v) = (values(cache, 2), values(cache, 3));
+            let (k, mut v) = (test_values(cache, 2), test_values(cache, 3));
             // Positions past `len` must not count: poison them.
             for row_head in 0..rows * s.kv_heads {
                 let start = (row_head * s.capacity + len) * s.head_dim;

@@ -10,6 +10,9 @@
 //! with a portable scalar path that is also the tests' reference. Work runs on candle's
 //! persistent spinning thread pool, so there is one pool and no per-call thread start.
 
+use crate::stacking::{concat, equal_width};
+use crate::{Kernel, WeightMatrix, by_output_row};
+
 /// Elements per quantization block.
 pub const BLOCK: usize = 32;
 
@@ -58,148 +61,83 @@ impl Q8Rows {
         }
     }
 
-    /// Number of rows.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Values per row.
-    pub fn cols(&self) -> usize {
-        self.blocks * BLOCK
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.quants.len() * size_of::<Block>() + self.scales.len() * size_of::<f32>()
-    }
-
     /// The rows of several matrices of equal width, one after the other (fused projections).
     pub fn stack(parts: &[Q8Rows]) -> Self {
-        let blocks = parts.first().map_or(0, |p| p.blocks);
-        assert!(
-            parts.iter().all(|p| p.blocks == blocks),
-            "stacked matrices must have equal widths"
-        );
         Self {
             rows: parts.iter().map(|p| p.rows).sum(),
-            blocks,
-            quants: parts
-                .iter()
-                .flat_map(|p| p.quants.iter().copied())
-                .collect(),
-            scales: parts
-                .iter()
-                .flat_map(|p| p.scales.iter().copied())
-                .collect(),
+            blocks: equal_width(parts, |p| p.blocks),
+            quants: concat(parts, |p| &p.quants),
+            scales: concat(parts, |p| &p.scales),
         }
     }
 
-    fn row(&self, r: usize) -> (&[Block], &[f32]) {
+    pub(crate) fn row(&self, r: usize) -> (&[Block], &[f32]) {
         let range = r * self.blocks..(r + 1) * self.blocks;
         (&self.quants[range.clone()], &self.scales[range])
     }
 
-    /// `x` (m x cols, row-major f32) times this matrix transposed: returns m x rows, row-major.
-    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+    /// All blocks and their scales, row after row.
+    pub(crate) fn parts(&self) -> (&[Block], &[f32]) {
+        (&self.quants, &self.scales)
+    }
+
+    /// Each block's sum of values (scale x sum of its quantized values), row after row.
+    pub(crate) fn block_sums(&self) -> Vec<f32> {
+        self.quants
+            .iter()
+            .zip(&self.scales)
+            .map(|(q, s)| s * q.0.iter().map(|v| i32::from(*v)).sum::<i32>() as f32)
+            .collect()
+    }
+}
+
+impl WeightMatrix for Q8Rows {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn cols(&self) -> usize {
+        self.blocks * BLOCK
+    }
+
+    fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let x = Self::quantize(x, m, self.cols());
-        let n = self.rows;
-        let mut out = vec![0f32; m * n];
         let kernel = Kernel::detect();
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        let x = &x;
-        candle_core::utils::barrier_pool().execute_chunked(n, |range| {
-            let out_ptr = &out_ptr;
-            for j in range {
-                let (w, ws) = self.row(j);
-                // SAFETY: column j of `out` (m x n) is written by this work item only, and
-                // every index (r * n + j) with r < m is in bounds.
-                unsafe { kernel.row_times_all(w, ws, x, out_ptr.0.add(j), n) };
-            }
-        });
-        out
+        by_output_row(self.rows, m, |j, out| {
+            let (w, ws) = self.row(j);
+            // SAFETY: `by_output_row`'s contract; the kernel was detected on this CPU.
+            unsafe { row_times_all(kernel, w, ws, &x, out, self.rows) };
+        })
     }
 }
 
-struct SendPtr(*mut f32);
-// SAFETY: the pointer is only used for disjoint writes (one column per work item).
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
-
-/// Which dot-product kernel this CPU runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernel {
-    /// Portable Rust.
-    Scalar,
-    /// AVX2 + FMA: `vpmaddubsw` then `vpmaddwd`.
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    /// AVX-VNNI: one `vpdpbusd` per block.
-    #[cfg(target_arch = "x86_64")]
-    AvxVnni,
-}
-
-impl Kernel {
-    /// The fastest kernel this CPU supports.
-    pub fn detect() -> Self {
+/// Writes the dot product of weight row `(w, ws)` with every row of `x` to `out[r * stride]`.
+///
+/// # Safety
+/// `out.add(r * stride)` must be valid for writes for every row r of `x`, and `kernel` must be
+/// one [`Kernel::available`] returned.
+pub unsafe fn row_times_all(
+    kernel: Kernel,
+    w: &[Block],
+    ws: &[f32],
+    x: &Q8Rows,
+    out: *mut f32,
+    stride: usize,
+) {
+    debug_assert_eq!(w.len(), x.blocks);
+    match kernel {
+        Kernel::Scalar => {
+            for r in 0..x.rows {
+                let (xq, xs) = x.row(r);
+                // SAFETY: the caller's contract.
+                unsafe { *out.add(r * stride) = dot_scalar(w, ws, xq, xs) };
+            }
+        }
+        // SAFETY: the CPU supports the kernel (caller's contract); pointers as above.
         #[cfg(target_arch = "x86_64")]
-        {
-            let avx2 = std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma");
-            if avx2 && std::arch::is_x86_feature_detected!("avxvnni") {
-                return Self::AvxVnni;
-            }
-            if avx2 {
-                return Self::Avx2;
-            }
-        }
-        Self::Scalar
-    }
-
-    /// Every kernel this CPU can run (tests compare them).
-    pub fn available() -> Vec<Self> {
-        let best = Self::detect();
-        let mut all = vec![Self::Scalar];
+        Kernel::Avx2 => unsafe { x86::row_times_all_avx2(w, ws, x, out, stride) },
         #[cfg(target_arch = "x86_64")]
-        {
-            if best != Self::Scalar {
-                all.push(Self::Avx2);
-            }
-            if best == Self::AvxVnni {
-                all.push(Self::AvxVnni);
-            }
-        }
-        all
-    }
-
-    /// Writes the dot product of weight row `(w, ws)` with every row of `x` to
-    /// `out[r * stride]`.
-    ///
-    /// # Safety
-    /// `out.add(r * stride)` must be valid for writes for every row r of `x`, and the kernel
-    /// must be one [`Kernel::available`] returned.
-    pub unsafe fn row_times_all(
-        self,
-        w: &[Block],
-        ws: &[f32],
-        x: &Q8Rows,
-        out: *mut f32,
-        stride: usize,
-    ) {
-        debug_assert_eq!(w.len(), x.blocks);
-        match self {
-            Self::Scalar => {
-                for r in 0..x.rows {
-                    let (xq, xs) = x.row(r);
-                    // SAFETY: the caller's contract.
-                    unsafe { *out.add(r * stride) = dot_scalar(w, ws, xq, xs) };
-                }
-            }
-            // SAFETY: the CPU supports the kernel (caller's contract); pointers as above.
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { x86::row_times_all_avx2(w, ws, x, out, stride) },
-            #[cfg(target_arch = "x86_64")]
-            Self::AvxVnni => unsafe { x86::row_times_all_vnni(w, ws, x, out, stride) },
-        }
+        Kernel::AvxVnni => unsafe { x86::row_times_all_vnni(w, ws, x, out, stride) },
     }
 }
 
@@ -222,16 +160,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Block, Q8Rows};
-
-    #[target_feature(enable = "avx2")]
-    fn hsum(v: __m256) -> f32 {
-        let low = _mm256_castps256_ps128(v);
-        let high = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(low, high);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
+    use crate::x86::hsum;
 
     /// One kernel per instruction set, same body: `$dot(|w|, sign(x, w))` gives eight i32 partial
     /// sums of one block's 32 products.
@@ -298,20 +227,17 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_values;
 
+    /// Test values with some exact zeros and an all-zero block (values 64..96).
     fn values(n: usize, seed: u32) -> Vec<f32> {
-        // A small LCG: reproducible, signed, with some exact zeros and a zero block.
-        let mut state = seed;
-        (0..n)
-            .map(|i| {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                if i % 7 == 0 || (64..96).contains(&i) {
-                    0.0
-                } else {
-                    (state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-                }
-            })
-            .collect()
+        let mut v = test_values(n, seed);
+        for (i, x) in v.iter_mut().enumerate() {
+            if i % 7 == 0 || (64..96).contains(&i) {
+                *x = 0.0;
+            }
+        }
+        v
     }
 
     fn reference(w: &[f32], x: &[f32], n: usize, m: usize, k: usize) -> Vec<f32> {
@@ -359,7 +285,7 @@ mod tests {
                 for j in 0..n {
                     let (wq, ws) = weights.row(j);
                     // SAFETY: out is m x n; the kernel is available.
-                    unsafe { kernel.row_times_all(wq, ws, &xq, out.as_mut_ptr().add(j), n) };
+                    unsafe { row_times_all(kernel, wq, ws, &xq, out.as_mut_ptr().add(j), n) };
                 }
                 for i in 0..m * n {
                     assert!(
@@ -378,7 +304,7 @@ mod tests {
                     let (wq, ws) = weights.row(j);
                     // SAFETY: as above, with the detected kernel.
                     unsafe {
-                        Kernel::detect().row_times_all(wq, ws, &xq, out.as_mut_ptr().add(j), n)
+                        row_times_all(Kernel::detect(), wq, ws, &xq, out.as_mut_ptr().add(j), n)
                     };
                 }
                 out
