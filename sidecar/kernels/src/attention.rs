@@ -41,15 +41,23 @@ pub fn decode(q: &[f32], k: &[f32], v: &[f32], s: DecodeShape) -> Vec<f32> {
     assert!(k.len() == cache && v.len() == cache, "k/v shape");
     let mut out = vec![0f32; q.len()];
     let out_ptr = OutPtr(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(s.rows * s.heads, |items| {
+    let group = s.heads / s.kv_heads;
+    // One work item per (row, KV head) reads that head's keys and values once for all the query
+    // heads sharing it; with too few rows to keep every thread busy that way, one per query head.
+    let per_item = if s.rows * s.kv_heads >= 8 { group } else { 1 };
+    candle_core::utils::barrier_pool().execute_chunked(s.rows * s.heads / per_item, |items| {
         let out_ptr = &out_ptr;
-        let mut scores = vec![0f32; s.len];
+        let mut scores = vec![0f32; per_item * s.len];
         for item in items {
-            // SAFETY: item's head_dim values of `out` are written by this work item only.
+            let first = item * per_item;
+            // SAFETY: the item's heads' values of `out` are written by this work item only.
             let out = unsafe {
-                std::slice::from_raw_parts_mut(out_ptr.0.add(item * s.head_dim), s.head_dim)
+                std::slice::from_raw_parts_mut(
+                    out_ptr.0.add(first * s.head_dim),
+                    per_item * s.head_dim,
+                )
             };
-            one_head(q, k, v, s, item, &mut scores, out);
+            heads(q, k, v, s, first, per_item, &mut scores, out);
         }
     });
     out
@@ -60,37 +68,51 @@ struct OutPtr(*mut f32);
 unsafe impl Sync for OutPtr {}
 unsafe impl Send for OutPtr {}
 
-fn one_head(
+/// Query heads `first..first + count` (flattened row x head indices, all sharing one KV head):
+/// scores against every key, softmax, weighted sum of the values, one pass over each.
+#[allow(clippy::too_many_arguments)]
+fn heads(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     s: DecodeShape,
-    item: usize,
+    first: usize,
+    count: usize,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    let (row, head) = (item / s.heads, item % s.heads);
+    let d = s.head_dim;
+    let (row, head) = (first / s.heads, first % s.heads);
     let kv_head = head / (s.heads / s.kv_heads);
-    let query = &q[item * s.head_dim..(item + 1) * s.head_dim];
-    let base = (row * s.kv_heads + kv_head) * s.capacity * s.head_dim;
-    let keys = &k[base..base + s.len * s.head_dim];
-    let values = &v[base..base + s.len * s.head_dim];
-    let scale = 1.0 / (s.head_dim as f32).sqrt();
-    let mut max = f32::NEG_INFINITY;
-    for (score, key) in scores.iter_mut().zip(keys.chunks_exact(s.head_dim)) {
-        *score = dot(query, key) * scale;
-        max = max.max(*score);
+    let queries = &q[first * d..(first + count) * d];
+    let base = (row * s.kv_heads + kv_head) * s.capacity * d;
+    let keys = &k[base..base + s.len * d];
+    let values = &v[base..base + s.len * d];
+    let scale = 1.0 / (d as f32).sqrt();
+    for (t, key) in keys.chunks_exact(d).enumerate() {
+        for (h, query) in queries.chunks_exact(d).enumerate() {
+            scores[h * s.len + t] = dot(query, key) * scale;
+        }
     }
-    let mut sum = 0f32;
-    for score in scores.iter_mut() {
-        *score = (*score - max).exp();
-        sum += *score;
+    for h in 0..count {
+        let scores = &mut scores[h * s.len..(h + 1) * s.len];
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for score in scores.iter_mut() {
+            *score = (*score - max).exp();
+            sum += *score;
+        }
+        for score in scores.iter_mut() {
+            *score /= sum;
+        }
     }
     out.fill(0.0);
-    for (p, value) in scores.iter().zip(values.chunks_exact(s.head_dim)) {
-        let p = p / sum;
-        for (o, x) in out.iter_mut().zip(value) {
-            *o += p * x;
+    for (t, value) in values.chunks_exact(d).enumerate() {
+        for (h, out) in out.chunks_exact_mut(d).enumerate() {
+            let p = scores[h * s.len + t];
+            for (o, x) in out.iter_mut().zip(value) {
+                *o += p * x;
+            }
         }
     }
 }
@@ -152,7 +174,8 @@ mod tests {
 
     #[test]
     fn matches_the_textbook_computation_with_grouped_heads_and_spare_capacity() {
-        for (rows, len) in [(1, 1), (1, 7), (3, 40)] {
+        // (5, 33): 5 rows x 2 KV heads >= 8 work items, so the grouped path runs.
+        for (rows, len) in [(1, 1), (1, 7), (3, 40), (5, 33)] {
             let s = DecodeShape {
                 rows,
                 heads: 6,
