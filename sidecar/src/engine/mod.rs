@@ -2,8 +2,9 @@
 //!
 //! A request for `n` samples prefills its prompt once, copies the prompt's KV cache into `n` rows,
 //! and decodes the rows in lock-step; a row that stops (end of turn, stop string, token limit)
-//! leaves the batch so the others run cheaper. [`Generation`] is a resumable state machine, so the
-//! [`worker`] can interleave the decode steps of concurrent requests. Prefilled prompts are kept
+//! leaves the batch so the others run cheaper. [`Generation`] is a resumable state machine
+//! (sample, then decode), so the [`worker`] can run the decode steps of concurrent requests as one
+//! shared pass ([`decode_together`]). Prefilled prompts are kept
 //! in a [`prefix_cache`]: the next window of a test-time-compute request (the same prompt) starts
 //! decoding at once.
 
