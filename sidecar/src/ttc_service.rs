@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 use crate::engine::sampler::SamplerConfig;
 use crate::engine::stop::StopStrings;
 use crate::engine::worker::EngineHandle;
-use crate::engine::{Completion, EngineError, GenerationRequest, RequestJoules};
+use crate::engine::{
+    Completion, EngineError, FinishReason, GenerationOutput, GenerationRequest, RequestJoules,
+};
 use crate::ttc::power::PowerBudget;
+use crate::ttc::reasoning::BudgetForcing;
 use crate::ttc::{
     AnswerType, EnergySource, MeasuredEnergy, PromptFeatures, RequestFeatures, TtcController,
     TtcError, TtcOptions, TtcOutcome, TtcPolicy, TtcReport, WindowDecision,
@@ -124,7 +127,7 @@ impl TtcService {
             prompt: PromptFeatures::from_text(&request.prompt_text, request.prompt.len()),
             answer_type: request.answer_type,
             max_tokens: request.max_tokens,
-            reasoning_model: false,
+            reasoning_model: engine.engine().is_reasoning_model(),
         };
         let bound = self.power().joules_per_request(Instant::now());
         let (mut session, verifier) = {
@@ -152,7 +155,12 @@ impl TtcService {
             let generation = GenerationRequest {
                 prompt: request.prompt.clone(),
                 n: window,
-                max_tokens: plan.max_tokens.min(request.max_tokens).max(1),
+                // A reasoning plan first spends its reasoning budget; the answer follows.
+                max_tokens: plan
+                    .reasoning_tokens
+                    .unwrap_or(request.max_tokens)
+                    .min(plan.max_tokens)
+                    .max(1),
                 sampler: if greedy {
                     SamplerConfig {
                         temperature: 0.0,
@@ -164,7 +172,11 @@ impl TtcService {
                 seed: request.seed.wrapping_add(samples.len() as u64),
                 stop: request.stop.clone(),
             };
-            let out = match engine.generate(generation).await {
+            let generated = match plan.reasoning_tokens {
+                Some(_) => force_answers(engine, &request, generation).await,
+                None => engine.generate(generation).await,
+            };
+            let out = match generated {
                 Ok(out) => out,
                 Err(e) => {
                     self.controller().abandon(&plan);
@@ -226,4 +238,61 @@ impl TtcService {
             energy: Some(RequestJoules { joules, source }),
         })
     }
+}
+
+/// Budget forcing (s1, Muennighoff et al. 2025): runs `reasoning` (whose `max_tokens` is the
+/// reasoning budget); every sample that hit the budget with its reasoning still open gets the
+/// forced suffix (`</think>` and an answer cue) and continues from there for the request's own
+/// `max_tokens`. The joules and tokens of both passes are the request's.
+async fn force_answers(
+    engine: &EngineHandle,
+    request: &TtcRequest,
+    reasoning: GenerationRequest,
+) -> Result<GenerationOutput, EngineError> {
+    let forcing = BudgetForcing::default();
+    let mut out = engine.generate(reasoning.clone()).await?;
+    for completion in &mut out.completions {
+        let Some(suffix) = forcing
+            .forced_suffix(&completion.text)
+            .filter(|_| completion.finish == FinishReason::Length)
+        else {
+            continue;
+        };
+        let suffix_ids = engine.engine().encode(&suffix)?;
+        let mut prompt = reasoning.prompt.clone();
+        prompt.extend(&completion.token_ids);
+        prompt.extend(&suffix_ids);
+        let answer = engine
+            .generate(GenerationRequest {
+                prompt,
+                n: 1,
+                max_tokens: request.max_tokens.max(1),
+                seed: reasoning.seed.wrapping_add(completion.index as u64),
+                ..reasoning.clone()
+            })
+            .await?;
+        let Some(tail) = answer.completions.into_iter().next() else {
+            continue;
+        };
+        completion.text = format!("{}{suffix}{}", completion.text, tail.text);
+        completion.token_ids.extend(suffix_ids);
+        completion.token_ids.extend(tail.token_ids);
+        completion.logprob += tail.logprob;
+        completion.finish = tail.finish;
+        out.completion_tokens += answer.completion_tokens;
+        out.passes.extend(answer.passes);
+        out.energy = match (out.energy, answer.energy) {
+            (Some(a), Some(b)) => Some(RequestJoules {
+                joules: a.joules + b.joules,
+                // One estimated part makes the whole figure an estimate.
+                source: if b.source == EnergySource::Estimate {
+                    b.source
+                } else {
+                    a.source
+                },
+            }),
+            (a, b) => a.or(b),
+        };
+    }
+    Ok(out)
 }

@@ -362,6 +362,42 @@ async fn ttc_votes_and_reports_depth_and_energy() {
     assert_eq!(v["choices"].as_array().unwrap().len(), 1);
 }
 
+/// Budget forcing on the default model, which never closes a `<think>` block, so every request
+/// is forced: the reasoning stops at its budget, `</think>` and the answer cue are appended, the
+/// answer continues from there within the request's `max_tokens`, and both passes are billed.
+#[tokio::test]
+async fn a_reasoning_budget_forces_the_answer_when_the_budget_runs_out() {
+    let policy: TtcPolicy = serde_json::from_value(json!({
+        "strategy": "ReasoningBudget", "minReasoningTokens": 8, "maxReasoningTokens": 8,
+        "difficultyAware": false
+    }))
+    .unwrap();
+    let service = Arc::new(TtcService::new(policy).unwrap());
+    let app = router(AppState {
+        engine: handle(),
+        limits: Limits::default(),
+        ttc: Some(service),
+        metrics: None,
+    });
+    let body = json!({
+        "model": DEFAULT_MODEL.name,
+        "messages": [{ "role": "user", "content": "Explain why 2 + 2 is 4, step by step." }],
+        "max_tokens": 6, "temperature": 0.0,
+        "ttc": { "answerType": { "type": "number" } }
+    });
+    let v = chat_to(&app, &body).await;
+    assert_eq!(v["ttc"]["strategy"], "ReasoningBudget", "{v}");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let (reasoning, answer) = text
+        .split_once("</think>\n\nFinal answer: ")
+        .unwrap_or_else(|| panic!("no forced answer cue in {text:?}"));
+    assert!(!reasoning.is_empty() && !answer.is_empty(), "{text:?}");
+    // 8 reasoning tokens, the cue, at most 6 answer tokens.
+    let tokens = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((9..=8 + 6).contains(&tokens), "{tokens} completion tokens: {v}");
+    assert!(v["usage"]["energy"]["joules"].as_f64().unwrap() > 0.0);
+}
+
 /// A power cap holds the depth to the joules per request it allows at the measured rate: a cap
 /// far below what one sample costs leaves every request after the first at the minimum depth.
 #[tokio::test]

@@ -214,6 +214,13 @@ async fn concurrent_requests_share_decode_passes_and_decode_as_alone() {
     );
 }
 
+/// The default model has no `<think>` block (neither in its template nor as a token), so the
+/// adaptive policy never plans a reasoning budget for it.
+#[test]
+fn the_default_model_is_not_a_reasoning_model() {
+    assert!(!engine().is_reasoning_model());
+}
+
 #[test]
 fn seeded_sampling_is_reproducible_and_rows_differ() {
     let engine = engine();

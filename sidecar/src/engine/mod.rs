@@ -115,6 +115,7 @@ pub struct Engine {
     name: String,
     path: PathBuf,
     prefixes: Mutex<PrefixCache>,
+    reasoning_model: bool,
 }
 
 /// Why a sample stopped.
@@ -229,7 +230,11 @@ impl Engine {
             .to_owned();
         let template = ChatTemplate::new(&source, &bos, &eos)?;
         let model = Llama::load(&mut gguf, options.weights, &device)?;
+        // R1-style models think in a `<think>` block: their template writes it or their
+        // vocabulary has it as one token.
+        let reasoning_model = source.contains("<think>") || tokenizer.encode("<think>")?.len() == 1;
         Ok(Self {
+            reasoning_model,
             model,
             tokenizer,
             template,
@@ -262,6 +267,12 @@ impl Engine {
     /// The served model's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the model reasons in a `<think>` block before answering (DeepSeek-R1 distills):
+    /// the adaptive policy then spends depth on a reasoning budget rather than on votes.
+    pub fn is_reasoning_model(&self) -> bool {
+        self.reasoning_model
     }
 
     /// The model file.

@@ -20,7 +20,7 @@
 //! For [`PlannedStrategy::ReasoningBudget`] the one sample generates up to
 //! `plan.reasoning_tokens`; if it stopped on length with its reasoning still open,
 //! [`super::reasoning::BudgetForcing::forced_suffix`] is appended and the sample continues for
-//! the answer (`plan.max_tokens` covers both). A request that is planned but never runs is
+//! the answer (`plan.max_tokens` covers both; `crate::ttc_service` does this). A request that is planned but never runs is
 //! handed back with [`TtcController::abandon`].
 
 use std::sync::Arc;

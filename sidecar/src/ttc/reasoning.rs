@@ -2,8 +2,8 @@
 //! then make the model answer.
 //!
 //! The engine generates up to the plan's reasoning budget; if the reasoning has not closed by
-//! then, the HTTP layer appends [`BudgetForcing::forced_suffix`] to what was generated and lets
-//! the model continue for the answer's own `max_tokens` (Muennighoff et al., "s1: Simple
+//! then, `crate::ttc_service` appends [`BudgetForcing::forced_suffix`] to what was generated and
+//! lets the model continue for the answer's own `max_tokens` (Muennighoff et al., "s1: Simple
 //! test-time scaling", 2025).
 
 use serde::{Deserialize, Serialize};
