@@ -394,7 +394,10 @@ async fn a_reasoning_budget_forces_the_answer_when_the_budget_runs_out() {
     assert!(!reasoning.is_empty() && !answer.is_empty(), "{text:?}");
     // 8 reasoning tokens, the cue, at most 6 answer tokens.
     let tokens = v["usage"]["completion_tokens"].as_u64().unwrap();
-    assert!((9..=8 + 6).contains(&tokens), "{tokens} completion tokens: {v}");
+    assert!(
+        (9..=8 + 6).contains(&tokens),
+        "{tokens} completion tokens: {v}"
+    );
     assert!(v["usage"]["energy"]["joules"].as_f64().unwrap() > 0.0);
 }
 

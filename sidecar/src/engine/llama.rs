@@ -17,7 +17,9 @@ use ttc_kernels::q8::{self, Q8Rows};
 pub enum ModelError {
     #[error(transparent)]
     File(#[from] GgufError),
-    #[error("model file {path}: architecture `{arch}` is not supported yet (supported: llama)")]
+    #[error(
+        "model file {path}: architecture `{arch}` is not supported yet (supported: llama, qwen2)"
+    )]
     Architecture { path: String, arch: String },
     #[error("model file {path}: tensor `{name}`: {source}")]
     Tensor {
@@ -71,7 +73,23 @@ pub struct LlamaConfig {
     pub context_length: usize,
     pub rms_eps: f64,
     pub rope_base: f32,
+    pub rope: RopeLayout,
 }
+
+/// How the rotary embedding pairs a head's dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// Pairs (2i, 2i+1): llama GGUF files store Q/K rows permuted for it.
+    Interleaved,
+    /// Pairs (i, i + d/2), GPT-NeoX style: Qwen2 stores Q/K as trained.
+    Neox,
+}
+
+/// The architectures the loader reads, with their metadata prefix and rotary layout.
+const ARCHITECTURES: [(&str, RopeLayout); 2] = [
+    ("llama", RopeLayout::Interleaved),
+    ("qwen2", RopeLayout::Neox),
+];
 
 /// One or more linear maps of the same input (q, k and v; gate and up).
 enum Projection {
@@ -149,6 +167,8 @@ struct Layer {
     attn_norm: RmsNorm,
     /// q, k, v.
     qkv: Projection,
+    /// Biases of q, k and v, concatenated (Qwen2 has them, llama does not).
+    qkv_bias: Option<Tensor>,
     wo: Projection,
     ffn_norm: RmsNorm,
     /// gate, up.
@@ -402,36 +422,38 @@ impl Llama {
         device: &Device,
     ) -> Result<Self, ModelError> {
         let arch = gguf.string("general.architecture")?.to_owned();
-        if arch != "llama" {
+        let Some(&(_, rope)) = ARCHITECTURES.iter().find(|(name, _)| *name == arch) else {
             return Err(ModelError::Architecture {
                 path: gguf.path.display().to_string(),
                 arch,
             });
-        }
-        let n_head = gguf.u32("llama.attention.head_count")? as usize;
-        let hidden = gguf.u32("llama.embedding_length")? as usize;
+        };
+        let key = |name: &str| format!("{arch}.{name}");
+        let n_head = gguf.u32(&key("attention.head_count"))? as usize;
+        let hidden = gguf.u32(&key("embedding_length"))? as usize;
         let head_dim = gguf
-            .u32_opt("llama.rope.dimension_count")
+            .u32_opt(&key("rope.dimension_count"))
             .map(|d| d as usize)
             .unwrap_or(hidden / n_head);
         let config = LlamaConfig {
-            n_layer: gguf.u32("llama.block_count")? as usize,
+            n_layer: gguf.u32(&key("block_count"))? as usize,
             n_head,
             n_kv_head: gguf
-                .u32_opt("llama.attention.head_count_kv")
+                .u32_opt(&key("attention.head_count_kv"))
                 .map(|d| d as usize)
                 .unwrap_or(n_head),
             head_dim,
             hidden,
             context_length: gguf
-                .u32_opt("llama.context_length")
+                .u32_opt(&key("context_length"))
                 .map(|d| d as usize)
                 .unwrap_or(2048),
             rms_eps: gguf
-                .f32("llama.attention.layer_norm_rms_epsilon")
+                .f32(&key("attention.layer_norm_rms_epsilon"))
                 .map(f64::from)
                 .unwrap_or(1e-5),
-            rope_base: gguf.f32("llama.rope.freq_base").unwrap_or(10_000.0),
+            rope_base: gguf.f32(&key("rope.freq_base")).unwrap_or(10_000.0),
+            rope,
         };
         let (cos, sin) = rope_tables(&config, device)?;
         let embedding_q = tensor(gguf, "token_embd.weight", device)?;
@@ -450,8 +472,22 @@ impl Llama {
         )?;
         let mut layers = Vec::with_capacity(config.n_layer);
         for i in 0..config.n_layer {
+            let biases = ["attn_q", "attn_k", "attn_v"].map(|p| format!("blk.{i}.{p}.bias"));
+            let qkv_bias = if biases
+                .iter()
+                .all(|name| gguf.content.tensor_infos.contains_key(name))
+            {
+                let mut parts = Vec::with_capacity(3);
+                for name in &biases {
+                    parts.push(tensor(gguf, name, device)?.dequantize(device)?);
+                }
+                Some(Tensor::cat(&parts, 0)?)
+            } else {
+                None
+            };
             let mut load = |suffix: &str| tensor(gguf, &format!("blk.{i}.{suffix}.weight"), device);
             layers.push(Layer {
+                qkv_bias,
                 attn_norm: rms_norm(load("attn_norm")?, config.rms_eps, device)?,
                 qkv: Projection::new(
                     vec![load("attn_q")?, load("attn_k")?, load("attn_v")?],
@@ -536,6 +572,17 @@ impl Llama {
                 .forward(&h)?
                 .try_into()
                 .map_err(|_| candle_core::Error::Msg("qkv has three parts".into()))?;
+            let (q, k, v) = match &layer.qkv_bias {
+                Some(bias) => {
+                    let (nq, nk) = (q.dims()[2], k.dims()[2]);
+                    (
+                        q.broadcast_add(&bias.narrow(0, 0, nq)?)?,
+                        k.broadcast_add(&bias.narrow(0, nq, nk)?)?,
+                        v.broadcast_add(&bias.narrow(0, nq + nk, nk)?)?,
+                    )
+                }
+                None => (q, k, v),
+            };
             let mut start = 0;
             let mut attended = Vec::with_capacity(segments.len());
             for (segment, &r) in segments.iter_mut().zip(&rows) {
@@ -603,11 +650,13 @@ impl Llama {
             heads(k, c.n_kv_head)?,
             heads(v, c.n_kv_head)?,
         );
-        // GGUF stores Q/K rows permuted for llama.cpp's interleaved rotary embedding.
         let cos = self.cos.narrow(0, pos, seq_len)?;
         let sin = self.sin.narrow(0, pos, seq_len)?;
-        let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
+        let rope = match c.rope {
+            RopeLayout::Interleaved => candle_nn::rotary_emb::rope_i,
+            RopeLayout::Neox => candle_nn::rotary_emb::rope,
+        };
+        let (q, k) = (rope(&q, &cos, &sin)?, rope(&k, &cos, &sin)?);
         let layer_kv = match slot {
             Some(layer_kv) => layer_kv,
             None => slot.insert(LayerKv::with_capacity(

@@ -1,0 +1,209 @@
+//! The Qwen2 architecture (R1-distill models) against the llama path the real-model tests cover:
+//! one tiny random model written as a Qwen2 GGUF (Q/K rows as trained, NeoX rotary pairs, q/k/v
+//! biases) and as a llama GGUF (Q/K rows and biases permuted for interleaved pairs, as llama.cpp's
+//! converter stores them) must compute the same logits.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use ttc_sidecar::engine::llama::{Llama, ModelError, WeightFormat};
+use ttc_sidecar::gguf::GgufFile;
+
+const VOCAB: usize = 96;
+const HIDDEN: usize = 64;
+const FFN: usize = 128;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = HIDDEN / HEADS;
+const LAYERS: usize = 2;
+
+/// Reproducible values in [-scale, scale).
+fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            ((state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// Rows of a Q or K projection (or bias) reordered from NeoX pairs to interleaved pairs:
+/// within each head, row `2i + j` of the result is row `j * d/2 + i` of the input.
+fn interleave(rows: &[f32], heads: usize, width: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows.len()];
+    for h in 0..heads {
+        for i in 0..HEAD_DIM / 2 {
+            for j in 0..2 {
+                let from = h * HEAD_DIM + j * HEAD_DIM / 2 + i;
+                let to = h * HEAD_DIM + 2 * i + j;
+                out[to * width..(to + 1) * width]
+                    .copy_from_slice(&rows[from * width..(from + 1) * width]);
+            }
+        }
+    }
+    out
+}
+
+struct Weights {
+    tensors: Vec<(String, Vec<f32>, Vec<usize>)>,
+}
+
+fn random_model() -> Weights {
+    let mut tensors = Vec::new();
+    let mut seed = 1;
+    let mut add = |name: &str, shape: Vec<usize>, scale: f32| {
+        seed += 1;
+        let n = shape.iter().product();
+        tensors.push((name.to_owned(), values(n, seed, scale), shape));
+    };
+    add("token_embd.weight", vec![VOCAB, HIDDEN], 1.0);
+    add("output_norm.weight", vec![HIDDEN], 1.0);
+    for l in 0..LAYERS {
+        let b = |s: &str| format!("blk.{l}.{s}");
+        add(&b("attn_norm.weight"), vec![HIDDEN], 1.0);
+        add(&b("attn_q.weight"), vec![HEADS * HEAD_DIM, HIDDEN], 0.3);
+        add(&b("attn_k.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN], 0.3);
+        add(&b("attn_v.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN], 0.3);
+        add(&b("attn_q.bias"), vec![HEADS * HEAD_DIM], 0.5);
+        add(&b("attn_k.bias"), vec![KV_HEADS * HEAD_DIM], 0.5);
+        add(&b("attn_v.bias"), vec![KV_HEADS * HEAD_DIM], 0.5);
+        add(
+            &b("attn_output.weight"),
+            vec![HIDDEN, HEADS * HEAD_DIM],
+            0.2,
+        );
+        add(&b("ffn_norm.weight"), vec![HIDDEN], 1.0);
+        add(&b("ffn_gate.weight"), vec![FFN, HIDDEN], 0.2);
+        add(&b("ffn_up.weight"), vec![FFN, HIDDEN], 0.2);
+        add(&b("ffn_down.weight"), vec![HIDDEN, FFN], 0.2);
+    }
+    Weights { tensors }
+}
+
+/// Writes the model as `arch`; llama gets its Q/K rows (and biases) interleaved.
+fn write_gguf(path: &Path, weights: &Weights, arch: &str) {
+    let u32v = |v: usize| Value::U32(v as u32);
+    let keys = [
+        ("block_count", u32v(LAYERS)),
+        ("embedding_length", u32v(HIDDEN)),
+        ("feed_forward_length", u32v(FFN)),
+        ("attention.head_count", u32v(HEADS)),
+        ("attention.head_count_kv", u32v(KV_HEADS)),
+        ("context_length", u32v(256)),
+        ("attention.layer_norm_rms_epsilon", Value::F32(1e-6)),
+        ("rope.freq_base", Value::F32(10_000.0)),
+    ];
+    let mut metadata: Vec<(String, Value)> = vec![(
+        "general.architecture".into(),
+        Value::String(arch.to_owned()),
+    )];
+    metadata.extend(keys.into_iter().map(|(k, v)| (format!("{arch}.{k}"), v)));
+    let tensors: Vec<(String, QTensor)> = weights
+        .tensors
+        .iter()
+        .map(|(name, data, shape)| {
+            let mut data = data.clone();
+            if arch == "llama" {
+                let width = if shape.len() == 2 { shape[1] } else { 1 };
+                if name.contains("attn_q.") {
+                    data = interleave(&data, HEADS, width);
+                } else if name.contains("attn_k.") {
+                    data = interleave(&data, KV_HEADS, width);
+                }
+            }
+            let tensor = Tensor::from_vec(data, shape.as_slice(), &Device::Cpu).unwrap();
+            (
+                name.clone(),
+                QTensor::quantize(&tensor, GgmlDType::F32).unwrap(),
+            )
+        })
+        .collect();
+    let metadata_refs: Vec<(&str, &Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut file = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut file, &metadata_refs, &tensor_refs).unwrap();
+}
+
+fn logits(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut gguf = GgufFile::open(path).unwrap();
+    let model = Llama::load(&mut gguf, WeightFormat::Q8_0, &Device::Cpu).unwrap();
+    let mut cache = model.new_cache();
+    // A prefill of all but the last token, then one decode step: both attention paths.
+    let (prompt, last) = tokens.split_at(tokens.len() - 1);
+    let prompt = Tensor::new(prompt, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let step = Tensor::new(last, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    [
+        model.forward(&prompt, &mut cache).unwrap(),
+        model.forward(&step, &mut cache).unwrap(),
+    ]
+    .iter()
+    .map(|l| l.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+    .collect()
+}
+
+#[test]
+fn qwen2_computes_what_the_same_weights_compute_as_llama() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = random_model();
+    let (qwen2, llama) = (dir.path().join("qwen2.gguf"), dir.path().join("llama.gguf"));
+    write_gguf(&qwen2, &weights, "qwen2");
+    write_gguf(&llama, &weights, "llama");
+    let tokens = [3, 17, 42, 5, 88, 60];
+    let (a, b) = (logits(&qwen2, &tokens), logits(&llama, &tokens));
+    for (pass, (a, b)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(a.len(), VOCAB);
+        let spread = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(spread > 0.1, "pass {pass}: logits all near zero");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() < 1e-3 * (1.0 + spread),
+                "pass {pass}, logit {i}: qwen2 {x} vs llama {y}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_biases_count() {
+    // Without its biases the Qwen2 model computes something else: the loader must read them.
+    let dir = tempfile::tempdir().unwrap();
+    let mut weights = random_model();
+    let with = dir.path().join("with.gguf");
+    write_gguf(&with, &weights, "qwen2");
+    weights
+        .tensors
+        .retain(|(name, ..)| !name.ends_with(".bias"));
+    let without = dir.path().join("without.gguf");
+    write_gguf(&without, &weights, "qwen2");
+    let tokens = [3, 17, 42];
+    assert_ne!(logits(&with, &tokens), logits(&without, &tokens));
+}
+
+#[test]
+fn an_unknown_architecture_is_named_in_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gemma.gguf");
+    write_gguf(&path, &random_model(), "gemma3");
+    let mut gguf = GgufFile::open(&path).unwrap();
+    match Llama::load(&mut gguf, WeightFormat::Q8_0, &Device::Cpu) {
+        Err(e @ ModelError::Architecture { .. }) => {
+            let message = e.to_string();
+            assert!(
+                message.contains("gemma3") && message.contains("qwen2"),
+                "{message}"
+            );
+        }
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("gemma3 loaded as llama"),
+    }
+}
