@@ -41,7 +41,7 @@ struct Cli {
     questions: usize,
     /// Joules-per-request budget of each phase, comma-separated: the policy starts with the
     /// first and is patched to each next one.
-    #[arg(long, value_delimiter = ',', default_values_t = [12.0, 4.0])]
+    #[arg(long, value_delimiter = ',', default_values_t = [6.0, 2.0])]
     budgets: Vec<f64>,
     /// Requests in flight at once (default: two per pod).
     #[arg(long)]
