@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::Tensor;
 use clap::Parser;
-use ttc_sidecar::engine::llama::{Llama, WeightFormat};
+use ttc_sidecar::engine::llama::{KvCache, Llama, Segment, WeightFormat};
 use ttc_sidecar::gguf::GgufFile;
 use ttc_sidecar::model_store::{DEFAULT_MODEL, ModelStore};
 
@@ -39,6 +39,9 @@ struct Args {
     /// Repeats per figure (the best is kept).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Concurrent one-row requests (prompts of different lengths) for the shared-pass figure.
+    #[arg(long, default_value_t = 4)]
+    concurrent: usize,
     /// Our in-memory weight format.
     #[arg(long, value_enum, default_value_t = WeightFormat::Q8_0)]
     weights: WeightFormat,
@@ -50,6 +53,10 @@ struct Args {
 #[derive(Debug, Default, serde::Deserialize)]
 struct Figures {
     prefill_tok_s: f64,
+    /// Concurrent requests' decode, tok/s summed: one shared pass per step, and one pass per
+    /// request per step (ours only).
+    #[serde(skip)]
+    concurrent: Option<(f64, f64)>,
     /// Batch size -> figures.
     decode: std::collections::BTreeMap<String, Decode>,
 }
@@ -102,7 +109,56 @@ fn ours(args: &Args, path: &std::path::Path) -> anyhow::Result<Figures> {
             },
         );
     }
+    if args.concurrent > 1 {
+        figures.concurrent = Some(concurrent(args, &model)?);
+    }
     Ok(figures)
+}
+
+/// `args.concurrent` one-row requests whose prompts differ in length (so their caches sit at
+/// different positions) decoded `args.decode_steps` steps: in one shared pass per step
+/// (`Llama::forward_many`, what the worker does) and in one pass per request per step. Summed
+/// tok/s of each.
+fn concurrent(args: &Args, model: &Llama) -> anyhow::Result<(f64, f64)> {
+    let device = model.device().clone();
+    let caches = || -> anyhow::Result<Vec<KvCache>> {
+        (0..args.concurrent)
+            .map(|i| {
+                let len = (args.prompt_tokens * (i + 1) / args.concurrent).max(1);
+                let prompt = Tensor::new(vec![TOKEN; len], &device)?.unsqueeze(0)?;
+                let mut cache = model.new_cache();
+                model.forward(&prompt, &mut cache)?;
+                Ok(cache)
+            })
+            .collect()
+    };
+    let step = Tensor::new(&[TOKEN], &device)?.unsqueeze(0)?;
+    let tokens = (args.concurrent * args.decode_steps) as f64;
+    let (mut shared, mut separate) = (f64::MAX, f64::MAX);
+    for _ in 0..args.repeats {
+        let mut group = caches()?;
+        let t = Instant::now();
+        for _ in 0..args.decode_steps {
+            let mut segments: Vec<Segment<'_>> = group
+                .iter_mut()
+                .map(|cache| Segment {
+                    tokens: &step,
+                    cache,
+                })
+                .collect();
+            model.forward_many(&mut segments)?;
+        }
+        shared = shared.min(t.elapsed().as_secs_f64());
+        let mut group = caches()?;
+        let t = Instant::now();
+        for _ in 0..args.decode_steps {
+            for cache in &mut group {
+                model.forward(&step, cache)?;
+            }
+        }
+        separate = separate.min(t.elapsed().as_secs_f64());
+    }
+    Ok((tokens / shared, tokens / separate))
 }
 
 fn peer(args: &Args, path: &std::path::Path) -> anyhow::Result<Figures> {
@@ -196,6 +252,13 @@ fn main() -> anyhow::Result<()> {
             mine.summed_tok_s,
             theirs.map(|d| d.summed_tok_s),
             "tok/s",
+        );
+    }
+    if let Some((shared, separate)) = ours.concurrent {
+        println!(
+            "| {} concurrent requests, one shared pass per step vs one pass each | {shared:.1} vs {separate:.1} tok/s, {:.2}x | - | - |",
+            args.concurrent,
+            shared / separate
         );
     }
     if let (Some(one), Some(eight)) = (ours.decode.get("1"), ours.decode.get("8")) {
