@@ -184,6 +184,14 @@ impl TtcService {
                 }
             };
             completion_tokens += out.completion_tokens;
+            {
+                // Decode passes (a prefill has more tokens than rows) teach the window learner
+                // what extra rows cost on this engine.
+                let mut controller = self.controller();
+                for pass in out.passes.iter().filter(|p| p.tokens <= p.batch_rows) {
+                    controller.observe_pass(pass.batch_rows, pass.elapsed.as_secs_f64());
+                }
+            }
             if let Some(energy) = out.energy {
                 joules += energy.joules;
                 // One estimated window makes the whole request's figure an estimate.

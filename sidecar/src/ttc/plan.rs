@@ -554,6 +554,12 @@ impl TtcController {
         &self.policy
     }
 
+    /// Learns the engine's batch cost curve from a decode pass of `rows` rows (see
+    /// [`WindowLearner::observe_pass`]).
+    pub fn observe_pass(&mut self, rows: usize, seconds: f64) {
+        self.windows.observe_pass(rows, seconds);
+    }
+
     /// The policy's verifier, for the HTTP layer to check BestOfN candidates with.
     pub fn verifier(&self) -> Option<Arc<Verifier>> {
         self.verifier.clone()
