@@ -139,7 +139,7 @@ impl TtcService {
         let mut window = session.first_window();
         let mut samples: Vec<Completion> = Vec::new();
         let prompt_tokens = request.prompt.len();
-        let (mut joules, mut source, mut completion_tokens) = (0.0, None, 0);
+        let (mut energy, mut completion_tokens) = (None, 0);
         // A plan of one sample votes on nothing: decode its most likely answer (greedy) rather
         // than a random one.
         let sampler = if plan.max_samples == 1 {
@@ -192,14 +192,7 @@ impl TtcService {
                     controller.observe_pass(pass.batch_rows, pass.elapsed.as_secs_f64());
                 }
             }
-            if let Some(energy) = out.energy {
-                joules += energy.joules;
-                // One estimated window makes the whole request's figure an estimate.
-                source = match source {
-                    Some(EnergySource::Estimate) => Some(EnergySource::Estimate),
-                    _ => Some(energy.source),
-                };
-            }
+            energy = RequestJoules::sum(energy, out.energy);
             for completion in out.completions {
                 let index = session.add_sample(
                     &completion.text,
@@ -223,7 +216,10 @@ impl TtcService {
                 WindowDecision::Stop { .. } => break,
             }
         }
-        let source = source.unwrap_or(EnergySource::Estimate);
+        let RequestJoules { joules, source } = energy.unwrap_or(RequestJoules {
+            joules: 0.0,
+            source: EnergySource::Estimate,
+        });
         let outcome = session.finish(MeasuredEnergy {
             joules,
             source,
@@ -289,18 +285,7 @@ async fn force_answers(
         completion.finish = tail.finish;
         out.completion_tokens += answer.completion_tokens;
         out.passes.extend(answer.passes);
-        out.energy = match (out.energy, answer.energy) {
-            (Some(a), Some(b)) => Some(RequestJoules {
-                joules: a.joules + b.joules,
-                // One estimated part makes the whole figure an estimate.
-                source: if b.source == EnergySource::Estimate {
-                    b.source
-                } else {
-                    a.source
-                },
-            }),
-            (a, b) => a.or(b),
-        };
+        out.energy = RequestJoules::sum(out.energy, answer.energy);
     }
     Ok(out)
 }

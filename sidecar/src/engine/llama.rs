@@ -388,8 +388,9 @@ fn ours(
         }
         shapes.push((rows, cols));
     }
+    let all = |dtype: GgmlDType| parts.iter().all(|q| q.dtype() == dtype);
     match format {
-        WeightFormat::Native if parts.iter().all(|q| q.dtype() == GgmlDType::Q4_1) => {
+        WeightFormat::Native if all(GgmlDType::Q4_1) => {
             let mut matrices = Vec::with_capacity(parts.len());
             for (q, &(rows, cols)) in parts.iter().zip(&shapes) {
                 let matrix = Q4Rows::from_ggml(&q.data()?, rows, cols)
@@ -398,8 +399,9 @@ fn ours(
             }
             Ok(Some(Box::new(Q4Rows::stack(&matrices))))
         }
-        WeightFormat::Native => Ok(None),
-        WeightFormat::Q8_0 => {
+        // Q8_0 blocks requantize to themselves, so a Q8_0 file keeps its exact weights.
+        WeightFormat::Native if !all(GgmlDType::Q8_0) => Ok(None),
+        WeightFormat::Native | WeightFormat::Q8_0 => {
             let mut matrices = Vec::with_capacity(parts.len());
             for (q, &(rows, cols)) in parts.iter().zip(&shapes) {
                 let values = q.dequantize(device)?.flatten_all()?.to_vec1::<f32>()?;

@@ -190,6 +190,23 @@ pub struct RequestJoules {
     pub source: ttc_energy::EnergySource,
 }
 
+impl RequestJoules {
+    /// Two parts of one request together; one estimated part makes the whole an estimate.
+    pub fn sum(a: Option<Self>, b: Option<Self>) -> Option<Self> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(Self {
+                joules: a.joules + b.joules,
+                source: if a.source == ttc_energy::EnergySource::Estimate {
+                    a.source
+                } else {
+                    b.source
+                },
+            }),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
 /// The result of a whole generation.
 #[derive(Debug, Clone)]
 pub struct GenerationOutput {
@@ -597,5 +614,30 @@ impl Generation {
             passes: self.passes,
             energy: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RequestJoules;
+    use ttc_energy::EnergySource;
+
+    #[test]
+    fn parts_of_a_request_add_up_and_one_estimate_taints_the_whole() {
+        let part = |joules, source| Some(RequestJoules { joules, source });
+        let both = RequestJoules::sum(part(1.5, EnergySource::Nvml), part(2.0, EnergySource::Nvml));
+        assert_eq!(both, part(3.5, EnergySource::Nvml));
+        for (a, b) in [
+            (EnergySource::Estimate, EnergySource::Nvml),
+            (EnergySource::Nvml, EnergySource::Estimate),
+        ] {
+            let sum = RequestJoules::sum(part(1.0, a), part(1.0, b)).unwrap();
+            assert_eq!(sum.source, EnergySource::Estimate);
+        }
+        assert_eq!(
+            RequestJoules::sum(None, part(1.0, EnergySource::Rapl)),
+            part(1.0, EnergySource::Rapl)
+        );
+        assert_eq!(RequestJoules::sum(None, None), None);
     }
 }
