@@ -102,6 +102,20 @@ pub(crate) mod x86 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
+
+    /// Eight i32 partial sums of the 32 products of unsigned bytes `u` and signed bytes `s`,
+    /// with AVX2: `vpmaddubsw` (pairs, no overflow for |s| <= 127 and u <= 255 / 2) then
+    /// `vpmaddwd`.
+    #[target_feature(enable = "avx2")]
+    pub(crate) fn dot_avx2(u: __m256i, s: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    }
+
+    /// The same with AVX-VNNI: one `vpdpbusd`.
+    #[target_feature(enable = "avx2,avxvnni")]
+    pub(crate) fn dot_vnni(u: __m256i, s: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
+    }
 }
 
 /// Stacking matrices row after row: the blocks per row they all share, and one field of every

@@ -189,12 +189,12 @@ mod x86 {
     use super::WeightRow;
     use crate::WeightMatrix;
     use crate::q8::Q8Rows;
-    use crate::x86::hsum;
+    use crate::x86::{dot_avx2, dot_vnni, hsum};
 
     /// One kernel per instruction set, same body: `$dot(q, x)` gives eight i32 partial sums of
     /// one block's 32 products of unsigned four-bit values and signed bytes.
     macro_rules! row_times_all {
-        ($name:ident, $features:literal, $dot:expr) => {
+        ($name:ident, $features:literal, $dot:path) => {
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $name(
                 w: &WeightRow<'_>,
@@ -207,7 +207,6 @@ mod x86 {
                 let (xq, xs) = x.parts();
                 let xp = xq.as_ptr() as *const __m256i;
                 let low_nibbles = _mm_set1_epi8(0x0F);
-                let dot = $dot;
                 let unpack = |b: usize| {
                     let packed =
                         unsafe { _mm_load_si128(w.quants.as_ptr().add(b) as *const __m128i) };
@@ -227,7 +226,7 @@ mod x86 {
                         for t in 0..4 {
                             let i = (r0 + t) * blocks + b;
                             let xv = unsafe { _mm256_load_si256(xp.add(i)) };
-                            let products = dot(q, xv);
+                            let products = $dot(q, xv);
                             let s = _mm256_set1_ps(scale * unsafe { *xs.get_unchecked(i) });
                             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), s, acc[t]);
                             minimum[t] += min * unsafe { *sums.get_unchecked(i) };
@@ -244,7 +243,7 @@ mod x86 {
                     for b in 0..blocks {
                         let i = r * blocks + b;
                         let xv = unsafe { _mm256_load_si256(xp.add(i)) };
-                        let products = dot(unpack(b), xv);
+                        let products = $dot(unpack(b), xv);
                         let s = _mm256_set1_ps(unsafe {
                             *w.scales.get_unchecked(b) * *xs.get_unchecked(i)
                         });
@@ -257,12 +256,8 @@ mod x86 {
         };
     }
 
-    row_times_all!(row_times_all_avx2, "avx2,fma", |q, x| {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1))
-    });
-    row_times_all!(row_times_all_vnni, "avx2,fma,avxvnni", |q, x| {
-        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), q, x)
-    });
+    row_times_all!(row_times_all_avx2, "avx2,fma", dot_avx2);
+    row_times_all!(row_times_all_vnni, "avx2,fma,avxvnni", dot_vnni);
 }
 
 #[cfg(test)]

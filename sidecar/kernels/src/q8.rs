@@ -189,12 +189,12 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Block, Q8Rows};
-    use crate::x86::hsum;
+    use crate::x86::{dot_avx2, dot_vnni, hsum};
 
     /// One kernel per instruction set, same body: `$dot(|w|, sign(x, w))` gives eight i32 partial
     /// sums of one block's 32 products.
     macro_rules! row_times_all {
-        ($name:ident, $features:literal, $dot:expr) => {
+        ($name:ident, $features:literal, $dot:path) => {
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $name(
                 w: &[Block],
@@ -207,7 +207,6 @@ mod x86 {
                 let wp = w.as_ptr() as *const __m256i;
                 let xp = x.quants.as_ptr() as *const __m256i;
                 let xs = x.scales.as_ptr();
-                let dot = $dot;
                 let mut r0 = 0;
                 // Four activation rows at a time: each weight block is loaded once per tile.
                 while r0 + 4 <= x.rows {
@@ -219,7 +218,7 @@ mod x86 {
                         for (t, acc) in acc.iter_mut().enumerate() {
                             let i = (r0 + t) * blocks + b;
                             let xv = unsafe { _mm256_load_si256(xp.add(i)) };
-                            let products = dot(aw, _mm256_sign_epi8(xv, wv));
+                            let products = $dot(aw, _mm256_sign_epi8(xv, wv));
                             let scale = _mm256_set1_ps(wscale * unsafe { *xs.add(i) });
                             *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), scale, *acc);
                         }
@@ -235,7 +234,7 @@ mod x86 {
                         let wv = unsafe { _mm256_load_si256(wp.add(b)) };
                         let i = r * blocks + b;
                         let xv = unsafe { _mm256_load_si256(xp.add(i)) };
-                        let products = dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+                        let products = $dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
                         let scale = _mm256_set1_ps(unsafe { *ws.get_unchecked(b) * *xs.add(i) });
                         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), scale, acc);
                     }
@@ -245,12 +244,8 @@ mod x86 {
         };
     }
 
-    row_times_all!(row_times_all_avx2, "avx2,fma", |aw, sx| {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1))
-    });
-    row_times_all!(row_times_all_vnni, "avx2,fma,avxvnni", |aw, sx| {
-        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), aw, sx)
-    });
+    row_times_all!(row_times_all_avx2, "avx2,fma", dot_avx2);
+    row_times_all!(row_times_all_vnni, "avx2,fma,avxvnni", dot_vnni);
 
     /// The 512-bit kernel: two blocks per `vpdpbusd`. Activations are offset to unsigned
     /// (q + 128, one xor) so the signed weights go in as they are; each weight pair's

@@ -129,8 +129,8 @@ impl Projection {
                 let dims = x.dims();
                 let cols = dims[dims.len() - 1];
                 let m = x.elem_count() / cols;
-                let input = x.flatten_all()?.to_vec1::<f32>()?;
-                let out = matrix.matmul(&input, m);
+                // Read in place (a copy only if `x` is a strided view).
+                let out = with_cpu_f32(&x.contiguous()?, |input| matrix.matmul(input, m))?;
                 let shape = |width: usize| {
                     let mut shape = dims.to_vec();
                     *shape.last_mut().expect("at least one dimension") = width;
@@ -679,10 +679,11 @@ impl Llama {
                 capacity: layer_kv.capacity(),
                 len: pos + 1,
             };
-            let q = q.flatten_all()?.to_vec1::<f32>()?;
-            let y = with_cpu_f32(&layer_kv.k, |k| {
-                with_cpu_f32(&layer_kv.v, |v| attention::decode(&q, k, v, shape))
-            })??;
+            let y = with_cpu_f32(&q.contiguous()?, |q| {
+                with_cpu_f32(&layer_kv.k, |k| {
+                    with_cpu_f32(&layer_kv.v, |v| attention::decode(q, k, v, shape))
+                })
+            })???;
             return Ok(Tensor::from_vec(
                 y,
                 (rows, 1, c.n_head * c.head_dim),
