@@ -32,6 +32,11 @@ pub struct ChatTemplate {
 /// Used when a model's GGUF carries no template: ChatML, which many small chat models use.
 pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
+/// Used when a model's GGUF carries no template but its vocabulary has Gemma's turn tokens (the
+/// Gemma 3 base model): Gemma's turns, system text folded into a user turn as Gemma does. No BOS
+/// here: the tokenizer adds it.
+pub const GEMMA_TURNS: &str = "{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = 'user' %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";
+
 impl ChatTemplate {
     /// Compiles `source`; `bos_token`/`eos_token` are exposed to the template as Hugging Face does.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, TemplateError> {
@@ -92,6 +97,27 @@ mod tests {
         assert_eq!(
             out,
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn gemma_turns_name_the_assistant_model() {
+        let t = ChatTemplate::new(GEMMA_TURNS, "", "").unwrap();
+        let out = t
+            .render(
+                &[
+                    user("hi "),
+                    ChatMessage {
+                        role: "assistant".into(),
+                        content: "yes".into(),
+                    },
+                ],
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\nyes<end_of_turn>\n<start_of_turn>model\n"
         );
     }
 

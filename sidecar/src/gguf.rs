@@ -165,6 +165,22 @@ impl GgufFile {
             .map(|v| value_as_i64(v).ok_or_else(|| self.missing(key)))
             .collect()
     }
+
+    /// A required array of floats.
+    pub fn floats(&self, key: &str) -> Result<Vec<f32>, GgufError> {
+        let array = self
+            .value(key)
+            .and_then(|v| v.to_vec().ok())
+            .ok_or_else(|| self.missing(key))?;
+        array
+            .iter()
+            .map(|v| match v {
+                Value::F32(x) => Ok(*x),
+                Value::F64(x) => Ok(*x as f32),
+                _ => Err(self.missing(key)),
+            })
+            .collect()
+    }
 }
 
 fn value_as_u32(v: &Value) -> Option<u32> {

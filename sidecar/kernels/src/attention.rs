@@ -22,6 +22,8 @@ pub struct DecodeShape {
     pub capacity: usize,
     /// Positions filled, the new one included.
     pub len: usize,
+    /// First position attended: 0, or where a sliding window starts.
+    pub start: usize,
 }
 
 /// `q`: (rows, heads, head_dim); `k`, `v`: (rows, kv_heads, capacity, head_dim), of which the
@@ -33,8 +35,8 @@ pub fn decode(q: &[f32], k: &[f32], v: &[f32], s: DecodeShape) -> Vec<f32> {
         "heads must be a multiple of kv_heads"
     );
     assert!(
-        s.len <= s.capacity && s.len > 0,
-        "len must be in 1..=capacity"
+        s.len <= s.capacity && s.start < s.len,
+        "need start < len <= capacity"
     );
     assert_eq!(q.len(), s.rows * s.heads * s.head_dim, "q shape");
     let cache = s.rows * s.kv_heads * s.capacity * s.head_dim;
@@ -47,7 +49,7 @@ pub fn decode(q: &[f32], k: &[f32], v: &[f32], s: DecodeShape) -> Vec<f32> {
     let per_item = if s.rows * s.kv_heads >= 8 { group } else { 1 };
     candle_core::utils::barrier_pool().execute_chunked(s.rows * s.heads / per_item, |items| {
         let out_ptr = &out_ptr;
-        let mut scores = vec![0f32; per_item * s.len];
+        let mut scores = vec![0f32; per_item * (s.len - s.start)];
         for item in items {
             let first = item * per_item;
             // SAFETY: the item's heads' values of `out` are written by this work item only.
@@ -86,16 +88,17 @@ fn heads(
     let kv_head = head / (s.heads / s.kv_heads);
     let queries = &q[first * d..(first + count) * d];
     let base = (row * s.kv_heads + kv_head) * s.capacity * d;
-    let keys = &k[base..base + s.len * d];
-    let values = &v[base..base + s.len * d];
+    let keys = &k[base + s.start * d..base + s.len * d];
+    let values = &v[base + s.start * d..base + s.len * d];
+    let n = s.len - s.start;
     let scale = 1.0 / (d as f32).sqrt();
     for (t, key) in keys.chunks_exact(d).enumerate() {
         for (h, query) in queries.chunks_exact(d).enumerate() {
-            scores[h * s.len + t] = dot(query, key) * scale;
+            scores[h * n + t] = dot(query, key) * scale;
         }
     }
     for h in 0..count {
-        let scores = &mut scores[h * s.len..(h + 1) * s.len];
+        let scores = &mut scores[h * n..(h + 1) * n];
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
         for score in scores.iter_mut() {
@@ -109,7 +112,7 @@ fn heads(
     out.fill(0.0);
     for (t, value) in values.chunks_exact(d).enumerate() {
         for (h, out) in out.chunks_exact_mut(d).enumerate() {
-            let p = scores[h * s.len + t];
+            let p = scores[h * n + t];
             for (o, x) in out.iter_mut().zip(value) {
                 *o += p * x;
             }
@@ -148,7 +151,7 @@ mod tests {
                 let kv = head / (s.heads / s.kv_heads);
                 let qv = &q[(row * s.heads + head) * s.head_dim..][..s.head_dim];
                 let at = |t: usize| ((row * s.kv_heads + kv) * s.capacity + t) * s.head_dim;
-                let scores: Vec<f64> = (0..s.len)
+                let scores: Vec<f64> = (s.start..s.len)
                     .map(|t| {
                         let key = &k[at(t)..at(t) + s.head_dim];
                         qv.iter()
@@ -162,8 +165,8 @@ mod tests {
                 let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
                 let sum: f64 = e.iter().sum();
                 for d in 0..s.head_dim {
-                    let o: f64 = (0..s.len)
-                        .map(|t| e[t] / sum * f64::from(v[at(t) + d]))
+                    let o: f64 = (s.start..s.len)
+                        .map(|t| e[t - s.start] / sum * f64::from(v[at(t) + d]))
                         .sum();
                     out.push(o as f32);
                 }
@@ -173,9 +176,17 @@ mod tests {
     }
 
     #[test]
-    fn matches_the_textbook_computation_with_grouped_heads_and_spare_capacity() {
-        // (5, 33): 5 rows x 2 KV heads >= 8 work items, so the grouped path runs.
-        for (rows, len) in [(1, 1), (1, 7), (3, 40), (5, 33)] {
+    fn matches_the_textbook_computation_with_grouped_heads_spare_capacity_and_windows() {
+        // (5, 33): 5 rows x 2 KV heads >= 8 work items, so the grouped path runs. A nonzero
+        // start is a sliding window.
+        for (rows, len, start) in [
+            (1, 1, 0),
+            (1, 7, 0),
+            (3, 40, 0),
+            (5, 33, 0),
+            (1, 7, 6),
+            (5, 40, 9),
+        ] {
             let s = DecodeShape {
                 rows,
                 heads: 6,
@@ -183,22 +194,23 @@ mod tests {
                 head_dim: 20,
                 capacity: 48,
                 len,
+                start,
             };
             let q = test_values(rows * s.heads * s.head_dim, 1);
             let cache = rows * s.kv_heads * s.capacity * s.head_dim;
             let (k, mut v) = (test_values(cache, 2), test_values(cache, 3));
-            // Positions past `len` must not count: poison them.
+            // Positions before `start` and past `len` must not count: poison them.
             for row_head in 0..rows * s.kv_heads {
-                let start = (row_head * s.capacity + len) * s.head_dim;
-                let end = (row_head + 1) * s.capacity * s.head_dim;
-                v[start..end].fill(1e9);
+                let head = row_head * s.capacity * s.head_dim;
+                v[head..head + start * s.head_dim].fill(1e9);
+                v[head + len * s.head_dim..head + s.capacity * s.head_dim].fill(1e9);
             }
             let got = decode(&q, &k, &v, s);
             let want = reference(&q, &k, &v, s);
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (a - b).abs() < 1e-4,
-                    "rows {rows} len {len} at {i}: {a} vs {b}"
+                    "rows {rows} len {len} start {start} at {i}: {a} vs {b}"
                 );
             }
         }

@@ -1,6 +1,10 @@
 //! A llama-family transformer over quantized GGUF weights, with the KV cache held outside the
 //! weights so that one prompt's cache can be shared by many sampled rows and rows can leave the
 //! batch as they finish.
+//!
+//! The family: llama (SmolLM2), qwen2 (q/k/v biases, NeoX rotary; the R1-distill models) and
+//! gemma3 (scaled embeddings, per-head q/k norms, norms after attention and feed-forward too,
+//! GELU, and sliding-window layers with their own rotary base between global ones).
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
@@ -18,7 +22,7 @@ pub enum ModelError {
     #[error(transparent)]
     File(#[from] GgufError),
     #[error(
-        "model file {path}: architecture `{arch}` is not supported yet (supported: llama, qwen2)"
+        "model file {path}: architecture `{arch}` is not supported yet (supported: llama, qwen2, gemma3)"
     )]
     Architecture { path: String, arch: String },
     #[error("model file {path}: tensor `{name}`: {source}")]
@@ -65,6 +69,7 @@ pub enum WeightFormat {
 /// Shape parameters read from the GGUF metadata.
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {
+    pub family: Family,
     pub n_layer: usize,
     pub n_head: usize,
     pub n_kv_head: usize,
@@ -73,7 +78,67 @@ pub struct LlamaConfig {
     pub context_length: usize,
     pub rms_eps: f64,
     pub rope_base: f32,
+    /// Linear rotary scaling of the global layers: positions are divided by it.
+    pub rope_scale: f32,
     pub rope: RopeLayout,
+    /// Multiplies the token embeddings (Gemma: the square root of the width).
+    pub embedding_scale: Option<f32>,
+    pub activation: Activation,
+    /// Sliding-window layers: their window (positions attended, the new one included), the
+    /// rotary base they use, and every how many layers a global one comes (Gemma 3: 512,
+    /// 10 000, 6).
+    pub sliding_window: Option<SlidingWindow>,
+}
+
+/// Sliding-window attention between global layers.
+#[derive(Debug, Clone, Copy)]
+pub struct SlidingWindow {
+    pub width: usize,
+    pub rope_base: f32,
+    /// Layer `i` is global when `(i + 1) % global_every == 0`.
+    pub global_every: usize,
+}
+
+impl SlidingWindow {
+    fn applies_to(&self, layer: usize) -> bool {
+        !(layer + 1).is_multiple_of(self.global_every)
+    }
+}
+
+/// The feed-forward gate's nonlinearity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU, tanh approximation (Gemma).
+    GeluTanh,
+}
+
+/// The architectures the loader reads: llama and close relatives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Qwen2,
+    Gemma3,
+}
+
+impl Family {
+    const ALL: [Family; 3] = [Family::Llama, Family::Qwen2, Family::Gemma3];
+
+    /// The `general.architecture` name, which also prefixes the family's metadata keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Gemma3 => "gemma3",
+        }
+    }
+
+    fn rope(self) -> RopeLayout {
+        match self {
+            Self::Llama => RopeLayout::Interleaved,
+            Self::Qwen2 | Self::Gemma3 => RopeLayout::Neox,
+        }
+    }
 }
 
 /// How the rotary embedding pairs a head's dimensions.
@@ -84,12 +149,6 @@ pub enum RopeLayout {
     /// Pairs (i, i + d/2), GPT-NeoX style: Qwen2 stores Q/K as trained.
     Neox,
 }
-
-/// The architectures the loader reads, with their metadata prefix and rotary layout.
-const ARCHITECTURES: [(&str, RopeLayout); 2] = [
-    ("llama", RopeLayout::Interleaved),
-    ("qwen2", RopeLayout::Neox),
-];
 
 /// One or more linear maps of the same input (q, k and v; gate and up).
 enum Projection {
@@ -174,6 +233,16 @@ struct Layer {
     /// gate, up.
     gate_up: Projection,
     w_down: Projection,
+    /// Per-head RMS norms of queries and keys, before the rotary embedding (Gemma 3).
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    /// Norms of the attention and feed-forward outputs, before the residual adds (Gemma 3).
+    post_attn_norm: Option<RmsNorm>,
+    post_ffn_norm: Option<RmsNorm>,
+    /// Sliding-window width; `None`: the whole context.
+    window: Option<usize>,
+    /// Which of [`Llama`]'s rotary tables the layer uses.
+    rope: usize,
 }
 
 /// The loaded weights; immutable, so several caches (requests) can use them.
@@ -183,8 +252,8 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: RmsNorm,
     output: Projection,
-    cos: Tensor,
-    sin: Tensor,
+    /// Rotary (cos, sin) tables: the global one, then the sliding-window layers' if they differ.
+    ropes: Vec<(Tensor, Tensor)>,
     device: Device,
 }
 
@@ -416,6 +485,19 @@ fn rms_norm(q: QTensor, eps: f64, device: &Device) -> Result<RmsNorm, ModelError
     Ok(RmsNorm::new(q.dequantize(device)?, eps))
 }
 
+/// A norm the file may or may not have.
+fn optional_norm(
+    gguf: &mut GgufFile,
+    name: &str,
+    eps: f64,
+    device: &Device,
+) -> Result<Option<RmsNorm>, ModelError> {
+    if !gguf.content.tensor_infos.contains_key(name) {
+        return Ok(None);
+    }
+    rms_norm(tensor(gguf, name, device)?, eps, device).map(Some)
+}
+
 impl Llama {
     /// Loads a llama-architecture GGUF model.
     pub fn load(
@@ -424,7 +506,7 @@ impl Llama {
         device: &Device,
     ) -> Result<Self, ModelError> {
         let arch = gguf.string("general.architecture")?.to_owned();
-        let Some(&(_, rope)) = ARCHITECTURES.iter().find(|(name, _)| *name == arch) else {
+        let Some(family) = Family::ALL.into_iter().find(|f| f.name() == arch) else {
             return Err(ModelError::Architecture {
                 path: gguf.path.display().to_string(),
                 arch,
@@ -433,11 +515,18 @@ impl Llama {
         let key = |name: &str| format!("{arch}.{name}");
         let n_head = gguf.u32(&key("attention.head_count"))? as usize;
         let hidden = gguf.u32(&key("embedding_length"))? as usize;
+        // Gemma's heads are wider than width / heads, and say so in `key_length`.
         let head_dim = gguf
-            .u32_opt(&key("rope.dimension_count"))
+            .u32_opt(&key("attention.key_length"))
+            .or_else(|| gguf.u32_opt(&key("rope.dimension_count")))
             .map(|d| d as usize)
             .unwrap_or(hidden / n_head);
+        let linear_scaling = gguf
+            .string(&key("rope.scaling.type"))
+            .is_ok_and(|t| t == "linear");
+        let gemma = family == Family::Gemma3;
         let config = LlamaConfig {
+            family,
             n_layer: gguf.u32(&key("block_count"))? as usize,
             n_head,
             n_kv_head: gguf
@@ -455,9 +544,36 @@ impl Llama {
                 .map(f64::from)
                 .unwrap_or(1e-5),
             rope_base: gguf.f32(&key("rope.freq_base")).unwrap_or(10_000.0),
-            rope,
+            rope_scale: match gguf.f32(&key("rope.scaling.factor")) {
+                Ok(factor) if linear_scaling && factor > 0.0 => factor,
+                _ => 1.0,
+            },
+            rope: family.rope(),
+            embedding_scale: gemma.then(|| (hidden as f32).sqrt()),
+            activation: if gemma {
+                Activation::GeluTanh
+            } else {
+                Activation::Silu
+            },
+            // llama.cpp's Gemma 3: every sixth layer global, the others local with base 10 000.
+            sliding_window: gguf
+                .u32_opt(&key("attention.sliding_window"))
+                .filter(|_| gemma)
+                .map(|width| SlidingWindow {
+                    width: width as usize,
+                    rope_base: 10_000.0,
+                    global_every: 6,
+                }),
         };
-        let (cos, sin) = rope_tables(&config, device)?;
+        let mut ropes = vec![rope_tables(
+            &config,
+            config.rope_base,
+            config.rope_scale,
+            device,
+        )?];
+        if let Some(window) = config.sliding_window {
+            ropes.push(rope_tables(&config, window.rope_base, 1.0, device)?);
+        }
         let embedding_q = tensor(gguf, "token_embd.weight", device)?;
         let embeddings = Embedding::new(embedding_q.dequantize(device)?, hidden);
         // Small models tie the output projection to the embeddings and store no `output.weight`.
@@ -487,8 +603,23 @@ impl Llama {
             } else {
                 None
             };
+            let eps = config.rms_eps;
+            let norm = |gguf: &mut GgufFile, suffix: &str| {
+                optional_norm(gguf, &format!("blk.{i}.{suffix}.weight"), eps, device)
+            };
+            let q_norm = norm(gguf, "attn_q_norm")?;
+            let k_norm = norm(gguf, "attn_k_norm")?;
+            let post_attn_norm = norm(gguf, "post_attention_norm")?;
+            let post_ffn_norm = norm(gguf, "post_ffw_norm")?;
+            let local = config.sliding_window.filter(|w| w.applies_to(i));
             let mut load = |suffix: &str| tensor(gguf, &format!("blk.{i}.{suffix}.weight"), device);
             layers.push(Layer {
+                q_norm,
+                k_norm,
+                post_attn_norm,
+                post_ffn_norm,
+                window: local.map(|w| w.width),
+                rope: usize::from(local.is_some()),
                 qkv_bias,
                 attn_norm: rms_norm(load("attn_norm")?, config.rms_eps, device)?,
                 qkv: Projection::new(
@@ -508,8 +639,7 @@ impl Llama {
             layers,
             norm,
             output,
-            cos,
-            sin,
+            ropes,
             device: device.clone(),
         })
     }
@@ -566,6 +696,9 @@ impl Llama {
         }
         let tokens: Vec<&Tensor> = segments.iter().map(|s| s.tokens).collect();
         let mut x = self.embeddings.forward(&cat_rows(&tokens)?)?;
+        if let Some(scale) = self.config.embedding_scale {
+            x = (x * f64::from(scale))?;
+        }
         for (index, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
@@ -595,20 +728,29 @@ impl Llama {
                     k.narrow(0, start, r)?,
                     v.narrow(0, start, r)?,
                 );
-                attended.push(self.attend(&q, &k, &v, slot, pos)?);
+                attended.push(self.attend(layer, &q, &k, &v, slot, pos)?);
                 start += r;
             }
             let attended: Vec<&Tensor> = attended.iter().collect();
-            let x1 = (layer.wo.forward_one(&cat_rows(&attended)?)? + residual)?;
+            let attention = post_norm(
+                &layer.post_attn_norm,
+                layer.wo.forward_one(&cat_rows(&attended)?)?,
+            )?;
+            let x1 = (attention + residual)?;
             let h = layer.ffn_norm.forward(&x1)?;
             let [gate, up]: [Tensor; 2] = layer
                 .gate_up
                 .forward(&h)?
                 .try_into()
                 .map_err(|_| candle_core::Error::Msg("gate_up has two parts".into()))?;
-            let h = layer
-                .w_down
-                .forward_one(&(candle_nn::ops::silu(&gate)? * up)?)?;
+            let gate = match self.config.activation {
+                Activation::Silu => candle_nn::ops::silu(&gate)?,
+                Activation::GeluTanh => gate.gelu()?,
+            };
+            let h = post_norm(
+                &layer.post_ffn_norm,
+                layer.w_down.forward_one(&(gate * up)?)?,
+            )?;
             x = (h + x1)?;
         }
         for segment in segments.iter_mut() {
@@ -634,6 +776,7 @@ impl Llama {
     /// positions `slot` holds; appends `k` and `v` to it. Returns (rows, new, heads x head dim).
     fn attend(
         &self,
+        layer: &Layer,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -642,18 +785,22 @@ impl Llama {
     ) -> Result<Tensor, ModelError> {
         let c = &self.config;
         let (rows, seq_len, _) = q.dims3()?;
-        let heads = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
-            t.reshape((rows, seq_len, n, c.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
+        let heads = |t: &Tensor, n: usize, norm: &Option<RmsNorm>| -> candle_core::Result<Tensor> {
+            let t = t.reshape((rows, seq_len, n, c.head_dim))?;
+            let t = match norm {
+                Some(norm) => norm.forward(&t)?,
+                None => t,
+            };
+            t.transpose(1, 2)?.contiguous()
         };
         let (q, k, v) = (
-            heads(q, c.n_head)?,
-            heads(k, c.n_kv_head)?,
-            heads(v, c.n_kv_head)?,
+            heads(q, c.n_head, &layer.q_norm)?,
+            heads(k, c.n_kv_head, &layer.k_norm)?,
+            heads(v, c.n_kv_head, &None)?,
         );
-        let cos = self.cos.narrow(0, pos, seq_len)?;
-        let sin = self.sin.narrow(0, pos, seq_len)?;
+        let (cos, sin) = &self.ropes[layer.rope];
+        let cos = cos.narrow(0, pos, seq_len)?;
+        let sin = sin.narrow(0, pos, seq_len)?;
         let rope = match c.rope {
             RopeLayout::Interleaved => candle_nn::rotary_emb::rope_i,
             RopeLayout::Neox => candle_nn::rotary_emb::rope,
@@ -678,6 +825,7 @@ impl Llama {
                 head_dim: c.head_dim,
                 capacity: layer_kv.capacity(),
                 len: pos + 1,
+                start: layer.window.map_or(0, |w| (pos + 1).saturating_sub(w)),
             };
             let y = with_cpu_f32(&q.contiguous()?, |q| {
                 with_cpu_f32(&layer_kv.k, |k| {
@@ -699,7 +847,7 @@ impl Llama {
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let att = (q.matmul(&k.t()?)? * scale)?;
         let att = if seq_len > 1 {
-            let mask = causal_mask(seq_len, pos, &self.device)?;
+            let mask = causal_mask(seq_len, pos, layer.window, &self.device)?;
             let att = att.reshape((rows, c.n_kv_head, group, seq_len, total))?;
             att.broadcast_add(&mask)?
                 .reshape((rows, c.n_kv_head, group * seq_len, total))?
@@ -730,10 +878,24 @@ fn cat_rows(parts: &[&Tensor]) -> candle_core::Result<Tensor> {
     }
 }
 
-fn rope_tables(c: &LlamaConfig, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+/// A layer's output through its post-norm, if it has one.
+fn post_norm(norm: &Option<RmsNorm>, x: Tensor) -> candle_core::Result<Tensor> {
+    match norm {
+        Some(norm) => norm.forward(&x),
+        None => Ok(x),
+    }
+}
+
+/// Rotary (cos, sin) for every position of the context: (context, head_dim / 2) each.
+fn rope_tables(
+    c: &LlamaConfig,
+    base: f32,
+    scale: f32,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let inv_freq: Vec<f32> = (0..c.head_dim)
         .step_by(2)
-        .map(|i| 1.0 / c.rope_base.powf(i as f32 / c.head_dim as f32))
+        .map(|i| 1.0 / base.powf(i as f32 / c.head_dim as f32) / scale)
         .collect();
     let inv_freq = Tensor::new(inv_freq.as_slice(), device)?;
     let positions = Tensor::arange(0u32, c.context_length as u32, device)?.to_dtype(DType::F32)?;
@@ -743,11 +905,27 @@ fn rope_tables(c: &LlamaConfig, device: &Device) -> candle_core::Result<(Tensor,
     Ok((angles.cos()?, angles.sin()?))
 }
 
-/// Additive mask (seq x (past + seq)): 0 where a position may attend, -inf elsewhere.
-fn causal_mask(seq_len: usize, past: usize, device: &Device) -> candle_core::Result<Tensor> {
+/// Additive mask (seq x (past + seq)): 0 where a position may attend (itself, earlier ones, and
+/// within a sliding window only the last `window`), -inf elsewhere.
+fn causal_mask(
+    seq_len: usize,
+    past: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let total = past + seq_len;
+    let window = window.unwrap_or(usize::MAX);
     let mask: Vec<f32> = (0..seq_len)
-        .flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            let at = past + i;
+            (0..total).map(move |j| {
+                if j > at || at - j >= window {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Tensor::from_slice(&mask, (seq_len, total), device)
 }

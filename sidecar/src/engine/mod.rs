@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
-use crate::chat_template::{CHATML, ChatMessage, ChatTemplate, TemplateError};
+use crate::chat_template::{CHATML, ChatMessage, ChatTemplate, GEMMA_TURNS, TemplateError};
 use crate::gguf::{GgufError, GgufFile};
 use crate::tokenizer::{GgufTokenizer, TokenizerError};
 use llama::{KvCache, Llama, ModelError, Segment, WeightFormat};
@@ -241,10 +241,12 @@ impl Engine {
             .token(tokenizer.eos_ids[0])
             .unwrap_or_default()
             .to_owned();
-        let source = gguf
-            .string("tokenizer.chat_template")
-            .unwrap_or(CHATML)
-            .to_owned();
+        let source = match gguf.string("tokenizer.chat_template") {
+            Ok(source) => source,
+            Err(_) if tokenizer.id_of("<start_of_turn>").is_some() => GEMMA_TURNS,
+            Err(_) => CHATML,
+        }
+        .to_owned();
         let template = ChatTemplate::new(&source, &bos, &eos)?;
         let model = Llama::load(&mut gguf, options.weights, &device)?;
         // R1-style models think in a `<think>` block: their template writes it or their
