@@ -78,15 +78,27 @@ pub(crate) fn by_output_row(
     m: usize,
     column: impl Fn(usize, *mut f32) + Sync,
 ) -> Vec<f32> {
+    by_output_rows(n, m, |range, base| {
+        for j in range {
+            // SAFETY: j < n, so the column's elements (r * n + j, r < m) are in bounds, and
+            // only this work item writes them.
+            column(j, unsafe { base.add(j) });
+        }
+    })
+}
+
+/// The same, handing each thread its whole range of weight rows at once (kernels that tile
+/// several weight rows), with the output's base pointer: column `j` starts at `base.add(j)`.
+pub(crate) fn by_output_rows(
+    n: usize,
+    m: usize,
+    columns: impl Fn(std::ops::Range<usize>, *mut f32) + Sync,
+) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     let base = SendPtr(out.as_mut_ptr());
     candle_core::utils::barrier_pool().execute_chunked(n, |range| {
         let base = &base;
-        for j in range {
-            // SAFETY: j < n, so the column's elements (r * n + j, r < m) are in bounds, and
-            // only this work item writes them.
-            column(j, unsafe { base.0.add(j) });
-        }
+        columns(range, base.0);
     });
     out
 }

@@ -11,7 +11,7 @@
 //! persistent spinning thread pool, so there is one pool and no per-call thread start.
 
 use crate::stacking::{concat, equal_width};
-use crate::{Kernel, WeightMatrix, by_output_row};
+use crate::{Kernel, WeightMatrix, by_output_row, by_output_rows};
 
 /// Elements per quantization block.
 pub const BLOCK: usize = 32;
@@ -92,6 +92,15 @@ impl Q8Rows {
             .collect()
     }
 
+    /// The quantized values offset to unsigned bytes (q + 128), for `vpdpbusd`.
+    #[cfg(target_arch = "x86_64")]
+    fn offset(&self) -> Vec<Block> {
+        self.quants
+            .iter()
+            .map(|b| Block(b.0.map(|q| (q as u8 ^ 0x80) as i8)))
+            .collect()
+    }
+
     /// Each block's sum of values (scale x sum of its quantized values), row after row.
     pub(crate) fn block_sums(&self) -> Vec<f32> {
         self.quants
@@ -116,10 +125,35 @@ impl WeightMatrix for Q8Rows {
         #[cfg(target_arch = "x86_64")]
         if self.blocks.is_multiple_of(2) && wide_available() {
             let pair_scales = x.pair_scales();
-            return by_output_row(self.rows, m, |j, out| {
-                let (w, ws) = self.row(j);
-                // SAFETY: `by_output_row`'s contract; the CPU has AVX-512 VNNI; even blocks.
-                unsafe { x86::row_times_all_avx512(w, ws, &x, &pair_scales, out, self.rows) };
+            if m < x86::TILE_X {
+                return by_output_row(self.rows, m, |j, out| {
+                    let (w, ws) = self.row(j);
+                    // SAFETY: `by_output_row`'s contract; the CPU has AVX-512 VNNI; even blocks.
+                    unsafe { x86::row_times_all_avx512(w, ws, &x, &pair_scales, out, self.rows) };
+                });
+            }
+            // Batches and prompts: tiles of weight rows x activation rows.
+            let offset = x.offset();
+            return by_output_rows(self.rows, m, |range, base| {
+                let mut j = range.start;
+                while j < range.end {
+                    let tile = x86::TILE_W.min(range.end - j);
+                    let rows: [usize; x86::TILE_W] = std::array::from_fn(|i| j + i.min(tile - 1));
+                    // SAFETY: `by_output_rows`'s contract (columns j..j + tile are this
+                    // thread's); the CPU has AVX-512 VNNI; even blocks. A short last tile
+                    // repeats its last row, computed again and written to the same place.
+                    unsafe {
+                        x86::rows_times_all_avx512(
+                            rows.map(|r| self.row(r)),
+                            &offset,
+                            m,
+                            &pair_scales,
+                            rows.map(|r| base.add(r)),
+                            self.rows,
+                        )
+                    };
+                    j += tile;
+                }
             });
         }
         let kernel = Kernel::detect();
@@ -304,6 +338,90 @@ mod x86 {
                 acc = _mm512_fmadd_ps(products, scale, acc);
             }
             unsafe { *out.add(r * stride) = _mm512_reduce_add_ps(acc) };
+        }
+    }
+
+    /// Weight rows per tile of [`rows_times_all_avx512`].
+    pub(super) const TILE_W: usize = 2;
+    /// Activation rows per tile (and the fewest activation rows the tiled kernel is used for).
+    pub(super) const TILE_X: usize = 4;
+
+    /// Tiles of [`TILE_W`] weight rows x up to [`TILE_X`] activation rows: each activation block
+    /// loaded serves several weight rows and each weight block several activation rows, so prompts
+    /// and batches read their activations from cache a quarter as often as one weight row at a
+    /// time would. `xu` holds the activations already offset to unsigned ([`Q8Rows::offset`]);
+    /// `out[i]` is weight row i's column of the output, rows `stride` apart.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn rows_times_all_avx512(
+        w: [(&[Block], &[f32]); TILE_W],
+        xu: &[Block],
+        rows: usize,
+        pair_scales: &[f32],
+        out: [*mut f32; TILE_W],
+        stride: usize,
+    ) {
+        let mut r0 = 0;
+        while r0 < rows {
+            // SAFETY: the caller's contract, for rows r0..r0 + tile.
+            unsafe {
+                match rows - r0 {
+                    1 => tile::<1>(w, xu, r0, pair_scales, out, stride),
+                    2 => tile::<2>(w, xu, r0, pair_scales, out, stride),
+                    3 => tile::<3>(w, xu, r0, pair_scales, out, stride),
+                    _ => tile::<TILE_X>(w, xu, r0, pair_scales, out, stride),
+                }
+            }
+            r0 += TILE_X;
+        }
+    }
+
+    /// Activation rows `r0..r0 + R` against the tile's weight rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile<const R: usize>(
+        w: [(&[Block], &[f32]); TILE_W],
+        xu: &[Block],
+        r0: usize,
+        pair_scales: &[f32],
+        out: [*mut f32; TILE_W],
+        stride: usize,
+    ) {
+        let pairs = w[0].0.len() / 2;
+        let xp = xu.as_ptr() as *const __m512i;
+        let sp = pair_scales.as_ptr();
+        let offset = _mm512_set1_epi8(i8::MIN);
+        let mut acc = [[_mm512_setzero_ps(); TILE_W]; R];
+        for p in 0..pairs {
+            let mut wv = [_mm512_setzero_si512(); TILE_W];
+            let mut start = [_mm512_setzero_si512(); TILE_W];
+            let mut scales = [_mm512_setzero_ps(); TILE_W];
+            for (i, (blocks, ws)) in w.iter().enumerate() {
+                wv[i] = unsafe { _mm512_loadu_si512((blocks.as_ptr() as *const __m512i).add(p)) };
+                // -128 x the blocks' sums: cancels the activations' offset.
+                start[i] = _mm512_sub_epi32(
+                    _mm512_setzero_si512(),
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, wv[i]),
+                );
+                let (s0, s1) = unsafe { (*ws.get_unchecked(2 * p), *ws.get_unchecked(2 * p + 1)) };
+                scales[i] = _mm512_shuffle_f32x4(_mm512_set1_ps(s0), _mm512_set1_ps(s1), 0x44);
+            }
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let k = (r0 + t) * pairs + p;
+                let xv = unsafe { _mm512_loadu_si512(xp.add(k)) };
+                let xs = unsafe { _mm512_loadu_ps(sp.add(k * 16)) };
+                for i in 0..TILE_W {
+                    let dot = _mm512_dpbusd_epi32(start[i], xv, wv[i]);
+                    acc[i] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(dot),
+                        _mm512_mul_ps(xs, scales[i]),
+                        acc[i],
+                    );
+                }
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            for i in 0..TILE_W {
+                unsafe { *out[i].add((r0 + t) * stride) = _mm512_reduce_add_ps(acc[i]) };
+            }
         }
     }
 }
