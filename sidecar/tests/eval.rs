@@ -1,6 +1,7 @@
 //! End to end with the real default model: the evaluation on 1 family x 3 items x depths 1,2
 //! writes a table, CSV, JSON and a PNG that parse, with accuracies in [0, 1] and labelled,
-//! positive joules.
+//! positive joules, and carries a model-size point (here the same model under a second name,
+//! whose greedy answers must equal greedy's).
 
 mod common;
 
@@ -33,14 +34,33 @@ async fn small_evaluation_writes_results_that_parse() {
         max_tokens: Some(12),
         ..EvalSettings::default()
     };
-    let report = eval::run(&handle, &settings, |_| {})
+    let copy = Engine::load(
+        &common::default_model_path(),
+        "smollm2-copy",
+        &EngineOptions::default(),
+    )
+    .expect("the default model loads");
+    let meter = EnergyMeter::from_config(&MeterConfig::default()).expect("a meter");
+    let size_models = [EngineHandle::spawn(copy, meter).expect("engine thread")];
+    let report = eval::run(&handle, &size_models, &settings, |_| {})
         .await
         .expect("the evaluation runs");
 
-    // greedy, vote@1, vote@2, early-stop, adaptive, and best-of-N checked by the checking tool
-    // over HTTP (the family has no schema).
+    // greedy, the model-size point, vote@1, vote@2, early-stop, adaptive, and best-of-N checked
+    // by the checking tool over HTTP (the family has no schema).
     let labels: Vec<&str> = report.results.iter().map(|r| r.label.as_str()).collect();
-    assert_eq!(labels.len(), 6, "{labels:?}");
+    assert_eq!(labels.len(), 7, "{labels:?}");
+    let answers = |label: &str| {
+        let r = report.results.iter().find(|r| r.label == label);
+        let r = r.unwrap_or_else(|| panic!("{label} in {labels:?}"));
+        (
+            r.model.clone(),
+            r.items.iter().map(|i| i.answer.clone()).collect::<Vec<_>>(),
+        )
+    };
+    let (model, copy_answers) = answers("greedy [smollm2-copy]");
+    assert_eq!(model.as_deref(), Some("smollm2-copy"));
+    assert_eq!(copy_answers, answers("greedy").1);
     assert!(
         labels.contains(&"greedy") && labels.contains(&"vote@2"),
         "{labels:?}"

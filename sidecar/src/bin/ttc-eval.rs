@@ -61,6 +61,10 @@ struct Args {
     /// A known model name or a GGUF path.
     #[arg(long, default_value = DEFAULT_MODEL.name)]
     model: String,
+    /// Other models (known names or GGUF paths, comma-separated) to run greedy on, as
+    /// model-size points on the frontier; e.g. gemma3-270m.
+    #[arg(long, value_delimiter = ',')]
+    size_models: Vec<String>,
     /// In-memory weight format.
     #[arg(long, value_enum, default_value_t = WeightFormat::Q8_0)]
     weights: WeightFormat,
@@ -129,21 +133,31 @@ fn main() -> anyhow::Result<()> {
         window: args.window,
         ..EvalSettings::default()
     };
-    let path = ModelStore::default_location().resolve(&args.model)?;
-    let engine = Engine::load(
-        &path,
-        &args.model,
-        &EngineOptions {
-            weights: args.weights,
-            cuda: args.cuda,
-            ..EngineOptions::default()
-        },
-    )?;
-    let meter = EnergyMeter::from_config(&MeterConfig {
-        source: args.energy_source,
-        ..MeterConfig::default()
-    })
-    .context("opening the energy meter")?;
+    let options = EngineOptions {
+        weights: args.weights,
+        cuda: args.cuda,
+        ..EngineOptions::default()
+    };
+    let store = ModelStore::default_location();
+    let path = store.resolve(&args.model)?;
+    let engine = Engine::load(&path, &args.model, &options)?;
+    let new_meter = || {
+        EnergyMeter::from_config(&MeterConfig {
+            source: args.energy_source,
+            ..MeterConfig::default()
+        })
+        .context("opening the energy meter")
+    };
+    let meter = new_meter()?;
+    let mut size_models = Vec::new();
+    for name in &args.size_models {
+        let name = name.trim();
+        let path = store.resolve(name)?;
+        let engine = Engine::load(&path, name, &options)
+            .with_context(|| format!("loading {}", path.display()))?;
+        size_models
+            .push(EngineHandle::spawn(engine, new_meter()?).context("starting the engine thread")?);
+    }
     eprintln!(
         "model {} | {} threads | energy source {} ({})",
         path.display(),
@@ -159,6 +173,8 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let report = runtime.block_on(eval::run(&handle, &settings, |line| eprintln!("{line}")))?;
+    let report = runtime.block_on(eval::run(&handle, &size_models, &settings, |line| {
+        eprintln!("{line}")
+    }))?;
     print_and_write(&report, &args.out)
 }

@@ -144,6 +144,9 @@ pub enum Configuration {
         /// The vote depth whose measured mean joules set the allocation.
         reference_depth: usize,
     },
+    /// Greedy on another model than the report's: a model-size point (the result's `model`
+    /// names it).
+    OtherModel,
     /// Policy BestOfN: sample until the verifier accepts one.
     BestOfN {
         /// Most samples.
@@ -171,6 +174,7 @@ impl Configuration {
     pub fn label(&self) -> String {
         match self {
             Self::Greedy => "greedy".into(),
+            Self::OtherModel => "greedy (other model)".into(),
             Self::Vote { k } => format!("vote@{k}"),
             Self::EarlyStop { max_samples, .. } => format!("early-stop@{max_samples}"),
             Self::Adaptive {
@@ -189,7 +193,7 @@ impl Configuration {
 
     /// Whether the configuration spends test-time compute (more than one greedy sample).
     pub fn is_ttc(&self) -> bool {
-        !matches!(self, Self::Greedy | Self::Vote { k: 1 })
+        !matches!(self, Self::Greedy | Self::OtherModel | Self::Vote { k: 1 })
     }
 }
 
@@ -242,6 +246,9 @@ pub struct PassAtK {
 pub struct ConfigResult {
     /// The family.
     pub family: TaskFamily,
+    /// The model, when not the report's (model-size points).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     /// The configuration.
     pub configuration: Configuration,
     /// Its label.
@@ -303,10 +310,35 @@ struct Prepared {
     seed: u64,
 }
 
-/// Runs the evaluation on `engine` (which must run under an energy meter); `progress` hears a
-/// line per finished configuration.
+/// The family's items as prompts for `engine`: the item's question as a user turn in the
+/// model's chat template.
+fn prepare(
+    engine: &EngineHandle,
+    family: TaskFamily,
+    settings: &EvalSettings,
+) -> Result<Vec<Prepared>, EngineError> {
+    generate(family, settings.items, settings.seed)
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let prompt = engine.engine().encode_chat(&[ChatMessage {
+                role: "user".into(),
+                content: item.prompt.clone(),
+            }])?;
+            Ok(Prepared {
+                item,
+                prompt,
+                seed: sample_seed(settings.seed, i),
+            })
+        })
+        .collect()
+}
+
+/// Runs the evaluation on `engine` (which must run under an energy meter), with greedy on each
+/// of `size_models` as model-size points; `progress` hears a line per finished configuration.
 pub async fn run(
     engine: &EngineHandle,
+    size_models: &[EngineHandle],
     settings: &EvalSettings,
     mut progress: impl FnMut(&str),
 ) -> Result<EvalReport, EvalError> {
@@ -335,21 +367,7 @@ pub async fn run(
     };
     let mut results = Vec::new();
     for &family in &settings.families {
-        let prepared = generate(family, settings.items, settings.seed)
-            .into_iter()
-            .enumerate()
-            .map(|(i, item)| {
-                let prompt = engine.engine().encode_chat(&[ChatMessage {
-                    role: "user".into(),
-                    content: item.prompt.clone(),
-                }])?;
-                Ok(Prepared {
-                    item,
-                    prompt,
-                    seed: sample_seed(settings.seed, i),
-                })
-            })
-            .collect::<Result<Vec<_>, EngineError>>()?;
+        let prepared = prepare(engine, family, settings)?;
         let mut family_results = Vec::new();
         let greedy = SamplerConfig {
             temperature: 0.0,
@@ -367,6 +385,18 @@ pub async fn run(
         }
         family_results.push(summarise(family, Configuration::Greedy, records));
         progress(&progress_line(family_results.last()));
+        for other in size_models {
+            let mut records = Vec::new();
+            for p in &prepare(other, family, settings)? {
+                records.push(run_batch(other, settings, p, 1, greedy).await?);
+            }
+            let name = other.engine().name().to_owned();
+            let mut result = summarise(family, Configuration::OtherModel, records);
+            result.label = format!("greedy [{name}]");
+            result.model = Some(name);
+            family_results.push(result);
+            progress(&progress_line(family_results.last()));
+        }
         for &k in &depths {
             let mut records = Vec::new();
             for p in &prepared {
@@ -493,8 +523,20 @@ pub async fn run(
         ),
         "pass@k is what an oracle verifier would reach with k samples (unbiased estimate from the deepest vote's samples) — a ceiling, not a strategy.".into(),
         "best-of-N+schema: structured_output's JSON schema, which checks structure, not values. best-of-N+tool: the checking tool (eval::checker) behind the HTTP verifier on the families a tool can check (addition, larger-of-two, letter counting); it recomputes what the question asks without the answer key, which on these families makes it as strong as an oracle, so it shows what a calculator, a test suite or a type checker buys. A regex such as ^\\s*\\d+\\s*$ checks the format, not the sum, so it is not used.".into(),
-        "Only one model is evaluated: no model-size points on the frontier.".into(),
     ];
+    let mut notes = notes;
+    notes.push(if size_models.is_empty() {
+        "Only one model is evaluated: no model-size points on the frontier.".into()
+    } else {
+        format!(
+            "Model-size points (crosses on the plots): greedy on {}, same items, each model's own chat template (or its fallback when the file has none).",
+            size_models
+                .iter()
+                .map(|m| m.engine().name().to_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    });
     Ok(EvalReport {
         model: engine.engine().name().to_owned(),
         settings: settings.clone(),
@@ -656,6 +698,7 @@ pub fn summarise(
     };
     ConfigResult {
         family,
+        model: None,
         label: configuration.label(),
         configuration,
         accuracy: wilson_95(correct, items.len() as u64),

@@ -39,11 +39,13 @@ fn colour(configuration: &Configuration, index: usize) -> RGBColor {
     ];
     match configuration {
         Configuration::Greedy => BLACK,
+        Configuration::OtherModel => RGBColor(90, 90, 90),
         _ => PALETTE[index % PALETTE.len()],
     }
 }
 
-/// Greedy is a square (the baseline), single-sample votes a triangle, TTC points circles.
+/// Greedy is a square (the baseline), single-sample votes a triangle, other models (model-size
+/// points) a cross, TTC points circles.
 fn point<DB: DrawingBackend>(
     configuration: &Configuration,
     colour: RGBColor,
@@ -51,6 +53,7 @@ fn point<DB: DrawingBackend>(
     match configuration {
         Configuration::Greedy => Rectangle::new([(-5, -5), (5, 5)], colour.filled()).into_dyn(),
         Configuration::Vote { k: 1 } => TriangleMarker::new((0, 0), 6, colour.filled()).into_dyn(),
+        Configuration::OtherModel => Cross::new((0, 0), 6, colour.stroke_width(2)).into_dyn(),
         _ => Circle::new((0, 0), 5, colour.filled()).into_dyn(),
     }
 }

@@ -50,6 +50,7 @@ pub fn csv(report: &EvalReport) -> String {
     for r in &report.results {
         let (kind, depth, allocation) = match r.configuration {
             Configuration::Greedy => ("greedy", 1, None),
+            Configuration::OtherModel => ("model_size", 1, None),
             Configuration::Vote { k } => ("vote", k, None),
             Configuration::EarlyStop { max_samples, .. } => ("early_stop", max_samples, None),
             Configuration::Adaptive {
