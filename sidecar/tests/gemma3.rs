@@ -6,12 +6,9 @@ mod common;
 
 use std::sync::OnceLock;
 
-use candle_core::{Device, Tensor};
-use ttc_sidecar::engine::llama::{Llama, WeightFormat};
+use ttc_sidecar::engine::llama::WeightFormat;
 use ttc_sidecar::engine::{Engine, EngineOptions};
-use ttc_sidecar::gguf::GgufFile;
 use ttc_sidecar::model_store::GEMMA3_270M;
-use ttc_sidecar::tokenizer::GgufTokenizer;
 
 fn engine(weights: WeightFormat) -> Engine {
     let options = EngineOptions {
@@ -107,18 +104,9 @@ fn long_prompt() -> String {
     format!("{} Summary:", items.join(" "))
 }
 
-/// A greedy path of llama.cpp (llama-cpp-python 0.3.36, one token at a time) on the same file,
-/// with the lead of its top logit over the runner-up at each step.
-struct LlamaCppPath {
-    prompt: String,
-    prompt_tokens: usize,
-    tokens: [u32; 16],
-    leads: [f32; 16],
-}
-
-fn llama_cpp_paths() -> [LlamaCppPath; 3] {
+fn llama_cpp_paths() -> [common::LlamaCppPath; 3] {
     [
-        LlamaCppPath {
+        common::LlamaCppPath {
             prompt: "Once upon a time".into(),
             prompt_tokens: 5,
             tokens: [
@@ -130,7 +118,7 @@ fn llama_cpp_paths() -> [LlamaCppPath; 3] {
                 2.79, 0.16,
             ],
         },
-        LlamaCppPath {
+        common::LlamaCppPath {
             prompt: "The capital of France is".into(),
             prompt_tokens: 6,
             tokens: [
@@ -142,7 +130,7 @@ fn llama_cpp_paths() -> [LlamaCppPath; 3] {
                 0.32, 0.11,
             ],
         },
-        LlamaCppPath {
+        common::LlamaCppPath {
             prompt: long_prompt(),
             prompt_tokens: 896,
             tokens: [
@@ -157,56 +145,16 @@ fn llama_cpp_paths() -> [LlamaCppPath; 3] {
     ]
 }
 
-/// The base model is often torn between tokens (leads of 0.01 logits), where any two engines'
-/// rounding picks differently, so this follows llama.cpp's path (feeding its tokens) and checks
-/// our logits step by step: our top token is llama.cpp's wherever its lead is clear, and
-/// llama.cpp's token is never far below our top one.
-fn follows_llama_cpp(weights: WeightFormat) {
-    let mut gguf = GgufFile::open(&common::model_path(&GEMMA3_270M)).unwrap();
-    let tokenizer = GgufTokenizer::from_gguf(&gguf).unwrap();
-    let model = Llama::load(&mut gguf, weights, &Device::Cpu).unwrap();
-    for path in llama_cpp_paths() {
-        let ids = tokenizer.encode(&path.prompt).unwrap();
-        assert_eq!(ids.len(), path.prompt_tokens);
-        let mut cache = model.new_cache();
-        let mut input = ids;
-        for (step, (&token, &lead)) in path.tokens.iter().zip(&path.leads).enumerate() {
-            let tokens = Tensor::new(input.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let logits: Vec<f32> = model
-                .forward(&tokens, &mut cache)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let (top, max) = logits
-                .iter()
-                .enumerate()
-                .fold((0, f32::MIN), |a, (i, &x)| if x > a.1 { (i, x) } else { a });
-            let context = format!(
-                "{weights:?} weights, {}-token prompt, step {step}: ours picks {top} ({max:.2}), llama.cpp {token} (ours {:.2}, its lead {lead})",
-                path.prompt_tokens, logits[token as usize]
-            );
-            if lead >= 0.5 {
-                assert_eq!(top, token as usize, "{context}");
-            }
-            assert!(max - logits[token as usize] < 0.5, "{context}");
-            input = vec![token];
-        }
-    }
-}
-
 #[test]
 fn follows_llama_cpp_with_weights_requantized_to_q8_0() {
-    follows_llama_cpp(WeightFormat::Q8_0);
+    let model = common::model_path(&GEMMA3_270M);
+    common::follows_llama_cpp(&model, WeightFormat::Q8_0, &llama_cpp_paths());
 }
 
 #[test]
 fn follows_llama_cpp_on_the_files_own_weights() {
-    follows_llama_cpp(WeightFormat::Native);
+    let model = common::model_path(&GEMMA3_270M);
+    common::follows_llama_cpp(&model, WeightFormat::Native, &llama_cpp_paths());
 }
 
 #[test]

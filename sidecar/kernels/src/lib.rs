@@ -4,6 +4,7 @@
 //! A crate of its own so that debug builds still optimise it (see the workspace's
 //! `profile.dev.package.ttc-kernels`): the engine's tests run the real model through it.
 
+pub mod activation;
 pub mod attention;
 pub mod q4;
 pub mod q8;

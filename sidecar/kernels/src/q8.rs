@@ -40,6 +40,16 @@ impl Q8Rows {
         );
         assert_eq!(values.len(), rows * cols, "{rows} x {cols} values expected");
         let blocks = cols / BLOCK;
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { x86::quantize_avx2(values, rows, blocks) };
+        }
+        Self::quantize_scalar(values, rows, blocks)
+    }
+
+    /// The portable quantization (rounding half away from zero).
+    fn quantize_scalar(values: &[f32], rows: usize, blocks: usize) -> Self {
         let mut quants = Vec::with_capacity(rows * blocks);
         let mut scales = Vec::with_capacity(rows * blocks);
         for chunk in values.chunks_exact(BLOCK) {
@@ -341,6 +351,43 @@ mod x86 {
         }
     }
 
+    /// [`Q8Rows::quantize`] with AVX2, rounding half to even as ggml's AVX path does.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_avx2(values: &[f32], rows: usize, blocks: usize) -> Q8Rows {
+        let mut quants = Vec::with_capacity(rows * blocks);
+        let mut scales = Vec::with_capacity(rows * blocks);
+        let sign = _mm256_set1_ps(-0.0);
+        // packs interleave the 128-bit lanes; this puts the 32 bytes back in order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for chunk in values.chunks_exact(super::BLOCK) {
+            let p = chunk.as_ptr();
+            let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(p.add(8 * i)) });
+            let abs = v.map(|x| _mm256_andnot_ps(sign, x));
+            let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let scale = amax / 127.0;
+            let inverse = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+            let q = v.map(|x| _mm256_cvtps_epi32(_mm256_mul_ps(x, inverse)));
+            let q16 = [
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            ];
+            let q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16[0], q16[1]), order);
+            let mut block = Block([0; super::BLOCK]);
+            unsafe { _mm256_store_si256(block.0.as_mut_ptr() as *mut __m256i, q8) };
+            quants.push(block);
+            scales.push(scale);
+        }
+        Q8Rows {
+            rows,
+            blocks,
+            quants,
+            scales,
+        }
+    }
+
     /// Weight rows per tile of [`rows_times_all_avx512`].
     pub(super) const TILE_W: usize = 2;
     /// Activation rows per tile (and the fewest activation rows the tiled kernel is used for).
@@ -450,6 +497,17 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn vector_quantization_matches_the_scalar_one() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            let v: Vec<f32> = values(64 * 40, 8).iter().map(|x| x * 3.7).collect();
+            // SAFETY: the CPU has AVX2.
+            let ours = unsafe { x86::quantize_avx2(&v, 40, 2) };
+            assert_eq!(ours, Q8Rows::quantize_scalar(&v, 40, 2));
+        }
     }
 
     #[test]

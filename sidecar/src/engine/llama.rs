@@ -12,6 +12,7 @@ use candle_nn::{Embedding, RmsNorm};
 
 use crate::gguf::{GgufError, GgufFile};
 use ttc_kernels::WeightMatrix;
+use ttc_kernels::activation::{self, Gate};
 use ttc_kernels::attention;
 use ttc_kernels::q4::Q4Rows;
 use ttc_kernels::q8::{self, Q8Rows};
@@ -83,7 +84,8 @@ pub struct LlamaConfig {
     pub rope: RopeLayout,
     /// Multiplies the token embeddings (Gemma: the square root of the width).
     pub embedding_scale: Option<f32>,
-    pub activation: Activation,
+    /// The feed-forward gate's nonlinearity.
+    pub activation: Gate,
     /// Sliding-window layers: their window (positions attended, the new one included), the
     /// rotary base they use, and every how many layers a global one comes (Gemma 3: 512,
     /// 10 000, 6).
@@ -103,14 +105,6 @@ impl SlidingWindow {
     fn applies_to(&self, layer: usize) -> bool {
         !(layer + 1).is_multiple_of(self.global_every)
     }
-}
-
-/// The feed-forward gate's nonlinearity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    Silu,
-    /// GELU, tanh approximation (Gemma).
-    GeluTanh,
 }
 
 /// The architectures the loader reads: llama and close relatives.
@@ -219,6 +213,31 @@ impl Projection {
     /// The single part's output.
     fn forward_one(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         Ok(self.forward(x)?.swap_remove(0))
+    }
+
+    /// `act(gate) * up` of a gate/up projection: on our kernels one pass over the fused output,
+    /// without splitting it into two tensors first.
+    fn gated(&self, x: &Tensor, gate: Gate) -> candle_core::Result<Tensor> {
+        if let Self::Ours { matrix, parts } = self
+            && let [width, up] = parts[..]
+            && width == up
+        {
+            let dims = x.dims();
+            let m = x.elem_count() / dims[dims.len() - 1];
+            let fused = with_cpu_f32(&x.contiguous()?, |input| matrix.matmul(input, m))?;
+            let mut shape = dims.to_vec();
+            *shape.last_mut().expect("at least one dimension") = width;
+            return Tensor::from_vec(activation::gated(&fused, m, width, gate), shape, x.device());
+        }
+        let [g, up]: [Tensor; 2] = self
+            .forward(x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("gate_up has two parts".into()))?;
+        let g = match gate {
+            Gate::Silu => candle_nn::ops::silu(&g)?,
+            Gate::GeluTanh => g.gelu()?,
+        };
+        g * up
     }
 }
 
@@ -550,11 +569,7 @@ impl Llama {
             },
             rope: family.rope(),
             embedding_scale: gemma.then(|| (hidden as f32).sqrt()),
-            activation: if gemma {
-                Activation::GeluTanh
-            } else {
-                Activation::Silu
-            },
+            activation: if gemma { Gate::GeluTanh } else { Gate::Silu },
             // llama.cpp's Gemma 3: every sixth layer global, the others local with base 10 000.
             sliding_window: gguf
                 .u32_opt(&key("attention.sliding_window"))
@@ -738,19 +753,8 @@ impl Llama {
             )?;
             let x1 = (attention + residual)?;
             let h = layer.ffn_norm.forward(&x1)?;
-            let [gate, up]: [Tensor; 2] = layer
-                .gate_up
-                .forward(&h)?
-                .try_into()
-                .map_err(|_| candle_core::Error::Msg("gate_up has two parts".into()))?;
-            let gate = match self.config.activation {
-                Activation::Silu => candle_nn::ops::silu(&gate)?,
-                Activation::GeluTanh => gate.gelu()?,
-            };
-            let h = post_norm(
-                &layer.post_ffn_norm,
-                layer.w_down.forward_one(&(gate * up)?)?,
-            )?;
+            let gated = layer.gate_up.gated(&h, self.config.activation)?;
+            let h = post_norm(&layer.post_ffn_norm, layer.w_down.forward_one(&gated)?)?;
             x = (h + x1)?;
         }
         for segment in segments.iter_mut() {
