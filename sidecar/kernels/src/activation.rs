@@ -60,7 +60,7 @@ fn apply(g: &[f32], u: &[f32], o: &mut [f32], k: impl Fn(f32) -> f32) {
 /// |r| <= ln 2 / 2 and a degree-6 polynomial; clamped so that the result is 0 or a large finite
 /// value rather than a NaN at the extremes, which is all a sigmoid needs.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     let n = (x * std::f32::consts::LOG2_E).round();
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;

@@ -92,21 +92,44 @@ fn heads(
     let values = &v[base + s.start * d..base + s.len * d];
     let n = s.len - s.start;
     let scale = 1.0 / (d as f32).sqrt();
-    for (t, key) in keys.chunks_exact(d).enumerate() {
-        for (h, query) in queries.chunks_exact(d).enumerate() {
-            scores[h * n + t] = dot(query, key) * scale;
+    let scores = &mut scores[..count * n];
+    #[cfg(target_arch = "x86_64")]
+    let wide = d.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let wide = false;
+    if wide {
+        // SAFETY: the CPU has AVX-512F; d is a multiple of 16.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            x86::scores(queries, keys, d, n, scale, scores)
+        };
+    } else {
+        for (t, key) in keys.chunks_exact(d).enumerate() {
+            for (h, query) in queries.chunks_exact(d).enumerate() {
+                scores[h * n + t] = dot(query, key) * scale;
+            }
         }
     }
-    for h in 0..count {
-        let scores = &mut scores[h * n..(h + 1) * n];
+    for scores in scores.chunks_exact_mut(n) {
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
         for score in scores.iter_mut() {
-            *score = (*score - max).exp();
+            *score = crate::activation::exp(*score - max);
             sum += *score;
         }
+        let inverse = 1.0 / sum;
         for score in scores.iter_mut() {
-            *score /= sum;
+            *score *= inverse;
+        }
+    }
+    // SAFETY (each arm): the CPU has AVX-512F; d = 16 x the arm's blocks.
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        match d / 16 {
+            4 => return unsafe { x86::weighted_sum::<4>(values, scores, n, out) },
+            8 => return unsafe { x86::weighted_sum::<8>(values, scores, n, out) },
+            16 => return unsafe { x86::weighted_sum::<16>(values, scores, n, out) },
+            _ => {}
         }
     }
     out.fill(0.0);
@@ -115,6 +138,78 @@ fn heads(
             let p = scores[h * n + t];
             for (o, x) in out.iter_mut().zip(value) {
                 *o += p * x;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `scores[h * n + t]` = query h . key t x `scale`, two 16-lane accumulators per dot.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scores(
+        queries: &[f32],
+        keys: &[f32],
+        d: usize,
+        n: usize,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let count = queries.len() / d;
+        for (t, key) in keys.chunks_exact(d).enumerate() {
+            let kp = key.as_ptr();
+            for h in 0..count {
+                let qp = unsafe { queries.as_ptr().add(h * d) };
+                let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                let mut c = 0;
+                while c + 32 <= d {
+                    unsafe {
+                        a0 = _mm512_fmadd_ps(
+                            _mm512_loadu_ps(qp.add(c)),
+                            _mm512_loadu_ps(kp.add(c)),
+                            a0,
+                        );
+                        a1 = _mm512_fmadd_ps(
+                            _mm512_loadu_ps(qp.add(c + 16)),
+                            _mm512_loadu_ps(kp.add(c + 16)),
+                            a1,
+                        );
+                    }
+                    c += 32;
+                }
+                if c < d {
+                    a0 = unsafe {
+                        _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(c)), _mm512_loadu_ps(kp.add(c)), a0)
+                    };
+                }
+                scores[h * n + t] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
+            }
+        }
+    }
+
+    /// `out` (heads x 16 C) = the score-weighted sum of the `n` value rows (16 C wide), head by
+    /// head with the head's sum held in registers.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weighted_sum<const C: usize>(
+        values: &[f32],
+        scores: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) {
+        let d = 16 * C;
+        for (h, out) in out.chunks_exact_mut(d).enumerate() {
+            let mut acc = [_mm512_setzero_ps(); C];
+            for (t, value) in values.chunks_exact(d).enumerate() {
+                let p = _mm512_set1_ps(scores[h * n + t]);
+                let vp = value.as_ptr();
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(p, unsafe { _mm512_loadu_ps(vp.add(16 * c)) }, *acc);
+                }
+            }
+            for (c, acc) in acc.iter().enumerate() {
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *acc) };
             }
         }
     }
@@ -179,19 +274,23 @@ mod tests {
     fn matches_the_textbook_computation_with_grouped_heads_spare_capacity_and_windows() {
         // (5, 33): 5 rows x 2 KV heads >= 8 work items, so the grouped path runs. A nonzero
         // start is a sliding window.
-        for (rows, len, start) in [
+        // Head widths: 20 (portable), 64 (512-bit), 48 (512-bit scores, portable sum).
+        let cases = [
             (1, 1, 0),
             (1, 7, 0),
             (3, 40, 0),
             (5, 33, 0),
             (1, 7, 6),
             (5, 40, 9),
-        ] {
+        ];
+        for ((rows, len, start), head_dim) in
+            cases.into_iter().flat_map(|c| [(c, 20), (c, 64), (c, 48)])
+        {
             let s = DecodeShape {
                 rows,
                 heads: 6,
                 kv_heads: 2,
-                head_dim: 20,
+                head_dim,
                 capacity: 48,
                 len,
                 start,
@@ -210,7 +309,7 @@ mod tests {
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (a - b).abs() < 1e-4,
-                    "rows {rows} len {len} start {start} at {i}: {a} vs {b}"
+                    "rows {rows} len {len} start {start} head_dim {head_dim} at {i}: {a} vs {b}"
                 );
             }
         }
