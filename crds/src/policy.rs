@@ -341,52 +341,8 @@ impl SidecarSpec {
     }
 }
 
-/// Where an energy figure comes from. An estimate is never shown as a measurement.
-#[derive(
-    JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum EnergySource {
-    /// Measured by the GPU's NVML energy counter.
-    Nvml,
-    /// Measured by the CPU's RAPL (powercap) counters.
-    Rapl,
-    /// Estimated from CPU time and a declared watts-per-core figure.
-    Estimate,
-}
-
-impl EnergySource {
-    /// The label value used in reports and status (`nvml`, `rapl`, `estimate`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Nvml => "nvml",
-            Self::Rapl => "rapl",
-            Self::Estimate => "estimate",
-        }
-    }
-
-    /// Parses a label value; `None` for anything else.
-    pub fn parse(value: &str) -> Option<Self> {
-        match value {
-            "nvml" => Some(Self::Nvml),
-            "rapl" => Some(Self::Rapl),
-            "estimate" => Some(Self::Estimate),
-            _ => None,
-        }
-    }
-
-    /// The source of an aggregate of figures: measured only when every part is measured.
-    pub fn combine(self, other: Self) -> Self {
-        if self == Self::Estimate || other == Self::Estimate {
-            Self::Estimate
-        } else if self == other {
-            self
-        } else {
-            // nvml and rapl mixed: both measured; report the GPU meter, which dominates.
-            Self::Nvml
-        }
-    }
-}
+/// Where an energy figure comes from (shared with the sidecar's meters).
+pub use ttc_energy::EnergySource;
 
 /// What the operator observes of a policy. Written by the operator only.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
