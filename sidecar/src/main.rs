@@ -12,7 +12,7 @@ use ttc_sidecar::api::{self, AppState, Limits};
 use ttc_sidecar::engine::llama::WeightFormat;
 use ttc_sidecar::engine::worker::EngineHandle;
 use ttc_sidecar::engine::{Engine, EngineOptions};
-use ttc_sidecar::model_store::{DEFAULT_MODEL, KNOWN_MODELS, ModelStore};
+use ttc_sidecar::model_store::{DEFAULT_MODEL, KNOWN_MODELS, ModelStore, ModelStoreError};
 use ttc_sidecar::policy_link::{PodIdentity, watch_policy};
 use ttc_sidecar::ttc::TtcPolicy;
 use ttc_sidecar::ttc_service::TtcService;
@@ -216,7 +216,7 @@ fn main() -> anyhow::Result<()> {
             let known = KNOWN_MODELS
                 .iter()
                 .find(|m| m.name == model)
-                .with_context(|| format!("unknown model `{model}`"))?;
+                .ok_or_else(|| ModelStoreError::Unknown(model.clone()))?;
             let path = store(cache).ensure(known, force)?;
             println!("{}", path.display());
             Ok(())
