@@ -138,48 +138,39 @@ impl GgufFile {
             .ok_or_else(|| self.missing(key))
     }
 
-    /// A required array of strings.
-    pub fn strings(&self, key: &str) -> Result<Vec<&str>, GgufError> {
+    /// A required array whose every element `element` converts.
+    fn array<'a, T>(
+        &'a self,
+        key: &str,
+        element: impl Fn(&'a Value) -> Option<T>,
+    ) -> Result<Vec<T>, GgufError> {
         let array = self
             .value(key)
             .and_then(|v| v.to_vec().ok())
             .ok_or_else(|| self.missing(key))?;
         array
             .iter()
-            .map(|v| {
-                v.to_string()
-                    .map(String::as_str)
-                    .map_err(|_| self.missing(key))
-            })
+            .map(|v| element(v).ok_or_else(|| self.missing(key)))
             .collect()
+    }
+
+    /// A required array of strings.
+    pub fn strings(&self, key: &str) -> Result<Vec<&str>, GgufError> {
+        self.array(key, |v| v.to_string().ok().map(String::as_str))
     }
 
     /// A required array of integers.
     pub fn integers(&self, key: &str) -> Result<Vec<i64>, GgufError> {
-        let array = self
-            .value(key)
-            .and_then(|v| v.to_vec().ok())
-            .ok_or_else(|| self.missing(key))?;
-        array
-            .iter()
-            .map(|v| value_as_i64(v).ok_or_else(|| self.missing(key)))
-            .collect()
+        self.array(key, value_as_i64)
     }
 
     /// A required array of floats.
     pub fn floats(&self, key: &str) -> Result<Vec<f32>, GgufError> {
-        let array = self
-            .value(key)
-            .and_then(|v| v.to_vec().ok())
-            .ok_or_else(|| self.missing(key))?;
-        array
-            .iter()
-            .map(|v| match v {
-                Value::F32(x) => Ok(*x),
-                Value::F64(x) => Ok(*x as f32),
-                _ => Err(self.missing(key)),
-            })
-            .collect()
+        self.array(key, |v| match v {
+            Value::F32(x) => Some(*x),
+            Value::F64(x) => Some(*x as f32),
+            _ => None,
+        })
     }
 }
 
