@@ -8,7 +8,8 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{Embedding, RmsNorm};
+use candle_nn::RmsNorm;
+use std::sync::Arc;
 
 use crate::gguf::{GgufError, GgufFile};
 use ttc_kernels::WeightMatrix;
@@ -133,6 +134,29 @@ impl Family {
             Self::Qwen2 | Self::Gemma3 => RopeLayout::Neox,
         }
     }
+
+    /// What multiplies the token embeddings of a model `hidden` wide.
+    fn embedding_scale(self, hidden: usize) -> Option<f32> {
+        (self == Self::Gemma3).then(|| (hidden as f32).sqrt())
+    }
+
+    fn activation(self) -> Gate {
+        match self {
+            Self::Llama | Self::Qwen2 => Gate::Silu,
+            Self::Gemma3 => Gate::GeluTanh,
+        }
+    }
+
+    /// The sliding-window layout of a model whose metadata gives a window `width`: llama.cpp's
+    /// Gemma 3 makes every sixth layer global and the others local with rotary base 10 000.
+    fn sliding_window(self, width: Option<u32>) -> Option<SlidingWindow> {
+        let width = width.filter(|_| self == Self::Gemma3)?;
+        Some(SlidingWindow {
+            width: width as usize,
+            rope_base: 10_000.0,
+            global_every: 6,
+        })
+    }
 }
 
 /// How the rotary embedding pairs a head's dimensions.
@@ -157,7 +181,11 @@ enum Projection {
 }
 
 impl Projection {
-    fn new(parts: Vec<QTensor>, format: WeightFormat, device: &Device) -> Result<Self, ModelError> {
+    fn new(
+        parts: Vec<Arc<QTensor>>,
+        format: WeightFormat,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
         if device.is_cpu()
             && let Some(matrix) = ours(&parts, format, device)?
         {
@@ -267,7 +295,9 @@ struct Layer {
 /// The loaded weights; immutable, so several caches (requests) can use them.
 pub struct Llama {
     config: LlamaConfig,
-    embeddings: Embedding,
+    /// Token embeddings as stored in the file, rows dequantized per looked-up token (Gemma's
+    /// 262k x 640 table would take 671 MB as f32); shared with the output projection when tied.
+    embeddings: Arc<QTensor>,
     layers: Vec<Layer>,
     norm: RmsNorm,
     output: Projection,
@@ -437,10 +467,11 @@ impl KvCache {
     }
 }
 
-fn tensor(gguf: &mut GgufFile, name: &str, device: &Device) -> Result<QTensor, ModelError> {
+fn tensor(gguf: &mut GgufFile, name: &str, device: &Device) -> Result<Arc<QTensor>, ModelError> {
     let path = gguf.path.display().to_string();
     gguf.content
         .tensor(&mut gguf.reader, name, device)
+        .map(Arc::new)
         .map_err(|source| ModelError::Tensor {
             path,
             name: name.to_owned(),
@@ -448,23 +479,23 @@ fn tensor(gguf: &mut GgufFile, name: &str, device: &Device) -> Result<QTensor, M
         })
 }
 
-fn matmul(q: QTensor, format: WeightFormat, device: &Device) -> Result<QMatMul, ModelError> {
-    let q = match format {
+fn matmul(q: Arc<QTensor>, format: WeightFormat, device: &Device) -> Result<QMatMul, ModelError> {
+    match format {
         WeightFormat::Q8_0
             if q.dtype() != GgmlDType::Q8_0
                 && q.shape().dims().last().is_some_and(|d| d % 32 == 0) =>
         {
-            QTensor::quantize(&q.dequantize(device)?, GgmlDType::Q8_0)?
+            let requantized = QTensor::quantize(&q.dequantize(device)?, GgmlDType::Q8_0)?;
+            Ok(QMatMul::from_qtensor(requantized)?)
         }
-        _ => q,
-    };
-    Ok(QMatMul::from_qtensor(q)?)
+        _ => Ok(QMatMul::from_arc(q)?),
+    }
 }
 
 /// The parts stacked for one of our kernels, if one fits: Q4_1 as stored (`Native`), or any
 /// type requantized to Q8_0 (`Q8_0`). `None`: candle's matmul runs them.
 fn ours(
-    parts: &[QTensor],
+    parts: &[Arc<QTensor>],
     format: WeightFormat,
     device: &Device,
 ) -> Result<Option<Box<dyn WeightMatrix>>, ModelError> {
@@ -500,7 +531,7 @@ fn ours(
     }
 }
 
-fn rms_norm(q: QTensor, eps: f64, device: &Device) -> Result<RmsNorm, ModelError> {
+fn rms_norm(q: Arc<QTensor>, eps: f64, device: &Device) -> Result<RmsNorm, ModelError> {
     Ok(RmsNorm::new(q.dequantize(device)?, eps))
 }
 
@@ -543,7 +574,6 @@ impl Llama {
         let linear_scaling = gguf
             .string(&key("rope.scaling.type"))
             .is_ok_and(|t| t == "linear");
-        let gemma = family == Family::Gemma3;
         let config = LlamaConfig {
             family,
             n_layer: gguf.u32(&key("block_count"))? as usize,
@@ -568,17 +598,9 @@ impl Llama {
                 _ => 1.0,
             },
             rope: family.rope(),
-            embedding_scale: gemma.then(|| (hidden as f32).sqrt()),
-            activation: if gemma { Gate::GeluTanh } else { Gate::Silu },
-            // llama.cpp's Gemma 3: every sixth layer global, the others local with base 10 000.
-            sliding_window: gguf
-                .u32_opt(&key("attention.sliding_window"))
-                .filter(|_| gemma)
-                .map(|width| SlidingWindow {
-                    width: width as usize,
-                    rope_base: 10_000.0,
-                    global_every: 6,
-                }),
+            embedding_scale: family.embedding_scale(hidden),
+            activation: family.activation(),
+            sliding_window: family.sliding_window(gguf.u32_opt(&key("attention.sliding_window"))),
         };
         let mut ropes = vec![rope_tables(
             &config,
@@ -589,13 +611,12 @@ impl Llama {
         if let Some(window) = config.sliding_window {
             ropes.push(rope_tables(&config, window.rope_base, 1.0, device)?);
         }
-        let embedding_q = tensor(gguf, "token_embd.weight", device)?;
-        let embeddings = Embedding::new(embedding_q.dequantize(device)?, hidden);
+        let embeddings = tensor(gguf, "token_embd.weight", device)?;
         // Small models tie the output projection to the embeddings and store no `output.weight`.
         let output_q = if gguf.content.tensor_infos.contains_key("output.weight") {
             tensor(gguf, "output.weight", device)?
         } else {
-            embedding_q
+            embeddings.clone()
         };
         let output = Projection::new(vec![output_q], format, device)?;
         let norm = rms_norm(
@@ -710,7 +731,7 @@ impl Llama {
             rows.push(r);
         }
         let tokens: Vec<&Tensor> = segments.iter().map(|s| s.tokens).collect();
-        let mut x = self.embeddings.forward(&cat_rows(&tokens)?)?;
+        let mut x = self.embeddings.embedding(&cat_rows(&tokens)?)?;
         if let Some(scale) = self.config.embedding_scale {
             x = (x * f64::from(scale))?;
         }
