@@ -2,13 +2,17 @@
 //! one tiny random model written as a Qwen2 GGUF (Q/K rows as trained, NeoX rotary pairs, q/k/v
 //! biases) and as a llama GGUF (Q/K rows and biases permuted for interleaved pairs, as llama.cpp's
 //! converter stores them) must compute the same logits.
+//!
+//! The same tiny model checks the KV cache's shared prefixes: rows continuing one prefilled
+//! prompt compute what rows with a copy of their own compute.
 
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use ttc_sidecar::engine::llama::{Llama, ModelError, WeightFormat};
+use std::sync::Arc;
+use ttc_sidecar::engine::llama::{KvCache, Llama, ModelError, WeightFormat};
 use ttc_sidecar::gguf::GgufFile;
 
 const VOCAB: usize = 96;
@@ -206,4 +210,84 @@ fn an_unknown_architecture_is_named_in_the_error() {
         Err(other) => panic!("wrong error: {other}"),
         Ok(_) => panic!("mamba loaded as llama"),
     }
+}
+
+#[test]
+fn rows_sharing_a_prefilled_prompt_compute_what_rows_of_their_own_compute() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("llama.gguf");
+    write_gguf(&path, &random_model(), "llama");
+    let mut gguf = GgufFile::open(&path).unwrap();
+    let model = Llama::load(&mut gguf, WeightFormat::Q8_0, &Device::Cpu).unwrap();
+    let tokens = |ids: &[u32], rows: usize| {
+        Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .reshape((rows, ids.len() / rows))
+            .unwrap()
+    };
+    let rows_of = |logits: Tensor| -> Vec<Vec<f32>> { logits.to_vec2().unwrap() };
+    let prompt = [3, 17, 42, 5, 88];
+    // Three continuations: two decode steps, then (the third row alone) two tokens in one pass,
+    // which takes the prompt path over the prefix.
+    let continuations: [[u32; 4]; 3] = [[7, 9, 11, 12], [60, 61, 62, 63], [1, 2, 30, 31]];
+    let alone: Vec<Vec<Vec<f32>>> = continuations
+        .iter()
+        .map(|c| {
+            let mut cache = model.new_cache();
+            model.forward(&tokens(&prompt, 1), &mut cache).unwrap();
+            vec![
+                rows_of(model.forward(&tokens(&c[..1], 1), &mut cache).unwrap()).remove(0),
+                rows_of(model.forward(&tokens(&c[1..2], 1), &mut cache).unwrap()).remove(0),
+                rows_of(model.forward(&tokens(&c[2..], 1), &mut cache).unwrap()).remove(0),
+            ]
+        })
+        .collect();
+    let mut prefix = model.new_cache();
+    model.forward(&tokens(&prompt, 1), &mut prefix).unwrap();
+    let mut shared = KvCache::sharing(Arc::new(prefix), 3).unwrap();
+    assert_eq!(shared.rows(), 3);
+    let step = |i: usize| -> Vec<u32> { continuations.iter().map(|c| c[i]).collect() };
+    let first = rows_of(model.forward(&tokens(&step(0), 3), &mut shared).unwrap());
+    let second = rows_of(model.forward(&tokens(&step(1), 3), &mut shared).unwrap());
+    shared.select_rows(&[2]).unwrap();
+    let third = rows_of(
+        model
+            .forward(&tokens(&continuations[2][2..], 1), &mut shared)
+            .unwrap(),
+    );
+    assert_eq!(shared.len, prompt.len() + 4);
+    let close = |a: &[f32], b: &[f32], what: &str| {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() < 1e-4,
+                "{what}, logit {i}: shared {x} vs own {y}"
+            );
+        }
+    };
+    for row in 0..3 {
+        close(
+            &first[row],
+            &alone[row][0],
+            &format!("row {row}, first step"),
+        );
+        close(
+            &second[row],
+            &alone[row][1],
+            &format!("row {row}, second step"),
+        );
+    }
+    close(
+        &third[0],
+        &alone[2][2],
+        "two tokens in one pass after the prefix",
+    );
+    // A cache of other rows is refused, not misread.
+    let err = model
+        .forward(&tokens(&step(2), 3), &mut shared)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("3 rows of tokens for a cache of 1 rows"),
+        "{err}"
+    );
 }

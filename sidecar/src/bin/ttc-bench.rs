@@ -94,7 +94,7 @@ fn ours(args: &Args, path: &std::path::Path) -> anyhow::Result<Figures> {
         for _ in 0..args.repeats {
             let mut cache = model.new_cache();
             prefill(&mut cache)?;
-            let mut cache = cache.repeat_rows(b)?;
+            let mut cache = KvCache::sharing(std::sync::Arc::new(cache), b)?;
             let t = Instant::now();
             for _ in 0..args.decode_steps {
                 model.forward(&step, &mut cache)?;

@@ -307,7 +307,7 @@ pub struct Llama {
 }
 
 /// One layer's keys and values: buffers of shape (rows, kv heads, capacity, head dim), of which
-/// the first `len` positions (the cache's) are filled. New positions are written in place, so a
+/// the first positions are filled (the cache's, or those after its shared prefix). New positions are written in place, so a
 /// decode step copies only its own keys and values, not the whole history.
 struct LayerKv {
     k: Tensor,
@@ -365,9 +365,17 @@ impl LayerKv {
 /// A contiguous f32 CPU tensor's values, for our kernels.
 fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
+    Ok(f(cpu_f32(&storage, layout)?))
+}
+
+/// The values of a contiguous f32 CPU tensor's storage (held by the caller's guard).
+fn cpu_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
         (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
-            Ok(f(&cpu.as_slice::<f32>()?[start..end]))
+            Ok(&cpu.as_slice::<f32>()?[start..end])
         }
         _ => candle_core::bail!("expected a contiguous f32 tensor on the CPU"),
     }
@@ -375,94 +383,90 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Resu
 
 /// Per-layer keys and values of `rows` sequences that share one position counter.
 ///
-/// Cloning copies the filled positions into buffers of their own (the prefix cache keeps clones
-/// of prefilled prompts while the generation that made them goes on writing).
+/// The samples of one prompt read the prompt's positions from one shared prefix (a one-row cache
+/// behind an `Arc`, also what the prefix cache keeps) and hold only the positions they decoded
+/// themselves: n samples of a long prompt store and stream its keys and values once, not n
+/// times.
 pub struct KvCache {
+    /// Positions `0..shared.len` of every row, when the rows share a prefix.
+    shared: Option<Arc<KvCache>>,
+    /// Each layer's own positions, from the end of the shared prefix on.
     layers: Vec<Option<LayerKv>>,
-    /// Number of positions cached.
+    /// Rows (sequences); 0 until the first pass of a fresh cache.
+    rows: usize,
+    /// Number of positions cached, the shared prefix's included.
     pub len: usize,
 }
 
-/// Positions a new cache has room for before its first growth.
+/// Positions a decoding row's own buffers have room for before their first growth.
 const INITIAL_CAPACITY: usize = 256;
-
-impl Clone for KvCache {
-    fn clone(&self) -> Self {
-        self.map_layers(|l| LayerKv::with_capacity(&l.k, &l.v, self.len, self.len.max(1)))
-            .expect("copying a KV cache of the same shape")
-    }
-}
 
 impl KvCache {
     /// An empty cache for a model of `n_layers` layers.
     pub fn new(n_layers: usize) -> Self {
         Self {
+            shared: None,
             layers: (0..n_layers).map(|_| None).collect(),
+            rows: 0,
             len: 0,
         }
     }
 
-    fn map_layers(
-        &self,
-        f: impl Fn(&LayerKv) -> candle_core::Result<LayerKv>,
-    ) -> candle_core::Result<Self> {
+    /// `rows` rows that all continue `prefix` (a one-row cache of a prefilled prompt without a
+    /// prefix of its own), reading its positions in place rather than copies of them.
+    pub fn sharing(prefix: Arc<KvCache>, rows: usize) -> candle_core::Result<Self> {
+        if prefix.shared.is_some() || prefix.rows > 1 {
+            candle_core::bail!("a shared prefix must be one row with no prefix of its own");
+        }
         Ok(Self {
-            layers: self
-                .layers
-                .iter()
-                .map(|l| l.as_ref().map(&f).transpose())
-                .collect::<candle_core::Result<_>>()?,
-            len: self.len,
+            layers: (0..prefix.layers.len()).map(|_| None).collect(),
+            rows,
+            len: prefix.len,
+            shared: Some(prefix),
         })
     }
 
-    /// Bytes of the cached keys and values (filled positions; buffers may hold more).
+    /// Positions in the shared prefix (0 without one).
+    fn shared_len(&self) -> usize {
+        self.shared.as_ref().map_or(0, |p| p.len)
+    }
+
+    /// Bytes of the cached keys and values (filled positions, the shared prefix's counted once;
+    /// buffers may hold more).
     pub fn bytes(&self) -> usize {
+        let own = self.len - self.shared_len();
         self.layers
             .iter()
             .flatten()
             .map(|l| {
                 let per_position = l.k.elem_count() / l.capacity().max(1);
-                2 * per_position * self.len * l.k.dtype().size_in_bytes()
+                2 * per_position * own * l.k.dtype().size_in_bytes()
             })
-            .sum()
+            .sum::<usize>()
+            + self.shared.as_ref().map_or(0, |p| p.bytes())
     }
 
-    /// Number of rows (sequences) the cache holds; 0 when empty.
+    /// Number of rows (sequences) the cache holds; 0 before the first pass.
     pub fn rows(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map(|l| l.k.dims()[0])
-            .unwrap_or(0)
-    }
-
-    /// Repeats a one-row cache (a prefilled prompt) into `n` identical rows, with room to decode.
-    pub fn repeat_rows(&self, n: usize) -> candle_core::Result<Self> {
-        let capacity = self.len + INITIAL_CAPACITY;
-        self.map_layers(|l| {
-            let k = l.k.narrow(2, 0, self.len)?.repeat((n, 1, 1, 1))?;
-            let v = l.v.narrow(2, 0, self.len)?.repeat((n, 1, 1, 1))?;
-            LayerKv::with_capacity(&k, &v, self.len, capacity)
-        })
+        self.rows
     }
 
     /// Keeps only the given rows, in the given order (rows that finished leave the batch).
     pub fn select_rows(&mut self, rows: &[u32]) -> candle_core::Result<()> {
-        let Some(device) = self
+        if let Some(device) = self
             .layers
             .iter()
             .flatten()
             .next()
             .map(|l| l.k.device().clone())
-        else {
-            return Ok(());
-        };
-        let index = Tensor::new(rows, &device)?;
-        for layer in self.layers.iter_mut().flatten() {
-            layer.k = layer.k.index_select(&index, 0)?;
-            layer.v = layer.v.index_select(&index, 0)?;
+        {
+            let index = Tensor::new(rows, &device)?;
+            for layer in self.layers.iter_mut().flatten() {
+                layer.k = layer.k.index_select(&index, 0)?;
+                layer.v = layer.v.index_select(&index, 0)?;
+            }
         }
+        self.rows = rows.len();
         Ok(())
     }
 }
@@ -720,6 +724,13 @@ impl Llama {
                 ))
                 .into());
             }
+            if segment.cache.rows != 0 && segment.cache.rows != r {
+                return Err(candle_core::Error::Msg(format!(
+                    "{r} rows of tokens for a cache of {} rows",
+                    segment.cache.rows
+                ))
+                .into());
+            }
             let end = segment.cache.len + seq_len;
             if end > self.config.context_length {
                 return Err(candle_core::Error::Msg(format!(
@@ -757,14 +768,23 @@ impl Llama {
             let mut start = 0;
             let mut attended = Vec::with_capacity(segments.len());
             for (segment, &r) in segments.iter_mut().zip(&rows) {
-                let pos = segment.cache.len;
-                let slot = &mut segment.cache.layers[index];
+                let cache = &mut *segment.cache;
+                let prefix = match &cache.shared {
+                    Some(shared) => Some((
+                        shared.layers[index].as_ref().ok_or_else(|| {
+                            candle_core::Error::Msg("a shared prefix without this layer".into())
+                        })?,
+                        shared.len,
+                    )),
+                    None => None,
+                };
                 let (q, k, v) = (
                     q.narrow(0, start, r)?,
                     k.narrow(0, start, r)?,
                     v.narrow(0, start, r)?,
                 );
-                attended.push(self.attend(layer, &q, &k, &v, slot, pos)?);
+                let slot = &mut cache.layers[index];
+                attended.push(self.attend(layer, &q, &k, &v, slot, prefix, cache.len)?);
                 start += r;
             }
             let attended: Vec<&Tensor> = attended.iter().collect();
@@ -778,8 +798,9 @@ impl Llama {
             let h = post_norm(&layer.post_ffn_norm, layer.w_down.forward_one(&gated)?)?;
             x = (h + x1)?;
         }
-        for segment in segments.iter_mut() {
+        for (segment, &r) in segments.iter_mut().zip(&rows) {
             segment.cache.len += seq_len;
+            segment.cache.rows = r;
         }
         // The last position's slice is strided when rows > 1; the matmul needs it contiguous.
         let last = x.i((.., seq_len - 1, ..))?.contiguous()?;
@@ -798,7 +819,9 @@ impl Llama {
     }
 
     /// Attention of `q`, `k`, `v` (rows, new positions, heads x head dim) after the `pos`
-    /// positions `slot` holds; appends `k` and `v` to it. Returns (rows, new, heads x head dim).
+    /// positions cached: those of the shared `prefix` (its layer and length), if any, then those
+    /// `slot` holds; appends `k` and `v` to `slot`. Returns (rows, new, heads x head dim).
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         layer: &Layer,
@@ -806,6 +829,7 @@ impl Llama {
         k: &Tensor,
         v: &Tensor,
         slot: &mut Option<LayerKv>,
+        prefix: Option<(&LayerKv, usize)>,
         pos: usize,
     ) -> Result<Tensor, ModelError> {
         let c = &self.config;
@@ -831,16 +855,23 @@ impl Llama {
             RopeLayout::Neox => candle_nn::rotary_emb::rope,
         };
         let (q, k) = (rope(&q, &cos, &sin)?, rope(&k, &cos, &sin)?);
+        let shared = prefix.map_or(0, |(_, len)| len);
         let layer_kv = match slot {
             Some(layer_kv) => layer_kv,
+            // A prompt's prefill gets room for its own positions only (it usually becomes a
+            // shared prefix); decoded rows get room to grow.
             None => slot.insert(LayerKv::with_capacity(
                 &k,
                 &v,
                 0,
-                seq_len + INITIAL_CAPACITY,
+                if seq_len > 1 {
+                    seq_len
+                } else {
+                    INITIAL_CAPACITY
+                },
             )?),
         };
-        layer_kv.write(&k, &v, pos)?;
+        layer_kv.write(&k, &v, pos - shared)?;
         if seq_len == 1 && self.device.is_cpu() {
             // A decode step: our kernel, straight over the cache buffers.
             let shape = attention::DecodeShape {
@@ -849,21 +880,43 @@ impl Llama {
                 kv_heads: c.n_kv_head,
                 head_dim: c.head_dim,
                 capacity: layer_kv.capacity(),
+                shared,
+                shared_capacity: prefix.map_or(0, |(p, _)| p.capacity()),
                 len: pos + 1,
                 start: layer.window.map_or(0, |w| (pos + 1).saturating_sub(w)),
             };
-            let y = with_cpu_f32(&q.contiguous()?, |q| {
-                with_cpu_f32(&layer_kv.k, |k| {
-                    with_cpu_f32(&layer_kv.v, |v| attention::decode(q, k, v, shape))
-                })
-            })???;
+            let q = q.contiguous()?;
+            let guards = [&q, &layer_kv.k, &layer_kv.v].map(Tensor::storage_and_layout);
+            let [q, k, v] = [0, 1, 2].map(|i| cpu_f32(&guards[i].0, guards[i].1));
+            let prefix_guards = prefix.map(|(p, _)| [&p.k, &p.v].map(Tensor::storage_and_layout));
+            let prefix = match &prefix_guards {
+                Some([k, v]) => Some(attention::Kv {
+                    k: cpu_f32(&k.0, k.1)?,
+                    v: cpu_f32(&v.0, v.1)?,
+                }),
+                None => None,
+            };
+            let y = attention::decode(q?, attention::Kv { k: k?, v: v? }, prefix, shape);
             return Ok(Tensor::from_vec(
                 y,
                 (rows, 1, c.n_head * c.head_dim),
                 &self.device,
             )?);
         }
-        let (k, v) = layer_kv.filled(pos + seq_len)?;
+        let (k, v) = layer_kv.filled(pos + seq_len - shared)?;
+        // Prompts after a shared prefix (rare: continuing a sampled batch by several tokens) see
+        // the prefix copied in front of their own positions.
+        let (k, v) = match prefix {
+            Some((p, len)) => {
+                let (pk, pv) = p.filled(len)?;
+                let joined = |prefix: Tensor, own: Tensor| {
+                    let shape = (rows, c.n_kv_head, len, c.head_dim);
+                    Tensor::cat(&[&prefix.broadcast_as(shape)?.contiguous()?, &own], 2)
+                };
+                (joined(pk, k)?, joined(pv, v)?)
+            }
+            None => (k, v),
+        };
         let group = c.n_head / c.n_kv_head;
         let total = k.dims()[2];
         // Grouped-query attention: fold the query heads that share a KV head into the sequence

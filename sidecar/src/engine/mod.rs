@@ -15,7 +15,7 @@ pub mod stop;
 pub mod worker;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
@@ -420,7 +420,10 @@ impl Generation {
         engine.check(&request)?;
         // A prompt prefilled before starts from its keys, values and last logits.
         let (cache, logits) = match engine.prefixes().get(&request.prompt) {
-            Some(prefill) => (prefill.cache.repeat_rows(request.n)?, Some(prefill.logits)),
+            Some(prefill) => (
+                KvCache::sharing(prefill.cache, request.n)?,
+                Some(prefill.logits),
+            ),
             None => (engine.model.new_cache(), None),
         };
         let rows = (0..request.n)
@@ -483,14 +486,17 @@ impl Generation {
                 let prompt =
                     Tensor::new(self.request.prompt.as_slice(), model.device())?.unsqueeze(0)?;
                 let logits = model.forward(&prompt, &mut self.cache)?;
+                // The prompt's keys and values become the prefix every sample reads, and the
+                // prefix cache's entry: one copy of them however many rows continue.
+                let prefix = Arc::new(std::mem::replace(&mut self.cache, model.new_cache()));
                 engine.prefixes().insert(
                     &self.request.prompt,
                     Prefill {
-                        cache: self.cache.clone(),
+                        cache: prefix.clone(),
                         logits: logits.clone(),
                     },
                 );
-                self.cache = self.cache.repeat_rows(self.rows.len())?;
+                self.cache = KvCache::sharing(prefix, self.rows.len())?;
                 self.passes.push(ForwardPass {
                     tokens: self.request.prompt.len(),
                     elapsed: started.elapsed(),

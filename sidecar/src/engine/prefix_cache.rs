@@ -6,14 +6,15 @@
 //! evicted least recently used first, within a byte budget.
 
 use candle_core::Tensor;
+use std::sync::Arc;
 
 use super::llama::KvCache;
 
 /// One prefilled prompt.
 #[derive(Clone)]
 pub struct Prefill {
-    /// Keys and values of the prompt (one row).
-    pub cache: KvCache,
+    /// Keys and values of the prompt (one row), shared with the generations that continue it.
+    pub cache: Arc<KvCache>,
     /// Logits of the prompt's last position (one row).
     pub logits: Tensor,
 }
@@ -114,7 +115,7 @@ mod tests {
 
     fn prefill(values: usize) -> Prefill {
         Prefill {
-            cache: KvCache::new(0),
+            cache: Arc::new(KvCache::new(0)),
             logits: Tensor::zeros(values, DType::F32, &Device::Cpu).unwrap(),
         }
     }
