@@ -23,8 +23,14 @@ pub fn gated(fused: &[f32], rows: usize, width: usize, gate: Gate) -> Vec<f32> {
     assert_eq!(fused.len(), rows * 2 * width, "rows x (gate | up) expected");
     let mut out = vec![0f32; rows * width];
     let out_ptr = OutPtr(out.as_mut_ptr());
-    // Chunks of at least 4096 values, so that small steps stay on one thread.
-    let chunk = 4096usize.div_ceil(width).max(1);
+    // Chunks of up to 4096 values, so that one row stays on one thread, but at least two
+    // chunks per thread where there are rows enough (a batch of 8 rows in three chunks would
+    // leave one of two threads idle a third of the time).
+    let threads = candle_core::utils::barrier_pool().n_workers() + 1;
+    let chunk = 4096usize
+        .div_ceil(width)
+        .min(rows.div_ceil(2 * threads))
+        .max(1);
     let items = rows.div_ceil(chunk);
     candle_core::utils::barrier_pool().execute_chunked(items, |range| {
         let out_ptr = &out_ptr;

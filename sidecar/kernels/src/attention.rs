@@ -161,16 +161,7 @@ fn heads(
         at += keys.len() / d;
     }
     for scores in scores.chunks_exact_mut(n) {
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for score in scores.iter_mut() {
-            *score = crate::activation::exp(*score - max);
-            sum += *score;
-        }
-        let inverse = 1.0 / sum;
-        for score in scores.iter_mut() {
-            *score *= inverse;
-        }
+        softmax(scores);
     }
     let mut at = 0;
     for (_, values) in runs() {
@@ -188,6 +179,42 @@ fn heads(
             continue;
         }
         weighted_sum(values, scores, n, d, out);
+    }
+}
+
+/// Softmax in place, with the maximum and the sum kept in 16 lanes so that the loops vectorise
+/// (a single running sum is a chain the compiler may not reorder).
+fn softmax(scores: &mut [f32]) {
+    const LANES: usize = 16;
+    let mut max = [f32::NEG_INFINITY; LANES];
+    let chunks = scores.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for chunk in chunks {
+        for (m, &x) in max.iter_mut().zip(chunk) {
+            *m = m.max(x);
+        }
+    }
+    let max = max.into_iter().fold(tail, f32::max);
+    let mut sums = [0f32; LANES];
+    let mut chunks = scores.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (s, x) in sums.iter_mut().zip(chunk) {
+            *x = crate::activation::exp(*x - max);
+            *s += *x;
+        }
+    }
+    let mut sum: f32 = sums.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = crate::activation::exp(*x - max);
+        sum += *x;
+    }
+    let inverse = 1.0 / sum;
+    for x in scores {
+        *x *= inverse;
     }
 }
 
