@@ -307,8 +307,8 @@ pub struct Llama {
 }
 
 /// One layer's keys and values: buffers of shape (rows, kv heads, capacity, head dim), of which
-/// the first positions are filled (the cache's, or those after its shared prefix). New positions are written in place, so a
-/// decode step copies only its own keys and values, not the whole history.
+/// the first positions are filled (the cache's, or those after its shared prefix). New positions
+/// are written in place, so a decode step copies only its own keys and values, not the history.
 struct LayerKv {
     k: Tensor,
     v: Tensor,

@@ -1,7 +1,7 @@
 //! The inference engine: a loaded model plus shared-prefix batched sampling.
 //!
-//! A request for `n` samples prefills its prompt once, copies the prompt's KV cache into `n` rows,
-//! and decodes the rows in lock-step; a row that stops (end of turn, stop string, token limit)
+//! A request for `n` samples prefills its prompt once, shares the prompt's KV cache with `n` rows
+//! (one copy, read by all: [`llama::KvCache::sharing`]), and decodes the rows in lock-step; a row that stops (end of turn, stop string, token limit)
 //! leaves the batch so the others run cheaper. [`Generation`] is a resumable state machine
 //! (sample, then decode), so the [`worker`] can run the decode steps of concurrent requests as one
 //! shared pass ([`decode_together`]). Prefilled prompts are kept

@@ -12,8 +12,8 @@
 //! passes it sees, a pass of k rows costs 1 + beta (k - 1) passes of one row. Drawing d of m
 //! samples in windows of w then costs about (d / w) (1 + beta (w - 1)) against 1 + beta (m - 1)
 //! for one batch, so windows pay while d / m stays below
-//! w (1 + beta (m - 1)) / (m (1 + beta (w - 1))): 0.51 for windows of 2 of 8 on this project's
-//! CPU engine (beta about 0.2), 1 where rows cost the same alone or together (beta = 1). Until
+//! w (1 + beta (m - 1)) / (m (1 + beta (w - 1))): 0.39 for windows of 2 of 8 on this project's
+//! CPU engine (beta about 0.1: 8 rows cost 1.7 one-row passes), 1 where rows cost the same alone or together (beta = 1). Until
 //! it has measured beta it uses `batch_above_drawn_share`.
 
 use serde::{Deserialize, Serialize};
