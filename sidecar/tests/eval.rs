@@ -46,10 +46,15 @@ async fn small_evaluation_writes_results_that_parse() {
         .await
         .expect("the evaluation runs");
 
-    // greedy, the model-size point, vote@1, vote@2, early-stop, adaptive, and best-of-N checked
-    // by the checking tool over HTTP (the family has no schema).
+    // greedy, the model-size point, vote@1, vote@2, early-stop, adaptive (without and with the
+    // checking tool), and best-of-N checked by the checking tool over HTTP (the family has no
+    // schema).
     let labels: Vec<&str> = report.results.iter().map(|r| r.label.as_str()).collect();
-    assert_eq!(labels.len(), 7, "{labels:?}");
+    assert_eq!(labels.len(), 8, "{labels:?}");
+    assert!(
+        labels.contains(&"adaptive(=vote@2 J)") && labels.contains(&"adaptive+tool(=vote@2 J)"),
+        "{labels:?}"
+    );
     let answers = |label: &str| {
         let r = report.results.iter().find(|r| r.label == label);
         let r = r.unwrap_or_else(|| panic!("{label} in {labels:?}"));
@@ -89,7 +94,14 @@ async fn small_evaluation_writes_results_that_parse() {
         .expect("vote@2");
     let pass2 = vote2.pass_at_k.expect("pass@k on vote rows");
     assert!((0.0..=1.0).contains(&pass2.value) && pass2.k == 2);
-    assert!(!report.findings.is_empty());
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|f| f.contains("uniform best-of-2 with the same tool")),
+        "{:#?}",
+        report.findings
+    );
     let table = eval::report::table(&report);
     assert_eq!(table.lines().count(), 2 + report.results.len(), "{table}");
 

@@ -137,12 +137,16 @@ pub enum Configuration {
         /// Agreement threshold.
         agreement: f64,
     },
-    /// Policy Adaptive (difficulty-aware, with the family's verifier if any) under an allocation.
+    /// Policy Adaptive (difficulty-aware) under an allocation: voting, or best-of-N where it has
+    /// a verifier.
     Adaptive {
         /// Joules per request allocated to the pod.
         allocation_joules: f64,
         /// The vote depth whose measured mean joules set the allocation.
         reference_depth: usize,
+        /// The verifier the policy names, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        verifier: Option<EvalVerifier>,
     },
     /// Greedy on another model than the report's: a model-size point (the result's `model`
     /// names it).
@@ -178,8 +182,17 @@ impl Configuration {
             Self::Vote { k } => format!("vote@{k}"),
             Self::EarlyStop { max_samples, .. } => format!("early-stop@{max_samples}"),
             Self::Adaptive {
-                reference_depth, ..
-            } => format!("adaptive(=vote@{reference_depth} J)"),
+                reference_depth,
+                verifier,
+                ..
+            } => {
+                let checked = match verifier {
+                    None => "",
+                    Some(EvalVerifier::Schema) => "+schema",
+                    Some(EvalVerifier::Tool) => "+tool",
+                };
+                format!("adaptive{checked}(=vote@{reference_depth} J)")
+            }
             Self::BestOfN {
                 max_samples,
                 verifier: EvalVerifier::Schema,
@@ -435,48 +448,58 @@ pub async fn run(
             .iter()
             .find(|r| r.configuration == Configuration::Vote { k: reference_depth })
             .map_or(0.0, |r| r.mean_joules);
-        let adaptive = Configuration::Adaptive {
-            allocation_joules,
-            reference_depth,
-        };
-        let policy = TtcPolicy {
-            strategy: TtcStrategy::Adaptive,
-            min_samples: 1,
-            max_samples: settings.max_samples as u32,
-            early_stop_agreement: settings.early_stop_agreement,
-            difficulty_aware: true,
-            verifier: family.verifier(),
-            ..TtcPolicy::default()
-        };
-        let records = run_service(
-            engine,
-            settings,
-            &prepared,
-            policy,
-            Some(allocation_joules),
-            sampled,
-        )
-        .await?;
-        family_results.push(summarise(family, adaptive, records));
-        progress(&progress_line(family_results.last()));
-
+        let tool = checker
+            .as_ref()
+            .filter(|_| family.is_tool_checkable())
+            .map(|c| VerifierSpec {
+                http: Some(HttpVerifierSpec {
+                    url: c.url(),
+                    timeout_ms: 2000,
+                    accept_score: 0.5,
+                }),
+                ..VerifierSpec::default()
+            });
         let verifiers = [
             family.verifier().map(|spec| (EvalVerifier::Schema, spec)),
-            checker
-                .as_ref()
-                .filter(|_| family.is_tool_checkable())
-                .map(|c| {
-                    let spec = VerifierSpec {
-                        http: Some(HttpVerifierSpec {
-                            url: c.url(),
-                            timeout_ms: 2000,
-                            accept_score: 0.5,
-                        }),
-                        ..VerifierSpec::default()
-                    };
-                    (EvalVerifier::Tool, spec)
-                }),
+            tool.map(|spec| (EvalVerifier::Tool, spec)),
         ];
+        // The controller under the allocation: with the family's own verifier (if any), and
+        // again with the checking tool where one applies, to compare with uniform best-of-k.
+        let mut adaptive_runs = vec![(
+            family.verifier().map(|_| EvalVerifier::Schema),
+            family.verifier(),
+        )];
+        if let Some((kind, spec)) = &verifiers[1] {
+            adaptive_runs.push((Some(*kind), Some(spec.clone())));
+        }
+        for (kind, verifier) in adaptive_runs {
+            let adaptive = Configuration::Adaptive {
+                allocation_joules,
+                reference_depth,
+                verifier: kind,
+            };
+            let policy = TtcPolicy {
+                strategy: TtcStrategy::Adaptive,
+                min_samples: 1,
+                max_samples: settings.max_samples as u32,
+                early_stop_agreement: settings.early_stop_agreement,
+                difficulty_aware: true,
+                verifier,
+                ..TtcPolicy::default()
+            };
+            let records = run_service(
+                engine,
+                settings,
+                &prepared,
+                policy,
+                Some(allocation_joules),
+                sampled,
+            )
+            .await?;
+            family_results.push(summarise(family, adaptive, records));
+            progress(&progress_line(family_results.last()));
+        }
+
         for (kind, spec) in verifiers.into_iter().flatten() {
             let policy = TtcPolicy {
                 strategy: TtcStrategy::BestOfN,
@@ -805,6 +828,13 @@ mod tests {
             Configuration::Adaptive {
                 allocation_joules: 1.0,
                 reference_depth: 4,
+                verifier: None,
+            }
+            .label(),
+            Configuration::Adaptive {
+                allocation_joules: 1.0,
+                reference_depth: 4,
+                verifier: Some(EvalVerifier::Tool),
             }
             .label(),
             Configuration::BestOfN {
