@@ -180,6 +180,9 @@ pub struct BudgetController {
     /// Mean samples actually drawn per sample limit (index = limit), learned; a limit not yet
     /// seen is assumed to draw in full.
     drawn_by_limit: Vec<Option<f64>>,
+    /// Mean windows drawn per sample limit, learned the same way; a limit not yet seen is
+    /// assumed to draw one batch.
+    windows_by_limit: Vec<Option<f64>>,
     /// Requests planned but not yet recorded, and their predicted joules: counted in the debt
     /// so that concurrent requests do not all spend the same surplus.
     in_flight: usize,
@@ -200,7 +203,7 @@ pub struct FinishedRequest {
     pub degraded: bool,
 }
 
-/// Weight of the newest request in the mean samples drawn per sample limit.
+/// Weight of the newest request in the mean samples (and windows) drawn per sample limit.
 const DRAWN_ALPHA: f64 = 0.1;
 
 impl BudgetController {
@@ -216,6 +219,7 @@ impl BudgetController {
             mean_value: None,
             last_state: BudgetState::Unbounded,
             drawn_by_limit: Vec::new(),
+            windows_by_limit: Vec::new(),
             in_flight: 0,
             in_flight_joules: 0.0,
         }
@@ -265,6 +269,7 @@ impl BudgetController {
             DepthUnit::Samples => self.cost.predict_samples(
                 request.prompt_tokens,
                 self.expected_drawn(depth),
+                self.expected_windows(depth),
                 request.bounds.max_tokens,
             ),
             DepthUnit::ReasoningTokens => self.cost.predict_tokens(
@@ -403,12 +408,24 @@ impl BudgetController {
     /// Mean samples a limit of `limit` draws, as learned; never more than the limit and never
     /// less than what a smaller limit draws, so predicted cost still grows with the limit.
     pub fn expected_drawn(&self, limit: usize) -> f64 {
-        let mut drawn: f64 = 0.0;
+        Self::learned_up_to(&self.drawn_by_limit, limit, |l| l as f64)
+    }
+
+    /// Mean windows a limit of `limit` draws, as learned (one batch where not yet seen), never
+    /// fewer than a smaller limit's.
+    pub fn expected_windows(&self, limit: usize) -> f64 {
+        Self::learned_up_to(&self.windows_by_limit, limit, |_| 1.0)
+    }
+
+    /// The largest learned mean (`unseen` where none) over limits 1..=limit, capped by each
+    /// limit and at least 1 for a positive limit.
+    fn learned_up_to(means: &[Option<f64>], limit: usize, unseen: impl Fn(usize) -> f64) -> f64 {
+        let mut value: f64 = 0.0;
         for l in 1..=limit {
-            let learned = self.drawn_by_limit.get(l).copied().flatten();
-            drawn = drawn.max(learned.unwrap_or(l as f64).min(l as f64));
+            let learned = means.get(l).copied().flatten();
+            value = value.max(learned.unwrap_or_else(|| unseen(l)).min(l as f64));
         }
-        drawn.max(limit.min(1) as f64)
+        value.max(limit.min(1) as f64)
     }
 
     /// Forgets a planned request that will never be recorded (it never ran), so it stops
@@ -431,15 +448,19 @@ impl BudgetController {
         let degraded = finished.degraded;
         self.cost.observe(observation);
         if let Some(limit) = sample_limit.filter(|l| (1..=1024).contains(l)) {
-            if self.drawn_by_limit.len() <= limit {
-                self.drawn_by_limit.resize(limit + 1, None);
-            }
-            let drawn = observation.samples.min(limit) as f64;
-            let slot = &mut self.drawn_by_limit[limit];
-            *slot = Some(match *slot {
-                Some(mean) => mean + DRAWN_ALPHA * (drawn - mean),
-                None => drawn,
-            });
+            let learn = |means: &mut Vec<Option<f64>>, value: usize| {
+                if means.len() <= limit {
+                    means.resize(limit + 1, None);
+                }
+                let value = value.min(limit) as f64;
+                let slot = &mut means[limit];
+                *slot = Some(match *slot {
+                    Some(mean) => mean + DRAWN_ALPHA * (value - mean),
+                    None => value,
+                });
+            };
+            learn(&mut self.drawn_by_limit, observation.samples);
+            learn(&mut self.windows_by_limit, observation.windows.max(1));
         }
         if !observation.joules.is_finite() || observation.joules < 0.0 {
             return;
@@ -515,9 +536,10 @@ mod tests {
         let mut depths = Vec::new();
         for _ in 0..requests {
             let choice = controller.choose(&request(1.0));
-            let tokens: usize = (0..choice.samples)
+            let lengths: Vec<usize> = (0..choice.samples)
                 .map(|_| 20 + rng.below(21) as usize)
-                .sum();
+                .collect();
+            let tokens: usize = lengths.iter().sum();
             let joules = (1.0 + 0.02 * 40.0 + 0.04 * tokens as f64) * (0.9 + 0.2 * rng.unit());
             controller.record(&FinishedRequest {
                 observation: CostObservation {
@@ -525,6 +547,8 @@ mod tests {
                     prompt_tokens: 40,
                     completion_tokens: tokens,
                     samples: choice.samples,
+                    windows: 1,
+                    decode_passes: lengths.iter().max().copied().unwrap_or(0),
                 },
                 sample_limit: Some(choice.samples),
                 predicted_joules: choice.predicted_joules,
@@ -597,9 +621,10 @@ mod tests {
                 (0..16).map(|_| controller.choose(&request(1.0))).collect();
             assert_eq!(controller.in_flight, 16);
             for choice in choices {
-                let tokens: usize = (0..choice.samples)
+                let lengths: Vec<usize> = (0..choice.samples)
                     .map(|_| 20 + rng.below(21) as usize)
-                    .sum();
+                    .collect();
+                let tokens: usize = lengths.iter().sum();
                 let joules = (1.8 + 0.04 * tokens as f64) * (0.9 + 0.2 * rng.unit());
                 joules_log.push(joules);
                 controller.record(&FinishedRequest {
@@ -608,6 +633,8 @@ mod tests {
                         prompt_tokens: 40,
                         completion_tokens: tokens,
                         samples: choice.samples,
+                        windows: 1,
+                        decode_passes: lengths.iter().max().copied().unwrap_or(0),
                     },
                     sample_limit: Some(choice.samples),
                     predicted_joules: choice.predicted_joules,
@@ -699,6 +726,7 @@ mod tests {
             cost_prior: CostPrior {
                 fixed_joules: 1.0,
                 joules_per_prompt_token: 0.0,
+                joules_per_decode_pass: 0.0,
                 joules_per_completion_token: 0.01,
                 tokens_per_sample: 10.0,
             },

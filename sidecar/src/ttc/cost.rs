@@ -1,10 +1,16 @@
 //! What depth costs: a model of joules per request learned online from what the meter measured.
 //!
-//! Joules are modelled as `fixed + per_prompt_token * prompt_tokens + per_completion_token *
-//! completion_tokens`, fitted by least squares over exponentially forgotten requests (so it
-//! follows changes in clocks, batch sizes and co-tenants), coefficients kept non-negative. The
-//! tokens a sample generates are tracked as an exponentially weighted mean, so the cost of a
-//! depth not yet tried can be predicted.
+//! Joules are modelled as `fixed + per_prompt_token * prompt_tokens + per_pass * decode_passes +
+//! per_completion_token * completion_tokens`, fitted by least squares over exponentially
+//! forgotten requests (so it follows changes in clocks, batch sizes and co-tenants),
+//! coefficients kept non-negative. Passes and tokens are separate because the engine batches: a
+//! window of 8 samples runs as many decode passes as its longest sample, each pass streaming
+//! the weights once for all 8 rows, so an extra row costs a fraction of a pass (on this
+//! project's CPU engine 8 rows cost 1.7 one-row passes). A model in tokens alone would price 8
+//! samples at 8 times one and keep requests shallower than the budget allows. The tokens a
+//! sample generates and the passes a window runs are tracked as exponentially weighted means
+//! (starting from the first request, not the prior), so the cost of a depth not yet tried can
+//! be predicted.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,7 +26,9 @@ pub struct CostPrior {
     pub fixed_joules: f64,
     /// Joules per prompt token.
     pub joules_per_prompt_token: f64,
-    /// Joules per generated token.
+    /// Joules per decode pass (one token for every row of a window).
+    pub joules_per_decode_pass: f64,
+    /// Joules per generated token on top of its pass (an extra row's share).
     pub joules_per_completion_token: f64,
     /// Generated tokens per sample.
     pub tokens_per_sample: f64,
@@ -28,15 +36,20 @@ pub struct CostPrior {
 
 impl Default for CostPrior {
     fn default() -> Self {
-        // A small model on two CPU cores: ~25 W, ~200 prefill and ~100 decode tokens/s.
+        // A small model on two CPU cores at ~25 W: ~1000 prefill tokens/s, ~200 one-row decode
+        // passes/s, an extra row about a tenth of a pass.
         Self {
-            fixed_joules: 0.5,
-            joules_per_prompt_token: 0.1,
-            joules_per_completion_token: 0.25,
+            fixed_joules: 0.2,
+            joules_per_prompt_token: 0.025,
+            joules_per_decode_pass: 0.12,
+            joules_per_completion_token: 0.012,
             tokens_per_sample: 32.0,
         }
     }
 }
+
+/// Features of the regression: constant, prompt tokens, decode passes, completion tokens.
+const FEATURES: usize = 4;
 
 /// One measured request, as the cost model learns from it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -50,22 +63,29 @@ pub struct CostObservation {
     pub completion_tokens: usize,
     /// Samples drawn.
     pub samples: usize,
+    /// Windows (batches of samples) drawn.
+    pub windows: usize,
+    /// Decode passes: each window's longest sample, summed.
+    pub decode_passes: usize,
 }
 
 /// The learned cost of depth.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DepthCost {
-    /// The prior coefficients (fixed, per scaled prompt token, per scaled completion token).
-    prior: [f64; 3],
+    /// The prior coefficients (fixed, then per scaled prompt token, pass and completion token).
+    prior: [f64; FEATURES],
     /// Exponentially weighted sufficient statistics of the least-squares fit: X'X and X'y.
-    xtx: [[f64; 3]; 3],
-    xty: [f64; 3],
+    xtx: [[f64; FEATURES]; FEATURES],
+    xty: [f64; FEATURES],
     /// The current fit.
-    theta: [f64; 3],
+    theta: [f64; FEATURES],
     decay: f64,
     ridge: f64,
     tokens_per_sample: f64,
-    tokens_alpha: f64,
+    /// Decode passes per window.
+    passes_per_window: f64,
+    /// Weight of the newest request in the two means above.
+    mean_alpha: f64,
     observations: u64,
 }
 
@@ -77,10 +97,14 @@ pub struct DepthCostReport {
     pub fixed_joules: f64,
     /// Joules per prompt token.
     pub joules_per_prompt_token: f64,
-    /// Joules per generated token.
+    /// Joules per decode pass.
+    pub joules_per_decode_pass: f64,
+    /// Joules per generated token on top of its pass.
     pub joules_per_completion_token: f64,
     /// Generated tokens per sample (weighted mean).
     pub tokens_per_sample: f64,
+    /// Decode passes per window (weighted mean).
+    pub passes_per_window: f64,
     /// Requests learned from.
     pub observations: u64,
 }
@@ -91,12 +115,13 @@ impl DepthCost {
         let prior_theta = [
             prior.fixed_joules.max(0.0),
             prior.joules_per_prompt_token.max(0.0) * TOKEN_SCALE,
+            prior.joules_per_decode_pass.max(0.0) * TOKEN_SCALE,
             prior.joules_per_completion_token.max(0.0) * TOKEN_SCALE,
         ];
         Self {
             prior: prior_theta,
-            xtx: [[0.0; 3]; 3],
-            xty: [0.0; 3],
+            xtx: [[0.0; FEATURES]; FEATURES],
+            xty: [0.0; FEATURES],
             theta: prior_theta,
             // About the last 50 requests count: follows clock, batch and co-tenant changes.
             decay: 0.98,
@@ -104,7 +129,8 @@ impl DepthCost {
             // leaves open (a prompt length that never varies, say).
             ridge: 0.1,
             tokens_per_sample: prior.tokens_per_sample.max(1.0),
-            tokens_alpha: 0.05,
+            passes_per_window: prior.tokens_per_sample.max(1.0),
+            mean_alpha: 0.05,
             observations: 0,
         }
     }
@@ -114,52 +140,72 @@ impl DepthCost {
         if !observation.joules.is_finite() || observation.joules < 0.0 {
             return;
         }
-        let x = [
-            1.0,
-            observation.prompt_tokens as f64 / TOKEN_SCALE,
-            observation.completion_tokens as f64 / TOKEN_SCALE,
-        ];
-        for i in 0..3 {
-            for j in 0..3 {
+        let x = Self::features(
+            observation.prompt_tokens as f64,
+            observation.decode_passes as f64,
+            observation.completion_tokens as f64,
+        );
+        for i in 0..FEATURES {
+            for j in 0..FEATURES {
                 self.xtx[i][j] = self.decay * self.xtx[i][j] + x[i] * x[j];
             }
             self.xty[i] = self.decay * self.xty[i] + x[i] * observation.joules;
         }
         self.theta = self.fit();
+        // The first request replaces the prior's guesses; later ones move the means.
+        let alpha = if self.observations == 0 {
+            1.0
+        } else {
+            self.mean_alpha
+        };
         if observation.samples > 0 {
             let per_sample = observation.completion_tokens as f64 / observation.samples as f64;
-            self.tokens_per_sample += self.tokens_alpha * (per_sample - self.tokens_per_sample);
+            self.tokens_per_sample += alpha * (per_sample - self.tokens_per_sample);
             self.tokens_per_sample = self.tokens_per_sample.max(1.0);
+        }
+        if observation.windows > 0 {
+            let per_window = observation.decode_passes as f64 / observation.windows as f64;
+            self.passes_per_window += alpha * (per_window - self.passes_per_window);
+            self.passes_per_window = self.passes_per_window.max(1.0);
         }
         self.observations += 1;
     }
 
+    fn features(prompt_tokens: f64, passes: f64, completion_tokens: f64) -> [f64; FEATURES] {
+        [
+            1.0,
+            prompt_tokens / TOKEN_SCALE,
+            passes.max(0.0) / TOKEN_SCALE,
+            completion_tokens.max(0.0) / TOKEN_SCALE,
+        ]
+    }
+
     /// Ridge least squares towards the prior with non-negative coefficients (joules never fall
-    /// as tokens grow): the exact optimum over the 8 faces of the non-negative orthant.
-    fn fit(&self) -> [f64; 3] {
+    /// as tokens grow): the exact optimum over the faces of the non-negative orthant.
+    fn fit(&self) -> [f64; FEATURES] {
         let mut a = self.xtx;
         let mut b = self.xty;
-        for i in 0..3 {
+        for i in 0..FEATURES {
             a[i][i] += self.ridge;
             b[i] += self.ridge * self.prior[i];
         }
-        let objective = |t: &[f64; 3]| {
+        let objective = |t: &[f64; FEATURES]| {
             let mut f = 0.0;
-            for i in 0..3 {
-                for j in 0..3 {
+            for i in 0..FEATURES {
+                for j in 0..FEATURES {
                     f += t[i] * a[i][j] * t[j];
                 }
                 f -= 2.0 * b[i] * t[i];
             }
             f
         };
-        let mut best = ([0.0; 3], 0.0);
-        for mask in 1u8..8 {
-            let free: Vec<usize> = (0..3).filter(|i| mask & (1 << i) != 0).collect();
+        let mut best = ([0.0; FEATURES], 0.0);
+        for mask in 1u8..(1 << FEATURES) {
+            let free: Vec<usize> = (0..FEATURES).filter(|i| mask & (1 << i) != 0).collect();
             let Some(solution) = solve_subsystem(&a, &b, &free) else {
                 continue;
             };
-            let mut t = [0.0; 3];
+            let mut t = [0.0; FEATURES];
             for (k, i) in free.iter().enumerate() {
                 t[*i] = solution[k];
             }
@@ -174,30 +220,38 @@ impl DepthCost {
         best.0
     }
 
-    fn linear(&self, x: [f64; 3]) -> f64 {
-        self.theta[0] * x[0] + self.theta[1] * x[1] + self.theta[2] * x[2]
+    /// Predicted joules of a request with `prompt_tokens` that runs `passes` decode passes and
+    /// generates `completion_tokens` over all its samples.
+    pub fn predict(&self, prompt_tokens: usize, passes: f64, completion_tokens: f64) -> f64 {
+        let x = Self::features(prompt_tokens as f64, passes, completion_tokens);
+        (0..FEATURES)
+            .map(|i| self.theta[i] * x[i])
+            .sum::<f64>()
+            .max(0.0)
     }
 
-    /// Predicted joules of a request with `prompt_tokens` that generates `completion_tokens`.
-    pub fn predict_tokens(&self, prompt_tokens: usize, completion_tokens: f64) -> f64 {
-        self.linear([
-            1.0,
-            prompt_tokens as f64 / TOKEN_SCALE,
-            completion_tokens.max(0.0) / TOKEN_SCALE,
-        ])
-        .max(0.0)
+    /// Predicted joules of one sample of `tokens` tokens (every token its own pass).
+    pub fn predict_tokens(&self, prompt_tokens: usize, tokens: f64) -> f64 {
+        self.predict(prompt_tokens, tokens, tokens)
     }
 
-    /// Predicted joules of `samples` samples (a mean may be fractional) of at most
-    /// `max_tokens` tokens each.
-    pub fn predict_samples(&self, prompt_tokens: usize, samples: f64, max_tokens: usize) -> f64 {
-        let per_sample = self.tokens_per_sample.min(max_tokens.max(1) as f64);
-        self.predict_tokens(prompt_tokens, samples.max(0.0) * per_sample)
-    }
-
-    /// Joules per generated token.
-    pub fn joules_per_completion_token(&self) -> f64 {
-        self.theta[2] / TOKEN_SCALE
+    /// Predicted joules of `samples` samples (a mean may be fractional) drawn in `windows`
+    /// windows, of at most `max_tokens` tokens each.
+    pub fn predict_samples(
+        &self,
+        prompt_tokens: usize,
+        samples: f64,
+        windows: f64,
+        max_tokens: usize,
+    ) -> f64 {
+        let cap = max_tokens.max(1) as f64;
+        let per_sample = self.tokens_per_sample.min(cap);
+        let per_window = self.passes_per_window.min(cap);
+        self.predict(
+            prompt_tokens,
+            windows.max(0.0) * per_window,
+            samples.max(0.0) * per_sample,
+        )
     }
 
     /// Generated tokens per sample (weighted mean).
@@ -210,15 +264,21 @@ impl DepthCost {
         DepthCostReport {
             fixed_joules: self.theta[0],
             joules_per_prompt_token: self.theta[1] / TOKEN_SCALE,
-            joules_per_completion_token: self.theta[2] / TOKEN_SCALE,
+            joules_per_decode_pass: self.theta[2] / TOKEN_SCALE,
+            joules_per_completion_token: self.theta[3] / TOKEN_SCALE,
             tokens_per_sample: self.tokens_per_sample,
+            passes_per_window: self.passes_per_window,
             observations: self.observations,
         }
     }
 }
 
 /// Solves `a[free][free] t = b[free]` by Gaussian elimination; `None` when singular.
-fn solve_subsystem(a: &[[f64; 3]; 3], b: &[f64; 3], free: &[usize]) -> Option<Vec<f64>> {
+fn solve_subsystem(
+    a: &[[f64; FEATURES]; FEATURES],
+    b: &[f64; FEATURES],
+    free: &[usize],
+) -> Option<Vec<f64>> {
     let n = free.len();
     let mut m: Vec<Vec<f64>> = free
         .iter()
@@ -252,39 +312,85 @@ mod tests {
     use super::*;
     use crate::ttc::tasks::SplitMix64;
 
+    /// A request of `samples` samples of 10-50 tokens in `windows` windows: (passes, tokens).
+    fn scripted_request(rng: &mut SplitMix64, samples: usize, windows: usize) -> (usize, usize) {
+        let (mut passes, mut tokens) = (0, 0);
+        for w in 0..windows {
+            let rows = samples / windows + usize::from(w < samples % windows);
+            let lengths: Vec<usize> = (0..rows).map(|_| 10 + rng.below(40) as usize).collect();
+            passes += lengths.iter().max().copied().unwrap_or(0);
+            tokens += lengths.iter().sum::<usize>();
+        }
+        (passes, tokens)
+    }
+
     #[test]
-    fn learns_a_scripted_cost_within_five_percent() {
-        // True cost: 2 J + 0.01 J per prompt token + 0.05 J per generated token, +-10% noise.
-        let truth = |p: usize, c: usize| 2.0 + 0.01 * p as f64 + 0.05 * c as f64;
+    fn learns_a_scripted_batched_cost_within_five_percent() {
+        // True cost: 2 J + 0.01 J per prompt token + 0.08 J per pass + 0.01 J per token, +-10%.
+        let truth = |p: usize, passes: usize, c: usize| {
+            2.0 + 0.01 * p as f64 + 0.08 * passes as f64 + 0.01 * c as f64
+        };
         let mut rng = SplitMix64::new(7);
         let mut model = DepthCost::new(CostPrior::default());
         for _ in 0..400 {
             let prompt = 20 + rng.below(180) as usize;
             let samples = 1 + rng.below(8) as usize;
-            let completion = samples * (10 + rng.below(40) as usize);
+            let windows = 1 + rng.below(samples as u64) as usize;
+            let (passes, completion) = scripted_request(&mut rng, samples, windows);
             let noise = 0.9 + 0.2 * rng.unit();
             model.observe(&CostObservation {
-                joules: truth(prompt, completion) * noise,
+                joules: truth(prompt, passes, completion) * noise,
                 prompt_tokens: prompt,
                 completion_tokens: completion,
                 samples,
+                windows,
+                decode_passes: passes,
             });
         }
-        for (p, c) in [(50, 30), (150, 240), (100, 100)] {
-            let predicted = model.predict_tokens(p, c as f64);
-            let actual = truth(p, c);
+        for (p, passes, c) in [(50, 30, 30), (150, 40, 240), (100, 100, 100)] {
+            let predicted = model.predict(p, passes as f64, c as f64);
+            let actual = truth(p, passes, c);
             assert!(
                 (predicted - actual).abs() / actual < 0.05,
-                "p={p} c={c}: predicted {predicted:.3}, true {actual:.3}, {:?}",
+                "p={p} passes={passes} c={c}: predicted {predicted:.3}, true {actual:.3}, {:?}",
                 model.report()
             );
         }
-        let per_sample = model.tokens_per_sample();
+        let report = model.report();
         assert!(
-            (25.0..45.0).contains(&per_sample),
-            "tokens per sample {per_sample}"
+            (25.0..45.0).contains(&report.tokens_per_sample),
+            "tokens per sample {report:?}"
         );
-        assert_eq!(model.report().observations, 400);
+        assert!(
+            report.passes_per_window > report.tokens_per_sample,
+            "a window's longest sample is longer than the mean: {report:?}"
+        );
+        assert_eq!(report.observations, 400);
+        // On this engine 8 samples in one batch cost far less than 8 single samples.
+        let one = model.predict_samples(50, 1.0, 1.0, 64);
+        let eight = model.predict_samples(50, 8.0, 1.0, 64);
+        assert!(
+            eight < 3.0 * one,
+            "8 in one batch {eight:.2} J vs one {one:.2} J"
+        );
+    }
+
+    #[test]
+    fn the_first_request_replaces_the_priors_lengths() {
+        let mut model = DepthCost::new(CostPrior::default());
+        model.observe(&CostObservation {
+            joules: 1.0,
+            prompt_tokens: 40,
+            completion_tokens: 24,
+            samples: 4,
+            windows: 2,
+            decode_passes: 14,
+        });
+        let report = model.report();
+        assert_eq!(
+            (report.tokens_per_sample, report.passes_per_window),
+            (6.0, 7.0)
+        );
     }
 
     #[test]
@@ -295,15 +401,17 @@ mod tests {
             prompt_tokens: 40,
             completion_tokens: 100,
             samples: 4,
+            windows: 1,
+            decode_passes: 30,
         };
         for _ in 0..200 {
             model.observe(&obs(10.0));
         }
-        assert!((model.predict_tokens(40, 100.0) - 10.0).abs() < 0.2);
+        assert!((model.predict(40, 30.0, 100.0) - 10.0).abs() < 0.2);
         for _ in 0..200 {
             model.observe(&obs(20.0));
         }
-        let after = model.predict_tokens(40, 100.0);
+        let after = model.predict(40, 30.0, 100.0);
         assert!((after - 20.0).abs() < 0.5, "{after} {:?}", model.report());
         let before = model.clone();
         model.observe(&obs(f64::NAN));
@@ -312,13 +420,14 @@ mod tests {
     }
 
     #[test]
-    fn more_samples_never_cost_less() {
+    fn more_samples_or_windows_never_cost_less() {
         let model = DepthCost::new(CostPrior::default());
         let costs: Vec<f64> = (1..=8)
-            .map(|d| model.predict_samples(30, d as f64, 64))
+            .map(|d| model.predict_samples(30, d as f64, 1.0, 64))
             .collect();
         assert!(costs.windows(2).all(|w| w[1] > w[0]), "{costs:?}");
+        assert!(model.predict_samples(30, 4.0, 2.0, 64) > model.predict_samples(30, 4.0, 1.0, 64));
         // A low max_tokens caps the per-sample estimate.
-        assert!(model.predict_samples(30, 4.0, 4) < model.predict_samples(30, 4.0, 64));
+        assert!(model.predict_samples(30, 4.0, 1.0, 4) < model.predict_samples(30, 4.0, 1.0, 64));
     }
 }

@@ -207,6 +207,9 @@ pub struct TtcOutcome {
     pub samples: usize,
     /// Windows drawn.
     pub windows: usize,
+    /// Decode passes the windows ran (each window's longest sample, summed).
+    #[serde(default)]
+    pub decode_passes: usize,
     /// Samples per window of the plan (the whole limit when drawn as one batch).
     pub window: usize,
     /// Most samples the plan allowed.
@@ -255,6 +258,8 @@ pub struct TtcSession {
     signal: DifficultySignal,
     windows: usize,
     window_start: usize,
+    /// Decode passes of the windows closed so far (each window's longest sample).
+    decode_passes: usize,
     stop: Option<StopReason>,
 }
 
@@ -325,6 +330,11 @@ impl TtcSession {
         let drawn = self.candidates.len();
         if drawn > self.window_start {
             self.windows += 1;
+            self.decode_passes += self.candidates[self.window_start..]
+                .iter()
+                .map(|c| c.tokens)
+                .max()
+                .unwrap_or(0);
             if self.windows == 1 {
                 let vote = majority_vote(&self.candidates, self.plan.weighting);
                 self.signal = self
@@ -444,6 +454,7 @@ impl TtcSession {
             chosen_index,
             samples: self.candidates.len(),
             windows: self.windows,
+            decode_passes: self.decode_passes,
             window: self.plan.window,
             max_samples: self.plan.max_samples,
             reasoning_tokens: self.plan.reasoning_tokens,
@@ -664,6 +675,7 @@ impl TtcController {
             signal: DifficultySignal::from_prompt(&features.prompt),
             windows: 0,
             window_start: 0,
+            decode_passes: 0,
             stop: None,
         }
     }
@@ -683,6 +695,8 @@ impl TtcController {
                 prompt_tokens: outcome.prompt_tokens,
                 completion_tokens: outcome.completion_tokens,
                 samples: outcome.samples,
+                windows: outcome.windows,
+                decode_passes: outcome.decode_passes,
             },
             sample_limit: (outcome.strategy != PlannedStrategy::ReasoningBudget)
                 .then_some(outcome.max_samples),

@@ -244,7 +244,28 @@ fn beats_uniform_depth_at_equal_energy() {
         panic!("classes not learned: {classes:?}");
     };
     assert!(noisy.disagreement > easy.disagreement + 0.2, "{classes:?}");
-    assert!(noisy.depth_pays && !easy.depth_pays, "{classes:?}");
+    // Easy queries' later samples disagree about 2% of the time, under the 5% below which
+    // depth is judged worthless; whether the confidence bound has crossed it yet depends on how
+    // many probes the run happened to draw, so the rate is what is checked.
+    assert!(noisy.depth_pays && easy.disagreement < 0.05, "{classes:?}");
+    let mean_samples = |kind: QueryKind| {
+        let picked: Vec<usize> = kinds
+            .iter()
+            .zip(&adaptive.samples)
+            .skip(kinds.len() / 2)
+            .filter(|(k, _)| **k == kind)
+            .map(|(_, s)| *s)
+            .collect();
+        picked.iter().sum::<usize>() as f64 / picked.len().max(1) as f64
+    };
+    let (noisy_depth, easy_depth) = (
+        mean_samples(QueryKind::Noisy),
+        mean_samples(QueryKind::Easy),
+    );
+    assert!(
+        noisy_depth > 2.0 * easy_depth,
+        "second half: noisy queries drew {noisy_depth:.2} samples, easy ones {easy_depth:.2}"
+    );
 }
 
 #[test]
