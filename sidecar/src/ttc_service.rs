@@ -151,7 +151,6 @@ impl TtcService {
             request.sampler
         };
         loop {
-            let greedy = samples.is_empty() && session.greedy_first();
             let generation = GenerationRequest {
                 prompt: request.prompt.clone(),
                 n: window,
@@ -161,16 +160,10 @@ impl TtcService {
                     .unwrap_or(request.max_tokens)
                     .min(plan.max_tokens)
                     .max(1),
-                sampler: if greedy {
-                    SamplerConfig {
-                        temperature: 0.0,
-                        ..sampler
-                    }
-                } else {
-                    sampler
-                },
+                sampler,
                 seed: request.seed.wrapping_add(samples.len() as u64),
                 stop: request.stop.clone(),
+                greedy_first_row: samples.is_empty() && session.greedy_first(),
             };
             let generated = match plan.reasoning_tokens {
                 Some(_) => force_answers(engine, &request, generation).await,

@@ -44,6 +44,7 @@ fn greedy(prompt: Vec<u32>, n: usize, max_tokens: usize) -> GenerationRequest {
         },
         seed: 0,
         stop: StopStrings::default(),
+        greedy_first_row: false,
     }
 }
 
@@ -234,9 +235,10 @@ fn seeded_sampling_is_reproducible_and_rows_differ() {
         },
         seed: 42,
         stop: StopStrings::default(),
+        greedy_first_row: false,
     };
     let a = engine.generate(request.clone(), &mut |_| true).unwrap();
-    let b = engine.generate(request, &mut |_| true).unwrap();
+    let b = engine.generate(request.clone(), &mut |_| true).unwrap();
     assert_eq!(a.completions, b.completions);
     let distinct: std::collections::HashSet<_> =
         a.completions.iter().map(|c| c.token_ids.clone()).collect();
@@ -244,6 +246,28 @@ fn seeded_sampling_is_reproducible_and_rows_differ() {
         distinct.len() > 1,
         "six samples at temperature 1 were all identical"
     );
+    // A greedy first row decodes what greedy decoding does and leaves the other rows' samples
+    // as they were.
+    let with_greedy = engine
+        .generate(
+            GenerationRequest {
+                greedy_first_row: true,
+                ..request.clone()
+            },
+            &mut |_| true,
+        )
+        .unwrap();
+    let alone = engine
+        .generate(greedy(request.prompt.clone(), 1, 12), &mut |_| true)
+        .unwrap();
+    let ids = |out: &ttc_sidecar::engine::GenerationOutput| -> Vec<Vec<u32>> {
+        out.completions
+            .iter()
+            .map(|c| c.token_ids.clone())
+            .collect()
+    };
+    assert_eq!(ids(&with_greedy)[0], ids(&alone)[0]);
+    assert_eq!(ids(&with_greedy)[1..], ids(&a)[1..]);
 }
 
 /// The second request with a prompt starts from the kept prefill: no prefill pass, and exactly

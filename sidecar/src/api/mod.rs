@@ -283,6 +283,7 @@ fn build_request(
         },
         seed: s.seed.unwrap_or_else(rand::random),
         stop: StopStrings::new(stop),
+        greedy_first_row: false,
     })
 }
 

@@ -145,6 +145,9 @@ pub struct GenerationRequest {
     pub seed: u64,
     /// Stop strings.
     pub stop: StopStrings,
+    /// Whether row 0 decodes greedily (temperature 0) whatever `sampler` says: a batch that
+    /// carries the model's most likely answer next to its samples (best-of-N's first window).
+    pub greedy_first_row: bool,
 }
 
 /// One finished sample.
@@ -429,7 +432,17 @@ impl Generation {
         let rows = (0..request.n)
             .map(|index| Row {
                 index,
-                sampler: Sampler::new(request.sampler, request.seed.wrapping_add(index as u64)),
+                sampler: Sampler::new(
+                    if index == 0 && request.greedy_first_row {
+                        SamplerConfig {
+                            temperature: 0.0,
+                            ..request.sampler
+                        }
+                    } else {
+                        request.sampler
+                    },
+                    request.seed.wrapping_add(index as u64),
+                ),
                 ids: Vec::new(),
                 shown: 0,
                 logprob: 0.0,

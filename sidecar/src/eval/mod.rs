@@ -603,6 +603,7 @@ async fn run_batch(
             sampler,
             seed: p.seed,
             stop: StopStrings::default(),
+            greedy_first_row: false,
         })
         .await?;
     let latency_s = started.elapsed().as_secs_f64();

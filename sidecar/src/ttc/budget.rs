@@ -88,6 +88,46 @@ pub struct DepthRequest {
     pub value: f64,
     /// Extra depth is judged worthless for this workload: give the minimum.
     pub depth_worthless: bool,
+    /// How its samples will be drawn, for predicting its decode passes.
+    pub windows: WindowShape,
+}
+
+/// How a request's samples are drawn: an opening window (best-of-N's greedy candidate alone),
+/// then windows of a fixed size, or one batch of the rest from some sample limit on (where the
+/// window learner found that early stopping does not pay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WindowShape {
+    /// Samples of an opening window drawn on its own (0: none).
+    pub opening: usize,
+    /// Samples per later window.
+    pub window: usize,
+    /// From this sample limit on, everything after the opening is one batch (`usize::MAX`:
+    /// never).
+    pub batch_from: usize,
+}
+
+impl WindowShape {
+    /// All samples in one batch.
+    pub fn one_batch() -> Self {
+        Self {
+            opening: 0,
+            window: usize::MAX,
+            batch_from: 0,
+        }
+    }
+
+    /// Expected windows of a request that draws `drawn` samples (a mean) of at most `limit`.
+    pub fn windows(&self, drawn: f64, limit: usize) -> f64 {
+        let opening = self.opening.min(limit);
+        let rest = (drawn - opening as f64).max(0.0);
+        let size = if limit >= self.batch_from || limit <= self.window {
+            limit - opening
+        } else {
+            self.window
+        };
+        (opening as f64 + rest / size.max(1) as f64).max(1.0)
+    }
 }
 
 /// Where the controller stands with respect to the budget.
@@ -180,9 +220,6 @@ pub struct BudgetController {
     /// Mean samples actually drawn per sample limit (index = limit), learned; a limit not yet
     /// seen is assumed to draw in full.
     drawn_by_limit: Vec<Option<f64>>,
-    /// Mean windows drawn per sample limit, learned the same way; a limit not yet seen is
-    /// assumed to draw one batch.
-    windows_by_limit: Vec<Option<f64>>,
     /// Requests planned but not yet recorded, and their predicted joules: counted in the debt
     /// so that concurrent requests do not all spend the same surplus.
     in_flight: usize,
@@ -203,7 +240,7 @@ pub struct FinishedRequest {
     pub degraded: bool,
 }
 
-/// Weight of the newest request in the mean samples (and windows) drawn per sample limit.
+/// Weight of the newest request in the mean samples drawn per sample limit.
 const DRAWN_ALPHA: f64 = 0.1;
 
 impl BudgetController {
@@ -219,7 +256,6 @@ impl BudgetController {
             mean_value: None,
             last_state: BudgetState::Unbounded,
             drawn_by_limit: Vec::new(),
-            windows_by_limit: Vec::new(),
             in_flight: 0,
             in_flight_joules: 0.0,
         }
@@ -269,7 +305,9 @@ impl BudgetController {
             DepthUnit::Samples => self.cost.predict_samples(
                 request.prompt_tokens,
                 self.expected_drawn(depth),
-                self.expected_windows(depth),
+                request
+                    .windows
+                    .windows(self.expected_drawn(depth), depth.max(1)),
                 request.bounds.max_tokens,
             ),
             DepthUnit::ReasoningTokens => self.cost.predict_tokens(
@@ -408,24 +446,12 @@ impl BudgetController {
     /// Mean samples a limit of `limit` draws, as learned; never more than the limit and never
     /// less than what a smaller limit draws, so predicted cost still grows with the limit.
     pub fn expected_drawn(&self, limit: usize) -> f64 {
-        Self::learned_up_to(&self.drawn_by_limit, limit, |l| l as f64)
-    }
-
-    /// Mean windows a limit of `limit` draws, as learned (one batch where not yet seen), never
-    /// fewer than a smaller limit's.
-    pub fn expected_windows(&self, limit: usize) -> f64 {
-        Self::learned_up_to(&self.windows_by_limit, limit, |_| 1.0)
-    }
-
-    /// The largest learned mean (`unseen` where none) over limits 1..=limit, capped by each
-    /// limit and at least 1 for a positive limit.
-    fn learned_up_to(means: &[Option<f64>], limit: usize, unseen: impl Fn(usize) -> f64) -> f64 {
-        let mut value: f64 = 0.0;
+        let mut drawn: f64 = 0.0;
         for l in 1..=limit {
-            let learned = means.get(l).copied().flatten();
-            value = value.max(learned.unwrap_or_else(|| unseen(l)).min(l as f64));
+            let learned = self.drawn_by_limit.get(l).copied().flatten();
+            drawn = drawn.max(learned.unwrap_or(l as f64).min(l as f64));
         }
-        value.max(limit.min(1) as f64)
+        drawn.max(limit.min(1) as f64)
     }
 
     /// Forgets a planned request that will never be recorded (it never ran), so it stops
@@ -448,19 +474,15 @@ impl BudgetController {
         let degraded = finished.degraded;
         self.cost.observe(observation);
         if let Some(limit) = sample_limit.filter(|l| (1..=1024).contains(l)) {
-            let learn = |means: &mut Vec<Option<f64>>, value: usize| {
-                if means.len() <= limit {
-                    means.resize(limit + 1, None);
-                }
-                let value = value.min(limit) as f64;
-                let slot = &mut means[limit];
-                *slot = Some(match *slot {
-                    Some(mean) => mean + DRAWN_ALPHA * (value - mean),
-                    None => value,
-                });
-            };
-            learn(&mut self.drawn_by_limit, observation.samples);
-            learn(&mut self.windows_by_limit, observation.windows.max(1));
+            if self.drawn_by_limit.len() <= limit {
+                self.drawn_by_limit.resize(limit + 1, None);
+            }
+            let drawn = observation.samples.min(limit) as f64;
+            let slot = &mut self.drawn_by_limit[limit];
+            *slot = Some(match *slot {
+                Some(mean) => mean + DRAWN_ALPHA * (drawn - mean),
+                None => drawn,
+            });
         }
         if !observation.joules.is_finite() || observation.joules < 0.0 {
             return;
@@ -527,6 +549,7 @@ mod tests {
             bounds: bounds(1, 16),
             value,
             depth_worthless: false,
+            windows: WindowShape::one_batch(),
         }
     }
 
@@ -557,6 +580,33 @@ mod tests {
             depths.push(choice.samples);
         }
         depths
+    }
+
+    #[test]
+    fn window_shapes_count_the_windows_a_request_draws() {
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(WindowShape::one_batch().windows(8.0, 8), 1.0));
+        let windowed = WindowShape {
+            opening: 1,
+            window: 2,
+            batch_from: usize::MAX,
+        };
+        // Greedy alone, then windows of two: 5 samples are 1 + 2 + 2.
+        assert!(close(windowed.windows(5.0, 8), 3.0));
+        // Accepted at once: one window.
+        assert!(close(windowed.windows(1.0, 8), 1.0));
+        let batched = WindowShape {
+            batch_from: 3,
+            ..windowed
+        };
+        // Greedy alone, then the other 7 in one batch for the 4 of 7 requests that go on.
+        assert!(close(batched.windows(5.0, 8), 1.0 + 4.0 / 7.0));
+        // A vote of 2 in windows of 2: one window.
+        let vote = WindowShape {
+            opening: 0,
+            ..windowed
+        };
+        assert!(close(vote.windows(2.0, 2), 1.0));
     }
 
     #[test]

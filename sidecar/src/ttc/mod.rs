@@ -10,6 +10,7 @@
 //! - [`verifier`]: JSON schema, regex and HTTP verifiers for best-of-N.
 //! - [`stopping`]: early stopping in windows (ESC / Adaptive-Consistency), min/max samples.
 //! - [`difficulty`]: the difficulty signal and the learner of whether depth changes answers.
+//! - [`opening`]: whether best-of-N opens with its greedy candidate alone or in a batch.
 //! - [`reasoning`]: budget forcing for reasoning models.
 //! - [`cost`]: what depth costs, learned from measured joules.
 //! - [`budget`]: the budget controller that holds the pod's joules-per-request allocation.
@@ -19,6 +20,7 @@ pub mod answer;
 pub mod budget;
 pub mod cost;
 pub mod difficulty;
+pub mod opening;
 pub mod plan;
 pub mod power;
 pub mod reasoning;

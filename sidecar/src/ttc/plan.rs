@@ -30,13 +30,14 @@ use serde::{Deserialize, Serialize};
 use super::answer::{AnswerType, extract_answer};
 use super::budget::{
     BudgetConfig, BudgetController, BudgetReport, BudgetState, DepthBounds, DepthRequest,
-    DepthUnit, FinishedRequest,
+    DepthUnit, FinishedRequest, WindowShape,
 };
 use super::cost::CostObservation;
 use super::difficulty::{
     DepthClass, DepthValueConfig, DepthValueLearner, DepthValueReport, DifficultySignal,
     PromptFeatures,
 };
+use super::opening::GreedyOpening;
 use super::stopping::{StopReason, StoppingRule, WindowDecision};
 use super::verifier::{Verdict, Verifier, VerifierError};
 use super::vote::{Candidate, VoteWeighting, majority_vote};
@@ -172,6 +173,10 @@ pub struct TtcPlan {
     pub prior_difficulty: f64,
     /// Extra depth given only to keep learning whether depth pays.
     pub probe: bool,
+    /// Best-of-N only: whether the greedy candidate opens alone (else it is the first row of
+    /// the first window); see [`super::opening`].
+    #[serde(default)]
+    pub greedy_alone: bool,
 }
 
 /// Where a joules figure comes from; an estimate is never shown as a measurement.
@@ -269,21 +274,21 @@ impl TtcSession {
         &self.plan
     }
 
-    /// Samples to draw in the first window: one, decoded greedily ([`Self::greedy_first`]), for
-    /// best-of-N.
+    /// Samples to draw in the first window: the greedy candidate alone where best-of-N opens
+    /// that way ([`TtcPlan::greedy_alone`]).
     pub fn first_window(&self) -> usize {
-        if self.greedy_first() {
+        if self.greedy_first() && self.plan.greedy_alone {
             1
         } else {
             self.rule.first_window()
         }
     }
 
-    /// Whether the first window is one greedy candidate. Best-of-N opens with the model's most
-    /// likely answer, the one a verifier accepts most often (60% of single-digit additions for the
-    /// default model against 38% of samples at temperature 0.7), so most requests cost one
-    /// greedy decode and sampled windows follow only a rejection. A vote needs varied samples, so
-    /// it never starts this way.
+    /// Whether the first window's first row is decoded greedily. Best-of-N opens with the
+    /// model's most likely answer, the one a verifier accepts most often (60% of single-digit
+    /// additions for the default model against 38% of samples at temperature 0.7): alone, or
+    /// next to sampled rows where greedy is usually rejected ([`super::opening`]). A vote needs
+    /// varied samples, so it never does this.
     pub fn greedy_first(&self) -> bool {
         self.plan.strategy == PlannedStrategy::BestOfN
     }
@@ -484,6 +489,7 @@ pub struct TtcController {
     budget: BudgetController,
     learner: DepthValueLearner,
     windows: WindowLearner,
+    opening: GreedyOpening,
     requests: u64,
 }
 
@@ -536,6 +542,7 @@ impl TtcController {
             budget: BudgetController::new(options.budget),
             learner: DepthValueLearner::new(options.depth_value),
             windows: WindowLearner::new(options.windows),
+            opening: GreedyOpening::default(),
             policy,
             options,
             verifier,
@@ -615,6 +622,7 @@ impl TtcController {
             PlannedStrategy::MajorityVote | PlannedStrategy::BestOfN => DepthUnit::Samples,
         };
         let max_tokens = features.max_tokens.max(1);
+        let greedy_alone = strategy == PlannedStrategy::BestOfN && self.opening.alone(class);
         let choice = self.budget.choose(&DepthRequest {
             prompt_tokens: features.prompt.prompt_tokens,
             unit,
@@ -627,6 +635,13 @@ impl TtcController {
             },
             value,
             depth_worthless,
+            windows: WindowShape {
+                opening: usize::from(greedy_alone),
+                window: self.options.window.max(1),
+                batch_from: self
+                    .windows
+                    .batch_from(self.options.window, self.policy.max_samples as usize),
+            },
         });
         let (min_samples, max_samples, reasoning_tokens) = match strategy {
             // Budget forcing spends the depth on one sample's reasoning.
@@ -666,6 +681,7 @@ impl TtcController {
             difficulty_bin: bin,
             prior_difficulty: features.prompt.prior_difficulty(),
             probe,
+            greedy_alone,
         };
         TtcSession {
             plan,
@@ -707,15 +723,18 @@ impl TtcController {
             self.windows
                 .record(outcome.window, outcome.samples, outcome.max_samples);
         }
+        let class = DepthClass {
+            answer_type: outcome.answer_type,
+            bin: outcome.difficulty_bin,
+        };
+        if outcome.strategy == PlannedStrategy::BestOfN && outcome.samples > 0 {
+            // The first candidate is the greedy one, and the chosen one is the first accepted.
+            let greedy_accepted = outcome.verified == Some(true) && outcome.chosen_index == Some(0);
+            self.opening.record(class, greedy_accepted);
+        }
         let answers: Vec<Option<&str>> = outcome.answers.iter().map(Option::as_deref).collect();
-        self.learner.record(
-            DepthClass {
-                answer_type: outcome.answer_type,
-                bin: outcome.difficulty_bin,
-            },
-            &answers,
-            outcome.answer.as_deref(),
-        );
+        self.learner
+            .record(class, &answers, outcome.answer.as_deref());
     }
 
     /// The controller's state for metrics.
@@ -910,6 +929,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn best_of_n_opens_batched_where_greedy_is_usually_rejected() -> Result<(), TtcError> {
+        let mut controller =
+            TtcController::new(regex_policy(TtcStrategy::BestOfN), TtcOptions::default())?;
+        let verifier = controller
+            .verifier()
+            .ok_or(TtcError::BestOfNWithoutVerifier)?;
+        for _ in 0..5 {
+            let mut session = controller.plan(&features(AnswerType::Number));
+            // Greedy says "five" (rejected), the next sample "5" (accepted).
+            for text in ["five", "5"].iter().take(session.first_window()) {
+                let i = session.add_sample(text, -1.0, 2);
+                session.add_verdict(i, verifier.verify("What is 2 + 3?", text).await);
+            }
+            if let WindowDecision::Continue { .. } = session.decide() {
+                let i = session.add_sample("5", -1.0, 2);
+                session.add_verdict(i, verifier.verify("What is 2 + 3?", "5").await);
+                session.decide();
+            }
+            let outcome = session.finish(energy(2.0));
+            assert_eq!(outcome.chosen_index, Some(1));
+            controller.record(&outcome);
+        }
+        let session = controller.plan(&features(AnswerType::Number));
+        assert!(session.greedy_first() && !session.plan().greedy_alone);
+        assert_eq!(
+            session.first_window(),
+            2,
+            "greedy as the first row of a window"
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
     async fn best_of_n_stops_at_the_first_accepted_candidate() -> Result<(), TtcError> {
         let mut controller =
             TtcController::new(regex_policy(TtcStrategy::BestOfN), TtcOptions::default())?;
@@ -918,8 +970,9 @@ mod tests {
             .ok_or(TtcError::BestOfNWithoutVerifier)?;
         let mut session = controller.plan(&features(AnswerType::Number));
         assert!(session.needs_verdicts());
-        // It opens with one greedy candidate, then samples in windows.
-        assert!(session.greedy_first());
+        // It opens with its greedy candidate alone (nothing is known yet), then samples in
+        // windows.
+        assert!(session.greedy_first() && session.plan().greedy_alone);
         assert_eq!(session.first_window(), 1);
         let mut drawn = Vec::new();
         let mut n = session.first_window();

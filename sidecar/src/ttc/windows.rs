@@ -139,6 +139,14 @@ impl WindowLearner {
                 .is_some_and(|s| s >= self.threshold(window, max_samples))
     }
 
+    /// The smallest sample limit (above `window`, up to `max_samples`) whose samples are drawn
+    /// as one batch now; `usize::MAX` when none is.
+    pub fn batch_from(&self, window: usize, max_samples: usize) -> usize {
+        (window + 1..=max_samples)
+            .find(|&m| self.batching(window, m))
+            .unwrap_or(usize::MAX)
+    }
+
     /// The window of a request whose plan allows `max_samples` in windows of `window`: `window`,
     /// or `max_samples` (one batch) while early stopping does not pay.
     pub fn window(&mut self, window: usize, max_samples: usize) -> usize {
