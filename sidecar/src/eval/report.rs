@@ -280,17 +280,22 @@ pub fn findings(results: &[ConfigResult], settings: &EvalSettings) -> Vec<String
                 && let Some(pass) = uniform.pass_at_k
             {
                 let delta = (adaptive.accuracy.estimate - pass.value) * 100.0;
+                // pass@k is an expectation over the items, so adaptive's interval decides.
+                let verdict = if pass.value < adaptive.accuracy.low {
+                    "adaptive depth beats uniform depth (outside adaptive's 95% interval)"
+                } else if pass.value > adaptive.accuracy.high {
+                    "adaptive depth trails uniform depth (outside adaptive's 95% interval)"
+                } else if delta > 0.0 {
+                    "ahead, but within adaptive's 95% interval"
+                } else {
+                    "not ahead: within adaptive's 95% interval"
+                };
                 out.push(format!(
-                    "{name}: at equal energy, {} {} vs uniform best-of-{reference_depth} with the same tool {} (pass@{reference_depth} from vote@{}'s samples): {delta:+.0} pts, {}.",
+                    "{name}: at equal energy, {} {} vs uniform best-of-{reference_depth} with the same tool {} (pass@{reference_depth} from vote@{}'s samples): {delta:+.0} pts, {verdict}.",
                     adaptive.label,
                     pct(adaptive.accuracy.estimate),
                     pct(pass.value),
                     pass.from_samples,
-                    if delta > 0.0 {
-                        "adaptive depth beats uniform depth"
-                    } else {
-                        "adaptive depth does not beat uniform depth"
-                    },
                 ));
             }
         }
