@@ -14,9 +14,15 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, PreTokenizerWrapper};
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::gguf::{GgufError, GgufFile};
+
+/// llama.cpp's pre-tokenizer regex for `qwen2` and `deepseek-r1-qwen` (Qwen2 and the R1
+/// distills): case-insensitive contractions, a letter run may take one leading non-letter
+/// (`(bar`, a tab before a word), digits one by one, runs of newlines kept whole.
+const QWEN2_PRE_TOKENIZER: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// llama.cpp's token types: 3 = control, 4 = user-defined; both are matched whole in text.
 const SPECIAL_TOKEN_TYPES: [i64; 2] = [3, 4];
@@ -157,6 +163,31 @@ impl GgufTokenizer {
     }
 }
 
+/// The pre-tokenizer llama.cpp uses for `tokenizer.ggml.pre` = `pre`, then the byte-level
+/// mapping.
+fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
+    Ok(match pre {
+        // SmolLM splits digits one by one before the GPT-2 regex.
+        "smollm" => Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, false, true).into(),
+        ])
+        .into(),
+        "qwen2" | "deepseek-r1-qwen" => Sequence::new(vec![
+            Split::new(
+                SplitPattern::Regex(QWEN2_PRE_TOKENIZER.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| TokenizerError::Library(e.to_string()))?
+            .into(),
+            ByteLevel::new(false, false, false).into(),
+        ])
+        .into(),
+        _ => ByteLevel::new(false, false, true).into(),
+    })
+}
+
 /// A byte-level BPE (`gpt2`) from the vocabulary and merge list.
 fn byte_level(
     gguf: &GgufFile,
@@ -179,14 +210,7 @@ fn byte_level(
         .build()
         .map_err(|e| TokenizerError::Library(e.to_string()))?;
     let mut inner = tokenizers::Tokenizer::new(bpe);
-    let byte_level = ByteLevel::new(false, false, true);
-    let pre_tokenizer: PreTokenizerWrapper = match pre {
-        // SmolLM and several others split digits one by one before the GPT-2 regex.
-        "smollm" | "qwen2" | "deepseek-r1-qwen" => {
-            Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
-        }
-        _ => byte_level.into(),
-    };
+    let pre_tokenizer = pre_tokenizer(pre)?;
     inner.with_pre_tokenizer(Some(pre_tokenizer));
     inner.with_decoder(Some(ByteLevelDecoder::default()));
     let specials: Vec<AddedToken> = types
@@ -199,4 +223,40 @@ fn byte_level(
         .add_special_tokens(specials)
         .map_err(|e| TokenizerError::Library(e.to_string()))?;
     Ok(inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+
+    /// The pieces `pre` cuts `text` into, before byte-level mapping.
+    fn pieces(pre: &str, text: &str) -> Vec<String> {
+        let mut split = PreTokenizedString::from(text);
+        pre_tokenizer(pre)
+            .unwrap()
+            .pre_tokenize(&mut split)
+            .unwrap();
+        split
+            .get_splits(OffsetReferential::Original, OffsetType::Char)
+            .into_iter()
+            .map(|(_, (start, end), _)| text.chars().skip(start).take(end - start).collect())
+            .collect()
+    }
+
+    #[test]
+    fn qwen2_pieces_follow_llama_cpps_regex() {
+        // Each case is where the GPT-2 regex cuts differently (and llama.cpp's ids for the R1
+        // distill's vocabulary differed from ours before this pre-tokenizer).
+        for pre in ["qwen2", "deepseek-r1-qwen"] {
+            assert_eq!(pieces(pre, "foo(bar)"), ["foo", "(bar", ")"]);
+            assert_eq!(pieces(pre, "a\ttabs"), ["a", "\ttabs"]);
+            assert_eq!(pieces(pre, "a\n\n\nb"), ["a", "\n\n\n", "b"]);
+            assert_eq!(pieces(pre, "I'LL go"), ["I", "'LL", " go"]);
+            assert_eq!(pieces(pre, "x 123"), ["x", " ", "1", "2", "3"]);
+        }
+        // SmolLM keeps the GPT-2 regex with digits split.
+        assert_eq!(pieces("smollm", "foo(bar)"), ["foo", "(", "bar", ")"]);
+        assert_eq!(pieces("smollm", "x 123"), ["x", " ", "1", "2", "3"]);
+    }
 }
