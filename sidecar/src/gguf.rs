@@ -49,6 +49,38 @@ impl GgufFile {
     /// lies within the file, so a truncated download fails here with a clear message rather than
     /// half-way through loading.
     pub fn open(path: &Path) -> Result<Self, GgufError> {
+        let (gguf, actual) = Self::read_header(path)?;
+        let content = &gguf.content;
+        let needed = content
+            .tensor_infos
+            .values()
+            .map(|info| {
+                let elems = info.shape.elem_count() as u64;
+                let bytes = elems / info.ggml_dtype.block_size() as u64
+                    * info.ggml_dtype.type_size() as u64;
+                content.tensor_data_offset + info.offset + bytes
+            })
+            .max()
+            .unwrap_or(content.tensor_data_offset);
+        if needed > actual {
+            return Err(GgufError::Truncated {
+                path: path.to_owned(),
+                needed,
+                actual,
+            });
+        }
+        Ok(gguf)
+    }
+
+    /// Opens a GGUF file for its metadata only, without checking that the tensor data is all
+    /// there: the first part of a split file carries the whole header (vocabulary, template,
+    /// hyperparameters). Loading weights from it fails.
+    pub fn open_header(path: &Path) -> Result<Self, GgufError> {
+        Ok(Self::read_header(path)?.0)
+    }
+
+    /// The parsed header, and the file's length.
+    fn read_header(path: &Path) -> Result<(Self, u64), GgufError> {
         let file = File::open(path).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => GgufError::Missing {
                 path: path.to_owned(),
@@ -70,29 +102,12 @@ impl GgufFile {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
-        let needed = content
-            .tensor_infos
-            .values()
-            .map(|info| {
-                let elems = info.shape.elem_count() as u64;
-                let bytes = elems / info.ggml_dtype.block_size() as u64
-                    * info.ggml_dtype.type_size() as u64;
-                content.tensor_data_offset + info.offset + bytes
-            })
-            .max()
-            .unwrap_or(content.tensor_data_offset);
-        if needed > actual {
-            return Err(GgufError::Truncated {
-                path: path.to_owned(),
-                needed,
-                actual,
-            });
-        }
-        Ok(Self {
+        let gguf = Self {
             path: path.to_owned(),
             content,
             reader,
-        })
+        };
+        Ok((gguf, actual))
     }
 
     fn missing(&self, key: &str) -> GgufError {

