@@ -27,6 +27,15 @@ pub const BLOCK: usize = 32;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Block(pub [i8; BLOCK]);
 
+/// Panics unless `values` are `rows` x `cols` with `cols` a multiple of [`BLOCK`].
+fn check_shape(values: &[f32], rows: usize, cols: usize) {
+    assert!(
+        cols.is_multiple_of(BLOCK),
+        "{cols} columns: not a multiple of {BLOCK}"
+    );
+    assert_eq!(values.len(), rows * cols, "{rows} x {cols} values expected");
+}
+
 /// Rows of `cols` values quantized in blocks of 32: one scale per block.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Q8Rows {
@@ -40,11 +49,7 @@ impl Q8Rows {
     /// Quantizes `rows` x `cols` row-major values (`cols` a multiple of 32): per block,
     /// scale = max |x| / 127 and q = round(x / scale), as ggml's Q8_0.
     pub fn quantize(values: &[f32], rows: usize, cols: usize) -> Self {
-        assert!(
-            cols.is_multiple_of(BLOCK),
-            "{cols} columns: not a multiple of {BLOCK}"
-        );
-        assert_eq!(values.len(), rows * cols, "{rows} x {cols} values expected");
+        check_shape(values, rows, cols);
         let blocks = cols / BLOCK;
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
@@ -130,11 +135,7 @@ impl WideActivations {
     /// Quantizes `rows` x `cols` row-major values (`cols` a multiple of 32): per group,
     /// scale = max |x| / 127 and q = round(x / scale), ties to even.
     pub fn quantize(values: &[f32], rows: usize, cols: usize) -> Self {
-        assert!(
-            cols.is_multiple_of(BLOCK),
-            "{cols} columns: not a multiple of {BLOCK}"
-        );
-        assert_eq!(values.len(), rows * cols, "{rows} x {cols} values expected");
+        check_shape(values, rows, cols);
         #[cfg(target_arch = "x86_64")]
         if wide_available() {
             // SAFETY: the CPU has AVX-512F and BW.

@@ -459,19 +459,20 @@ pub async fn run(
                 }),
                 ..VerifierSpec::default()
             });
-        let verifiers = [
-            family.verifier().map(|spec| (EvalVerifier::Schema, spec)),
-            tool.map(|spec| (EvalVerifier::Tool, spec)),
-        ];
+        let schema = family.verifier();
         // The controller under the allocation: with the family's own verifier (if any), and
         // again with the checking tool where one applies, to compare with uniform best-of-k.
         let mut adaptive_runs = vec![(
-            family.verifier().map(|_| EvalVerifier::Schema),
-            family.verifier(),
+            schema.as_ref().map(|_| EvalVerifier::Schema),
+            schema.clone(),
         )];
-        if let Some((kind, spec)) = &verifiers[1] {
-            adaptive_runs.push((Some(*kind), Some(spec.clone())));
+        if let Some(spec) = &tool {
+            adaptive_runs.push((Some(EvalVerifier::Tool), Some(spec.clone())));
         }
+        let verifiers = [
+            schema.map(|spec| (EvalVerifier::Schema, spec)),
+            tool.map(|spec| (EvalVerifier::Tool, spec)),
+        ];
         for (kind, verifier) in adaptive_runs {
             let adaptive = Configuration::Adaptive {
                 allocation_joules,
