@@ -9,13 +9,14 @@ use crate::engine::sampler::SamplerConfig;
 use crate::engine::stop::StopStrings;
 use crate::engine::worker::EngineHandle;
 use crate::engine::{
-    Completion, EngineError, FinishReason, GenerationOutput, GenerationRequest, RequestJoules,
+    Completion, EngineError, FinishReason, GenerationEvent, GenerationOutput, GenerationRequest,
+    RequestJoules,
 };
 use crate::ttc::power::PowerBudget;
 use crate::ttc::reasoning::BudgetForcing;
 use crate::ttc::{
     AnswerType, EnergySource, MeasuredEnergy, PromptFeatures, RequestFeatures, TtcController,
-    TtcError, TtcOptions, TtcOutcome, TtcPolicy, TtcReport, WindowDecision,
+    TtcError, TtcOptions, TtcOutcome, TtcPolicy, TtcReport, Verdict, Verifier, WindowDecision,
 };
 
 /// One request for an answer chosen by test-time compute.
@@ -165,9 +166,19 @@ impl TtcService {
                 stop: request.stop.clone(),
                 greedy_first_row: samples.is_empty() && session.greedy_first(),
             };
-            let generated = match plan.reasoning_tokens {
-                Some(_) => force_answers(engine, &request, generation).await,
-                None => engine.generate(generation).await,
+            // Best-of-N verifies each row as it finishes; the first accepted one ends the window.
+            let mut early: Option<Vec<Option<Verdict>>> = None;
+            let generated = match (plan.reasoning_tokens, &verifier) {
+                (Some(_), _) => force_answers(engine, &request, generation).await,
+                (None, Some(verifier)) if session.needs_verdicts() => {
+                    verified_window(engine, generation, verifier, &request.prompt_text)
+                        .await
+                        .map(|(out, verdicts)| {
+                            early = Some(verdicts);
+                            out
+                        })
+                }
+                _ => engine.generate(generation).await,
             };
             let out = match generated {
                 Ok(out) => out,
@@ -187,6 +198,10 @@ impl TtcService {
             }
             energy = RequestJoules::sum(energy, out.energy);
             for completion in out.completions {
+                // Rows cut short by an accepted one are no samples (their tokens are billed).
+                if completion.finish == FinishReason::Cancelled && early.is_some() {
+                    continue;
+                }
                 let index = session.add_sample(
                     &completion.text,
                     completion.logprob,
@@ -195,12 +210,18 @@ impl TtcService {
                 if session.needs_verdicts()
                     && let Some(verifier) = &verifier
                 {
-                    session.add_verdict(
-                        index,
-                        verifier
-                            .verify(&request.prompt_text, &completion.text)
-                            .await,
-                    );
+                    let given = early
+                        .as_mut()
+                        .and_then(|verdicts| verdicts.get_mut(completion.index)?.take());
+                    let verdict = match given {
+                        Some(verdict) => verdict,
+                        None => {
+                            verifier
+                                .verify(&request.prompt_text, &completion.text)
+                                .await
+                        }
+                    };
+                    session.add_verdict(index, verdict);
                 }
                 samples.push(completion);
             }
@@ -235,6 +256,47 @@ impl TtcService {
             energy: Some(RequestJoules { joules, source }),
         })
     }
+}
+
+/// A best-of-N window on a batched engine: its rows stream, each is verified as it finishes,
+/// and the first one accepted cancels the rows still running. Every row of a window costs a
+/// share of each pass until the longest is done, so a greedy row accepted after 8 tokens no
+/// longer waits for sampled rows that ramble to the token limit. Returns the output (cancelled
+/// rows included, cut short) and the verdict of each row that finished, by row index.
+pub async fn verified_window(
+    engine: &EngineHandle,
+    generation: GenerationRequest,
+    verifier: &Verifier,
+    prompt_text: &str,
+) -> Result<(GenerationOutput, Vec<Option<Verdict>>), EngineError> {
+    let rows = generation.n;
+    let submission = engine.submit(generation, true);
+    let mut texts = vec![String::new(); rows];
+    let mut verdicts: Vec<Option<Verdict>> = (0..rows).map(|_| None).collect();
+    if let Some(mut events) = submission.events {
+        while let Some(event) = events.recv().await {
+            match event {
+                GenerationEvent::Text { index, delta } => texts[index].push_str(&delta),
+                GenerationEvent::Finished { index, finish }
+                    if finish != FinishReason::Cancelled =>
+                {
+                    let verdict = verifier.verify(prompt_text, &texts[index]).await;
+                    let accepted = verdict.accepted;
+                    verdicts[index] = Some(verdict);
+                    if accepted {
+                        // Dropping the stream cancels the rows still running.
+                        break;
+                    }
+                }
+                GenerationEvent::Finished { .. } => {}
+            }
+        }
+    }
+    let output = submission
+        .done
+        .await
+        .unwrap_or(Err(EngineError::ShutDown))?;
+    Ok((output, verdicts))
 }
 
 /// Budget forcing (s1, Muennighoff et al. 2025): runs `reasoning` (whose `max_tokens` is the

@@ -1,5 +1,5 @@
 //! The engine on the real default model: tokenizer ids, chat template, shared-prefix batched
-//! sampling, model-file errors.
+//! sampling, model-file errors, and best-of-N's window cut short by an accepted row.
 
 mod common;
 
@@ -16,6 +16,8 @@ use ttc_sidecar::engine::{
 };
 use ttc_sidecar::gguf::{GgufError, GgufFile};
 use ttc_sidecar::model_store::DEFAULT_MODEL;
+use ttc_sidecar::ttc::{Verifier, VerifierSpec};
+use ttc_sidecar::ttc_service::verified_window;
 
 /// The default model, loaded once per test binary.
 fn engine() -> Arc<Engine> {
@@ -399,4 +401,74 @@ fn model_file_errors_name_the_path_and_the_fix() {
         err.contains("truncated.gguf") && err.contains("truncated"),
         "{err}"
     );
+}
+
+/// Best-of-N's window: rows are verified as they finish and the first accepted one cancels the
+/// rest, which stop short of their token limit instead of running on.
+#[tokio::test]
+async fn an_accepted_row_ends_its_window_and_cuts_the_others_short() {
+    let meter = EnergyMeter::from_config(&MeterConfig {
+        source: SourceChoice::Estimate,
+        ..MeterConfig::default()
+    })
+    .unwrap();
+    let handle = EngineHandle::spawn(
+        Engine::load(
+            &common::default_model_path(),
+            DEFAULT_MODEL.name,
+            &EngineOptions::default(),
+        )
+        .unwrap(),
+        meter,
+    )
+    .unwrap();
+    let prompt = engine()
+        .encode_chat(&user("What is 2 + 3? Answer with the number only."))
+        .unwrap();
+    let max_tokens = 64;
+    let request = GenerationRequest {
+        sampler: SamplerConfig {
+            temperature: 1.5,
+            ..Default::default()
+        },
+        seed: 5,
+        greedy_first_row: true,
+        ..greedy(prompt, 4, max_tokens)
+    };
+    // Accepts any answer: whichever row finishes first wins.
+    let verifier = Verifier::from_spec(&VerifierSpec {
+        regex: Some(".".into()),
+        ..VerifierSpec::default()
+    })
+    .unwrap();
+    let (out, verdicts) = verified_window(&handle, request, &verifier, "What is 2 + 3?")
+        .await
+        .unwrap();
+    assert_eq!(out.completions.len(), 4);
+    let accepted: Vec<usize> = verdicts
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.as_ref().is_some_and(|v| v.accepted))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(accepted.len(), 1, "{verdicts:?}");
+    let first = &out.completions[accepted[0]];
+    assert_ne!(first.finish, FinishReason::Cancelled);
+    let cut: Vec<_> = out
+        .completions
+        .iter()
+        .filter(|c| c.finish == FinishReason::Cancelled)
+        .collect();
+    assert!(
+        !cut.is_empty(),
+        "no row was still running when {} tokens were accepted: {:?}",
+        first.token_ids.len(),
+        out.completions
+    );
+    for c in cut {
+        assert!(
+            c.token_ids.len() < max_tokens && verdicts[c.index].is_none(),
+            "{c:?}"
+        );
+    }
 }
