@@ -50,6 +50,25 @@ fn greedy(prompt: Vec<u32>, n: usize, max_tokens: usize) -> GenerationRequest {
     }
 }
 
+/// A worker thread of its own over the default model, metered by the estimate.
+fn worker() -> EngineHandle {
+    let meter = EnergyMeter::from_config(&MeterConfig {
+        source: SourceChoice::Estimate,
+        ..MeterConfig::default()
+    })
+    .unwrap();
+    EngineHandle::spawn(
+        Engine::load(
+            &common::default_model_path(),
+            DEFAULT_MODEL.name,
+            &EngineOptions::default(),
+        )
+        .unwrap(),
+        meter,
+    )
+    .unwrap()
+}
+
 fn user(text: &str) -> Vec<ChatMessage> {
     vec![ChatMessage {
         role: "user".into(),
@@ -182,21 +201,7 @@ async fn concurrent_requests_share_decode_passes_and_decode_as_alone() {
             out.completions.into_iter().map(|c| c.token_ids).collect()
         })
         .collect();
-    let meter = EnergyMeter::from_config(&MeterConfig {
-        source: SourceChoice::Estimate,
-        ..MeterConfig::default()
-    })
-    .unwrap();
-    let handle = EngineHandle::spawn(
-        Engine::load(
-            &common::default_model_path(),
-            DEFAULT_MODEL.name,
-            &EngineOptions::default(),
-        )
-        .unwrap(),
-        meter,
-    )
-    .unwrap();
+    let handle = worker();
     let submissions: Vec<_> = prompts
         .iter()
         .map(|p| handle.submit(greedy(p.clone(), 2, 12), false))
@@ -407,21 +412,7 @@ fn model_file_errors_name_the_path_and_the_fix() {
 /// rest, which stop short of their token limit instead of running on.
 #[tokio::test]
 async fn an_accepted_row_ends_its_window_and_cuts_the_others_short() {
-    let meter = EnergyMeter::from_config(&MeterConfig {
-        source: SourceChoice::Estimate,
-        ..MeterConfig::default()
-    })
-    .unwrap();
-    let handle = EngineHandle::spawn(
-        Engine::load(
-            &common::default_model_path(),
-            DEFAULT_MODEL.name,
-            &EngineOptions::default(),
-        )
-        .unwrap(),
-        meter,
-    )
-    .unwrap();
+    let handle = worker();
     let prompt = engine()
         .encode_chat(&user("What is 2 + 3? Answer with the number only."))
         .unwrap();
