@@ -16,7 +16,8 @@ use crate::ttc::power::PowerBudget;
 use crate::ttc::reasoning::BudgetForcing;
 use crate::ttc::{
     AnswerType, EnergySource, MeasuredEnergy, PromptFeatures, RequestFeatures, TtcController,
-    TtcError, TtcOptions, TtcOutcome, TtcPolicy, TtcReport, Verdict, Verifier, WindowDecision,
+    TtcError, TtcOptions, TtcOutcome, TtcPolicy, TtcReport, TtcSession, Verdict, Verifier,
+    WindowDecision,
 };
 
 /// One request for an answer chosen by test-time compute.
@@ -166,7 +167,8 @@ impl TtcService {
                 stop: request.stop.clone(),
                 greedy_first_row: samples.is_empty() && session.greedy_first(),
             };
-            // Best-of-N verifies each row as it finishes; the first accepted one ends the window.
+            // Rows stream and the window ends early once the rows that finished settle it:
+            // best-of-N at the first accepted row, a vote once it is decided.
             let mut early: Option<Vec<Option<Verdict>>> = None;
             let generated = match (plan.reasoning_tokens, &verifier) {
                 (Some(_), _) => force_answers(engine, &request, generation).await,
@@ -177,6 +179,14 @@ impl TtcService {
                             early = Some(verdicts);
                             out
                         })
+                }
+                (None, _) if generation.n > 1 => {
+                    early = Some(Vec::new());
+                    let mut judge = Voting {
+                        session: &session,
+                        texts: Vec::new(),
+                    };
+                    streamed_window(engine, generation, &mut judge).await
                 }
                 _ => engine.generate(generation).await,
             };
@@ -198,7 +208,7 @@ impl TtcService {
             }
             energy = RequestJoules::sum(energy, out.energy);
             for completion in out.completions {
-                // Rows cut short by an accepted one are no samples (their tokens are billed).
+                // Rows cut short by a settled window are no samples (their tokens are billed).
                 if completion.finish == FinishReason::Cancelled && early.is_some() {
                     continue;
                 }
@@ -258,21 +268,54 @@ impl TtcService {
     }
 }
 
-/// A best-of-N window on a batched engine: its rows stream, each is verified as it finishes,
-/// and the first one accepted cancels the rows still running. Every row of a window costs a
-/// share of each pass until the longest is done, so a greedy row accepted after 8 tokens no
-/// longer waits for sampled rows that ramble to the token limit. Returns the output (cancelled
-/// rows included, cut short) and the verdict of each row that finished, by row index.
-pub async fn verified_window(
+/// Judges a window's rows as they finish: whether the request is settled.
+trait RowJudge {
+    /// Row `index` finished with `text`; true when the rows still running are no longer needed.
+    fn finished(&mut self, index: usize, text: &str) -> impl Future<Output = bool> + Send;
+}
+
+/// Best-of-N: settled at the first row the verifier accepts.
+struct Verifying<'a> {
+    verifier: &'a Verifier,
+    prompt_text: &'a str,
+    /// Each finished row's verdict, by row index.
+    verdicts: Vec<Option<Verdict>>,
+}
+
+impl RowJudge for Verifying<'_> {
+    async fn finished(&mut self, index: usize, text: &str) -> bool {
+        let verdict = self.verifier.verify(self.prompt_text, text).await;
+        let accepted = verdict.accepted;
+        self.verdicts[index] = Some(verdict);
+        accepted
+    }
+}
+
+/// A vote: settled once the rows that finished decide it ([`TtcSession::settled_with`]).
+struct Voting<'a> {
+    session: &'a TtcSession,
+    texts: Vec<String>,
+}
+
+impl RowJudge for Voting<'_> {
+    fn finished(&mut self, _index: usize, text: &str) -> impl Future<Output = bool> + Send {
+        self.texts.push(text.to_owned());
+        std::future::ready(self.session.settled_with(&self.texts))
+    }
+}
+
+/// A window's rows, streamed: `judge` sees each row that finishes, and once it says the request
+/// is settled the rows still running are cancelled (dropping the stream does that). Every row
+/// of a window costs a share of each pass until the longest is done, so a window no longer
+/// waits for rows that ramble to the token limit once the rows that finished decide the answer.
+/// The output includes the cancelled rows, cut short.
+async fn streamed_window(
     engine: &EngineHandle,
     generation: GenerationRequest,
-    verifier: &Verifier,
-    prompt_text: &str,
-) -> Result<(GenerationOutput, Vec<Option<Verdict>>), EngineError> {
-    let rows = generation.n;
+    judge: &mut impl RowJudge,
+) -> Result<GenerationOutput, EngineError> {
+    let mut texts = vec![String::new(); generation.n];
     let submission = engine.submit(generation, true);
-    let mut texts = vec![String::new(); rows];
-    let mut verdicts: Vec<Option<Verdict>> = (0..rows).map(|_| None).collect();
     if let Some(mut events) = submission.events {
         while let Some(event) = events.recv().await {
             match event {
@@ -280,11 +323,7 @@ pub async fn verified_window(
                 GenerationEvent::Finished { index, finish }
                     if finish != FinishReason::Cancelled =>
                 {
-                    let verdict = verifier.verify(prompt_text, &texts[index]).await;
-                    let accepted = verdict.accepted;
-                    verdicts[index] = Some(verdict);
-                    if accepted {
-                        // Dropping the stream cancels the rows still running.
+                    if judge.finished(index, &texts[index]).await {
                         break;
                     }
                 }
@@ -292,11 +331,25 @@ pub async fn verified_window(
             }
         }
     }
-    let output = submission
-        .done
-        .await
-        .unwrap_or(Err(EngineError::ShutDown))?;
-    Ok((output, verdicts))
+    submission.done.await.unwrap_or(Err(EngineError::ShutDown))
+}
+
+/// A best-of-N window: each row is verified as it finishes and the first one accepted cancels
+/// the rest ([`streamed_window`]). Returns the output and the verdict of each row that
+/// finished, by row index.
+pub async fn verified_window(
+    engine: &EngineHandle,
+    generation: GenerationRequest,
+    verifier: &Verifier,
+    prompt_text: &str,
+) -> Result<(GenerationOutput, Vec<Option<Verdict>>), EngineError> {
+    let mut judge = Verifying {
+        verifier,
+        prompt_text,
+        verdicts: (0..generation.n).map(|_| None).collect(),
+    };
+    let output = streamed_window(engine, generation, &mut judge).await?;
+    Ok((output, judge.verdicts))
 }
 
 /// Budget forcing (s1, Muennighoff et al. 2025): runs `reasoning` (whose `max_tokens` is the

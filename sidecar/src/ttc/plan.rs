@@ -375,6 +375,29 @@ impl TtcSession {
         decision
     }
 
+    /// Whether a vote would stop now, early, were the samples drawn so far joined by the rows
+    /// of the current window that have `finished` (their texts): the leader already holds the
+    /// agreement threshold, or the rows still to come cannot overtake it. Lets a window's rows
+    /// still running be cancelled once the vote is settled. Always false for best-of-N.
+    pub fn settled_with(&self, finished: &[String]) -> bool {
+        if self.plan.strategy == PlannedStrategy::BestOfN {
+            return false;
+        }
+        let mut candidates = self.candidates.clone();
+        candidates.extend(finished.iter().map(|text| Candidate {
+            answer: extract_answer(text, self.plan.answer_type),
+            logprob: 0.0,
+            tokens: 0,
+        }));
+        let vote = majority_vote(&candidates, self.plan.weighting);
+        matches!(
+            self.rule.decide(candidates.len(), vote.as_ref()),
+            WindowDecision::Stop {
+                reason: StopReason::Agreement | StopReason::Decided
+            }
+        )
+    }
+
     fn first_accepted(&self) -> Option<usize> {
         self.verdicts
             .iter()
@@ -780,6 +803,33 @@ mod tests {
             }),
             ..TtcPolicy::default()
         }
+    }
+
+    #[test]
+    fn a_vote_is_settled_by_the_rows_that_finished_when_the_rest_cannot_change_it()
+    -> Result<(), TtcError> {
+        let policy = TtcPolicy {
+            strategy: TtcStrategy::MajorityVote,
+            max_samples: 4,
+            early_stop_agreement: 0.75,
+            ..TtcPolicy::default()
+        };
+        let mut controller = TtcController::new(policy, TtcOptions::default())?;
+        let session = controller.plan(&features(AnswerType::Number));
+        let texts = |answers: &[&str]| answers.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        // Two rows agree: the agreement threshold holds with two votes behind the leader.
+        assert!(session.settled_with(&texts(&["5", "5"])));
+        // Split, or one vote alone: the running rows could still change the answer.
+        assert!(!session.settled_with(&texts(&["5", "7"])));
+        assert!(!session.settled_with(&texts(&["5"])));
+        // 2 of 3 against 1, with one row left: 2 > 1 + 1 does not hold, agreement 0.67 < 0.75.
+        assert!(!session.settled_with(&texts(&["5", "7", "5"])));
+        // Best-of-N is settled by its verifier, never by a vote.
+        let mut best =
+            TtcController::new(regex_policy(TtcStrategy::BestOfN), TtcOptions::default())?;
+        let session = best.plan(&features(AnswerType::Number));
+        assert!(!session.settled_with(&texts(&["5", "5", "5"])));
+        Ok(())
     }
 
     #[test]
