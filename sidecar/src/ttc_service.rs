@@ -168,20 +168,21 @@ impl TtcService {
                 greedy_first_row: samples.is_empty() && session.greedy_first(),
             };
             // Rows stream and the window ends early once the rows that finished settle it:
-            // best-of-N at the first accepted row, a vote once it is decided.
-            let mut early: Option<Vec<Option<Verdict>>> = None;
+            // best-of-N at the first accepted row, a vote once it is decided. `streamed` holds
+            // the verdicts given on the way (none for a vote).
+            let mut streamed: Option<Vec<Option<Verdict>>> = None;
             let generated = match (plan.reasoning_tokens, &verifier) {
                 (Some(_), _) => force_answers(engine, &request, generation).await,
                 (None, Some(verifier)) if session.needs_verdicts() => {
                     verified_window(engine, generation, verifier, &request.prompt_text)
                         .await
                         .map(|(out, verdicts)| {
-                            early = Some(verdicts);
+                            streamed = Some(verdicts);
                             out
                         })
                 }
                 (None, _) if generation.n > 1 => {
-                    early = Some(Vec::new());
+                    streamed = Some(Vec::new());
                     let mut judge = Voting {
                         session: &session,
                         texts: Vec::new(),
@@ -209,7 +210,7 @@ impl TtcService {
             energy = RequestJoules::sum(energy, out.energy);
             for completion in out.completions {
                 // Rows cut short by a settled window are no samples (their tokens are billed).
-                if completion.finish == FinishReason::Cancelled && early.is_some() {
+                if completion.finish == FinishReason::Cancelled && streamed.is_some() {
                     continue;
                 }
                 let index = session.add_sample(
@@ -220,7 +221,7 @@ impl TtcService {
                 if session.needs_verdicts()
                     && let Some(verifier) = &verifier
                 {
-                    let given = early
+                    let given = streamed
                         .as_mut()
                         .and_then(|verdicts| verdicts.get_mut(completion.index)?.take());
                     let verdict = match given {
