@@ -36,6 +36,13 @@ fn check_shape(values: &[f32], rows: usize, cols: usize) {
     assert_eq!(values.len(), rows * cols, "{rows} x {cols} values expected");
 }
 
+/// The symmetric int8 scale of `values` (max |x| / 127) and its inverse (0 for all zeros, so
+/// a block of zeros quantizes to zeros, not NaN).
+fn int8_scale(values: &[f32]) -> (f32, f32) {
+    let scale = values.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+    (scale, if scale > 0.0 { 1.0 / scale } else { 0.0 })
+}
+
 /// Rows of `cols` values quantized in blocks of 32: one scale per block.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Q8Rows {
@@ -64,9 +71,7 @@ impl Q8Rows {
         let mut quants = Vec::with_capacity(rows * blocks);
         let mut scales = Vec::with_capacity(rows * blocks);
         for chunk in values.chunks_exact(BLOCK) {
-            let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 127.0;
-            let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let (scale, inverse) = int8_scale(chunk);
             let mut block = [0i8; BLOCK];
             for (q, v) in block.iter_mut().zip(chunk) {
                 *q = (v * inverse).round() as i8;
@@ -153,9 +158,7 @@ impl WideActivations {
             .chunks_exact(cols)
             .flat_map(|row| row.chunks(GROUP_BLOCKS * BLOCK))
         {
-            let amax = group.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 127.0;
-            let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let (scale, inverse) = int8_scale(group);
             quants.extend(group.chunks_exact(BLOCK).map(|chunk| {
                 Block(std::array::from_fn(|i| {
                     ((chunk[i] * inverse).round_ties_even() as i8 as u8 ^ 0x80) as i8
