@@ -15,14 +15,16 @@ use crate::engine::{
 use crate::ttc::power::PowerBudget;
 use crate::ttc::reasoning::BudgetForcing;
 use crate::ttc::{
-    AnswerType, EnergySource, MeasuredEnergy, PromptFeatures, RequestFeatures, TtcController,
-    TtcError, TtcOptions, TtcOutcome, TtcPolicy, TtcReport, TtcSession, Verdict, Verifier,
-    WindowDecision,
+    AnswerType, EnergySource, Feedback, FeedbackError, FeedbackReceipt, FeedbackTicket,
+    MeasuredEnergy, PromptFeatures, RequestFeatures, TtcController, TtcError, TtcOptions,
+    TtcOutcome, TtcPolicy, TtcReport, TtcSession, Verdict, Verifier, WindowDecision,
 };
 
 /// One request for an answer chosen by test-time compute.
 #[derive(Debug, Clone)]
 pub struct TtcRequest {
+    /// The response's id, under which the client may post feedback on the answer.
+    pub id: String,
     /// Prompt token ids.
     pub prompt: Vec<u32>,
     /// The prompt's text (for prompt features and HTTP verifiers).
@@ -112,6 +114,17 @@ impl TtcService {
     /// Replaces the policy, keeping what was learned.
     pub fn set_policy(&self, policy: TtcPolicy) -> Result<(), TtcError> {
         self.controller().set_policy(policy)
+    }
+
+    /// Takes a client's verdict on an answer: `ticket` is the response's
+    /// `ttc.feedbackTicket`. Tells the depth-value learner whether depth made answers right.
+    pub fn feedback(
+        &self,
+        ticket: &str,
+        feedback: &Feedback,
+    ) -> Result<FeedbackReceipt, FeedbackError> {
+        let ticket = FeedbackTicket::decode(ticket)?;
+        self.controller().feedback(&ticket, feedback)
     }
 
     /// Budget and depth-value state, for metrics and status.
@@ -245,12 +258,13 @@ impl TtcService {
             joules: 0.0,
             source: EnergySource::Estimate,
         });
-        let outcome = session.finish(MeasuredEnergy {
+        let mut outcome = session.finish(MeasuredEnergy {
             joules,
             source,
             prompt_tokens,
             completion_tokens,
         });
+        outcome.feedback_ticket = Some(outcome.ticket(&request.id).encode());
         self.controller().record(&outcome);
         self.power().record(Instant::now());
         let chosen = outcome

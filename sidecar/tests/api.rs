@@ -362,6 +362,99 @@ async fn ttc_votes_and_reports_depth_and_energy() {
     assert_eq!(v["choices"].as_array().unwrap().len(), 1);
 }
 
+/// A client's verdict on a TTC answer: the response carries a ticket; posting it back with the
+/// expected answer (or right/wrong) is taken once, counted in the metrics, and every malformed
+/// verdict gets a 4xx naming its field.
+#[tokio::test]
+async fn feedback_on_a_ttc_answer_is_taken_once_and_bad_verdicts_get_4xx() {
+    let policy: TtcPolicy = serde_json::from_value(json!({
+        "strategy": "MajorityVote", "minSamples": 3, "maxSamples": 3, "difficultyAware": true
+    }))
+    .unwrap();
+    let app = router(AppState {
+        engine: handle(),
+        limits: Limits::default(),
+        ttc: Some(Arc::new(TtcService::new(policy).unwrap())),
+        metrics: Some(metrics()),
+    });
+    let v = chat_to(
+        &app,
+        &json!({
+            "model": DEFAULT_MODEL.name,
+            "messages": [{ "role": "user", "content": "What is 2+3? Answer with a number." }],
+            "max_tokens": 12, "temperature": 0.7, "seed": 9,
+            "ttc": { "answerType": { "type": "number" } }
+        }),
+    )
+    .await;
+    let ticket = v["ttc"]["feedbackTicket"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no ticket: {v}"))
+        .to_owned();
+    let feedback = |body: Value| {
+        let app = app.clone();
+        async move {
+            let (status, text) = send_to(app, "POST", "/v1/ttc/feedback", &body.to_string()).await;
+            (
+                status,
+                serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)),
+            )
+        }
+    };
+    // Malformed verdicts are refused by field, and nothing is recorded.
+    for (body, param) in [
+        (json!({ "ticket": ticket }), "correct"),
+        (
+            json!({ "ticket": ticket, "correct": true, "expected": "5" }),
+            "correct",
+        ),
+        (
+            json!({ "ticket": "not-a-ticket", "correct": true }),
+            "ticket",
+        ),
+        (
+            json!({ "ticket": ticket, "expected": "none given" }),
+            "expected",
+        ),
+    ] {
+        let (status, body) = feedback(body).await;
+        assert_openai_error(status, &body, StatusCode::BAD_REQUEST, Some(param));
+    }
+    let (status, body) = feedback(json!({ "ticket": ticket, "correct": true, "extra": 1 })).await;
+    assert_openai_error(status, &body, StatusCode::BAD_REQUEST, None);
+    // Minimum depth is all three samples: the verdict is taken, but says nothing about depth.
+    let (status, receipt) = feedback(json!({ "ticket": ticket, "expected": "5" })).await;
+    assert_eq!(status, StatusCode::OK, "{receipt}");
+    assert_eq!(receipt["gain"], Value::Null, "{receipt}");
+    assert_eq!(
+        receipt["class"]["answerType"]["type"], "number",
+        "{receipt}"
+    );
+    assert_eq!(receipt["depthPays"], true, "{receipt}");
+    // A retry of the same verdict is not counted twice.
+    let (status, body) = feedback(json!({ "ticket": ticket, "correct": true })).await;
+    assert_openai_error(status, &body, StatusCode::CONFLICT, Some("ticket"));
+    let (_, text) = send_to(app.clone(), "GET", "/metrics", "").await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ttc_feedback_total{ttc_feedback_informative=\"false\"} ")),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("ttc_depth_pays{")
+            && l.contains("ttc_answer_type=\"number\"")
+            && l.ends_with(" 1.0")),
+        "{text}"
+    );
+    // Without a policy there is nothing to take feedback.
+    let (status, body) = post(
+        "/v1/ttc/feedback",
+        json!({ "ticket": ticket, "correct": true }),
+    )
+    .await;
+    assert_openai_error(status, &body, StatusCode::NOT_FOUND, None);
+}
+
 /// Budget forcing on the default model, which never closes a `<think>` block, so every request
 /// is forced: the reasoning stops at its budget, `</think>` and the answer cue are appended, the
 /// answer continues from there within the request's `max_tokens`, and both passes are billed.

@@ -46,14 +46,25 @@ async fn small_evaluation_writes_results_that_parse() {
         .await
         .expect("the evaluation runs");
 
-    // greedy, the model-size point, vote@1, vote@2, early-stop, adaptive (without and with the
-    // checking tool), and best-of-N checked by the checking tool over HTTP (the family has no
-    // schema).
+    // greedy, the model-size point, vote@1, vote@2, early-stop, adaptive (plain, with each
+    // answer's correctness fed back, and with the checking tool), and best-of-N checked by the
+    // checking tool over HTTP (the family has no schema).
     let labels: Vec<&str> = report.results.iter().map(|r| r.label.as_str()).collect();
-    assert_eq!(labels.len(), 8, "{labels:?}");
+    assert_eq!(labels.len(), 9, "{labels:?}");
+    for adaptive in [
+        "adaptive(=vote@2 J)",
+        "adaptive+feedback(=vote@2 J)",
+        "adaptive+tool(=vote@2 J)",
+    ] {
+        assert!(labels.contains(&adaptive), "{adaptive} in {labels:?}");
+    }
     assert!(
-        labels.contains(&"adaptive(=vote@2 J)") && labels.contains(&"adaptive+tool(=vote@2 J)"),
-        "{labels:?}"
+        report
+            .findings
+            .iter()
+            .any(|f| f.contains("told which answers were right")),
+        "{:?}",
+        report.findings
     );
     let answers = |label: &str| {
         let r = report.results.iter().find(|r| r.label == label);

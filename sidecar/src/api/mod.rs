@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-//! plus `/healthz` and `/readyz`. Every bad request gets a 4xx with an OpenAI-style error body.
+//! plus `/v1/ttc/feedback` (clients' verdicts on answers chosen by test-time compute),
+//! `/metrics`, `/healthz` and `/readyz`. Every bad request gets a 4xx with an OpenAI-style error body.
 
 pub mod error;
 pub mod types;
@@ -23,12 +24,12 @@ use crate::engine::worker::EngineHandle;
 use crate::engine::{
     Completion, GenerationEvent, GenerationOutput, GenerationRequest, RequestJoules,
 };
-use crate::ttc::TtcOutcome;
+use crate::ttc::{Feedback, FeedbackError, TtcOutcome};
 use crate::ttc_service::{TtcRequest, TtcService};
 pub use error::ApiError;
 use std::sync::Arc;
 use std::time::Instant;
-use ttc_telemetry::{RequestRecord, SidecarMetrics};
+use ttc_telemetry::{DepthClassLabels, RequestRecord, SidecarMetrics};
 use types::*;
 
 /// Bounds on what one request may ask for.
@@ -87,12 +88,29 @@ fn record(state: &AppState, served: Served<'_>) {
         depth: served.depth as u64,
         error_type: None,
     });
-    if let Some(ttc) = &state.ttc {
-        let budget = ttc.report().budget;
-        if let Some(target) = budget.allocation_joules_per_request {
-            let mean = budget.window_mean_joules.unwrap_or(0.0);
-            metrics.set_budget(target, target - mean);
-        }
+    publish_ttc_state(state);
+}
+
+/// Sets the gauges of the test-time-compute controller's state: the budget and, per class of
+/// request, whether depth still pays and what feedback says it gains.
+fn publish_ttc_state(state: &AppState) {
+    let (Some(metrics), Some(ttc)) = (&state.metrics, &state.ttc) else {
+        return;
+    };
+    let report = ttc.report();
+    if let Some(target) = report.budget.allocation_joules_per_request {
+        let mean = report.budget.window_mean_joules.unwrap_or(0.0);
+        metrics.set_budget(target, target - mean);
+    }
+    for class in &report.depth_value.classes {
+        metrics.set_depth_value(
+            &DepthClassLabels {
+                answer_type: class.class.answer_type.label(),
+                difficulty_bin: class.class.bin,
+            },
+            class.depth_pays,
+            class.gain,
+        );
     }
 }
 
@@ -132,6 +150,7 @@ fn ttc_for<'a>(state: &'a AppState, s: &SamplingFields) -> Option<&'a Arc<TtcSer
 async fn run_ttc(
     service: &TtcService,
     state: &AppState,
+    id: &str,
     request: GenerationRequest,
     prompt_text: String,
     answer_type: Option<crate::ttc::AnswerType>,
@@ -140,6 +159,7 @@ async fn run_ttc(
         .answer(
             &state.engine,
             TtcRequest {
+                id: id.to_owned(),
                 prompt: request.prompt,
                 prompt_text,
                 answer_type: answer_type.unwrap_or_default(),
@@ -165,6 +185,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/v1/ttc/feedback", post(feedback))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ready" }))
@@ -386,6 +407,49 @@ async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Respo
     answer(state, request, started).await
 }
 
+/// `POST /v1/ttc/feedback`: whether an answer chosen by test-time compute was right, so the
+/// pod learns whether depth makes this workload's answers right ([`crate::ttc::feedback`]).
+async fn feedback(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let req: FeedbackRequest = parse(&body)?;
+    let verdict = match (req.correct, req.expected) {
+        (Some(correct), None) => Feedback::Correct(correct),
+        (None, Some(expected)) => Feedback::Expected(expected),
+        _ => {
+            return Err(ApiError::invalid(
+                Some("correct"),
+                "give exactly one of `correct` (true or false) and `expected` (the right answer)",
+            ));
+        }
+    };
+    let Some(service) = &state.ttc else {
+        return Err(ApiError {
+            status: axum::http::StatusCode::NOT_FOUND,
+            ..ApiError::invalid(
+                None,
+                "test-time compute is not enabled on this pod: no InferencePolicy governs it",
+            )
+        });
+    };
+    let receipt = service
+        .feedback(&req.ticket, &verdict)
+        .map_err(|e| match e {
+            FeedbackError::BadTicket(_) => ApiError::invalid(Some("ticket"), e.to_string()),
+            FeedbackError::Unextractable { .. } => {
+                ApiError::invalid(Some("expected"), e.to_string())
+            }
+            FeedbackError::Duplicate => ApiError {
+                status: axum::http::StatusCode::CONFLICT,
+                code: Some("duplicate_feedback"),
+                ..ApiError::invalid(Some("ticket"), e.to_string())
+            },
+        })?;
+    if let Some(metrics) = &state.metrics {
+        metrics.record_feedback(receipt.gain.is_some());
+    }
+    publish_ttc_state(&state);
+    Ok(Json(receipt).into_response())
+}
+
 /// Which endpoint a request came through; decides the response's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -425,8 +489,15 @@ async fn answer(state: AppState, req: Prepared, started: Instant) -> Result<Resp
     };
     let (completions, usage, outcome) = match ttc {
         Some(service) => {
-            let (chosen, usage, outcome) =
-                run_ttc(&service, &state, request, req.prompt_text, answer_type).await?;
+            let (chosen, usage, outcome) = run_ttc(
+                &service,
+                &state,
+                &meta.id,
+                request,
+                req.prompt_text,
+                answer_type,
+            )
+            .await?;
             (
                 vec![Completion { index: 0, ..chosen }],
                 usage,

@@ -213,3 +213,18 @@ pub struct ModelCard {
     pub created: u64,
     pub owned_by: &'static str,
 }
+
+/// `POST /v1/ttc/feedback`: a client's verdict on an answer chosen by test-time compute.
+/// Exactly one of `correct` and `expected`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackRequest {
+    /// The response's `ttc.feedbackTicket`, unchanged.
+    pub ticket: String,
+    /// Whether the answer was right.
+    #[serde(default)]
+    pub correct: Option<bool>,
+    /// The expected answer (normalised like the samples' answers).
+    #[serde(default)]
+    pub expected: Option<String>,
+}

@@ -27,8 +27,8 @@ use crate::ttc::stats::{Proportion, mean, pass_at_k, wilson_95};
 use crate::ttc::tasks::{TaskFamily, TaskItem, generate};
 use crate::ttc::verifier::{HttpVerifierSpec, VerifierSpec};
 use crate::ttc::{
-    AnswerType, Candidate, EnergySource, TtcError, TtcOptions, TtcPolicy, TtcStrategy,
-    VoteWeighting, extract_answer, majority_vote,
+    AnswerType, Candidate, EnergySource, Feedback, FeedbackError, TtcError, TtcOptions, TtcPolicy,
+    TtcStrategy, VoteWeighting, extract_answer, majority_vote,
 };
 use crate::ttc_service::{TtcRequest, TtcService};
 
@@ -41,6 +41,9 @@ pub enum EvalError {
     /// A configuration's policy was rejected.
     #[error(transparent)]
     Policy(#[from] TtcError),
+    /// The pod refused an item's feedback.
+    #[error("feeding back an item's expected answer: {0}")]
+    Feedback(#[from] FeedbackError),
     /// The engine returned no energy figure (it must run under a meter).
     #[error("the engine reported no energy for a request: spawn it with an energy meter")]
     NoEnergy,
@@ -147,6 +150,10 @@ pub enum Configuration {
         /// The verifier the policy names, if any.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         verifier: Option<EvalVerifier>,
+        /// Whether each answer's correctness is fed back to the pod (`POST /v1/ttc/feedback`
+        /// with the expected answer), as a client with labels would.
+        #[serde(default)]
+        feedback: bool,
     },
     /// Greedy on another model than the report's: a model-size point (the result's `model`
     /// names it).
@@ -184,6 +191,7 @@ impl Configuration {
             Self::Adaptive {
                 reference_depth,
                 verifier,
+                feedback,
                 ..
             } => {
                 let checked = match verifier {
@@ -191,7 +199,8 @@ impl Configuration {
                     Some(EvalVerifier::Schema) => "+schema",
                     Some(EvalVerifier::Tool) => "+tool",
                 };
-                format!("adaptive{checked}(=vote@{reference_depth} J)")
+                let told = if *feedback { "+feedback" } else { "" };
+                format!("adaptive{checked}{told}(=vote@{reference_depth} J)")
             }
             Self::BestOfN {
                 max_samples,
@@ -433,7 +442,13 @@ pub async fn run(
             verifier: None,
             ..TtcPolicy::default()
         };
-        let records = run_service(engine, settings, &prepared, policy, None, sampled).await?;
+        let records = run_service(
+            engine,
+            settings,
+            &prepared,
+            ServiceRun::plain(policy, sampled),
+        )
+        .await?;
         family_results.push(summarise(family, early, records));
         progress(&progress_line(family_results.last()));
 
@@ -462,22 +477,30 @@ pub async fn run(
         let schema = family.verifier();
         // The controller under the allocation: with the family's own verifier (if any), and
         // again with the checking tool where one applies, to compare with uniform best-of-k.
+        // Where it votes, once more with every answer's correctness fed back, as a client with
+        // labels would: feedback tells it whether depth makes answers right, not only whether
+        // it changes them.
         let mut adaptive_runs = vec![(
             schema.as_ref().map(|_| EvalVerifier::Schema),
             schema.clone(),
+            false,
         )];
+        if schema.is_none() {
+            adaptive_runs.push((None, None, true));
+        }
         if let Some(spec) = &tool {
-            adaptive_runs.push((Some(EvalVerifier::Tool), Some(spec.clone())));
+            adaptive_runs.push((Some(EvalVerifier::Tool), Some(spec.clone()), false));
         }
         let verifiers = [
             schema.map(|spec| (EvalVerifier::Schema, spec)),
             tool.map(|spec| (EvalVerifier::Tool, spec)),
         ];
-        for (kind, verifier) in adaptive_runs {
+        for (kind, verifier, feedback) in adaptive_runs {
             let adaptive = Configuration::Adaptive {
                 allocation_joules,
                 reference_depth,
                 verifier: kind,
+                feedback,
             };
             let policy = TtcPolicy {
                 strategy: TtcStrategy::Adaptive,
@@ -492,9 +515,12 @@ pub async fn run(
                 engine,
                 settings,
                 &prepared,
-                policy,
-                Some(allocation_joules),
-                sampled,
+                ServiceRun {
+                    policy,
+                    allocation: Some(allocation_joules),
+                    sampler: sampled,
+                    feedback,
+                },
             )
             .await?;
             family_results.push(summarise(family, adaptive, records));
@@ -510,7 +536,13 @@ pub async fn run(
                 verifier: Some(spec),
                 ..TtcPolicy::default()
             };
-            let records = run_service(engine, settings, &prepared, policy, None, sampled).await?;
+            let records = run_service(
+                engine,
+                settings,
+                &prepared,
+                ServiceRun::plain(policy, sampled),
+            )
+            .await?;
             family_results.push(summarise(
                 family,
                 Configuration::BestOfN {
@@ -640,16 +672,42 @@ async fn run_batch(
     })
 }
 
-/// Every item through one fresh [`TtcService`] under `policy`, in order (the controller learns
-/// as it goes, as it would in a pod).
+/// How one configuration runs through a [`TtcService`].
+struct ServiceRun {
+    policy: TtcPolicy,
+    /// Joules per request allocated to the pod.
+    allocation: Option<f64>,
+    sampler: SamplerConfig,
+    /// Whether each answer's correctness is fed back.
+    feedback: bool,
+}
+
+impl ServiceRun {
+    /// No allocation, no feedback.
+    fn plain(policy: TtcPolicy, sampler: SamplerConfig) -> Self {
+        Self {
+            policy,
+            allocation: None,
+            sampler,
+            feedback: false,
+        }
+    }
+}
+
+/// Every item through one fresh [`TtcService`], in order (the controller learns as it goes, as
+/// it would in a pod).
 async fn run_service(
     engine: &EngineHandle,
     settings: &EvalSettings,
     prepared: &[Prepared],
-    policy: TtcPolicy,
-    allocation: Option<f64>,
-    sampler: SamplerConfig,
+    run: ServiceRun,
 ) -> Result<Vec<ItemRecord>, EvalError> {
+    let ServiceRun {
+        policy,
+        allocation,
+        sampler,
+        feedback,
+    } = run;
     let service = TtcService::with_options(
         policy,
         TtcOptions {
@@ -667,6 +725,7 @@ async fn run_service(
             .answer(
                 engine,
                 TtcRequest {
+                    id: p.item.id.clone(),
                     prompt: p.prompt.clone(),
                     prompt_text: p.item.prompt.clone(),
                     answer_type: p.item.answer_type,
@@ -680,6 +739,9 @@ async fn run_service(
         let latency_s = started.elapsed().as_secs_f64();
         let energy = answer.energy.ok_or(EvalError::NoEnergy)?;
         let outcome = answer.outcome;
+        if feedback && let Some(ticket) = &outcome.feedback_ticket {
+            service.feedback(ticket, &Feedback::Expected(p.item.expected.clone()))?;
+        }
         let correct_samples = outcome
             .answers
             .iter()
@@ -831,12 +893,21 @@ mod tests {
                 allocation_joules: 1.0,
                 reference_depth: 4,
                 verifier: None,
+                feedback: false,
+            }
+            .label(),
+            Configuration::Adaptive {
+                allocation_joules: 1.0,
+                reference_depth: 4,
+                verifier: None,
+                feedback: true,
             }
             .label(),
             Configuration::Adaptive {
                 allocation_joules: 1.0,
                 reference_depth: 4,
                 verifier: Some(EvalVerifier::Tool),
+                feedback: false,
             }
             .label(),
             Configuration::BestOfN {

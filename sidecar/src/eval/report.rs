@@ -56,12 +56,14 @@ pub fn csv(report: &EvalReport) -> String {
             Configuration::Adaptive {
                 allocation_joules,
                 verifier,
+                feedback,
                 ..
             } => (
-                match verifier {
-                    None => "adaptive",
-                    Some(EvalVerifier::Schema) => "adaptive_schema",
-                    Some(EvalVerifier::Tool) => "adaptive_tool",
+                match (verifier, feedback) {
+                    (None, false) => "adaptive",
+                    (None, true) => "adaptive_feedback",
+                    (Some(EvalVerifier::Schema), _) => "adaptive_schema",
+                    (Some(EvalVerifier::Tool), _) => "adaptive_tool",
                 },
                 report.settings.max_samples,
                 Some(allocation_joules),
@@ -255,6 +257,7 @@ pub fn findings(results: &[ConfigResult], settings: &EvalSettings) -> Vec<String
                 allocation_joules,
                 reference_depth,
                 verifier,
+                feedback,
             } = adaptive.configuration
             else {
                 continue;
@@ -273,6 +276,37 @@ pub fn findings(results: &[ConfigResult], settings: &EvalSettings) -> Vec<String
                 pct(uniform.accuracy.estimate),
                 sign_test(wins, losses),
             ));
+            // With feedback, the peer is the same controller without it: where depth changes
+            // answers without making them right, feedback should take the depth away.
+            if feedback
+                && let Some(blind) = find(&|c| {
+                    matches!(
+                        c,
+                        Configuration::Adaptive {
+                            verifier: None,
+                            feedback: false,
+                            ..
+                        }
+                    )
+                })
+            {
+                let (wins, losses) = discordant(adaptive, blind);
+                let late = |r: &ConfigResult| {
+                    let tail = &r.items[r.items.len() / 2..];
+                    tail.iter().map(|i| i.samples as f64).sum::<f64>() / tail.len().max(1) as f64
+                };
+                out.push(format!(
+                    "{name}: told which answers were right, {} drew {:.1} samples per request over the second half of the items vs {:.1} without feedback, at {:.3} vs {:.3} J/request, and reached {} vs {} ({wins} items gained, {losses} lost, p={:.2}).",
+                    adaptive.label,
+                    late(adaptive),
+                    late(blind),
+                    adaptive.mean_joules,
+                    blind.mean_joules,
+                    pct(adaptive.accuracy.estimate),
+                    pct(blind.accuracy.estimate),
+                    sign_test(wins, losses),
+                ));
+            }
             // With the tool, the uniform peer is best-of-k from one batch of k samples: at
             // vote@k's joules it is right whenever one of the k is (the tool accepts exactly the
             // right answers), which is pass@k.

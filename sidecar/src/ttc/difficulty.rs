@@ -139,6 +139,29 @@ pub struct DepthValueConfig {
     /// While depth is judged worthless, every `probe_every`-th request still gets extra depth so
     /// the learner notices when the workload changes.
     pub probe_every: u64,
+    /// With correctness feedback ([`super::feedback`]): below this upper bound on the accuracy
+    /// that depth gains over minimum depth (0.03: three points), extra depth is judged worthless.
+    #[serde(default = "default_worthless_gain")]
+    pub worthless_gain: f64,
+    /// Feedback weight (decayed) a class needs before its gain is judged.
+    #[serde(default = "default_min_feedback")]
+    pub min_feedback: f64,
+    /// Weight kept per feedback: 0.998 remembers about the last 500. Longer than `decay`
+    /// because a gain is a noisier signal than a disagreement and labels come more sparsely.
+    #[serde(default = "default_feedback_decay")]
+    pub feedback_decay: f64,
+}
+
+fn default_feedback_decay() -> f64 {
+    0.998
+}
+
+fn default_worthless_gain() -> f64 {
+    0.03
+}
+
+fn default_min_feedback() -> f64 {
+    80.0
 }
 
 impl Default for DepthValueConfig {
@@ -148,6 +171,9 @@ impl Default for DepthValueConfig {
             worthless_disagreement: 0.05,
             min_observations: 20.0,
             probe_every: 20,
+            worthless_gain: default_worthless_gain(),
+            min_feedback: default_min_feedback(),
+            feedback_decay: default_feedback_decay(),
         }
     }
 }
@@ -182,6 +208,69 @@ impl RateCounts {
         let centre = p + z * z / (2.0 * n);
         let spread = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt();
         ((centre + spread) / denominator).clamp(0.0, 1.0)
+    }
+}
+
+/// Exponentially forgotten moments of a gain in [-1, 1].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct GainMoments {
+    weight: f64,
+    sum: f64,
+    sum_squares: f64,
+    /// Whether the gain has been judged too small to pay for depth. Judged with hysteresis:
+    /// given up when the upper bound falls under the threshold, taken up again only when the
+    /// lower bound rises above it, so a gain of zero does not flap between the two as its
+    /// estimate wanders around the threshold.
+    ruled_out: bool,
+}
+
+/// How many standard errors the gain's bounds lie from its mean (one-sided 84%). Probes keep
+/// testing a give-up, so a lower confidence than the disagreement bound's trades a rare wrong
+/// give-up (undone by the probes) for giving up on worthless depth within a few hundred
+/// labelled requests.
+const GAIN_BOUND_Z: f64 = 1.0;
+
+impl GainMoments {
+    fn record(&mut self, gain: f64, decay: f64) {
+        let g = gain.clamp(-1.0, 1.0);
+        self.weight = self.weight * decay + 1.0;
+        self.sum = self.sum * decay + g;
+        self.sum_squares = self.sum_squares * decay + g * g;
+    }
+
+    /// Updates the verdict after a record: judged once the weight reaches `min_weight`.
+    fn judge(&mut self, min_weight: f64, worthless_gain: f64) {
+        self.ruled_out = if self.weight < min_weight {
+            false
+        } else if self.ruled_out {
+            self.mean() - self.spread() <= worthless_gain
+        } else {
+            self.upper_bound() < worthless_gain
+        };
+    }
+
+    fn mean(&self) -> f64 {
+        if self.weight > 0.0 {
+            self.sum / self.weight
+        } else {
+            0.0
+        }
+    }
+
+    /// [`GAIN_BOUND_Z`] standard errors (the variance floored at that of one change in twenty,
+    /// so a run of zeros does not make the bounds collapse onto the mean).
+    fn spread(&self) -> f64 {
+        let mean = self.mean();
+        let variance = (self.sum_squares / self.weight - mean * mean).max(0.05);
+        GAIN_BOUND_Z * (variance / self.weight).sqrt()
+    }
+
+    /// The mean plus its spread.
+    fn upper_bound(&self) -> f64 {
+        if self.weight <= 1.0 {
+            return 1.0;
+        }
+        self.mean() + self.spread()
     }
 }
 
@@ -230,9 +319,13 @@ pub struct DepthValueLearner {
     /// The class each slot was last seen as, for the report.
     class_names: [Option<DepthClass>; ANSWER_TYPES * DIFFICULTY_BINS],
     overall: RateCounts,
+    /// Gain over minimum depth from correctness feedback, per class and overall.
+    gains: [GainMoments; ANSWER_TYPES * DIFFICULTY_BINS],
+    overall_gain: GainMoments,
     requests: u64,
     total_observed: u64,
     total_answer_changes: u64,
+    total_feedback: u64,
 }
 
 /// What the [`DepthValueLearner`] believes, ready for metrics.
@@ -247,7 +340,13 @@ pub struct DepthValueReport {
     pub disagreement: f64,
     /// Upper confidence bound on that probability.
     pub disagreement_upper: f64,
-    /// Whether extra depth is judged able to change answers for the workload as a whole.
+    /// Correctness feedback taken that said something about depth (all time).
+    pub feedback: u64,
+    /// Accuracy depth gained over minimum depth, from feedback (recent; `None` without any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gain: Option<f64>,
+    /// Whether extra depth is judged able to change answers for the workload as a whole, and,
+    /// where feedback says, to make them right more often.
     pub depth_pays: bool,
     /// The same per class of request seen so far.
     pub classes: Vec<DepthClassReport>,
@@ -263,7 +362,16 @@ pub struct DepthClassReport {
     pub weight: f64,
     /// Estimated disagreement.
     pub disagreement: f64,
-    /// Whether extra depth is judged able to change this class's answers.
+    /// Feedback weight (exponentially forgotten).
+    pub feedback_weight: f64,
+    /// Accuracy depth gained over minimum depth, from feedback (`None` without any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gain: Option<f64>,
+    /// Upper bound on that gain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gain_upper: Option<f64>,
+    /// Whether extra depth is judged to pay for this class: able to change its answers, and,
+    /// once feedback has been judged, to make them right more often.
     pub depth_pays: bool,
 }
 
@@ -279,9 +387,12 @@ impl DepthValueLearner {
             classes: [RateCounts::default(); ANSWER_TYPES * DIFFICULTY_BINS],
             class_names: [None; ANSWER_TYPES * DIFFICULTY_BINS],
             overall: RateCounts::default(),
+            gains: [GainMoments::default(); ANSWER_TYPES * DIFFICULTY_BINS],
+            overall_gain: GainMoments::default(),
             requests: 0,
             total_observed: 0,
             total_answer_changes: 0,
+            total_feedback: 0,
         }
     }
 
@@ -313,6 +424,25 @@ impl DepthValueLearner {
         self.total_answer_changes += u64::from(first.is_none() || *first != final_answer);
     }
 
+    /// Records correctness feedback: the accuracy a request of `class` gained from its depth
+    /// over minimum depth ([`super::feedback::FeedbackTicket::gain`]).
+    pub fn record_gain(&mut self, class: DepthClass, gain: f64) {
+        let decay = self.config.feedback_decay.clamp(0.0, 1.0);
+        let index = class.index();
+        let (min_weight, threshold) = (self.config.min_feedback, self.config.worthless_gain);
+        for gains in [&mut self.gains[index], &mut self.overall_gain] {
+            gains.record(gain, decay);
+            gains.judge(min_weight, threshold);
+        }
+        self.class_names[index] = Some(class);
+        self.total_feedback += 1;
+    }
+
+    /// Whether feedback rules depth out ([`GainMoments::judge`]).
+    fn gain_rules_out(&self, gains: &GainMoments) -> bool {
+        gains.ruled_out
+    }
+
     /// Estimated probability that a later sample of a request of `class` disagrees with the
     /// first, shrunk towards the overall rate while the class is young.
     pub fn disagreement(&self, class: DepthClass) -> f64 {
@@ -327,18 +457,22 @@ impl DepthValueLearner {
 
     /// Whether extra depth is still believed able to change answers for the workload.
     pub fn depth_pays(&self) -> bool {
-        self.overall.observations < self.config.min_observations || self.pays(&self.overall)
+        (self.overall.observations < self.config.min_observations || self.pays(&self.overall))
+            && !self.gain_rules_out(&self.overall_gain)
     }
 
-    /// Whether extra depth is still believed able to change answers of `class`: judged on the
-    /// class once it has enough observations, on the whole workload before.
+    /// Whether extra depth is still believed to pay for `class`: able to change its answers
+    /// (judged on the class once it has enough observations, on the whole workload before), and
+    /// not shown by feedback to leave them no more often right.
     pub fn depth_pays_for(&self, class: DepthClass) -> bool {
-        let counts = &self.classes[class.index()];
-        if counts.observations >= self.config.min_observations {
+        let index = class.index();
+        let counts = &self.classes[index];
+        let changes_answers = if counts.observations >= self.config.min_observations {
             self.pays(counts)
         } else {
             self.depth_pays()
-        }
+        };
+        changes_answers && !self.gain_rules_out(&self.gains[index])
     }
 
     /// Counts a request of `class` and says whether it is a probe: a request that gets extra
@@ -358,6 +492,9 @@ impl DepthValueLearner {
                 class: *class,
                 weight: self.classes[class.index()].observations,
                 disagreement: self.disagreement(*class),
+                feedback_weight: self.gains[class.index()].weight,
+                gain: gain_of(&self.gains[class.index()]),
+                gain_upper: gain_upper_of(&self.gains[class.index()]),
                 depth_pays: self.depth_pays_for(*class),
             })
             .collect();
@@ -366,10 +503,20 @@ impl DepthValueLearner {
             answer_changes: self.total_answer_changes,
             disagreement: self.overall.rate(),
             disagreement_upper: self.overall.upper_bound(),
+            feedback: self.total_feedback,
+            gain: gain_of(&self.overall_gain),
             depth_pays: self.depth_pays(),
             classes,
         }
     }
+}
+
+fn gain_of(gains: &GainMoments) -> Option<f64> {
+    (gains.weight > 0.0).then(|| gains.mean())
+}
+
+fn gain_upper_of(gains: &GainMoments) -> Option<f64> {
+    (gains.weight > 1.0).then(|| gains.upper_bound())
 }
 
 #[cfg(test)]
@@ -490,6 +637,39 @@ mod tests {
         fresh.record(class(0), &[None, Some("b")], Some("b"));
         assert_eq!(fresh.report().answer_changes, 2);
         assert!(fresh.disagreement(class(0)) > 0.6);
+    }
+
+    #[test]
+    fn feedback_overrides_disagreement_where_depth_changes_answers_without_making_them_right() {
+        let mut learner = DepthValueLearner::new(DepthValueConfig::default());
+        let (scattered, helped) = (class(0), class(2));
+        for i in 0..300 {
+            // Both classes' samples disagree half the time ...
+            let second = if i % 2 == 0 { "b" } else { "a" };
+            learner.record(scattered, &[Some("a"), Some(second)], Some("a"));
+            learner.record(helped, &[Some("a"), Some(second)], Some("a"));
+            // ... but depth makes one class right as often as wrong, the other right.
+            learner.record_gain(scattered, if i % 2 == 0 { 0.3 } else { -0.3 });
+            learner.record_gain(helped, if i % 4 == 0 { 0.0 } else { 0.4 });
+        }
+        assert!(learner.disagreement(scattered) > 0.4);
+        assert!(!learner.depth_pays_for(scattered), "{:?}", learner.report());
+        assert!(learner.depth_pays_for(helped), "{:?}", learner.report());
+        let report = learner.report();
+        assert_eq!(report.feedback, 600);
+        let of = |c: DepthClass| report.classes.iter().find(|r| r.class == c).cloned();
+        let (Some(s), Some(h)) = (of(scattered), of(helped)) else {
+            panic!("{report:?}");
+        };
+        assert!(s.gain.is_some_and(|g| g.abs() < 0.01), "{s:?}");
+        assert!(s.gain_upper.is_some_and(|u| u < 0.03), "{s:?}");
+        assert!(h.gain.is_some_and(|g| (g - 0.3).abs() < 0.01), "{h:?}");
+        // Too little feedback is not judged: a fresh class keeps depth.
+        let mut young = DepthValueLearner::new(DepthValueConfig::default());
+        for _ in 0..10 {
+            young.record_gain(scattered, -1.0);
+        }
+        assert!(young.depth_pays_for(scattered));
     }
 
     #[test]

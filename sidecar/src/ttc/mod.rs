@@ -10,6 +10,8 @@
 //! - [`verifier`]: JSON schema, regex and HTTP verifiers for best-of-N.
 //! - [`stopping`]: early stopping in windows (ESC / Adaptive-Consistency), min/max samples.
 //! - [`difficulty`]: the difficulty signal and the learner of whether depth changes answers.
+//! - [`feedback`]: clients' verdicts on answers, which tell that learner whether depth made
+//!   them right.
 //! - [`opening`]: whether best-of-N opens with its greedy candidate alone or in a batch.
 //! - [`reasoning`]: budget forcing for reasoning models.
 //! - [`cost`]: what depth costs, learned from measured joules.
@@ -20,6 +22,7 @@ pub mod answer;
 pub mod budget;
 pub mod cost;
 pub mod difficulty;
+pub mod feedback;
 pub mod opening;
 pub mod plan;
 pub mod power;
@@ -37,9 +40,10 @@ mod simulation;
 pub use answer::{AnswerType, extract_answer};
 pub use budget::{BudgetConfig, BudgetController, BudgetReport, BudgetState, DepthChoice};
 pub use difficulty::{DepthValueReport, PromptFeatures};
+pub use feedback::{Feedback, FeedbackError, FeedbackTicket};
 pub use plan::{
-    EnergySource, MeasuredEnergy, PlannedStrategy, RequestFeatures, TtcController, TtcError,
-    TtcOptions, TtcOutcome, TtcPlan, TtcPolicy, TtcReport, TtcSession, TtcStrategy,
+    EnergySource, FeedbackReceipt, MeasuredEnergy, PlannedStrategy, RequestFeatures, TtcController,
+    TtcError, TtcOptions, TtcOutcome, TtcPlan, TtcPolicy, TtcReport, TtcSession, TtcStrategy,
 };
 pub use stopping::{StopReason, StoppingRule, WindowDecision};
 pub use verifier::{Verdict, Verifier, VerifierError, VerifierSpec};

@@ -37,6 +37,7 @@ use super::difficulty::{
     DepthClass, DepthValueConfig, DepthValueLearner, DepthValueReport, DifficultySignal,
     PromptFeatures,
 };
+use super::feedback::{Feedback, FeedbackError, FeedbackTicket, SeenTickets};
 use super::opening::GreedyOpening;
 use super::stopping::{StopReason, StoppingRule, WindowDecision};
 use super::verifier::{Verdict, Verifier, VerifierError};
@@ -217,6 +218,9 @@ pub struct TtcOutcome {
     pub decode_passes: usize,
     /// Samples per window of the plan (the whole limit when drawn as one batch).
     pub window: usize,
+    /// Fewest samples the plan drew: minimum depth, which correctness feedback compares with.
+    #[serde(default = "one")]
+    pub min_samples: usize,
     /// Most samples the plan allowed.
     pub max_samples: usize,
     /// Reasoning tokens allowed (ReasoningBudget only).
@@ -251,6 +255,41 @@ pub struct TtcOutcome {
     pub prompt_tokens: usize,
     /// Generated tokens over all samples.
     pub completion_tokens: usize,
+    /// The opaque ticket a client posts back with its verdict on the answer
+    /// (`POST /v1/ttc/feedback`, [`super::feedback`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feedback_ticket: Option<String>,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl TtcOutcome {
+    /// What correctness feedback on this outcome needs, under the response id `id`.
+    pub fn ticket(&self, id: &str) -> FeedbackTicket {
+        FeedbackTicket {
+            id: id.to_owned(),
+            answer_type: self.answer_type,
+            bin: self.difficulty_bin,
+            min_samples: self.min_samples.max(1),
+            answers: self.answers.clone(),
+            answer: self.answer.clone(),
+        }
+    }
+}
+
+/// What the controller made of a client's feedback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FeedbackReceipt {
+    /// Accuracy the request's depth gained over minimum depth (+1, 0, -1); `None` when it drew
+    /// no more than minimum depth, so the feedback says nothing about depth.
+    pub gain: Option<f64>,
+    /// The request's class.
+    pub class: DepthClass,
+    /// Whether extra depth is judged to pay for that class now.
+    pub depth_pays: bool,
 }
 
 /// One request in progress: collects samples and verdicts, decides after each window.
@@ -284,13 +323,19 @@ impl TtcSession {
         }
     }
 
-    /// Whether the first window's first row is decoded greedily. Best-of-N opens with the
-    /// model's most likely answer, the one a verifier accepts most often (60% of single-digit
-    /// additions for the default model against 38% of samples at temperature 0.7): alone, or
-    /// next to sampled rows where greedy is usually rejected ([`super::opening`]). A vote needs
-    /// varied samples, so it never does this.
+    /// Whether the first window's first row is decoded greedily: always where samples are
+    /// drawn, so the first sample is the answer minimum depth gives (a plan of one sample
+    /// decodes greedily), which depth then adds to and correctness feedback compares with
+    /// ([`super::feedback`]). It is also the model's most likely answer: right more often than
+    /// a sample (yes/no facts on the default model: 50% against 37% at temperature 0.7; 60% of
+    /// single-digit additions against 38%). Best-of-N opens with it alone, or next to sampled
+    /// rows where greedy is usually rejected ([`super::opening`]); a vote counts it as one of
+    /// its samples, the one that wins ties.
     pub fn greedy_first(&self) -> bool {
-        self.plan.strategy == PlannedStrategy::BestOfN
+        matches!(
+            self.plan.strategy,
+            PlannedStrategy::BestOfN | PlannedStrategy::MajorityVote
+        )
     }
 
     /// Samples drawn so far.
@@ -484,6 +529,7 @@ impl TtcSession {
             windows: self.windows,
             decode_passes: self.decode_passes,
             window: self.plan.window,
+            min_samples: self.plan.min_samples,
             max_samples: self.plan.max_samples,
             reasoning_tokens: self.plan.reasoning_tokens,
             stop_reason: self.stop,
@@ -499,6 +545,7 @@ impl TtcSession {
             energy_source: energy.source,
             prompt_tokens: energy.prompt_tokens,
             completion_tokens: energy.completion_tokens,
+            feedback_ticket: None,
         }
     }
 }
@@ -513,6 +560,7 @@ pub struct TtcController {
     learner: DepthValueLearner,
     windows: WindowLearner,
     opening: GreedyOpening,
+    seen_tickets: SeenTickets,
     requests: u64,
 }
 
@@ -566,6 +614,7 @@ impl TtcController {
             learner: DepthValueLearner::new(options.depth_value),
             windows: WindowLearner::new(options.windows),
             opening: GreedyOpening::default(),
+            seen_tickets: SeenTickets::default(),
             policy,
             options,
             verifier,
@@ -758,6 +807,26 @@ impl TtcController {
         let answers: Vec<Option<&str>> = outcome.answers.iter().map(Option::as_deref).collect();
         self.learner
             .record(class, &answers, outcome.answer.as_deref());
+    }
+
+    /// Learns from a client's verdict on an answer: how much the request's depth gained over
+    /// minimum depth. Each ticket counts once; a refused one changes nothing.
+    pub fn feedback(
+        &mut self,
+        ticket: &FeedbackTicket,
+        feedback: &Feedback,
+    ) -> Result<FeedbackReceipt, FeedbackError> {
+        let gain = ticket.gain(feedback)?;
+        self.seen_tickets.insert(&ticket.id)?;
+        let class = ticket.class();
+        if let Some(gain) = gain {
+            self.learner.record_gain(class, gain);
+        }
+        Ok(FeedbackReceipt {
+            gain,
+            class,
+            depth_pays: self.learner.depth_pays_for(class),
+        })
     }
 
     /// The controller's state for metrics.

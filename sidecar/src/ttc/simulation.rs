@@ -1,6 +1,7 @@
 //! The whole inner loop on scripted workloads: a scripted "model" whose samples are right with a
 //! per-query-kind probability, a scripted meter, and the real controller, session and learner.
 
+use super::feedback::Feedback;
 use super::plan::{
     EnergySource, MeasuredEnergy, RequestFeatures, TtcController, TtcOptions, TtcPolicy,
 };
@@ -20,6 +21,10 @@ enum QueryKind {
     /// The same wrong answer almost always (the systematic error measured on SmolLM2): depth
     /// buys nothing.
     Systematic,
+    /// Right or wrong with even odds, two answers (yes/no facts the model does not know):
+    /// samples disagree half the time, yet a vote is right no more often than one sample, so
+    /// depth buys nothing, and only correctness feedback can tell.
+    CoinFlip,
 }
 
 impl QueryKind {
@@ -29,6 +34,7 @@ impl QueryKind {
             Self::Easy => "Is the sky blue? Answer yes or no.",
             Self::Noisy => "What is 4821 * 37 + 1290 - 77? Answer with the number only.",
             Self::Systematic => "Is London in Spain? Answer yes or no.",
+            Self::CoinFlip => "Is Lyon further north than Geneva? Answer yes or no.",
         }
     }
 
@@ -41,6 +47,8 @@ impl QueryKind {
             Self::Noisy => ["wrong-1", "wrong-2", "wrong-3", "wrong-4"][rng.below(4) as usize],
             Self::Systematic if u < 0.99 => "wrong-1",
             Self::Systematic => "right",
+            Self::CoinFlip if u < 0.5 => "right",
+            Self::CoinFlip => "wrong-1",
         }
     }
 }
@@ -90,9 +98,19 @@ impl RunStats {
 
 /// Runs `kinds` through the controller, window by window, as the HTTP layer will.
 fn run_controller(controller: &mut TtcController, kinds: &[QueryKind], seed: u64) -> RunStats {
+    run_with_feedback(controller, kinds, seed, false)
+}
+
+/// [`run_controller`], and where `feedback`, each answer's expected one is posted back.
+fn run_with_feedback(
+    controller: &mut TtcController,
+    kinds: &[QueryKind],
+    seed: u64,
+    feedback: bool,
+) -> RunStats {
     let mut rng = SplitMix64::new(seed);
     let mut stats = RunStats::default();
-    for kind in kinds {
+    for (i, kind) in kinds.iter().enumerate() {
         let mut session = controller.plan(&features(*kind));
         let mut n = session.first_window();
         let mut tokens = 0;
@@ -120,6 +138,14 @@ fn run_controller(controller: &mut TtcController, kinds: &[QueryKind], seed: u64
         stats.samples.push(outcome.samples);
         stats.states.push(outcome.budget_state);
         controller.record(&outcome);
+        if feedback {
+            controller
+                .feedback(
+                    &outcome.ticket(&format!("request-{i}")),
+                    &Feedback::Expected("right".into()),
+                )
+                .expect("the expected answer is a short answer");
+        }
     }
     stats
 }
@@ -305,6 +331,69 @@ fn converges_to_minimum_depth_when_depth_buys_nothing() {
     assert!(worthless >= 180, "{worthless}");
     // It spends well under the allocation, on purpose, and says so.
     assert!(stats.mean_joules(200) < 0.5 * 10.0);
+}
+
+#[test]
+fn feedback_takes_depth_away_where_it_changes_answers_without_making_them_right() {
+    let kinds = vec![QueryKind::CoinFlip; 1000];
+    let class = super::difficulty::DepthClass {
+        answer_type: AnswerType::Short,
+        bin: features(QueryKind::CoinFlip).prompt.bin(),
+    };
+    let run = |feedback: bool| {
+        let mut controller =
+            TtcController::new(policy(16), TtcOptions::default()).expect("valid policy");
+        controller.set_allocation(Some(6.0));
+        let stats = run_with_feedback(&mut controller, &kinds, 51, feedback);
+        (stats, controller.report().depth_value)
+    };
+    // Blind to correctness, the learner sees samples disagree half the time and keeps paying.
+    let (blind, blind_value) = run(false);
+    assert!(blind_value.depth_pays, "{blind_value:?}");
+    assert!(blind.mean_samples(200) > 3.0, "{}", blind.mean_samples(200));
+    // Told the right answers, it sees the vote gain nothing and falls back to minimum depth.
+    let (told, told_value) = run(true);
+    let learned = told_value.classes.iter().find(|c| c.class == class);
+    eprintln!(
+        "coin flips: blind {:.2} samples, {:.3} J, accuracy {:.3}; with feedback {:.2} samples, {:.3} J, accuracy {:.3}; {learned:?}",
+        blind.mean_samples(200),
+        blind.mean_joules(200),
+        blind.accuracy(),
+        told.mean_samples(200),
+        told.mean_joules(200),
+        told.accuracy()
+    );
+    let Some(learned) = learned else {
+        panic!("class not learned: {told_value:?}");
+    };
+    assert!(!learned.depth_pays, "{learned:?}");
+    assert!(learned.gain.is_some_and(|g| g.abs() < 0.05), "{learned:?}");
+    assert!(told_value.feedback > 50, "{told_value:?}");
+    assert!(told.mean_samples(200) <= 1.3, "{}", told.mean_samples(200));
+    assert!(told.mean_joules(200) < 0.7 * blind.mean_joules(200));
+}
+
+#[test]
+fn feedback_keeps_depth_where_it_makes_answers_right() {
+    let kinds = vec![QueryKind::Noisy; 400];
+    let mut controller =
+        TtcController::new(policy(16), TtcOptions::default()).expect("valid policy");
+    controller.set_allocation(Some(6.0));
+    let stats = run_with_feedback(&mut controller, &kinds, 61, true);
+    let value = controller.report().depth_value;
+    eprintln!(
+        "noisy with feedback: {:.2} samples, accuracy {:.3}, {value:?}",
+        stats.mean_samples(200),
+        stats.accuracy()
+    );
+    assert!(value.depth_pays, "{value:?}");
+    assert!(value.gain.is_some_and(|g| g > 0.1), "{value:?}");
+    assert!(stats.mean_samples(200) > 3.0, "{}", stats.mean_samples(200));
+    assert!(
+        stats.states[200..]
+            .iter()
+            .all(|s| *s != BudgetState::DepthWorthless)
+    );
 }
 
 #[test]

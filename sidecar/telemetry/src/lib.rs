@@ -53,6 +53,9 @@
 //! | `ttc.depth` | histogram | `{sample}` | `ttc.strategy` |
 //! | `ttc.budget.allocation` | gauge | `J` | — |
 //! | `ttc.budget.remaining` | gauge | `J` | — |
+//! | `ttc.depth.pays` | gauge | `1` | `ttc.answer.type`, `ttc.difficulty.bin` |
+//! | `ttc.depth.gain` | gauge | `1` | `ttc.answer.type`, `ttc.difficulty.bin` (with client feedback only) |
+//! | `ttc.feedback` | counter | `{feedback}` | `ttc.feedback.informative` |
 //! | `ttc.telemetry.dropped_exports` | counter | `{export}` | — |
 //!
 //! Resource attributes: `service.name`, `k8s.pod.name`, `k8s.namespace.name`, `ttc.policy.name`
@@ -114,6 +117,22 @@ pub mod keys {
     pub const STRATEGY: &str = "ttc.strategy";
     /// `ttc.policy.name` (resource)
     pub const POLICY: &str = "ttc.policy.name";
+    /// `ttc.answer.type`: how a class of request's answers are extracted.
+    pub const ANSWER_TYPE: &str = "ttc.answer.type";
+    /// `ttc.difficulty.bin`: a class of request's difficulty bin (0 = easy).
+    pub const DIFFICULTY_BIN: &str = "ttc.difficulty.bin";
+    /// `ttc.feedback.informative`: whether feedback said something about depth.
+    pub const FEEDBACK_INFORMATIVE: &str = "ttc.feedback.informative";
+}
+
+/// A class of request whose value of depth is learned apart (the attributes of
+/// `ttc.depth.pays` and `ttc.depth.gain`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DepthClassLabels<'a> {
+    /// `ttc.answer.type`: `number`, `choice`, `yes_no`, `short` or `json`.
+    pub answer_type: &'a str,
+    /// `ttc.difficulty.bin`.
+    pub difficulty_bin: usize,
 }
 
 /// The `gen_ai.provider.name` this sidecar reports for itself.
@@ -287,6 +306,32 @@ impl SidecarMetrics {
             otlp.budget_remaining.record(remaining_j, &[]);
         }
         self.inner.prom.budget(allocation_j, remaining_j);
+    }
+
+    /// Counts a client's verdict in `ttc.feedback`; `informative` when the request drew more
+    /// than minimum depth, so the verdict said something about depth.
+    pub fn record_feedback(&self, informative: bool) {
+        if let Some(otlp) = &self.inner.otlp {
+            otlp.feedback
+                .add(1, &[KeyValue::new(keys::FEEDBACK_INFORMATIVE, informative)]);
+        }
+        self.inner.prom.feedback(informative);
+    }
+
+    /// Sets `ttc.depth.pays` (1 or 0) and, where feedback measured it, `ttc.depth.gain` for one
+    /// class of request: whether the pod still pays for extra depth there, and what it gained.
+    pub fn set_depth_value(&self, class: &DepthClassLabels<'_>, pays: bool, gain: Option<f64>) {
+        if let Some(otlp) = &self.inner.otlp {
+            let attrs = [
+                KeyValue::new(keys::ANSWER_TYPE, class.answer_type.to_string()),
+                KeyValue::new(keys::DIFFICULTY_BIN, class.difficulty_bin as i64),
+            ];
+            otlp.depth_pays.record(f64::from(u8::from(pays)), &attrs);
+            if let Some(gain) = gain {
+                otlp.depth_gain.record(gain, &attrs);
+            }
+        }
+        self.inner.prom.depth_value(class, pays, gain);
     }
 
     /// Records everything known about one finished request.

@@ -75,6 +75,9 @@ pub(crate) struct OtlpPipeline {
     pub(crate) budget_remaining: Gauge<f64>,
     pub(crate) requests: Counter<u64>,
     pub(crate) samples: Counter<u64>,
+    pub(crate) feedback: Counter<u64>,
+    pub(crate) depth_pays: Gauge<f64>,
+    pub(crate) depth_gain: Gauge<f64>,
     /// Observable instruments live as long as these handles.
     _observed: Vec<Observed>,
 }
@@ -183,6 +186,21 @@ impl OtlpPipeline {
                 .u64_counter("ttc.samples")
                 .with_unit("{sample}")
                 .with_description("Test-time compute samples generated since the sidecar started")
+                .build(),
+            feedback: m
+                .u64_counter("ttc.feedback")
+                .with_unit("{feedback}")
+                .with_description("Client verdicts on answers taken; ttc.feedback.informative says whether the request drew more than minimum depth")
+                .build(),
+            depth_pays: m
+                .f64_gauge("ttc.depth.pays")
+                .with_unit("1")
+                .with_description("1 while extra depth is judged to pay for this class of request, 0 once the pod gave up on it (minimum depth, probes only)")
+                .build(),
+            depth_gain: m
+                .f64_gauge("ttc.depth.gain")
+                .with_unit("1")
+                .with_description("Accuracy extra depth gained over minimum depth for this class, from client feedback")
                 .build(),
             provider,
             _observed: observed,

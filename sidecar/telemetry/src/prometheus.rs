@@ -14,7 +14,7 @@ use ttc_energy::{EnergyMeter, EnergySource, uj_to_j};
 use crate::otlp::{
     DEPTH_BUCKETS, DURATION_BUCKETS, ENERGY_BUCKETS, PER_TOKEN_BUCKETS, TOKEN_BUCKETS,
 };
-use crate::{PROVIDER_NAME, TelemetryConfig, TelemetryError};
+use crate::{DepthClassLabels, PROVIDER_NAME, TelemetryConfig, TelemetryError};
 
 /// Label sets: OTel attribute names with dots turned into underscores, as the OTel-to-Prometheus
 /// mapping does.
@@ -48,6 +48,9 @@ pub(crate) struct PromMetrics {
     budget_remaining: Gauge<f64, AtomicU64>,
     requests: Counter,
     samples: Counter,
+    feedback: Family<Labels, Counter>,
+    depth_pays: Family<Labels, Gauge<f64, AtomicU64>>,
+    depth_gain: Family<Labels, Gauge<f64, AtomicU64>>,
 }
 
 impl PromMetrics {
@@ -127,6 +130,24 @@ impl PromMetrics {
             "Test-time compute samples generated since the sidecar started",
             samples.clone(),
         );
+        let feedback = Family::<Labels, Counter>::default();
+        registry.register(
+            "ttc_feedback",
+            "Client verdicts on answers taken; ttc_feedback_informative says whether the request drew more than minimum depth",
+            feedback.clone(),
+        );
+        let depth_pays = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "ttc_depth_pays",
+            "1 while extra depth is judged to pay for this class of request, 0 once the pod gave up on it (minimum depth, probes only)",
+            depth_pays.clone(),
+        );
+        let depth_gain = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "ttc_depth_gain",
+            "Accuracy extra depth gained over minimum depth for this class, from client feedback",
+            depth_gain.clone(),
+        );
         registry.register_collector(Box::new(MeterCollector { meter, dropped }));
         Self {
             registry,
@@ -139,6 +160,9 @@ impl PromMetrics {
             budget_remaining,
             requests,
             samples,
+            feedback,
+            depth_pays,
+            depth_gain,
         }
     }
 
@@ -197,6 +221,25 @@ impl PromMetrics {
     pub(crate) fn budget(&self, allocation_j: f64, remaining_j: f64) {
         self.budget_allocation.set(allocation_j);
         self.budget_remaining.set(remaining_j);
+    }
+
+    pub(crate) fn feedback(&self, informative: bool) {
+        self.feedback
+            .get_or_create(&vec![("ttc_feedback_informative", informative.to_string())])
+            .inc();
+    }
+
+    pub(crate) fn depth_value(&self, class: &DepthClassLabels<'_>, pays: bool, gain: Option<f64>) {
+        let labels = vec![
+            ("ttc_answer_type", class.answer_type.to_string()),
+            ("ttc_difficulty_bin", class.difficulty_bin.to_string()),
+        ];
+        self.depth_pays
+            .get_or_create(&labels)
+            .set(f64::from(u8::from(pays)));
+        if let Some(gain) = gain {
+            self.depth_gain.get_or_create(&labels).set(gain);
+        }
     }
 
     pub(crate) fn encode(&self) -> Result<String, TelemetryError> {
