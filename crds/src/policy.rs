@@ -203,6 +203,14 @@ pub struct TtcSpec {
     #[serde(default = "default_difficulty_aware")]
     pub difficulty_aware: bool,
 
+    /// With difficultyAware and clients' verdicts on answers (the sidecar's POST
+    /// /v1/ttc/feedback): the share of answers (0-1) extra depth must make right over minimum
+    /// depth for a class of request to keep paying for it; 0.03 gives depth up where it is shown
+    /// to buy less than three points.
+    #[serde(default = "default_min_depth_gain")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub min_depth_gain: f64,
+
     /// How candidate answers are checked: required by BestOfN; under Adaptive, setting one makes
     /// every request BestOfN.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -221,6 +229,9 @@ fn default_max_reasoning_tokens() -> u32 {
 fn default_early_stop_agreement() -> f64 {
     0.75
 }
+fn default_min_depth_gain() -> f64 {
+    0.03
+}
 fn default_difficulty_aware() -> bool {
     true
 }
@@ -235,6 +246,7 @@ impl Default for TtcSpec {
             max_reasoning_tokens: default_max_reasoning_tokens(),
             early_stop_agreement: default_early_stop_agreement(),
             difficulty_aware: default_difficulty_aware(),
+            min_depth_gain: default_min_depth_gain(),
             verifier: None,
         }
     }

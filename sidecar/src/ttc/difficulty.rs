@@ -139,10 +139,6 @@ pub struct DepthValueConfig {
     /// While depth is judged worthless, every `probe_every`-th request still gets extra depth so
     /// the learner notices when the workload changes.
     pub probe_every: u64,
-    /// With correctness feedback ([`super::feedback`]): below this upper bound on the accuracy
-    /// that depth gains over minimum depth (0.03: three points), extra depth is judged worthless.
-    #[serde(default = "default_worthless_gain")]
-    pub worthless_gain: f64,
     /// Feedback weight (decayed) a class needs before its gain is judged.
     #[serde(default = "default_min_feedback")]
     pub min_feedback: f64,
@@ -156,10 +152,6 @@ fn default_feedback_decay() -> f64 {
     0.998
 }
 
-fn default_worthless_gain() -> f64 {
-    0.03
-}
-
 fn default_min_feedback() -> f64 {
     80.0
 }
@@ -171,7 +163,6 @@ impl Default for DepthValueConfig {
             worthless_disagreement: 0.05,
             min_observations: 20.0,
             probe_every: 20,
-            worthless_gain: default_worthless_gain(),
             min_feedback: default_min_feedback(),
             feedback_decay: default_feedback_decay(),
         }
@@ -326,7 +317,13 @@ pub struct DepthValueLearner {
     total_observed: u64,
     total_answer_changes: u64,
     total_feedback: u64,
+    /// The gain depth must show with feedback to keep being paid for (the policy's
+    /// `minDepthGain`).
+    min_gain: f64,
 }
+
+/// The policy's default `minDepthGain`.
+const DEFAULT_MIN_GAIN: f64 = 0.03;
 
 /// What the [`DepthValueLearner`] believes, ready for metrics.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -393,6 +390,22 @@ impl DepthValueLearner {
             total_observed: 0,
             total_answer_changes: 0,
             total_feedback: 0,
+            min_gain: DEFAULT_MIN_GAIN,
+        }
+    }
+
+    /// Sets the gain depth must show with feedback to keep being paid for (the policy's
+    /// `minDepthGain`), and judges what was learned against it.
+    pub fn set_min_gain(&mut self, min_gain: f64) {
+        self.min_gain = if min_gain.is_finite() {
+            min_gain.clamp(0.0, 1.0)
+        } else {
+            DEFAULT_MIN_GAIN
+        };
+        let min_weight = self.config.min_feedback;
+        for gains in self.gains.iter_mut().chain([&mut self.overall_gain]) {
+            gains.ruled_out = false;
+            gains.judge(min_weight, self.min_gain);
         }
     }
 
@@ -429,7 +442,7 @@ impl DepthValueLearner {
     pub fn record_gain(&mut self, class: DepthClass, gain: f64) {
         let decay = self.config.feedback_decay.clamp(0.0, 1.0);
         let index = class.index();
-        let (min_weight, threshold) = (self.config.min_feedback, self.config.worthless_gain);
+        let (min_weight, threshold) = (self.config.min_feedback, self.min_gain);
         for gains in [&mut self.gains[index], &mut self.overall_gain] {
             gains.record(gain, decay);
             gains.judge(min_weight, threshold);
@@ -664,6 +677,12 @@ mod tests {
         assert!(s.gain.is_some_and(|g| g.abs() < 0.01), "{s:?}");
         assert!(s.gain_upper.is_some_and(|u| u < 0.03), "{s:?}");
         assert!(h.gain.is_some_and(|g| (g - 0.3).abs() < 0.01), "{h:?}");
+        // The policy's minDepthGain moves the bar, and what was learned is judged against it.
+        learner.set_min_gain(0.5);
+        assert!(!learner.depth_pays_for(helped), "0.3 gained is under 0.5");
+        learner.set_min_gain(0.03);
+        assert!(learner.depth_pays_for(helped));
+        assert!(!learner.depth_pays_for(scattered));
         // Too little feedback is not judged: a fresh class keeps depth.
         let mut young = DepthValueLearner::new(DepthValueConfig::default());
         for _ in 0..10 {

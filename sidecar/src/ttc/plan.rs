@@ -609,9 +609,11 @@ impl TtcController {
     /// A controller for `policy`; fails when the policy is inconsistent or its verifier invalid.
     pub fn new(policy: TtcPolicy, options: TtcOptions) -> Result<Self, TtcError> {
         let verifier = validate(&policy)?;
+        let mut learner = DepthValueLearner::new(options.depth_value);
+        learner.set_min_gain(policy.min_depth_gain);
         Ok(Self {
             budget: BudgetController::new(options.budget),
-            learner: DepthValueLearner::new(options.depth_value),
+            learner,
             windows: WindowLearner::new(options.windows),
             opening: GreedyOpening::default(),
             seen_tickets: SeenTickets::default(),
@@ -625,6 +627,9 @@ impl TtcController {
     /// Replaces the policy, keeping what was learned; on error the old policy stays.
     pub fn set_policy(&mut self, policy: TtcPolicy) -> Result<(), TtcError> {
         self.verifier = validate(&policy)?;
+        if policy.min_depth_gain != self.policy.min_depth_gain {
+            self.learner.set_min_gain(policy.min_depth_gain);
+        }
         self.policy = policy;
         Ok(())
     }
