@@ -87,4 +87,15 @@ pub mod sidecar_env {
     pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
     /// OpenTelemetry resource attributes naming the pod and policy.
     pub const OTEL_RESOURCE_ATTRIBUTES: &str = "OTEL_RESOURCE_ATTRIBUTES";
+    /// File holding the pod's service-account token for the receiver (set when the operator
+    /// authenticates reports): the sidecar sends it as `Authorization: Bearer` with every export
+    /// and re-reads it as the kubelet rotates it.
+    pub const REPORT_TOKEN_FILE: &str = "TTC_REPORT_TOKEN_FILE";
 }
+
+/// Audience of the service-account tokens sidecars present to the receiver: a token minted for
+/// the operator is good for nothing else, and no other token is good for the operator.
+pub const REPORT_TOKEN_AUDIENCE: &str = "ttc-operator";
+
+/// Where the injected sidecar finds its receiver token (a projected service-account token).
+pub const REPORT_TOKEN_PATH: &str = "/var/run/secrets/ttc-operator/token";

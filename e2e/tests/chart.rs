@@ -129,6 +129,7 @@ async fn helm_lint_is_clean() -> TestResult {
     for extra in [
         &[][..],
         &["--set", "webhook.certManager.enabled=true"][..],
+        &["--set", "operator.reportAuth=token-review"][..],
         &[
             "--set",
             "model.hostPath=/var/lib/models",
@@ -173,6 +174,42 @@ async fn cert_manager_option_renders_a_certificate_and_ca_injection() -> TestRes
     );
     assert!(!out.contains("caBundle:"), "{out}");
     assert!(!out.contains("kind: Secret"), "{out}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn report_auth_option_configures_the_operator_and_grants_token_reviews() -> TestResult {
+    let cluster = cluster().await?;
+    for (value, reviews) in [("none", false), ("token-review", true)] {
+        let out = run(
+            cluster
+                .helm()
+                .args(["template", "auth", "--namespace", "ttc-system"])
+                .arg(chart_dir())
+                .args(["--set", &format!("operator.reportAuth={value}")]),
+            None,
+        )?;
+        let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&out)
+            .map(|doc| Value::deserialize(doc).unwrap_or(Value::Null))
+            .collect();
+        let config = docs
+            .iter()
+            .find(|d| d["kind"] == "ConfigMap" && d["data"]["TTC_REPORT_AUTH"].is_string())
+            .ok_or("no ConfigMap with TTC_REPORT_AUTH")?;
+        assert_eq!(config["data"]["TTC_REPORT_AUTH"], value);
+        let role = docs
+            .iter()
+            .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "auth-ttc-operator")
+            .ok_or("no operator ClusterRole")?;
+        let grants_reviews = role["rules"].as_array().is_some_and(|rules| {
+            rules.iter().any(|r| {
+                r["resources"]
+                    .as_array()
+                    .is_some_and(|rs| rs.iter().any(|x| x == "tokenreviews"))
+            })
+        });
+        assert_eq!(grants_reviews, reviews, "{value}: {role}");
+    }
     Ok(())
 }
 

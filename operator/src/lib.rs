@@ -14,6 +14,7 @@ pub mod domain;
 pub mod error;
 pub mod metrics;
 pub mod receiver;
+pub mod report_auth;
 pub mod reports;
 pub mod run;
 pub mod webhook;

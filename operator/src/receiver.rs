@@ -16,10 +16,11 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{
 use prost::Message;
 use tokio::sync::mpsc;
 use tracing::debug;
-use ttc_crds::report::{JSON_REPORTS_PATH, OTLP_METRICS_PATH};
+use ttc_crds::report::{JSON_REPORTS_PATH, OTLP_METRICS_PATH, REPORT_TOKEN_AUDIENCE};
 use ttc_crds::{EnergyReport, InferencePolicy};
 
 use crate::metrics::Metrics;
+use crate::report_auth::{AuthError, ReportAuthenticator, bearer};
 use crate::reports::{ReportBook, reports_from_otlp};
 
 /// The receiver's state.
@@ -31,9 +32,54 @@ pub struct ReportReceiver {
     /// Asks the controller to reconcile a policy whose pod started reporting; full or absent,
     /// the periodic resync catches up.
     pub wake: Option<mpsc::Sender<ObjectRef<InferencePolicy>>>,
+    /// Who may report for which pod; `None` takes every report (`--report-auth none`).
+    pub auth: Option<Arc<dyn ReportAuthenticator>>,
 }
 
 impl ReportReceiver {
+    /// Checks that the request may report for every pod in `reports`.
+    async fn authorize(
+        &self,
+        headers: &HeaderMap,
+        reports: &[EnergyReport],
+    ) -> Result<(), AuthError> {
+        let Some(auth) = &self.auth else {
+            return Ok(());
+        };
+        let token = bearer(headers).ok_or(AuthError::Missing(REPORT_TOKEN_AUDIENCE))?;
+        let identity = auth.authenticate(token).await?;
+        match reports
+            .iter()
+            .find(|r| r.namespace != identity.namespace || r.pod != identity.pod)
+        {
+            Some(other) => Err(AuthError::WrongPod {
+                token: format!("{}/{}", identity.namespace, identity.pod),
+                report: format!("{}/{}", other.namespace, other.pod),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Records `reports` if the request may send them; the refusal otherwise.
+    async fn accept(
+        &self,
+        encoding: &'static str,
+        headers: &HeaderMap,
+        reports: &[EnergyReport],
+    ) -> Result<(), Response> {
+        if let Err(e) = self.authorize(headers, reports).await {
+            self.metrics.report(encoding, "unauthorized");
+            debug!(error = %e, "energy report refused");
+            return Err((e.status(), e.to_string()).into_response());
+        }
+        let now = Instant::now();
+        for report in reports {
+            self.record(report, now);
+            self.metrics.report(encoding, "accepted");
+        }
+        Ok(())
+    }
+
     fn record(&self, report: &EnergyReport, now: Instant) {
         if self.book.record(report, now)
             && let Some(wake) = &self.wake
@@ -73,10 +119,8 @@ async fn otlp(
     };
     match reports_from_otlp(&request) {
         Ok(reports) => {
-            let now = Instant::now();
-            for report in &reports {
-                receiver.record(report, now);
-                receiver.metrics.report("otlp", "accepted");
+            if let Err(refused) = receiver.accept("otlp", &headers, &reports).await {
+                return refused;
             }
             debug!(count = reports.len(), "OTLP energy reports recorded");
             let body = ExportMetricsServiceResponse::default().encode_to_vec();
@@ -91,15 +135,20 @@ async fn otlp(
 
 async fn json(
     State(receiver): State<Arc<ReportReceiver>>,
+    headers: HeaderMap,
     Json(report): Json<EnergyReport>,
-) -> StatusCode {
+) -> Response {
     if !report.joules_total.is_finite() || report.joules_total < 0.0 {
         receiver.metrics.report("json", "rejected");
-        return StatusCode::UNPROCESSABLE_ENTITY;
+        return StatusCode::UNPROCESSABLE_ENTITY.into_response();
     }
-    receiver.record(&report, Instant::now());
-    receiver.metrics.report("json", "accepted");
-    StatusCode::NO_CONTENT
+    match receiver
+        .accept("json", &headers, std::slice::from_ref(&report))
+        .await
+    {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(refused) => refused,
+    }
 }
 
 /// The receiver's routes: `POST /v1/metrics` (OTLP protobuf) and `POST /v1/reports` (JSON).
@@ -124,6 +173,7 @@ mod tests {
             book: Arc::new(ReportBook::new(Duration::from_secs(60))),
             metrics: Arc::new(Metrics::default()),
             wake: None,
+            auth: None,
         })
     }
 
@@ -134,6 +184,7 @@ mod tests {
             book: Arc::new(ReportBook::new(Duration::from_secs(60))),
             metrics: Arc::new(Metrics::default()),
             wake: Some(wake),
+            auth: None,
         });
         let report = |joules: f64| EnergyReport {
             namespace: "ns".into(),
@@ -189,6 +240,65 @@ mod tests {
             .await
             .expect("response");
         assert_eq!(response.status(), StatusCode::NO_CONTENT);
+        assert_eq!(receiver.book.len(), 1);
+    }
+
+    /// Knows one token, for pod `ns/p`.
+    struct OneToken;
+
+    impl ReportAuthenticator for OneToken {
+        fn authenticate<'a>(
+            &'a self,
+            token: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<crate::report_auth::ReportingPod, AuthError>>
+        {
+            Box::pin(async move {
+                match token {
+                    "token-of-p" => Ok(crate::report_auth::ReportingPod {
+                        namespace: "ns".into(),
+                        pod: "p".into(),
+                    }),
+                    "unbound" => Err(AuthError::NotBound("system:serviceaccount:ns:x".into())),
+                    _ => Err(AuthError::Rejected("unknown token".into())),
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn with_authentication_a_token_reports_for_its_own_pod_only() {
+        let receiver = Arc::new(ReportReceiver {
+            auth: Some(Arc::new(OneToken)),
+            ..Arc::into_inner(receiver()).expect("one owner")
+        });
+        let report = |pod: &str| EnergyReport {
+            namespace: "ns".into(),
+            pod: pod.into(),
+            policy: "pol".into(),
+            source: EnergySource::Rapl,
+            joules_total: 5.0,
+            requests_total: 1,
+            samples_total: 1,
+            watts: None,
+        };
+        let send = |pod: &str, token: Option<&str>| {
+            let mut request =
+                Request::post(JSON_REPORTS_PATH).header(header::CONTENT_TYPE, "application/json");
+            if let Some(token) = token {
+                request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+            }
+            let request = request
+                .body(Body::from(serde_json::to_vec(&report(pod)).expect("json")))
+                .expect("request");
+            let app = router(receiver.clone());
+            async move { app.oneshot(request).await.expect("response").status() }
+        };
+        assert_eq!(send("p", None).await, StatusCode::UNAUTHORIZED);
+        assert_eq!(send("p", Some("forged")).await, StatusCode::UNAUTHORIZED);
+        assert_eq!(send("p", Some("unbound")).await, StatusCode::FORBIDDEN);
+        assert_eq!(send("q", Some("token-of-p")).await, StatusCode::FORBIDDEN);
+        assert!(receiver.book.is_empty(), "nothing refused is recorded");
+        assert_eq!(send("p", Some("token-of-p")).await, StatusCode::NO_CONTENT);
         assert_eq!(receiver.book.len(), 1);
     }
 

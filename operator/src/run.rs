@@ -28,6 +28,7 @@ use crate::domain::injection::SidecarDefaults;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::receiver::ReportReceiver;
+use crate::report_auth::{ReportAuthMode, TokenReviewer};
 use crate::reports::ReportBook;
 use crate::webhook::{Injector, TlsMaterial, WebhookTarget};
 
@@ -43,6 +44,11 @@ pub struct OperatorConfig {
     /// Address of the energy report receiver (OTLP/HTTP and JSON).
     #[arg(long, env = "TTC_RECEIVER_ADDR", default_value = "0.0.0.0:4318")]
     pub receiver_addr: SocketAddr,
+    /// How the receiver authenticates reports: `token-review` (sidecars get a projected
+    /// service-account token for audience `ttc-operator`; each reports only for its own pod;
+    /// the operator needs `create` on `tokenreviews`) or `none`.
+    #[arg(long, env = "TTC_REPORT_AUTH", value_enum, default_value_t = ReportAuthMode::None)]
+    pub report_auth: ReportAuthMode,
     /// Sidecar image injected when a policy names none.
     #[arg(
         long,
@@ -130,6 +136,7 @@ impl OperatorConfig {
             model_name: self.default_model.clone(),
             otlp_endpoint: self.otlp_endpoint.clone(),
             resources,
+            report_token: self.report_auth == ReportAuthMode::TokenReview,
         })
     }
 
@@ -310,6 +317,10 @@ pub async fn run(
         book: book.clone(),
         metrics: metrics.clone(),
         wake: Some(wake),
+        auth: match config.report_auth {
+            ReportAuthMode::None => None,
+            ReportAuthMode::TokenReview => Some(Arc::new(TokenReviewer::new(client.clone()))),
+        },
     });
     let injector = Arc::new(Injector {
         policies: policies.clone(),

@@ -336,6 +336,7 @@ mod tests {
                 model_name: "smollm2-135m-instruct".into(),
                 otlp_endpoint: "http://op:4318".into(),
                 resources: None,
+                report_token: false,
             },
             metrics: Arc::new(Metrics::default()),
         }

@@ -134,6 +134,139 @@ async fn api_server_accepts_the_examples() -> TestResult {
     Ok(())
 }
 
+/// `--report-auth token-review` against the real API server: a projected token bound to a pod
+/// names that pod (reviewed with the operator's own RBAC rights), a token for another audience or
+/// bound to nothing is refused, and through the receiver a pod's token reports for that pod only.
+#[tokio::test]
+async fn a_report_token_speaks_for_the_pod_it_is_bound_to_only() -> TestResult {
+    use k8s_openapi::api::authentication::v1::{
+        BoundObjectReference, TokenRequest, TokenRequestSpec,
+    };
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use ttc_operator::report_auth::{AuthError, ReportAuthenticator, ReportingPod, TokenReviewer};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ns = TestNamespace::create("report-auth").await?;
+    let pod = ns
+        .api::<Pod>()
+        .create(
+            &PostParams::default(),
+            &Pod {
+                metadata: ObjectMeta {
+                    name: Some("inference-0".into()),
+                    ..Default::default()
+                },
+                spec: Some(PodSpec {
+                    containers: vec![Container {
+                        name: "app".into(),
+                        image: Some("registry.example/app:1".into()),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await?;
+    // What the kubelet mints for a projected volume: bound to the pod, for one audience.
+    let token = |audience: &str, bound: bool| {
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec![audience.into()],
+                bound_object_ref: bound.then(|| BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: pod.metadata.name.clone(),
+                    uid: pod.metadata.uid.clone(),
+                }),
+                expiration_seconds: Some(600),
+            },
+            ..Default::default()
+        };
+        let accounts = ns.api::<ServiceAccount>();
+        async move {
+            let minted = accounts
+                .create_token_request("default", &PostParams::default(), &request)
+                .await?;
+            Ok::<_, kube::Error>(minted.status.map(|s| s.token).unwrap_or_default())
+        }
+    };
+    let audience = ttc_crds::report::REPORT_TOKEN_AUDIENCE;
+    let operator = client_with_role(&ns, "ttc-operator", "ttc-operator").await?;
+    let reviewer = TokenReviewer::new(operator);
+    let bound = token(audience, true).await?;
+    assert_eq!(
+        reviewer.authenticate(&bound).await?,
+        ReportingPod {
+            namespace: ns.name().into(),
+            pod: "inference-0".into()
+        }
+    );
+    assert!(matches!(
+        reviewer
+            .authenticate(&token("another-audience", true).await?)
+            .await,
+        Err(AuthError::Rejected(_))
+    ));
+    assert!(matches!(
+        reviewer.authenticate(&token(audience, false).await?).await,
+        Err(AuthError::NotBound(_))
+    ));
+    assert!(matches!(
+        reviewer.authenticate("not-a-token").await,
+        Err(AuthError::Rejected(_))
+    ));
+
+    // Through the receiver, the way the sidecar's exporter sends it.
+    let receiver = std::sync::Arc::new(ttc_operator::receiver::ReportReceiver {
+        book: std::sync::Arc::new(ttc_operator::reports::ReportBook::new(Duration::from_secs(
+            60,
+        ))),
+        metrics: std::sync::Arc::new(ttc_operator::metrics::Metrics::default()),
+        wake: None,
+        auth: Some(std::sync::Arc::new(reviewer)),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!(
+        "http://{}{}",
+        listener.local_addr()?,
+        ttc_crds::report::JSON_REPORTS_PATH
+    );
+    let app = ttc_operator::receiver::router(receiver.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let report = |pod: &str| EnergyReport {
+        namespace: ns.name().into(),
+        pod: pod.into(),
+        policy: "chat".into(),
+        source: EnergySource::Estimate,
+        joules_total: 12.0,
+        requests_total: 3,
+        samples_total: 6,
+        watts: None,
+    };
+    let http = reqwest::Client::new();
+    for (pod, expected) in [("inference-1", 403), ("inference-0", 204)] {
+        let status = http
+            .post(&url)
+            .bearer_auth(&bound)
+            .json(&report(pod))
+            .send()
+            .await?
+            .status();
+        assert_eq!(status.as_u16(), expected, "report for {pod}");
+    }
+    let status = http
+        .post(&url)
+        .json(&report("inference-0"))
+        .send()
+        .await?
+        .status();
+    assert_eq!(status.as_u16(), 401);
+    assert_eq!(receiver.book.len(), 1);
+    server.abort();
+    ns.delete().await?;
+    Ok(())
+}
+
 /// Applies `operator/deploy/rbac.yaml` and returns a client acting as a ServiceAccount of
 /// `namespace` bound to `role` (cluster-wide) and, for the operator, to leader election there.
 async fn client_with_role(

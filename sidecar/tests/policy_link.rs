@@ -19,6 +19,7 @@ use ttc_energy::{EnergyMeter, MeterConfig, SourceChoice};
 use ttc_operator::domain::status::PodEnergy;
 use ttc_operator::metrics::Metrics;
 use ttc_operator::receiver::{ReportReceiver, router};
+use ttc_operator::report_auth::{AuthError, ReportAuthenticator, ReportingPod};
 use ttc_operator::reports::{PodReports, ReportBook};
 use ttc_sidecar::policy_link::{PodIdentity, PolicyView, watch_policy};
 use ttc_telemetry::{OtlpExport, RequestRecord, SidecarMetrics, TelemetryConfig};
@@ -198,18 +199,48 @@ async fn the_watch_delivers_this_pods_allocation_as_the_operator_changes_it() ->
     Ok(())
 }
 
+/// Accepts one token at a time, for pod team-a/p1: the current one of a rotating file.
+struct CurrentToken(std::sync::Mutex<String>);
+
+impl ReportAuthenticator for CurrentToken {
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<ReportingPod, AuthError>> {
+        let current = self.0.lock().map(|t| t.clone()).unwrap_or_default();
+        Box::pin(async move {
+            if token == current {
+                Ok(ReportingPod {
+                    namespace: "team-a".into(),
+                    pod: "p1".into(),
+                })
+            } else {
+                Err(AuthError::Rejected(format!(
+                    "{token} is not the current token"
+                )))
+            }
+        })
+    }
+}
+
 /// The sidecar's OTLP metrics export, decoded by the operator's own receiver: the operator books
 /// the meter's joules (labelled with their source) and the requests and samples the sidecar
-/// recorded.
+/// recorded. The receiver authenticates the export by the bearer token the sidecar reads from
+/// its token file at every export, so a token the kubelet rotates is picked up.
 #[tokio::test]
 async fn the_operators_receiver_books_the_sidecars_otlp_export() -> TestResult {
     let book = Arc::new(ReportBook::new(Duration::from_secs(60)));
+    let authenticator = Arc::new(CurrentToken(std::sync::Mutex::new("token-1".into())));
     let receiver = Arc::new(ReportReceiver {
         book: book.clone(),
         metrics: Arc::new(Metrics::default()),
         // No controller here to wake.
         wake: None,
+        auth: Some(authenticator.clone()),
     });
+    let token_dir = tempfile::tempdir()?;
+    let token_file = token_dir.path().join("token");
+    std::fs::write(&token_file, "token-1\n")?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let endpoint = format!("http://{}/v1/metrics", listener.local_addr()?);
     let server = tokio::spawn(async move { axum::serve(listener, router(receiver)).await });
@@ -228,6 +259,7 @@ async fn the_operators_receiver_books_the_sidecars_otlp_export() -> TestResult {
         // The test flushes by hand.
         export_interval: Some(Duration::from_secs(3600)),
         export_timeout: Some(Duration::from_secs(5)),
+        bearer_token_file: Some(token_file.clone()),
     };
     let exporter_meter = meter.clone();
     let metrics =
@@ -237,6 +269,9 @@ async fn the_operators_receiver_books_the_sidecars_otlp_export() -> TestResult {
     // sidecar exports one at start-up for the same reason).
     let flushing = metrics.clone();
     tokio::task::spawn_blocking(move || flushing.force_flush()).await??;
+    // The kubelet rotates the token: the old one is refused from now on.
+    std::fs::write(&token_file, "token-2\n")?;
+    *authenticator.0.lock().map_err(|e| e.to_string())? = "token-2".into();
     for depth in [4u64, 2, 1] {
         let batch = meter.begin_batch();
         // Burn a little CPU so the estimate has something to price.

@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, ResourceRequirements,
-    SeccompProfile, SecurityContext, Volume, VolumeMount,
+    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use serde_json::{Value, json};
 use ttc_crds::labels::{
@@ -21,6 +22,7 @@ use crate::domain::selection::selects;
 pub const MODEL_MOUNT_PATH: &str = "/models";
 const MODEL_VOLUME: &str = "ttc-model";
 const TMP_VOLUME: &str = "ttc-tmp";
+const REPORT_TOKEN_VOLUME: &str = "ttc-report-token";
 /// Where the sidecar caches fetched models (on the /tmp emptyDir).
 pub const MODEL_CACHE_PATH: &str = "/tmp/models";
 /// UID the sidecar runs as (non-root).
@@ -37,6 +39,9 @@ pub struct SidecarDefaults {
     pub otlp_endpoint: String,
     /// Resources when the policy sets none.
     pub resources: Option<ResourceRequirements>,
+    /// Whether the receiver authenticates reports (`--report-auth token-review`): the sidecar
+    /// then gets a projected service-account token for the receiver's audience.
+    pub report_token: bool,
 }
 
 /// What the webhook does with a pod.
@@ -151,6 +156,18 @@ pub fn sidecar_container(
         mount_path: "/tmp".into(),
         ..Default::default()
     }];
+    if defaults.report_token {
+        env.push(value(
+            sidecar_env::REPORT_TOKEN_FILE,
+            report::REPORT_TOKEN_PATH.into(),
+        ));
+        mounts.push(VolumeMount {
+            name: REPORT_TOKEN_VOLUME.into(),
+            mount_path: report_token_location().0.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
     if spec.model.volume_claim.is_some() {
         mounts.push(VolumeMount {
             name: MODEL_VOLUME.into(),
@@ -206,12 +223,37 @@ pub fn restricted_security_context() -> SecurityContext {
     }
 }
 
-fn sidecar_volumes(spec: &InferencePolicySpec) -> Vec<Volume> {
+/// [`report::REPORT_TOKEN_PATH`] as (directory, file name).
+fn report_token_location() -> (&'static str, &'static str) {
+    report::REPORT_TOKEN_PATH
+        .rsplit_once('/')
+        .unwrap_or(("/", report::REPORT_TOKEN_PATH))
+}
+
+fn sidecar_volumes(spec: &InferencePolicySpec, defaults: &SidecarDefaults) -> Vec<Volume> {
     let mut volumes = vec![Volume {
         name: TMP_VOLUME.into(),
         empty_dir: Some(EmptyDirVolumeSource::default()),
         ..Default::default()
     }];
+    if defaults.report_token {
+        let (_, file) = report_token_location();
+        volumes.push(Volume {
+            name: REPORT_TOKEN_VOLUME.into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(report::REPORT_TOKEN_AUDIENCE.into()),
+                        expiration_seconds: Some(3600),
+                        path: file.into(),
+                    }),
+                    ..Default::default()
+                }]),
+                default_mode: None,
+            }),
+            ..Default::default()
+        });
+    }
     if let Some(claim) = &spec.model.volume_claim {
         volumes.push(Volume {
             name: MODEL_VOLUME.into(),
@@ -248,7 +290,7 @@ pub fn injection_patch(
     let container =
         serde_json::to_value(sidecar_container(policy, spec, defaults)).unwrap_or(Value::Null);
     let mut ops = vec![json!({"op": "add", "path": "/spec/containers/-", "value": container})];
-    let volumes: Vec<Value> = sidecar_volumes(spec)
+    let volumes: Vec<Value> = sidecar_volumes(spec, defaults)
         .into_iter()
         .map(|v| serde_json::to_value(v).unwrap_or(Value::Null))
         .collect();
@@ -324,6 +366,7 @@ mod tests {
             model_name: "smollm2-135m-instruct".into(),
             otlp_endpoint: "http://ttc-operator.ttc-system.svc:4318".into(),
             resources: None,
+            report_token: false,
         }
     }
 
@@ -472,15 +515,19 @@ mod tests {
         );
     }
 
+    /// `pod` with the JSON patch `ops` applied.
+    fn patched(pod: &Pod, ops: Vec<Value>) -> Pod {
+        let patch: json_patch::Patch =
+            serde_json::from_value(Value::Array(ops)).expect("valid JSON patch");
+        let mut doc = serde_json::to_value(pod).expect("pod");
+        json_patch::patch(&mut doc, &patch).expect("patch applies");
+        serde_json::from_value(doc).expect("still a pod")
+    }
+
     #[test]
     fn patch_applies_to_a_pod_without_volumes_or_annotations() {
         let p = pod(&[("app", "chat")]);
-        let ops = injection_patch(&p, "chat", &spec("chat"), &defaults());
-        let patch: json_patch::Patch =
-            serde_json::from_value(Value::Array(ops)).expect("valid JSON patch");
-        let mut doc = serde_json::to_value(&p).expect("pod");
-        json_patch::patch(&mut doc, &patch).expect("patch applies");
-        let patched: Pod = serde_json::from_value(doc).expect("still a pod");
+        let patched = patched(&p, injection_patch(&p, "chat", &spec("chat"), &defaults()));
         let spec = patched.spec.expect("spec");
         assert_eq!(spec.containers.len(), 2);
         assert_eq!(spec.volumes.expect("volumes").len(), 1);
@@ -490,6 +537,59 @@ mod tests {
                 .get(INJECTED_POLICY_ANNOTATION)
                 .map(String::as_str),
             Some("chat")
+        );
+    }
+
+    #[test]
+    fn with_report_auth_the_sidecar_gets_a_projected_token_for_the_receiver() {
+        let with_auth = SidecarDefaults {
+            report_token: true,
+            ..defaults()
+        };
+        let p = pod(&[("app", "chat")]);
+        let patched = patched(&p, injection_patch(&p, "chat", &spec("chat"), &with_auth));
+        let pod_spec = patched.spec.expect("spec");
+        let volumes = pod_spec.volumes.expect("volumes");
+        let projection = volumes
+            .iter()
+            .find_map(|v| v.projected.as_ref())
+            .and_then(|p| p.sources.as_ref())
+            .and_then(|s| s.first())
+            .and_then(|s| s.service_account_token.clone())
+            .expect("a projected service-account token");
+        assert_eq!(
+            projection.audience.as_deref(),
+            Some(report::REPORT_TOKEN_AUDIENCE)
+        );
+        assert_eq!(projection.expiration_seconds, Some(3600));
+        let sidecar = pod_spec
+            .containers
+            .iter()
+            .find(|c| c.name == SIDECAR_CONTAINER_NAME)
+            .expect("sidecar");
+        let file = sidecar
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == sidecar_env::REPORT_TOKEN_FILE)
+            .and_then(|e| e.value.clone())
+            .expect("token file variable");
+        let mount = sidecar
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == REPORT_TOKEN_VOLUME)
+            .expect("token mount");
+        assert_eq!(file, format!("{}/{}", mount.mount_path, projection.path));
+        assert_eq!(mount.read_only, Some(true));
+        // Without report auth, none of it.
+        let plain = sidecar_container("chat", &spec("chat"), &defaults());
+        assert!(
+            plain
+                .env
+                .iter()
+                .flatten()
+                .all(|e| e.name != sidecar_env::REPORT_TOKEN_FILE)
         );
     }
 
@@ -509,12 +609,7 @@ mod tests {
             path: Some("/models/m.gguf".into()),
             volume_claim: Some("models".into()),
         };
-        let ops = injection_patch(&p, "chat", &s, &defaults());
-        let patch: json_patch::Patch =
-            serde_json::from_value(Value::Array(ops)).expect("valid JSON patch");
-        let mut doc = serde_json::to_value(&p).expect("pod");
-        json_patch::patch(&mut doc, &patch).expect("patch applies");
-        let patched: Pod = serde_json::from_value(doc).expect("still a pod");
+        let patched = patched(&p, injection_patch(&p, "chat", &s, &defaults()));
         assert_eq!(
             patched.spec.expect("spec").volumes.expect("volumes").len(),
             3

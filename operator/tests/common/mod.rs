@@ -77,6 +77,7 @@ pub fn local_operator(
         admin_addr: ([127, 0, 0, 1], ports.admin).into(),
         webhook_addr: ([127, 0, 0, 1], ports.webhook).into(),
         receiver_addr: ([127, 0, 0, 1], ports.receiver).into(),
+        report_auth: Default::default(),
         sidecar_image: "ttc-sidecar:test".into(),
         default_model: "smollm2-135m-instruct".into(),
         otlp_endpoint: format!("http://127.0.0.1:{}", ports.receiver),

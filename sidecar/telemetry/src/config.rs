@@ -1,3 +1,4 @@
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Whether and where to push OTLP metrics.
@@ -32,6 +33,10 @@ pub struct TelemetryConfig {
     pub export_interval: Option<Duration>,
     /// How long one export may take; `OTEL_EXPORTER_OTLP_TIMEOUT` (default 10 s) when unset.
     pub export_timeout: Option<Duration>,
+    /// A file holding a bearer token sent with every OTLP export, re-read each time
+    /// (`TTC_REPORT_TOKEN_FILE`: the pod's projected service-account token for the operator's
+    /// receiver).
+    pub bearer_token_file: Option<PathBuf>,
 }
 
 impl TelemetryConfig {
@@ -60,6 +65,7 @@ impl TelemetryConfig {
             },
             export_interval: None,
             export_timeout: None,
+            bearer_token_file: var("TTC_REPORT_TOKEN_FILE").map(PathBuf::from),
         }
     }
 

@@ -66,6 +66,7 @@
 //! metric's data points per pod, so the energy there is exactly the meter's total, split by
 //! source.
 
+mod bearer;
 mod config;
 mod otlp;
 mod prometheus;
@@ -88,6 +89,9 @@ pub enum TelemetryError {
     /// Flushing or shutting down the OTLP pipeline failed.
     #[error("OTLP metrics pipeline: {0}")]
     Pipeline(#[from] opentelemetry_sdk::error::OTelSdkError),
+    /// The HTTP client of the OTLP export could not be built.
+    #[error("cannot set up the OTLP HTTP client: {0}")]
+    HttpClient(String),
     /// The Prometheus text could not be written.
     #[error("cannot encode Prometheus metrics")]
     Encode(#[from] std::fmt::Error),

@@ -6,7 +6,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::{
     Counter, Gauge, Histogram, MeterProvider as _, ObservableCounter, ObservableGauge,
 };
-use opentelemetry_otlp::{MetricExporter, WithExportConfig};
+use opentelemetry_otlp::{MetricExporter, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
@@ -14,7 +14,19 @@ use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use ttc_energy::{EnergyMeter, uj_to_j};
 
+use crate::bearer::BearerTokenClient;
 use crate::{OtlpExport, TelemetryConfig, TelemetryError, keys};
+
+/// `OTEL_EXPORTER_OTLP_TIMEOUT` (milliseconds), 10 s by default as in the specification.
+fn export_timeout_from_env() -> Duration {
+    [
+        "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT",
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.trim().parse::<u64>().ok())
+    .map_or(Duration::from_secs(10), Duration::from_millis)
+}
 
 /// Bucket boundaries the semantic conventions advise for these histograms.
 pub(crate) const TOKEN_BUCKETS: [f64; 14] = [
@@ -102,6 +114,14 @@ impl OtlpPipeline {
         }
         if let Some(timeout) = config.export_timeout {
             builder = builder.with_timeout(timeout);
+        }
+        if let Some(file) = &config.bearer_token_file {
+            let timeout = config
+                .export_timeout
+                .unwrap_or_else(export_timeout_from_env);
+            let client = BearerTokenClient::new(file.clone(), timeout)
+                .map_err(TelemetryError::HttpClient)?;
+            builder = builder.with_http_client(client);
         }
         let exporter = CountingExporter {
             inner: builder.build()?,

@@ -50,6 +50,7 @@ fn config(otlp: OtlpExport) -> TelemetryConfig {
         // Long: the test flushes by hand, so nothing races it.
         export_interval: Some(Duration::from_secs(3600)),
         export_timeout: Some(Duration::from_millis(500)),
+        bearer_token_file: None,
     }
 }
 
