@@ -84,6 +84,13 @@ async fn demo_runs_the_whole_loop_on_a_small_scale() -> TestResult {
         "kubectl get ipol printed:\n{}",
         outcome.kubectl_get
     );
+    // The sidecars' energy reports reached the status: the receiver took them, authenticated
+    // by pod-bound tokens (the demo installs the chart with operator.reportAuth=token-review).
+    assert!(
+        outcome.kubectl_get.contains("J/req") && !outcome.kubectl_get.contains("no reports"),
+        "kubectl get ipol printed:\n{}",
+        outcome.kubectl_get
+    );
     for name in [
         "records.csv",
         "summary.json",

@@ -7,13 +7,14 @@
 //! at their paths, the pod's network, and a ServiceAccount token. A process cannot have its own
 //! network namespace or mount table here, so two rewrites stand in for them: an address bound to
 //! `0.0.0.0` binds to the pod IP instead, and a path under a volume mount points at the volume's
-//! directory on this machine.
+//! directory on this machine. Projected service-account token volumes get a pod-bound token for
+//! their audience, as the kubelet mints them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, anyhow, bail};
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Container, Pod, ServiceAccount};
 use kube::Client;
 use kube::api::{Api, PostParams};
@@ -224,6 +225,46 @@ pub async fn service_account_token(
         .create_token_request(account, &PostParams::default(), &request)
         .await
         .with_context(|| format!("issuing a token for ServiceAccount {namespace}/{account}"))?;
+    issued
+        .status
+        .map(|s| s.token)
+        .context("the token request returned no token")
+}
+
+/// What a kubelet writes into a projected service-account token volume: a token of the pod's
+/// ServiceAccount for `audience`, bound to `pod` (so it dies with the pod and names it when
+/// reviewed).
+pub async fn projected_token(
+    client: &Client,
+    pod: &Pod,
+    audience: Option<&str>,
+    expiration_seconds: Option<i64>,
+) -> anyhow::Result<String> {
+    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into());
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: audience.map(str::to_owned).into_iter().collect(),
+            expiration_seconds: Some(expiration_seconds.unwrap_or(3600)),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+        },
+        ..Default::default()
+    };
+    let issued = Api::<ServiceAccount>::namespaced(client.clone(), &namespace)
+        .create_token_request(&account, &PostParams::default(), &request)
+        .await
+        .with_context(|| {
+            format!("issuing a pod-bound token for ServiceAccount {namespace}/{account}")
+        })?;
     issued
         .status
         .map(|s| s.token)

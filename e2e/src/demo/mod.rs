@@ -230,6 +230,8 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
         "operator.logJson=false".into(),
         "operator.resyncSeconds=5".into(),
         "operator.staleSeconds=30".into(),
+        // Sidecars authenticate their reports with pod-bound tokens (played kubelet: pods.rs).
+        "operator.reportAuth=token-review".into(),
         format!("operator.ports.admin={}", ports.admin),
         format!("operator.ports.webhook={}", ports.webhook),
         format!("operator.ports.receiver={}", ports.receiver),

@@ -114,18 +114,38 @@ pub(super) async fn start_sidecar(
         .find(|c| c.name == SIDECAR_CONTAINER_NAME)
         .context("the pod has no sidecar")?;
     let dir = running.state.path().join("pods").join(&name);
-    // emptyDir volumes get a directory each; the model cache is seeded from this machine's.
+    // emptyDir volumes get a directory each (the model cache is seeded from this machine's);
+    // projected service-account tokens are minted into theirs, bound to the pod.
     let mut mounts = Vec::new();
     for mount in container.volume_mounts.iter().flatten() {
-        let volume = spec.volumes.iter().flatten().find(|v| v.name == mount.name);
-        if volume.is_some_and(|v| v.empty_dir.is_some()) {
-            let host_dir = dir.join("volumes").join(&mount.name);
-            std::fs::create_dir_all(&host_dir)?;
-            mounts.push(HostMount {
-                mount_path: mount.mount_path.clone(),
-                host_dir,
-            });
+        let Some(volume) = spec.volumes.iter().flatten().find(|v| v.name == mount.name) else {
+            continue;
+        };
+        let tokens: Vec<_> = volume
+            .projected
+            .iter()
+            .flat_map(|p| p.sources.iter().flatten())
+            .filter_map(|source| source.service_account_token.as_ref())
+            .collect();
+        if volume.empty_dir.is_none() && tokens.is_empty() {
+            continue;
         }
+        let host_dir = dir.join("volumes").join(&mount.name);
+        std::fs::create_dir_all(&host_dir)?;
+        for projection in tokens {
+            let token = kubelet::projected_token(
+                client,
+                pod,
+                projection.audience.as_deref(),
+                projection.expiration_seconds,
+            )
+            .await?;
+            std::fs::write(host_dir.join(&projection.path), token)?;
+        }
+        mounts.push(HostMount {
+            mount_path: mount.mount_path.clone(),
+            host_dir,
+        });
     }
     let mut env = kubelet::container_env(pod, container, &ConfigMaps::new(), &mounts)?;
     let lookup = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
