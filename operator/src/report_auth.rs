@@ -107,6 +107,12 @@ impl TokenReviewer {
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (ReportingPod, Instant)>> {
+        self.accepted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     async fn review(&self, token: &str) -> Result<ReportingPod, AuthError> {
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -167,14 +173,6 @@ impl ReportAuthenticator for TokenReviewer {
             accepted.insert(key, (identity.clone(), now));
             Ok(identity)
         })
-    }
-}
-
-impl TokenReviewer {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (ReportingPod, Instant)>> {
-        self.accepted
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

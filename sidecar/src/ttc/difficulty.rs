@@ -263,6 +263,16 @@ impl GainMoments {
         }
         self.mean() + self.spread()
     }
+
+    /// The mean, once there is any feedback.
+    fn estimate(&self) -> Option<f64> {
+        (self.weight > 0.0).then(|| self.mean())
+    }
+
+    /// The upper bound, once there is more than one feedback's weight.
+    fn upper_estimate(&self) -> Option<f64> {
+        (self.weight > 1.0).then(|| self.upper_bound())
+    }
 }
 
 /// Number of answer types the learner keeps apart.
@@ -451,11 +461,6 @@ impl DepthValueLearner {
         self.total_feedback += 1;
     }
 
-    /// Whether feedback rules depth out ([`GainMoments::judge`]).
-    fn gain_rules_out(&self, gains: &GainMoments) -> bool {
-        gains.ruled_out
-    }
-
     /// Estimated probability that a later sample of a request of `class` disagrees with the
     /// first, shrunk towards the overall rate while the class is young.
     pub fn disagreement(&self, class: DepthClass) -> f64 {
@@ -471,7 +476,7 @@ impl DepthValueLearner {
     /// Whether extra depth is still believed able to change answers for the workload.
     pub fn depth_pays(&self) -> bool {
         (self.overall.observations < self.config.min_observations || self.pays(&self.overall))
-            && !self.gain_rules_out(&self.overall_gain)
+            && !self.overall_gain.ruled_out
     }
 
     /// Whether extra depth is still believed to pay for `class`: able to change its answers
@@ -485,7 +490,7 @@ impl DepthValueLearner {
         } else {
             self.depth_pays()
         };
-        changes_answers && !self.gain_rules_out(&self.gains[index])
+        changes_answers && !self.gains[index].ruled_out
     }
 
     /// Counts a request of `class` and says whether it is a probe: a request that gets extra
@@ -501,14 +506,17 @@ impl DepthValueLearner {
             .class_names
             .iter()
             .flatten()
-            .map(|class| DepthClassReport {
-                class: *class,
-                weight: self.classes[class.index()].observations,
-                disagreement: self.disagreement(*class),
-                feedback_weight: self.gains[class.index()].weight,
-                gain: gain_of(&self.gains[class.index()]),
-                gain_upper: gain_upper_of(&self.gains[class.index()]),
-                depth_pays: self.depth_pays_for(*class),
+            .map(|class| {
+                let gains = &self.gains[class.index()];
+                DepthClassReport {
+                    class: *class,
+                    weight: self.classes[class.index()].observations,
+                    disagreement: self.disagreement(*class),
+                    feedback_weight: gains.weight,
+                    gain: gains.estimate(),
+                    gain_upper: gains.upper_estimate(),
+                    depth_pays: self.depth_pays_for(*class),
+                }
             })
             .collect();
         DepthValueReport {
@@ -517,19 +525,11 @@ impl DepthValueLearner {
             disagreement: self.overall.rate(),
             disagreement_upper: self.overall.upper_bound(),
             feedback: self.total_feedback,
-            gain: gain_of(&self.overall_gain),
+            gain: self.overall_gain.estimate(),
             depth_pays: self.depth_pays(),
             classes,
         }
     }
-}
-
-fn gain_of(gains: &GainMoments) -> Option<f64> {
-    (gains.weight > 0.0).then(|| gains.mean())
-}
-
-fn gain_upper_of(gains: &GainMoments) -> Option<f64> {
-    (gains.weight > 1.0).then(|| gains.upper_bound())
 }
 
 #[cfg(test)]
