@@ -230,6 +230,7 @@ impl TtcService {
                     &completion.text,
                     completion.logprob,
                     completion.token_ids.len(),
+                    Some(completion.sample_logprob),
                 );
                 if session.needs_verdicts()
                     && let Some(verifier) = &verifier

@@ -14,7 +14,7 @@ use ttc_sidecar::api::{AppState, Limits, router};
 use ttc_sidecar::engine::worker::EngineHandle;
 use ttc_sidecar::engine::{Engine, EngineOptions};
 use ttc_sidecar::model_store::DEFAULT_MODEL;
-use ttc_sidecar::ttc::TtcPolicy;
+use ttc_sidecar::ttc::{StopReason, TtcPolicy};
 use ttc_sidecar::ttc_service::TtcService;
 use ttc_telemetry::{SidecarMetrics, TelemetryConfig};
 
@@ -342,6 +342,13 @@ async fn ttc_votes_and_reports_depth_and_energy() {
         text.lines()
             .any(|l| l.starts_with("ttc_budget_allocation_joules ") && l.ends_with(" 50.0")),
         "{text}"
+    );
+    let stop: StopReason = serde_json::from_value(v["ttc"]["stopReason"].clone())
+        .expect("a TTC answer says why it stopped");
+    let stopped = format!("ttc_stops_total{{ttc_stop_reason=\"{}\"}} ", stop.label());
+    assert!(
+        text.lines().any(|l| l.starts_with(&stopped)),
+        "{stopped}: {text}"
     );
     let headroom: f64 = text
         .lines()

@@ -24,7 +24,7 @@ use crate::engine::worker::EngineHandle;
 use crate::engine::{
     Completion, GenerationEvent, GenerationOutput, GenerationRequest, RequestJoules,
 };
-use crate::ttc::{Feedback, FeedbackError, TtcOutcome};
+use crate::ttc::{Feedback, FeedbackError, StopReason, TtcOutcome};
 use crate::ttc_service::{TtcRequest, TtcService};
 pub use error::ApiError;
 use std::sync::Arc;
@@ -69,6 +69,8 @@ struct Served<'a> {
     started: Instant,
     strategy: &'a str,
     depth: usize,
+    /// Why a TTC request stopped drawing samples.
+    stop_reason: Option<StopReason>,
 }
 
 fn record(state: &AppState, served: Served<'_>) {
@@ -88,6 +90,9 @@ fn record(state: &AppState, served: Served<'_>) {
         depth: served.depth as u64,
         error_type: None,
     });
+    if let Some(reason) = served.stop_reason {
+        metrics.record_stop(reason.label());
+    }
     publish_ttc_state(state);
 }
 
@@ -523,6 +528,7 @@ async fn answer(state: AppState, req: Prepared, started: Instant) -> Result<Resp
             started,
             strategy,
             depth,
+            stop_reason: outcome.as_ref().and_then(|o| o.stop_reason),
         },
     );
     if stream {

@@ -163,6 +163,10 @@ pub struct Completion {
     pub finish: FinishReason,
     /// Sum of the chosen tokens' log-probabilities.
     pub logprob: f64,
+    /// Sum of the chosen tokens' log-probabilities under the request's sampling distribution
+    /// ([`sampler::Pick::sample_logprob`]), the greedy row's too: how likely one of the
+    /// request's samples is, at least, to retrace this one token for token.
+    pub sample_logprob: f64,
 }
 
 /// A streaming event of a generation.
@@ -404,6 +408,7 @@ struct Row {
     ids: Vec<u32>,
     shown: usize,
     logprob: f64,
+    sample_logprob: f64,
 }
 
 /// A generation in progress: resumable one forward pass at a time.
@@ -432,20 +437,15 @@ impl Generation {
         let rows = (0..request.n)
             .map(|index| Row {
                 index,
-                sampler: Sampler::new(
-                    if index == 0 && request.greedy_first_row {
-                        SamplerConfig {
-                            temperature: 0.0,
-                            ..request.sampler
-                        }
-                    } else {
-                        request.sampler
-                    },
-                    request.seed.wrapping_add(index as u64),
-                ),
+                sampler: if index == 0 && request.greedy_first_row {
+                    Sampler::greedy_within(request.sampler)
+                } else {
+                    Sampler::new(request.sampler, request.seed.wrapping_add(index as u64))
+                },
                 ids: Vec::new(),
                 shown: 0,
                 logprob: 0.0,
+                sample_logprob: 0.0,
             })
             .collect();
         Ok(Self {
@@ -527,6 +527,7 @@ impl Generation {
             let pick = row.sampler.pick(row_logits);
             row.ids.push(pick.token);
             row.logprob += f64::from(pick.logprob);
+            row.sample_logprob += f64::from(pick.sample_logprob);
             let finish = self.advance(engine, &mut row, pick.token, on_event, &mut cancelled)?;
             match finish {
                 Some(finish) => self.finish_row(engine, row, finish, on_event)?,
@@ -620,6 +621,7 @@ impl Generation {
             token_ids: row.ids,
             finish,
             logprob: row.logprob,
+            sample_logprob: row.sample_logprob,
         });
         Ok(())
     }

@@ -25,12 +25,18 @@ impl Default for SamplerConfig {
     }
 }
 
-/// A token choice and its log-probability under the model (temperature 1, before truncation),
-/// which verifiers and weighted votes use.
+/// A token choice with two log-probabilities of it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Pick {
     pub token: u32,
+    /// Under the model (temperature 1, before truncation), which verifiers and weighted votes
+    /// use.
     pub logprob: f32,
+    /// Under the sampling distribution of the row's configuration (its temperature, before
+    /// top-k and top-p truncation, which only raise a kept token's share): how likely a sampled
+    /// row is to pick this token here. 0 when the configuration is greedy. Summed over a row, it
+    /// bounds from below how likely a sample is to retrace the row exactly.
+    pub sample_logprob: f32,
 }
 
 /// One row's sampler.
@@ -38,6 +44,8 @@ pub struct Pick {
 pub struct Sampler {
     config: SamplerConfig,
     rng: StdRng,
+    /// Decodes greedily whatever `config` says (`config` still prices the picks).
+    greedy: bool,
 }
 
 impl Sampler {
@@ -46,6 +54,18 @@ impl Sampler {
         Self {
             config,
             rng: StdRng::seed_from_u64(seed),
+            greedy: false,
+        }
+    }
+
+    /// A sampler that picks the most likely token while its picks' `sample_logprob` prices them
+    /// under `config`: the greedy row of a batch of samples, which says how likely those samples
+    /// are to retrace it.
+    pub fn greedy_within(config: SamplerConfig) -> Self {
+        Self {
+            config,
+            rng: StdRng::seed_from_u64(0),
+            greedy: true,
         }
     }
 
@@ -60,14 +80,29 @@ impl Sampler {
                     if x > acc.1 { (i, x) } else { acc }
                 });
         let log_z = max + logits.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
-        let token = if self.config.temperature <= 0.0 {
+        let temperature = self.config.temperature;
+        let token = if temperature <= 0.0 || self.greedy {
             best
         } else {
             self.sample(logits, max)
         };
+        let sample_logprob = if temperature <= 0.0 {
+            0.0
+        } else if temperature == 1.0 {
+            logits[token] - log_z
+        } else {
+            let inv_t = 1.0 / temperature;
+            let log_z_t = logits
+                .iter()
+                .map(|x| ((x - max) * inv_t).exp())
+                .sum::<f32>()
+                .ln();
+            (logits[token] - max) * inv_t - log_z_t
+        };
         Pick {
             token: token as u32,
             logprob: logits[token] - log_z,
+            sample_logprob,
         }
     }
 
@@ -127,6 +162,37 @@ mod tests {
         assert_eq!(pick.token, 1);
         let expected = 2.0 - (1f32 + 2f32.exp() + 1f32.exp()).ln();
         assert!((pick.logprob - expected).abs() < 1e-5);
+    }
+
+    #[test]
+    fn a_greedy_row_within_samples_is_priced_at_their_temperature() {
+        let logits = [0.0, 2.0, 1.0];
+        let config = SamplerConfig {
+            temperature: 0.5,
+            ..Default::default()
+        };
+        let mut s = Sampler::greedy_within(config);
+        let pick = s.pick(&logits);
+        assert_eq!(pick.token, 1);
+        // At T = 0.5 the logits double: the best token's share is e^4 / (1 + e^4 + e^2).
+        let expected = 4.0 - (1f32 + 4f32.exp() + 2f32.exp()).ln();
+        assert!((pick.sample_logprob - expected).abs() < 1e-5);
+        assert!(
+            pick.sample_logprob > pick.logprob,
+            "cooler sampling favours the best token"
+        );
+        let mut greedy = Sampler::new(
+            SamplerConfig {
+                temperature: 0.0,
+                ..config
+            },
+            1,
+        );
+        assert_eq!(
+            greedy.pick(&logits).sample_logprob,
+            0.0,
+            "greedy retraces itself"
+        );
     }
 
     #[test]

@@ -27,8 +27,8 @@ use crate::ttc::stats::{Proportion, mean, pass_at_k, wilson_95};
 use crate::ttc::tasks::{TaskFamily, TaskItem, generate};
 use crate::ttc::verifier::{HttpVerifierSpec, VerifierSpec};
 use crate::ttc::{
-    AnswerType, Candidate, EnergySource, Feedback, FeedbackError, TtcError, TtcOptions, TtcPolicy,
-    TtcStrategy, VoteWeighting, extract_answer, majority_vote,
+    AnswerType, Candidate, EnergySource, Feedback, FeedbackError, StopReason, TtcError, TtcOptions,
+    TtcPolicy, TtcStrategy, VoteWeighting, extract_answer, majority_vote,
 };
 use crate::ttc_service::{TtcRequest, TtcService};
 
@@ -248,6 +248,9 @@ pub struct ItemRecord {
     pub completion_tokens: usize,
     /// Wall-clock seconds of the request.
     pub latency_s: f64,
+    /// Why sampling stopped (configurations that run through the TTC service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<StopReason>,
 }
 
 /// pass@k: the chance that at least one of `k` samples is right (an oracle verifier's ceiling).
@@ -648,6 +651,7 @@ async fn run_batch(
             answer: extract_answer(&c.text, p.item.answer_type),
             logprob: c.logprob,
             tokens: c.token_ids.len(),
+            retrace_logprob: Some(c.sample_logprob),
         })
         .collect();
     let answer = majority_vote(&candidates, VoteWeighting::Uniform).map(|v| v.answer);
@@ -669,6 +673,7 @@ async fn run_batch(
         prompt_tokens: out.prompt_tokens,
         completion_tokens: out.completion_tokens,
         latency_s,
+        stop_reason: None,
     })
 }
 
@@ -761,6 +766,7 @@ async fn run_service(
             prompt_tokens: outcome.prompt_tokens,
             completion_tokens: answer.completion_tokens,
             latency_s,
+            stop_reason: outcome.stop_reason,
         });
     }
     Ok(records)

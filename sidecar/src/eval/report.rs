@@ -9,6 +9,30 @@ use super::{
     sign_test,
 };
 
+/// How many of `result`'s requests stopped for each reason, e.g. `agreement 45, max_samples 98`
+/// (the confident stop fires only where samples would retrace a confident greedy answer).
+fn stop_tally(result: &ConfigResult) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for reason in result.items.iter().filter_map(|i| i.stop_reason) {
+        match counts
+            .iter_mut()
+            .find(|(label, _)| *label == reason.label())
+        {
+            Some((_, n)) => *n += 1,
+            None => counts.push((reason.label(), 1)),
+        }
+    }
+    counts.sort();
+    if counts.is_empty() {
+        return "not recorded".into();
+    }
+    counts
+        .iter()
+        .map(|(label, n)| format!("{label} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Significance level of the paired sign test behind "gained" or "lost".
 const ALPHA: f64 = 0.05;
 
@@ -239,13 +263,14 @@ pub fn findings(results: &[ConfigResult], settings: &EvalSettings) -> Vec<String
             // No stopping rule draws less than one sample, and greedy is one sample.
             let floor = greedy.mean_joules / vote.mean_joules.max(1e-12);
             out.push(format!(
-                "{name}: early-stop {} with {:.1} samples vs vote@{k} {} ({delta:+.0} pts) at {:.0}% of its joules; issue 7's goal (within 1 pt at <= 40%) {}. One sample alone (greedy) costs {:.0}% of vote@{k} on this engine, the floor of any stopping rule.",
+                "{name}: early-stop {} with {:.1} samples vs vote@{k} {} ({delta:+.0} pts) at {:.0}% of its joules; issue 7's goal (within 1 pt at <= 40%) {}. One sample alone (greedy) costs {:.0}% of vote@{k} on this engine, the floor of any stopping rule. Stops: {}.",
                 pct(early.accuracy.estimate),
                 early.mean_samples,
                 pct(vote.accuracy.estimate),
                 share * 100.0,
                 if met { "met" } else { "not met" },
                 floor * 100.0,
+                stop_tally(early),
             ));
         }
         for adaptive in rows

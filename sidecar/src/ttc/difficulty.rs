@@ -556,6 +556,7 @@ mod tests {
             answer: Some(a.into()),
             logprob: lp,
             tokens: 2,
+            retrace_logprob: None,
         };
         let prior = DifficultySignal::from_prompt(&PromptFeatures::from_text("2 + 2?", 4));
         let agree = [cand("4", -0.1), cand("4", -0.1)];

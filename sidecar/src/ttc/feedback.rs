@@ -124,8 +124,8 @@ impl FeedbackTicket {
             .take(self.min_samples.max(1))
             .map(|answer| Candidate {
                 answer: answer.clone(),
-                logprob: 0.0,
                 tokens: 1,
+                ..Candidate::default()
             })
             .collect();
         majority_vote(&first, VoteWeighting::Uniform).map(|v| v.answer)

@@ -1,7 +1,7 @@
-//! How best-of-N opens: its greedy candidate alone, or as the first row of a batch.
+//! How a request opens: its greedy candidate alone, or as the first row of a batch.
 //!
-//! The greedy answer is the one a verifier accepts most often, so it is always the first
-//! candidate. Alone it costs one short decode and settles the request whenever it is accepted.
+//! Best-of-N: the greedy answer is the one a verifier accepts most often, so it is always the
+//! first candidate. Alone it costs one short decode and settles the request whenever it is accepted.
 //! But a window runs as many decode passes as its longest row, and sampled rows run longer than
 //! greedy ones, so where greedy is usually rejected, a greedy decode alone and then a window
 //! costs two rounds of passes where one batch would do. Measured on SmolLM2 under the same
@@ -12,35 +12,47 @@
 //! one half (and before anything is known), batched below it. (A batch now ends as soon as a
 //! row is accepted, see `ttc_service::verified_window`, which narrows the gap on the first
 //! family.)
+//!
+//! A vote opens the same way, learned apart: its greedy candidate settles it alone when the
+//! model is confident enough that further samples would retrace it (the confident stop,
+//! [`super::stopping::StoppingRule::confidence`]). Where that is common, one short greedy decode
+//! does what a window of greedy and sampled rows would, at the length of the greedy row; where it
+//! is rare, opening alone costs one extra round of decode passes.
 
 use std::collections::HashMap;
 
 use super::difficulty::DepthClass;
+use super::plan::PlannedStrategy;
 
 /// Weight of the newest request in a class's acceptance rate.
 const ALPHA: f64 = 0.1;
 /// The acceptance rate from which the greedy candidate opens alone.
 const ALONE_FROM: f64 = 0.5;
 
-/// Learns, per class of request, how often best-of-N's greedy candidate is accepted.
+/// Learns, per strategy and class of request, how often the greedy candidate settles a request
+/// alone (best-of-N: accepted; a vote: confident).
 #[derive(Debug, Clone, Default)]
 pub struct GreedyOpening {
-    rates: HashMap<DepthClass, f64>,
+    rates: HashMap<(PlannedStrategy, DepthClass), f64>,
 }
 
 impl GreedyOpening {
-    /// Whether a best-of-N request of `class` opens with its greedy candidate alone.
-    pub fn alone(&self, class: DepthClass) -> bool {
-        self.rates
-            .get(&class)
-            .is_none_or(|rate| *rate >= ALONE_FROM)
+    /// Whether a request of `class` under `strategy` opens with its greedy candidate alone.
+    /// Before anything is known best-of-N does (the measurements above), a vote does not: its
+    /// greedy candidate's confidence is measured in either opening, so it loses nothing by
+    /// waiting for it.
+    pub fn alone(&self, strategy: PlannedStrategy, class: DepthClass) -> bool {
+        match self.rates.get(&(strategy, class)) {
+            Some(rate) => *rate >= ALONE_FROM,
+            None => strategy == PlannedStrategy::BestOfN,
+        }
     }
 
-    /// Learns from a finished best-of-N request whether its greedy candidate was accepted.
-    pub fn record(&mut self, class: DepthClass, greedy_accepted: bool) {
-        let hit = if greedy_accepted { 1.0 } else { 0.0 };
+    /// Learns from a finished request whether its greedy candidate settled it (or would have).
+    pub fn record(&mut self, strategy: PlannedStrategy, class: DepthClass, greedy_settles: bool) {
+        let hit = if greedy_settles { 1.0 } else { 0.0 };
         self.rates
-            .entry(class)
+            .entry((strategy, class))
             .and_modify(|rate| *rate += ALPHA * (hit - *rate))
             .or_insert(hit);
     }
@@ -52,22 +64,32 @@ mod tests {
     use crate::ttc::AnswerType;
 
     #[test]
-    fn opens_alone_until_greedy_is_mostly_rejected_and_again_once_it_is_accepted() {
+    fn opens_alone_until_greedy_mostly_fails_to_settle_and_again_once_it_does() {
         let class = DepthClass {
             answer_type: AnswerType::Number,
             bin: 1,
         };
         let other = DepthClass { bin: 2, ..class };
+        let (best, vote) = (PlannedStrategy::BestOfN, PlannedStrategy::MajorityVote);
         let mut opening = GreedyOpening::default();
-        assert!(opening.alone(class), "nothing known: alone");
+        assert!(opening.alone(best, class), "nothing known: alone");
         for _ in 0..10 {
-            opening.record(class, false);
+            opening.record(best, class, false);
         }
-        assert!(!opening.alone(class), "greedy always rejected: batched");
-        assert!(opening.alone(other), "classes are learned apart");
+        assert!(
+            !opening.alone(best, class),
+            "greedy always rejected: batched"
+        );
+        assert!(opening.alone(best, other), "classes are learned apart");
+        assert!(
+            !opening.alone(vote, class),
+            "a vote opens batched until it knows better"
+        );
+        opening.record(vote, class, true);
+        assert!(opening.alone(vote, class), "strategies are learned apart");
         for _ in 0..10 {
-            opening.record(class, true);
+            opening.record(best, class, true);
         }
-        assert!(opening.alone(class), "accepted again: alone");
+        assert!(opening.alone(best, class), "accepted again: alone");
     }
 }

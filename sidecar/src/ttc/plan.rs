@@ -8,7 +8,7 @@
 //! let mut n = session.first_window();
 //! loop {
 //!     for c in engine.generate(n samples, plan.max_tokens) {
-//!         let i = session.add_sample(&c.text, c.logprob, c.token_ids.len());
+//!         let i = session.add_sample(&c.text, c.logprob, c.token_ids.len(), Some(c.sample_logprob));
 //!         if session.needs_verdicts() { session.add_verdict(i, verifier.verify(prompt, &c.text).await) }
 //!     }
 //!     match session.decide() { Continue { samples } => n = samples, Stop { .. } => break }
@@ -39,7 +39,7 @@ use super::difficulty::{
 };
 use super::feedback::{Feedback, FeedbackError, FeedbackTicket, SeenTickets};
 use super::opening::GreedyOpening;
-use super::stopping::{StopReason, StoppingRule, WindowDecision};
+use super::stopping::{DEFAULT_STOP_CONFIDENCE, StopReason, StoppingRule, WindowDecision};
 use super::verifier::{Verdict, Verifier, VerifierError};
 use super::vote::{Candidate, VoteWeighting, majority_vote};
 use super::windows::{WindowConfig, WindowLearner, WindowReport};
@@ -63,6 +63,14 @@ pub struct TtcOptions {
     /// When to draw a request's samples as one batch instead of in windows.
     #[serde(default)]
     pub windows: WindowConfig,
+    /// Confidence of the confident stop of an unweighted vote ([`StoppingRule::confidence`];
+    /// 1.0 turns it off).
+    #[serde(default = "default_stop_confidence")]
+    pub stop_confidence: f64,
+}
+
+fn default_stop_confidence() -> f64 {
+    DEFAULT_STOP_CONFIDENCE
 }
 
 impl Default for TtcOptions {
@@ -73,6 +81,7 @@ impl Default for TtcOptions {
             budget: BudgetConfig::default(),
             depth_value: DepthValueConfig::default(),
             windows: WindowConfig::default(),
+            stop_confidence: DEFAULT_STOP_CONFIDENCE,
         }
     }
 }
@@ -174,8 +183,8 @@ pub struct TtcPlan {
     pub prior_difficulty: f64,
     /// Extra depth given only to keep learning whether depth pays.
     pub probe: bool,
-    /// Best-of-N only: whether the greedy candidate opens alone (else it is the first row of
-    /// the first window); see [`super::opening`].
+    /// Whether the greedy candidate opens alone (else it is the first row of the first
+    /// window); see [`super::opening`].
     #[serde(default)]
     pub greedy_alone: bool,
 }
@@ -259,6 +268,12 @@ pub struct TtcOutcome {
     /// (`POST /v1/ttc/feedback`, [`super::feedback`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feedback_ticket: Option<String>,
+    /// Whether the greedy candidate alone settled the request, or would have had it opened
+    /// alone: best-of-N's verifier accepted it, or a vote's confident stop would have stopped on
+    /// it ([`StoppingRule::confidence`]). `None` where the request had no greedy candidate or
+    /// could draw only it. What [`super::opening`] learns from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub greedy_settles: Option<bool>,
 }
 
 fn one() -> usize {
@@ -348,13 +363,21 @@ impl TtcSession {
         self.plan.strategy == PlannedStrategy::BestOfN
     }
 
-    /// Adds a sample: its text, the sum of its token log-probabilities and its token count.
-    /// Returns its index.
-    pub fn add_sample(&mut self, text: &str, logprob: f64, tokens: usize) -> usize {
+    /// Adds a sample: its text, the sum of its token log-probabilities, its token count and,
+    /// where known, the log-probability that another sample retraces it
+    /// ([`Candidate::retrace_logprob`]). Returns its index.
+    pub fn add_sample(
+        &mut self,
+        text: &str,
+        logprob: f64,
+        tokens: usize,
+        retrace_logprob: Option<f64>,
+    ) -> usize {
         self.candidates.push(Candidate {
             answer: extract_answer(text, self.plan.answer_type),
             logprob,
             tokens,
+            retrace_logprob,
         });
         self.verdicts.push(None);
         self.candidates.len() - 1
@@ -431,8 +454,7 @@ impl TtcSession {
         let mut candidates = self.candidates.clone();
         candidates.extend(finished.iter().map(|text| Candidate {
             answer: extract_answer(text, self.plan.answer_type),
-            logprob: 0.0,
-            tokens: 0,
+            ..Candidate::default()
         }));
         let vote = majority_vote(&candidates, self.plan.weighting);
         matches!(
@@ -441,6 +463,23 @@ impl TtcSession {
                 reason: StopReason::Agreement | StopReason::Decided
             }
         )
+    }
+
+    /// See [`TtcOutcome::greedy_settles`].
+    fn greedy_settles(&self, chosen_index: Option<usize>, verified: Option<bool>) -> Option<bool> {
+        if !self.greedy_first() || self.rule.max_samples < 2 {
+            return None;
+        }
+        let greedy = self.candidates.first()?;
+        Some(match self.plan.strategy {
+            PlannedStrategy::BestOfN => verified == Some(true) && chosen_index == Some(0),
+            _ => {
+                self.rule.confidence < 1.0
+                    && majority_vote(std::slice::from_ref(greedy), self.plan.weighting).is_some_and(
+                        |vote| self.rule.chance_to_hold(1, &vote) >= self.rule.confidence,
+                    )
+            }
+        })
     }
 
     fn first_accepted(&self) -> Option<usize> {
@@ -520,6 +559,7 @@ impl TtcSession {
                 (answer, index, vote.as_ref().map(|v| v.agreement), None)
             }
         };
+        let greedy_settles = self.greedy_settles(chosen_index, verified);
         TtcOutcome {
             strategy: self.plan.strategy,
             answer_type: self.plan.answer_type,
@@ -546,6 +586,7 @@ impl TtcSession {
             prompt_tokens: energy.prompt_tokens,
             completion_tokens: energy.completion_tokens,
             feedback_ticket: None,
+            greedy_settles,
         }
     }
 }
@@ -660,6 +701,15 @@ impl TtcController {
         self.verifier.clone()
     }
 
+    /// The confident stop's confidence: off (1.0) for weighted votes, where a majority of
+    /// samples need not carry the weight.
+    fn stop_confidence(&self) -> f64 {
+        match self.options.weighting {
+            VoteWeighting::Uniform => self.options.stop_confidence,
+            VoteWeighting::SequenceLogprob => 1.0,
+        }
+    }
+
     fn strategy_for(&self, features: &RequestFeatures) -> PlannedStrategy {
         match self.policy.strategy {
             TtcStrategy::MajorityVote => PlannedStrategy::MajorityVote,
@@ -699,7 +749,15 @@ impl TtcController {
             PlannedStrategy::MajorityVote | PlannedStrategy::BestOfN => DepthUnit::Samples,
         };
         let max_tokens = features.max_tokens.max(1);
-        let greedy_alone = strategy == PlannedStrategy::BestOfN && self.opening.alone(class);
+        let greedy_alone = self.opening.alone(strategy, class)
+            && match strategy {
+                PlannedStrategy::BestOfN => true,
+                // A vote's greedy candidate can settle it only by the confident stop.
+                PlannedStrategy::MajorityVote => {
+                    self.policy.min_samples <= 1 && self.stop_confidence() < 1.0
+                }
+                PlannedStrategy::ReasoningBudget => false,
+            };
         let choice = self.budget.choose(&DepthRequest {
             prompt_tokens: features.prompt.prompt_tokens,
             unit,
@@ -741,7 +799,8 @@ impl TtcController {
             max_samples,
             window,
             self.policy.early_stop_agreement,
-        );
+        )
+        .with_confidence(self.stop_confidence());
         let plan = TtcPlan {
             strategy,
             answer_type: features.answer_type,
@@ -804,10 +863,8 @@ impl TtcController {
             answer_type: outcome.answer_type,
             bin: outcome.difficulty_bin,
         };
-        if outcome.strategy == PlannedStrategy::BestOfN && outcome.samples > 0 {
-            // The first candidate is the greedy one, and the chosen one is the first accepted.
-            let greedy_accepted = outcome.verified == Some(true) && outcome.chosen_index == Some(0);
-            self.opening.record(class, greedy_accepted);
+        if let Some(settles) = outcome.greedy_settles {
+            self.opening.record(outcome.strategy, class, settles);
         }
         let answers: Vec<Option<&str>> = outcome.answers.iter().map(Option::as_deref).collect();
         self.learner
@@ -978,7 +1035,7 @@ mod tests {
                 // Every sample a different answer: the vote never agrees.
                 for _ in 0..session.first_window().min(2) {
                     answer += 1;
-                    session.add_sample(&answer.to_string(), -1.0, 2);
+                    session.add_sample(&answer.to_string(), -1.0, 2, None);
                 }
                 if matches!(session.decide(), WindowDecision::Stop { .. }) {
                     break;
@@ -1014,11 +1071,11 @@ mod tests {
         );
         assert_eq!(session.plan().budget_state, BudgetState::Unbounded);
         assert_eq!(session.first_window(), 2);
-        session.add_sample("2 + 3 = 6", -3.0, 6);
-        session.add_sample("5", -0.5, 1);
+        session.add_sample("2 + 3 = 6", -3.0, 6, None);
+        session.add_sample("5", -0.5, 1, None);
         assert_eq!(session.decide(), WindowDecision::Continue { samples: 2 });
-        session.add_sample("The answer is 5.", -2.0, 4);
-        session.add_sample("5", -0.2, 1);
+        session.add_sample("The answer is 5.", -2.0, 4, None);
+        session.add_sample("5", -0.2, 1, None);
         assert_eq!(
             session.decide(),
             WindowDecision::Stop {
@@ -1063,11 +1120,11 @@ mod tests {
             let mut session = controller.plan(&features(AnswerType::Number));
             // Greedy says "five" (rejected), the next sample "5" (accepted).
             for text in ["five", "5"].iter().take(session.first_window()) {
-                let i = session.add_sample(text, -1.0, 2);
+                let i = session.add_sample(text, -1.0, 2, None);
                 session.add_verdict(i, verifier.verify("What is 2 + 3?", text).await);
             }
             if let WindowDecision::Continue { .. } = session.decide() {
-                let i = session.add_sample("5", -1.0, 2);
+                let i = session.add_sample("5", -1.0, 2, None);
                 session.add_verdict(i, verifier.verify("What is 2 + 3?", "5").await);
                 session.decide();
             }
@@ -1104,7 +1161,7 @@ mod tests {
         loop {
             for _ in 0..n {
                 let text = script[drawn.len()];
-                let i = session.add_sample(text, -1.0, 2);
+                let i = session.add_sample(text, -1.0, 2, None);
                 session.add_verdict(i, verifier.verify("What is 2 + 3?", text).await);
                 drawn.push(text);
             }
@@ -1140,7 +1197,7 @@ mod tests {
         // Scored rejections (an HTTP verifier below its threshold): the best score wins.
         let mut session = controller.plan(&features(AnswerType::Number));
         for (i, score) in [0.1, 0.4, 0.2].into_iter().enumerate() {
-            let index = session.add_sample(&format!("{i}0"), -1.0, 2);
+            let index = session.add_sample(&format!("{i}0"), -1.0, 2, None);
             session.add_verdict(index, Verdict::reject("low", Some(score)));
         }
         assert_eq!(
@@ -1158,7 +1215,7 @@ mod tests {
         // Unscored rejections: the vote decides.
         let mut session = controller.plan(&features(AnswerType::Number));
         for text in ["7", "8", "8"] {
-            let index = session.add_sample(text, -1.0, 2);
+            let index = session.add_sample(text, -1.0, 2, None);
             session.add_verdict(index, Verdict::reject("no", None));
         }
         session.decide();
@@ -1196,7 +1253,7 @@ mod tests {
         assert_eq!(plan.max_tokens, 32 + tokens);
         assert_eq!((plan.max_samples, session.first_window()), (1, 1));
         assert_eq!(plan.budget_state, BudgetState::Tracking);
-        session.add_sample("<think>2 and 3</think> 5", -4.0, 40);
+        session.add_sample("<think>2 and 3</think> 5", -4.0, 40, None);
         assert_eq!(
             session.decide(),
             WindowDecision::Stop {
@@ -1219,8 +1276,8 @@ mod tests {
         assert_eq!(plan_json["strategy"], "MajorityVote");
         assert_eq!(plan_json["answerType"]["type"], "yesNo");
         assert!(plan_json["maxSamples"].is_u64());
-        session.add_sample("Yes", -0.1, 1);
-        session.add_sample("yes.", -0.1, 2);
+        session.add_sample("Yes", -0.1, 1, None);
+        session.add_sample("yes.", -0.1, 2, None);
         session.decide();
         let outcome = session.finish(energy(4.0));
         let json = serde_json::to_string(&outcome)?;

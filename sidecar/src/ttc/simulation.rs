@@ -38,6 +38,21 @@ impl QueryKind {
         }
     }
 
+    /// How likely a sample is to give `answer`.
+    fn probability(self, answer: &str) -> f64 {
+        let right = match self {
+            Self::Easy => 0.99,
+            Self::Noisy => 0.45,
+            Self::Systematic => 0.01,
+            Self::CoinFlip => 0.5,
+        };
+        match (self, answer) {
+            (_, "right") => right,
+            (Self::Noisy, _) => (1.0 - right) / 4.0,
+            _ => 1.0 - right,
+        }
+    }
+
     fn sample(self, rng: &mut SplitMix64) -> &'static str {
         let u = rng.unit();
         match self {
@@ -108,6 +123,34 @@ fn run_with_feedback(
     seed: u64,
     feedback: bool,
 ) -> RunStats {
+    run_script(
+        controller,
+        kinds,
+        seed,
+        Script {
+            feedback,
+            priced: false,
+        },
+    )
+}
+
+/// How the scripted model's samples reach the controller.
+#[derive(Debug, Clone, Copy)]
+struct Script {
+    /// Post each answer's expected one back as correctness feedback.
+    feedback: bool,
+    /// Price samples as the engine does: each answer is one path of fixed length, and a
+    /// sample's retrace log-probability is its answer's (so the confident stop can act).
+    /// Unpriced, lengths are random and no sample says how likely it is.
+    priced: bool,
+}
+
+fn run_script(
+    controller: &mut TtcController,
+    kinds: &[QueryKind],
+    seed: u64,
+    Script { feedback, priced }: Script,
+) -> RunStats {
     let mut rng = SplitMix64::new(seed);
     let mut stats = RunStats::default();
     for (i, kind) in kinds.iter().enumerate() {
@@ -116,9 +159,14 @@ fn run_with_feedback(
         let mut tokens = 0;
         loop {
             for _ in 0..n {
-                let t = sample_tokens(&mut rng);
+                let mut t = sample_tokens(&mut rng);
+                let answer = kind.sample(&mut rng);
+                let retrace = priced.then(|| {
+                    t = 25 + answer.len();
+                    kind.probability(answer).ln()
+                });
                 tokens += t;
-                session.add_sample(kind.sample(&mut rng), -0.5 * t as f64, t);
+                session.add_sample(answer, -0.5 * t as f64, t, retrace);
             }
             match session.decide() {
                 WindowDecision::Continue { samples } => n = samples,
@@ -164,6 +212,7 @@ fn run_uniform(kinds: &[QueryKind], depth: usize, seed: u64) -> RunStats {
                     answer: Some(kind.sample(&mut rng).to_string()),
                     logprob: -0.5 * t as f64,
                     tokens: t,
+                    retrace_logprob: None,
                 }
             })
             .collect();
@@ -453,7 +502,7 @@ async fn best_of_n_with_a_verifier_turns_joules_into_accuracy() -> Result<(), su
                 } else {
                     "wrong-1"
                 };
-                let i = session.add_sample(text, -0.5 * t as f64, t);
+                let i = session.add_sample(text, -0.5 * t as f64, t, None);
                 session.add_verdict(i, verifier.verify("q", text).await);
             }
             match session.decide() {
@@ -507,5 +556,58 @@ fn early_stopping_keeps_fixed_8_accuracy_for_a_fraction_of_its_joules()
         assert!(ratio <= 0.55, "{ratio}");
         assert!(early.accuracy() >= fixed.accuracy() - 0.02);
     }
+    Ok(())
+}
+
+/// Where samples say how likely they are, a greedy answer the model is sure of settles the vote
+/// alone: easy and systematic queries stop at one sample, noisy ones vote on. (The scripted
+/// meter's fixed 1.8 J per request keeps one sample at a quarter of fixed-8's joules.)
+#[test]
+fn the_confident_stop_settles_sure_answers_on_one_sample_at_fixed_8_accuracy()
+-> Result<(), super::TtcError> {
+    let kinds = mixed_workload(1500, 71);
+    let fixed = run_uniform(&kinds, 8, 72);
+    let policy = TtcPolicy {
+        difficulty_aware: false,
+        ..policy(8)
+    };
+    let script = |priced| Script {
+        feedback: false,
+        priced,
+    };
+    let mut agreeing = TtcController::new(policy.clone(), TtcOptions::default())?;
+    let agreement = run_script(&mut agreeing, &kinds, 72, script(false));
+    let mut confident = TtcController::new(policy, TtcOptions::default())?;
+    let stats = run_script(&mut confident, &kinds, 72, script(true));
+    let share = |run: &RunStats| run.mean_joules(usize::MAX) / fixed.mean_joules(usize::MAX);
+    let samples_of = |wanted: QueryKind| {
+        let (sum, n) = kinds
+            .iter()
+            .zip(&stats.samples)
+            .filter(|(kind, _)| **kind == wanted)
+            .fold((0, 0), |(sum, n), (_, samples)| (sum + samples, n + 1));
+        sum as f64 / f64::from(n)
+    };
+    eprintln!(
+        "fixed-8 {:.3}; agreement alone {:.3} at {:.0}% of its joules; with the confident stop {:.3} at {:.0}% (samples: easy {:.2}, systematic {:.2}, noisy {:.2})",
+        fixed.accuracy(),
+        agreement.accuracy(),
+        100.0 * share(&agreement),
+        stats.accuracy(),
+        100.0 * share(&stats),
+        samples_of(QueryKind::Easy),
+        samples_of(QueryKind::Systematic),
+        samples_of(QueryKind::Noisy),
+    );
+    assert!(stats.accuracy() >= fixed.accuracy() - 0.02);
+    assert!(samples_of(QueryKind::Easy) < 1.1);
+    assert!(samples_of(QueryKind::Systematic) < 1.1);
+    assert!(samples_of(QueryKind::Noisy) > 4.0, "noisy queries vote on");
+    assert!(
+        share(&stats) <= share(&agreement) - 0.05,
+        "{} vs {}",
+        share(&stats),
+        share(&agreement)
+    );
     Ok(())
 }

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One sampled answer as a vote sees it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
     /// The normalised answer, `None` when none could be extracted.
     pub answer: Option<String>,
@@ -12,6 +12,10 @@ pub struct Candidate {
     pub logprob: f64,
     /// Number of generated tokens.
     pub tokens: usize,
+    /// Log-probability that one more sample of the request retraces this one token for token
+    /// (its tokens priced under the sampling distribution); `None` when not known.
+    #[serde(default)]
+    pub retrace_logprob: Option<f64>,
 }
 
 impl Candidate {
@@ -64,6 +68,11 @@ pub struct Vote {
     pub distinct: usize,
     /// Whether the winner was decided by a tie rule rather than by weight.
     pub tie_broken: bool,
+    /// A lower bound on the chance that one more sample gives the winning answer: the summed
+    /// retrace probabilities ([`Candidate::retrace_logprob`]) of the distinct samples behind it
+    /// (0 when none is known).
+    #[serde(default)]
+    pub winner_floor: f64,
 }
 
 /// Majority vote over `candidates`; `None` when no candidate has an answer.
@@ -155,6 +164,7 @@ pub fn majority_vote(candidates: &[Candidate], weighting: VoteWeighting) -> Opti
         0.0
     };
     Some(Vote {
+        winner_floor: retrace_floor(candidates, winner.answer),
         answer: winner.answer.to_string(),
         votes: winner.votes,
         runner_up_votes,
@@ -167,6 +177,26 @@ pub fn majority_vote(candidates: &[Candidate], weighting: VoteWeighting) -> Opti
     })
 }
 
+/// Summed retrace probabilities of the distinct samples that gave `answer`: a sample retraces
+/// one of these paths with exactly that chance, so it gives `answer` at least that often.
+/// Samples count as one path when they have as many tokens and retrace log-probabilities within
+/// 0.01 of each other (the same tokens priced in batches of other sizes differ in the last
+/// digits); merging two truly distinct paths only lowers the bound.
+fn retrace_floor(candidates: &[Candidate], answer: &str) -> f64 {
+    let mut paths: Vec<(usize, f64)> = candidates
+        .iter()
+        .filter(|c| c.answer.as_deref() == Some(answer))
+        .filter_map(|c| Some((c.tokens, c.retrace_logprob.filter(|lp| lp.is_finite())?)))
+        .collect();
+    paths.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    paths.dedup_by(|later, kept| later.0 == kept.0 && (later.1 - kept.1).abs() < 0.01);
+    paths
+        .iter()
+        .map(|(_, lp)| lp.min(0.0).exp())
+        .sum::<f64>()
+        .min(1.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +206,7 @@ mod tests {
             answer: answer.map(str::to_string),
             logprob,
             tokens,
+            retrace_logprob: None,
         }
     }
     fn plain(answers: &[Option<&str>]) -> Vec<Candidate> {
@@ -245,5 +276,32 @@ mod tests {
         assert!((short.mean_token_probability() - long.mean_token_probability()).abs() < 1e-12);
         assert_eq!(c(None, f64::NEG_INFINITY, 3).mean_token_probability(), 0.0);
         assert!((c(None, 0.0, 0).mean_token_probability() - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_winner_floor_sums_distinct_retraceable_paths_once() -> Result<(), String> {
+        let priced = |answer: &str, retrace: f64, tokens: usize| Candidate {
+            retrace_logprob: Some(retrace.ln()),
+            ..c(Some(answer), -1.0, tokens)
+        };
+        let cands = vec![
+            priced("4", 0.5, 3),
+            // The same path again, priced in a batch of another size.
+            priced("4", 0.5005, 3),
+            priced("4", 0.25, 5),
+            priced("5", 0.2, 3),
+            c(Some("4"), -1.0, 4),
+        ];
+        let vote = majority_vote(&cands, VoteWeighting::Uniform).ok_or("no vote")?;
+        assert_eq!(vote.answer, "4");
+        assert!(
+            (vote.winner_floor - 0.75).abs() < 1e-3,
+            "{}",
+            vote.winner_floor
+        );
+        let unpriced =
+            majority_vote(&plain(&[Some("4")]), VoteWeighting::Uniform).ok_or("no vote")?;
+        assert_eq!(unpriced.winner_floor, 0.0);
+        Ok(())
     }
 }

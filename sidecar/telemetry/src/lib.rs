@@ -56,6 +56,7 @@
 //! | `ttc.depth.pays` | gauge | `1` | `ttc.answer.type`, `ttc.difficulty.bin` |
 //! | `ttc.depth.gain` | gauge | `1` | `ttc.answer.type`, `ttc.difficulty.bin` (with client feedback only) |
 //! | `ttc.feedback` | counter | `{feedback}` | `ttc.feedback.informative` |
+//! | `ttc.stops` | counter | `{request}` | `ttc.stop.reason` (`agreement`, `decided`, `confident`, `accepted`, `max_samples`) |
 //! | `ttc.telemetry.dropped_exports` | counter | `{export}` | — |
 //!
 //! Resource attributes: `service.name`, `k8s.pod.name`, `k8s.namespace.name`, `ttc.policy.name`
@@ -127,6 +128,8 @@ pub mod keys {
     pub const DIFFICULTY_BIN: &str = "ttc.difficulty.bin";
     /// `ttc.feedback.informative`: whether feedback said something about depth.
     pub const FEEDBACK_INFORMATIVE: &str = "ttc.feedback.informative";
+    /// `ttc.stop.reason`: why a TTC request stopped drawing samples.
+    pub const STOP_REASON: &str = "ttc.stop.reason";
 }
 
 /// A class of request whose value of depth is learned apart (the attributes of
@@ -320,6 +323,16 @@ impl SidecarMetrics {
                 .add(1, &[KeyValue::new(keys::FEEDBACK_INFORMATIVE, informative)]);
         }
         self.inner.prom.feedback(informative);
+    }
+
+    /// Counts a TTC request in `ttc.stops` by why it stopped drawing samples (`reason`: the
+    /// label of the sidecar's stop reason), which shows where early stopping saves samples.
+    pub fn record_stop(&self, reason: &str) {
+        if let Some(otlp) = &self.inner.otlp {
+            otlp.stops
+                .add(1, &[KeyValue::new(keys::STOP_REASON, reason.to_string())]);
+        }
+        self.inner.prom.stop(reason);
     }
 
     /// Sets `ttc.depth.pays` (1 or 0) and, where feedback measured it, `ttc.depth.gain` for one

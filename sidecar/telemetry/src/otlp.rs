@@ -88,6 +88,7 @@ pub(crate) struct OtlpPipeline {
     pub(crate) requests: Counter<u64>,
     pub(crate) samples: Counter<u64>,
     pub(crate) feedback: Counter<u64>,
+    pub(crate) stops: Counter<u64>,
     pub(crate) depth_pays: Gauge<f64>,
     pub(crate) depth_gain: Gauge<f64>,
     /// Observable instruments live as long as these handles.
@@ -211,6 +212,11 @@ impl OtlpPipeline {
                 .u64_counter("ttc.feedback")
                 .with_unit("{feedback}")
                 .with_description("Client verdicts on answers taken; ttc.feedback.informative says whether the request drew more than minimum depth")
+                .build(),
+            stops: m
+                .u64_counter("ttc.stops")
+                .with_unit("{request}")
+                .with_description("Test-time compute requests by why they stopped drawing samples (ttc.stop.reason)")
                 .build(),
             depth_pays: m
                 .f64_gauge("ttc.depth.pays")

@@ -49,6 +49,7 @@ pub(crate) struct PromMetrics {
     requests: Counter,
     samples: Counter,
     feedback: Family<Labels, Counter>,
+    stops: Family<Labels, Counter>,
     depth_pays: Family<Labels, Gauge<f64, AtomicU64>>,
     depth_gain: Family<Labels, Gauge<f64, AtomicU64>>,
 }
@@ -136,6 +137,12 @@ impl PromMetrics {
             "Client verdicts on answers taken; ttc_feedback_informative says whether the request drew more than minimum depth",
             feedback.clone(),
         );
+        let stops = Family::<Labels, Counter>::default();
+        registry.register(
+            "ttc_stops",
+            "Test-time compute requests by why they stopped drawing samples (ttc_stop_reason)",
+            stops.clone(),
+        );
         let depth_pays = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "ttc_depth_pays",
@@ -161,6 +168,7 @@ impl PromMetrics {
             requests,
             samples,
             feedback,
+            stops,
             depth_pays,
             depth_gain,
         }
@@ -226,6 +234,12 @@ impl PromMetrics {
     pub(crate) fn feedback(&self, informative: bool) {
         self.feedback
             .get_or_create(&vec![("ttc_feedback_informative", informative.to_string())])
+            .inc();
+    }
+
+    pub(crate) fn stop(&self, reason: &str) {
+        self.stops
+            .get_or_create(&vec![("ttc_stop_reason", reason.to_string())])
             .inc();
     }
 
