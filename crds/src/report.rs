@@ -91,6 +91,9 @@ pub mod sidecar_env {
     /// authenticates reports): the sidecar sends it as `Authorization: Bearer` with every export
     /// and re-reads it as the kubelet rotates it.
     pub const REPORT_TOKEN_FILE: &str = "TTC_REPORT_TOKEN_FILE";
+    /// PEM CA certificate(s) of the operator's receiver (set when the receiver serves TLS): the
+    /// sidecar's OTLP export trusts them, and only them.
+    pub const REPORT_CA_PEM: &str = "TTC_REPORT_CA_PEM";
 }
 
 /// Audience of the service-account tokens sidecars present to the receiver: a token minted for

@@ -177,21 +177,49 @@ async fn cert_manager_option_renders_a_certificate_and_ca_injection() -> TestRes
     Ok(())
 }
 
+/// The chart rendered as release `release` in ttc-system with `sets` (`--set` each), one value
+/// per document.
+fn template(cluster: &TestCluster, release: &str, sets: &[&str]) -> Result<Vec<Value>, String> {
+    let mut helm = cluster.helm();
+    helm.args(["template", release, "--namespace", "ttc-system"])
+        .arg(chart_dir());
+    for set in sets {
+        helm.args(["--set", set]);
+    }
+    let out = run(&mut helm, None)?;
+    Ok(serde_yaml::Deserializer::from_str(&out)
+        .map(|doc| Value::deserialize(doc).unwrap_or(Value::Null))
+        .collect())
+}
+
+/// The receiver serves TLS by default and sidecars are sent to its https:// URL; switched off,
+/// plain HTTP on both ends.
+#[tokio::test]
+async fn receiver_tls_option_sets_the_receiver_and_the_sidecars_endpoint() -> TestResult {
+    let cluster = cluster().await?;
+    for (set, tls, scheme) in [
+        (None, "true", "https"),
+        (Some("operator.receiverTls=false"), "false", "http"),
+    ] {
+        let docs = template(cluster, "tls", set.as_slice())?;
+        let config = docs
+            .iter()
+            .find(|d| d["kind"] == "ConfigMap" && d["data"]["TTC_RECEIVER_TLS"].is_string())
+            .ok_or("no ConfigMap with TTC_RECEIVER_TLS")?;
+        assert_eq!(config["data"]["TTC_RECEIVER_TLS"], tls);
+        assert_eq!(
+            config["data"]["TTC_OTLP_ENDPOINT"],
+            format!("{scheme}://tls-ttc-operator.ttc-system.svc:4318").as_str()
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn report_auth_option_configures_the_operator_and_grants_token_reviews() -> TestResult {
     let cluster = cluster().await?;
     for (value, reviews) in [("none", false), ("token-review", true)] {
-        let out = run(
-            cluster
-                .helm()
-                .args(["template", "auth", "--namespace", "ttc-system"])
-                .arg(chart_dir())
-                .args(["--set", &format!("operator.reportAuth={value}")]),
-            None,
-        )?;
-        let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&out)
-            .map(|doc| Value::deserialize(doc).unwrap_or(Value::Null))
-            .collect();
+        let docs = template(cluster, "auth", &[&format!("operator.reportAuth={value}")])?;
         let config = docs
             .iter()
             .find(|d| d["kind"] == "ConfigMap" && d["data"]["TTC_REPORT_AUTH"].is_string())
@@ -385,8 +413,9 @@ async fn install_upgrade_uninstall_leaves_no_orphans() -> TestResult {
     assert_eq!(config["data"]["TTC_LEASE_NAME"], fullname.as_str());
     assert_eq!(
         config["data"]["TTC_OTLP_ENDPOINT"],
-        format!("http://{fullname}.{release}.svc:4318").as_str()
+        format!("https://{fullname}.{release}.svc:4318").as_str()
     );
+    assert_eq!(config["data"]["TTC_RECEIVER_TLS"], "true");
     assert!(config["data"].get("TTC_CLUSTER_POWER_CAP_WATTS").is_none());
 
     let service = get_one(ns.kubectl().args(["get", "service", &fullname]))?;

@@ -5,7 +5,8 @@
 //! - [`domain`]: pure decisions on plain values (selection, allocation, cluster split, injection
 //!   patch, status), unit-tested without an API server.
 //! - [`reports`]: the per-pod history of energy reports, with staleness.
-//! - [`controller`], [`webhook`], [`receiver`], [`admin`]: the Kubernetes and HTTP edges.
+//! - [`controller`], [`webhook`], [`receiver`], [`admin`]: the Kubernetes and HTTP edges;
+//!   [`serving`]: how they are served (plain HTTP or TLS).
 //! - [`run`]: wiring of caches, leader election and servers.
 
 pub mod admin;
@@ -17,6 +18,7 @@ pub mod receiver;
 pub mod report_auth;
 pub mod reports;
 pub mod run;
+pub mod serving;
 pub mod webhook;
 
 pub use error::{Error, Result};

@@ -30,7 +30,8 @@ use crate::metrics::Metrics;
 use crate::receiver::ReportReceiver;
 use crate::report_auth::{ReportAuthMode, TokenReviewer};
 use crate::reports::ReportBook;
-use crate::webhook::{Injector, TlsMaterial, WebhookTarget};
+use crate::serving::{self, TlsMaterial};
+use crate::webhook::{Injector, WebhookTarget};
 
 /// Everything the operator is configured with.
 #[derive(Debug, Clone, clap::Args)]
@@ -49,6 +50,21 @@ pub struct OperatorConfig {
     /// the operator needs `create` on `tokenreviews`) or `none`.
     #[arg(long, env = "TTC_REPORT_AUTH", value_enum, default_value_t = ReportAuthMode::None)]
     pub report_auth: ReportAuthMode,
+    /// Serve the report receiver over TLS with the webhook's certificate, and give injected
+    /// sidecars that report to it its CA (`TTC_REPORT_CA_PEM`), so that their reports and tokens
+    /// never cross the network in the clear. Needs the certificate from files
+    /// (`--tls-cert-file`: every replica must present the same one) and an `https://`
+    /// `--otlp-endpoint` its names cover; an `http://` one is taken for a collector of your own.
+    #[arg(
+        long,
+        env = "TTC_RECEIVER_TLS",
+        requires = "tls_cert_file",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub receiver_tls: bool,
     /// Sidecar image injected when a policy names none.
     #[arg(
         long,
@@ -120,7 +136,14 @@ pub struct OperatorConfig {
 }
 
 impl OperatorConfig {
-    fn sidecar_defaults(&self) -> Result<SidecarDefaults> {
+    fn sidecar_defaults(&self, tls: &TlsMaterial) -> Result<SidecarDefaults> {
+        let reports_over_tls = self.otlp_endpoint.starts_with("https://");
+        if self.receiver_tls && !reports_over_tls {
+            warn!(
+                endpoint = %self.otlp_endpoint,
+                "the receiver serves TLS (--receiver-tls) but sidecars are told to report to a plain http:// endpoint: unless a collector there forwards to the receiver, their reports will not arrive; set --otlp-endpoint to the receiver's https:// URL"
+            );
+        }
         let resources = match &self.sidecar_resources {
             Some(json) => Some(serde_json::from_str::<ResourceRequirements>(json).map_err(
                 |e| {
@@ -137,6 +160,7 @@ impl OperatorConfig {
             otlp_endpoint: self.otlp_endpoint.clone(),
             resources,
             report_token: self.report_auth == ReportAuthMode::TokenReview,
+            report_ca_pem: (self.receiver_tls && reports_over_tls).then(|| tls.ca_pem.clone()),
         })
     }
 
@@ -322,28 +346,38 @@ pub async fn run(
             ReportAuthMode::TokenReview => Some(Arc::new(TokenReviewer::new(client.clone()))),
         },
     });
+    let tls = config.tls()?;
     let injector = Arc::new(Injector {
         policies: policies.clone(),
-        defaults: config.sidecar_defaults()?,
+        defaults: config.sidecar_defaults(&tls)?,
         metrics: metrics.clone(),
     });
-    let tls = config.tls()?;
     let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(serve_plain(
-        config.admin_addr,
+    servers.spawn(serving::serve_plain(
+        serving::bind(config.admin_addr)?,
         crate::admin::router(admin.clone()),
         shutdown_signal(shutdown.clone()),
     ));
-    servers.spawn(serve_plain(
-        config.receiver_addr,
-        crate::receiver::router(receiver),
-        shutdown_signal(shutdown.clone()),
-    ));
+    let receiver_listener = serving::bind(config.receiver_addr)?;
+    let receiver_router = crate::receiver::router(receiver);
+    if config.receiver_tls {
+        let tls = tls.clone();
+        let signal = shutdown_signal(shutdown.clone());
+        servers.spawn(async move {
+            serving::serve_tls(receiver_listener, &tls, receiver_router, signal).await
+        });
+    } else {
+        servers.spawn(serving::serve_plain(
+            receiver_listener,
+            receiver_router,
+            shutdown_signal(shutdown.clone()),
+        ));
+    }
     // The webhook gets a thread and runtime of its own, so that admissions never queue behind a
     // burst of reconciles (pod creation latency is on the webhook's path, not the controller's).
     let webhook_thread = {
         let tls = tls.clone();
-        let addr = config.webhook_addr;
+        let listener = serving::bind(config.webhook_addr)?;
         let signal = shutdown_signal(shutdown.clone());
         let router = crate::webhook::router(injector);
         std::thread::Builder::new()
@@ -353,7 +387,7 @@ pub async fn run(
                     .enable_all()
                     .build()
                     .map_err(|e| Error::Serve(format!("webhook runtime: {e}")))?;
-                runtime.block_on(crate::webhook::serve(addr, &tls, router, signal))
+                runtime.block_on(serving::serve_tls(listener, &tls, router, signal))
             })
             .map_err(|e| Error::Serve(format!("webhook thread: {e}")))?
     };
@@ -501,20 +535,6 @@ where
             return result.is_ok();
         }
     }
-}
-
-async fn serve_plain(
-    addr: SocketAddr,
-    router: axum::Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| Error::Serve(format!("bind {addr}: {e}")))?;
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| Error::Serve(format!("serve {addr}: {e}")))
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@
 //! the policy's `Degraded` condition (reason `PodsWithoutSidecar`) names them until they are
 //! restarted. The webhook itself never denies a pod.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -141,81 +140,6 @@ pub fn router(injector: Arc<Injector>) -> Router {
         .with_state(injector)
 }
 
-/// A certificate and key (PEM) for the webhook server, and the CA the API server trusts.
-#[derive(Clone)]
-pub struct TlsMaterial {
-    /// Certificate chain, PEM.
-    pub cert_pem: String,
-    /// Private key, PEM.
-    pub key_pem: String,
-    /// CA certificate for the webhook configuration's caBundle, PEM.
-    pub ca_pem: String,
-}
-
-impl TlsMaterial {
-    /// A self-signed certificate for `names` (DNS names or IP addresses); it is its own CA.
-    pub fn self_signed(names: Vec<String>) -> Result<Self> {
-        let certified =
-            rcgen::generate_simple_self_signed(names).map_err(|e| Error::Tls(e.to_string()))?;
-        let cert_pem = certified.cert.pem();
-        Ok(Self {
-            ca_pem: cert_pem.clone(),
-            cert_pem,
-            key_pem: certified.signing_key.serialize_pem(),
-        })
-    }
-
-    /// Certificate and key from files (for example a cert-manager Secret); the CA from a file or
-    /// the certificate itself.
-    pub fn from_files(
-        cert: &std::path::Path,
-        key: &std::path::Path,
-        ca: Option<&std::path::Path>,
-    ) -> Result<Self> {
-        let read = |p: &std::path::Path| {
-            std::fs::read_to_string(p).map_err(|e| Error::Tls(format!("{}: {e}", p.display())))
-        };
-        let cert_pem = read(cert)?;
-        let key_pem = read(key)?;
-        let ca_pem = match ca {
-            Some(ca) => read(ca)?,
-            None => cert_pem.clone(),
-        };
-        Ok(Self {
-            cert_pem,
-            key_pem,
-            ca_pem,
-        })
-    }
-}
-
-/// Serves the webhook over TLS until `shutdown` resolves.
-pub async fn serve(
-    addr: SocketAddr,
-    tls: &TlsMaterial,
-    router: Router,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<()> {
-    let config = axum_server::tls_rustls::RustlsConfig::from_pem(
-        tls.cert_pem.clone().into_bytes(),
-        tls.key_pem.clone().into_bytes(),
-    )
-    .await
-    .map_err(|e| Error::Tls(e.to_string()))?;
-    let handle = axum_server::Handle::new();
-    let server = axum_server::bind_rustls(addr, config)
-        .handle(handle.clone())
-        .serve(router.into_make_service());
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => result.map_err(|e| Error::Serve(e.to_string())),
-        () = shutdown => {
-            handle.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
-            server.await.map_err(|e| Error::Serve(e.to_string()))
-        }
-    }
-}
-
 /// Where the API server reaches the webhook.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WebhookTarget {
@@ -320,6 +244,7 @@ pub async fn apply_webhook_configuration(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::serving::TlsMaterial;
     use kube::runtime::reflector::store;
     use kube::runtime::watcher;
     use serde_json::json;
@@ -337,6 +262,7 @@ mod tests {
                 otlp_endpoint: "http://op:4318".into(),
                 resources: None,
                 report_token: false,
+                report_ca_pem: None,
             },
             metrics: Arc::new(Metrics::default()),
         }

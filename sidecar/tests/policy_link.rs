@@ -21,6 +21,7 @@ use ttc_operator::metrics::Metrics;
 use ttc_operator::receiver::{ReportReceiver, router};
 use ttc_operator::report_auth::{AuthError, ReportAuthenticator, ReportingPod};
 use ttc_operator::reports::{PodReports, ReportBook};
+use ttc_operator::serving::{self, TlsMaterial};
 use ttc_sidecar::policy_link::{PodIdentity, PolicyView, watch_policy};
 use ttc_telemetry::{OtlpExport, RequestRecord, SidecarMetrics, TelemetryConfig};
 
@@ -225,8 +226,9 @@ impl ReportAuthenticator for CurrentToken {
 
 /// The sidecar's OTLP metrics export, decoded by the operator's own receiver: the operator books
 /// the meter's joules (labelled with their source) and the requests and samples the sidecar
-/// recorded. The receiver authenticates the export by the bearer token the sidecar reads from
-/// its token file at every export, so a token the kubelet rotates is picked up.
+/// recorded. The receiver serves TLS as `--receiver-tls` does, and the sidecar trusts its CA
+/// alone; it authenticates the export by the bearer token the sidecar reads from its token file
+/// at every export, so a token the kubelet rotates is picked up.
 #[tokio::test]
 async fn the_operators_receiver_books_the_sidecars_otlp_export() -> TestResult {
     let book = Arc::new(ReportBook::new(Duration::from_secs(60)));
@@ -241,9 +243,17 @@ async fn the_operators_receiver_books_the_sidecars_otlp_export() -> TestResult {
     let token_dir = tempfile::tempdir()?;
     let token_file = token_dir.path().join("token");
     std::fs::write(&token_file, "token-1\n")?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let endpoint = format!("http://{}/v1/metrics", listener.local_addr()?);
-    let server = tokio::spawn(async move { axum::serve(listener, router(receiver)).await });
+    // The operator's process-wide TLS provider, as its main installs it.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = TlsMaterial::self_signed(vec!["127.0.0.1".into()])?;
+    let listener = serving::bind("127.0.0.1:0".parse()?)?;
+    let endpoint = format!("https://{}/v1/metrics", listener.local_addr()?);
+    let server = {
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            serving::serve_tls(listener, &tls, router(receiver), std::future::pending()).await
+        })
+    };
 
     let meter = EnergyMeter::from_config(&MeterConfig {
         source: SourceChoice::Estimate,
@@ -255,11 +265,16 @@ async fn the_operators_receiver_books_the_sidecars_otlp_export() -> TestResult {
         namespace: Some("team-a".into()),
         policy: Some("chat".into()),
         model: "smollm2-135m-instruct".into(),
-        otlp: OtlpExport::Endpoint(endpoint),
+        otlp: OtlpExport::Endpoint(endpoint.clone()),
         // The test flushes by hand.
         export_interval: Some(Duration::from_secs(3600)),
         export_timeout: Some(Duration::from_secs(5)),
         bearer_token_file: Some(token_file.clone()),
+        ca_pem: Some(tls.ca_pem.clone()),
+    };
+    let impostor_config = TelemetryConfig {
+        ca_pem: Some(TlsMaterial::self_signed(vec!["127.0.0.1".into()])?.ca_pem),
+        ..config.clone()
     };
     let exporter_meter = meter.clone();
     let metrics =
@@ -294,6 +309,16 @@ async fn the_operators_receiver_books_the_sidecars_otlp_export() -> TestResult {
     }
     let flushing = metrics.clone();
     tokio::task::spawn_blocking(move || flushing.force_flush()).await??;
+    // A sidecar that trusts another CA does not talk to this receiver: its export fails.
+    let impostor = tokio::task::spawn_blocking(move || {
+        let metrics = SidecarMetrics::new(&impostor_config, None)?;
+        Ok::<_, ttc_telemetry::TelemetryError>(metrics.force_flush())
+    })
+    .await??;
+    assert!(
+        impostor.is_err(),
+        "an export to a receiver whose CA it does not trust went through"
+    );
     server.abort();
 
     let PodReports::Fresh(energy) =

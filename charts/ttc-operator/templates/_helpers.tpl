@@ -60,5 +60,6 @@ app.kubernetes.io/part-of: ttc-operator
 {{- end }}
 
 {{- define "ttc-operator.otlpEndpoint" -}}
-{{- default (printf "http://%s:%v" (include "ttc-operator.serviceHost" .) .Values.service.receiverPort) .Values.sidecar.otlpEndpoint }}
+{{- $scheme := ternary "https" "http" .Values.operator.receiverTls }}
+{{- default (printf "%s://%s:%v" $scheme (include "ttc-operator.serviceHost" .) .Values.service.receiverPort) .Values.sidecar.otlpEndpoint }}
 {{- end }}

@@ -237,7 +237,9 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
         format!("operator.ports.receiver={}", ports.receiver),
         // The API server reaches the local operator by URL, the sidecars its receiver directly.
         format!("webhook.url=https://127.0.0.1:{}/mutate", ports.webhook),
-        format!("sidecar.otlpEndpoint=http://127.0.0.1:{}", ports.receiver),
+        // Over TLS (operator.receiverTls, on by default): the chart's certificate names
+        // 127.0.0.1 for the webhook URL, and the sidecars get its CA.
+        format!("sidecar.otlpEndpoint=https://127.0.0.1:{}", ports.receiver),
         format!("sidecar.rbac.bindings[0].namespace={NAMESPACE}"),
         "sidecar.rbac.bindings[0].serviceAccount=default".into(),
     ];
@@ -278,7 +280,7 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
         );
     }
     detail(&format!(
-        "ready: webhook https://127.0.0.1:{}, report receiver http://127.0.0.1:{}, metrics {admin}/metrics",
+        "ready: webhook https://127.0.0.1:{}, report receiver https://127.0.0.1:{}, metrics {admin}/metrics",
         ports.webhook, ports.receiver
     ));
 

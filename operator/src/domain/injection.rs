@@ -42,6 +42,9 @@ pub struct SidecarDefaults {
     /// Whether the receiver authenticates reports (`--report-auth token-review`): the sidecar
     /// then gets a projected service-account token for the receiver's audience.
     pub report_token: bool,
+    /// The receiver's CA (PEM) where it serves TLS (`--receiver-tls`): sidecars that report to
+    /// it get it in `TTC_REPORT_CA_PEM` and trust only it.
+    pub report_ca_pem: Option<String>,
 }
 
 /// What the webhook does with a pod.
@@ -141,6 +144,14 @@ pub fn sidecar_container(
         .otlp_endpoint
         .clone()
         .unwrap_or_else(|| defaults.otlp_endpoint.clone());
+    // The receiver's CA, for reports to the receiver (a policy's own collector has its own).
+    if let Some(ca) = defaults
+        .report_ca_pem
+        .as_ref()
+        .filter(|_| otlp == defaults.otlp_endpoint)
+    {
+        env.push(value(sidecar_env::REPORT_CA_PEM, ca.clone()));
+    }
     env.push(value(sidecar_env::OTLP_ENDPOINT, otlp));
     // $(VAR) refers to the variables defined above; the kubelet expands them.
     env.push(value(
@@ -367,6 +378,7 @@ mod tests {
             otlp_endpoint: "http://ttc-operator.ttc-system.svc:4318".into(),
             resources: None,
             report_token: false,
+            report_ca_pem: None,
         }
     }
 
@@ -591,6 +603,36 @@ mod tests {
                 .flatten()
                 .all(|e| e.name != sidecar_env::REPORT_TOKEN_FILE)
         );
+    }
+
+    #[test]
+    fn with_a_tls_receiver_the_sidecar_trusts_its_ca_for_reports_to_it_only() {
+        let env_of = |spec: &InferencePolicySpec, defaults: &SidecarDefaults| {
+            sidecar_container("chat", spec, defaults)
+                .env
+                .unwrap_or_default()
+        };
+        let ca = |env: &[EnvVar]| {
+            env.iter()
+                .find(|e| e.name == sidecar_env::REPORT_CA_PEM)
+                .and_then(|e| e.value.clone())
+        };
+        let tls = SidecarDefaults {
+            otlp_endpoint: "https://ttc-operator.ttc-system.svc:4318".into(),
+            report_ca_pem: Some(
+                "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+            ),
+            ..defaults()
+        };
+        let env = env_of(&spec("chat"), &tls);
+        assert_eq!(ca(&env), tls.report_ca_pem);
+        assert!(env.iter().any(|e| e.name == sidecar_env::OTLP_ENDPOINT
+            && e.value.as_deref() == Some("https://ttc-operator.ttc-system.svc:4318")));
+        // A policy that sends its metrics to a collector of its own gets no operator CA.
+        let mut own = spec("chat");
+        own.sidecar.otlp_endpoint = Some("https://collector.monitoring:4318".into());
+        assert_eq!(ca(&env_of(&own, &tls)), None);
+        assert_eq!(ca(&env_of(&spec("chat"), &defaults())), None);
     }
 
     #[test]

@@ -78,6 +78,7 @@ pub fn local_operator(
         webhook_addr: ([127, 0, 0, 1], ports.webhook).into(),
         receiver_addr: ([127, 0, 0, 1], ports.receiver).into(),
         report_auth: Default::default(),
+        receiver_tls: false,
         sidecar_image: "ttc-sidecar:test".into(),
         default_model: "smollm2-135m-instruct".into(),
         otlp_endpoint: format!("http://127.0.0.1:{}", ports.receiver),

@@ -37,6 +37,9 @@ pub struct TelemetryConfig {
     /// (`TTC_REPORT_TOKEN_FILE`: the pod's projected service-account token for the operator's
     /// receiver).
     pub bearer_token_file: Option<PathBuf>,
+    /// PEM CA certificates the OTLP export trusts, and the only ones (`TTC_REPORT_CA_PEM`: the
+    /// operator's receiver CA, where the receiver serves TLS).
+    pub ca_pem: Option<String>,
 }
 
 impl TelemetryConfig {
@@ -66,6 +69,7 @@ impl TelemetryConfig {
             export_interval: None,
             export_timeout: None,
             bearer_token_file: var("TTC_REPORT_TOKEN_FILE").map(PathBuf::from),
+            ca_pem: var("TTC_REPORT_CA_PEM"),
         }
     }
 

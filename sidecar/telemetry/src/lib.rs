@@ -67,10 +67,10 @@
 //! metric's data points per pod, so the energy there is exactly the meter's total, split by
 //! source.
 
-mod bearer;
 mod config;
 mod otlp;
 mod prometheus;
+mod report_client;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -14,7 +14,7 @@ use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use ttc_energy::{EnergyMeter, uj_to_j};
 
-use crate::bearer::BearerTokenClient;
+use crate::report_client::ReportClient;
 use crate::{OtlpExport, TelemetryConfig, TelemetryError, keys};
 
 /// `OTEL_EXPORTER_OTLP_TIMEOUT` (milliseconds), 10 s by default as in the specification.
@@ -116,12 +116,16 @@ impl OtlpPipeline {
         if let Some(timeout) = config.export_timeout {
             builder = builder.with_timeout(timeout);
         }
-        if let Some(file) = &config.bearer_token_file {
+        if config.bearer_token_file.is_some() || config.ca_pem.is_some() {
             let timeout = config
                 .export_timeout
                 .unwrap_or_else(export_timeout_from_env);
-            let client = BearerTokenClient::new(file.clone(), timeout)
-                .map_err(TelemetryError::HttpClient)?;
+            let client = ReportClient::new(
+                config.bearer_token_file.clone(),
+                config.ca_pem.as_deref(),
+                timeout,
+            )
+            .map_err(TelemetryError::HttpClient)?;
             builder = builder.with_http_client(client);
         }
         let exporter = CountingExporter {

@@ -51,6 +51,7 @@ fn config(otlp: OtlpExport) -> TelemetryConfig {
         export_interval: Some(Duration::from_secs(3600)),
         export_timeout: Some(Duration::from_millis(500)),
         bearer_token_file: None,
+        ca_pem: None,
     }
 }
 
