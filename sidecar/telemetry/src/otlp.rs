@@ -109,6 +109,10 @@ impl OtlpPipeline {
         meter: Option<EnergyMeter>,
         dropped: Arc<AtomicU64>,
     ) -> Result<Self, TelemetryError> {
+        // The exporter's HTTP client speaks TLS through rustls, which needs a process-wide
+        // crypto provider (the operator's receiver and a collector of the user's alike); ring,
+        // unless the process chose one already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder = MetricExporter::builder().with_http();
         if let OtlpExport::Endpoint(url) = export {
             builder = builder.with_endpoint(url.clone());
