@@ -1,7 +1,7 @@
 //! The HTTP receiver of sidecar energy reports: OTLP/HTTP metrics (protobuf) and JSON.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -15,7 +15,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{
 };
 use prost::Message;
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, warn};
 use ttc_crds::report::{JSON_REPORTS_PATH, OTLP_METRICS_PATH, REPORT_TOKEN_AUDIENCE};
 use ttc_crds::{EnergyReport, InferencePolicy};
 
@@ -34,6 +34,44 @@ pub struct ReportReceiver {
     pub wake: Option<mpsc::Sender<ObjectRef<InferencePolicy>>>,
     /// Who may report for which pod; `None` takes every report (`--report-auth none`).
     pub auth: Option<Arc<dyn ReportAuthenticator>>,
+    /// Paces the warnings about refused reports.
+    pub refusals: RefusalLog,
+}
+
+/// Paces the warnings about refused reports: at most one a minute, each saying how many
+/// refusals it stands for. A forged report deserves a warning; a fleet of pods injected before
+/// `--report-auth` was switched on, each refused at every export, does not deserve a flood. (Every
+/// refusal is counted in `ttc_operator_energy_reports_total{outcome="unauthorized"}` and logged
+/// at debug level.)
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    state: Mutex<RefusalState>,
+}
+
+#[derive(Debug, Default)]
+struct RefusalState {
+    last_warning: Option<Instant>,
+    unwarned: u64,
+}
+
+impl RefusalLog {
+    /// Least time between two warnings.
+    const EVERY: Duration = Duration::from_secs(60);
+
+    /// Counts a refusal at `now`; returns how many refusals a warning now stands for (this one
+    /// included), or `None` while the last warning is less than a minute old.
+    fn refused(&self, now: Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.unwarned += 1;
+        if state
+            .last_warning
+            .is_some_and(|last| now.duration_since(last) < Self::EVERY)
+        {
+            return None;
+        }
+        state.last_warning = Some(now);
+        Some(std::mem::take(&mut state.unwarned))
+    }
 }
 
 impl ReportReceiver {
@@ -69,7 +107,14 @@ impl ReportReceiver {
     ) -> Result<(), Response> {
         if let Err(e) = self.authorize(headers, reports).await {
             self.metrics.report(encoding, "unauthorized");
-            debug!(error = %e, "energy report refused");
+            match self.refusals.refused(Instant::now()) {
+                Some(refused) => warn!(
+                    error = %e,
+                    refused,
+                    "energy report refused (refused counts this one and those since the last warning, at most one a minute)"
+                ),
+                None => debug!(error = %e, "energy report refused"),
+            }
             return Err((e.status(), e.to_string()).into_response());
         }
         let now = Instant::now();
@@ -174,6 +219,7 @@ mod tests {
             metrics: Arc::new(Metrics::default()),
             wake: None,
             auth: None,
+            refusals: Default::default(),
         })
     }
 
@@ -185,6 +231,7 @@ mod tests {
             metrics: Arc::new(Metrics::default()),
             wake: Some(wake),
             auth: None,
+            refusals: Default::default(),
         });
         let report = |joules: f64| EnergyReport {
             namespace: "ns".into(),
@@ -269,6 +316,7 @@ mod tests {
     async fn with_authentication_a_token_reports_for_its_own_pod_only() {
         let receiver = Arc::new(ReportReceiver {
             auth: Some(Arc::new(OneToken)),
+            refusals: Default::default(),
             ..Arc::into_inner(receiver()).expect("one owner")
         });
         let report = |pod: &str| EnergyReport {
@@ -382,5 +430,25 @@ mod tests {
             .expect("request");
         let response = router(receiver()).oneshot(empty).await.expect("response");
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn refusals_are_warned_about_at_most_once_a_minute_with_their_count() {
+        let log = RefusalLog::default();
+        let start = Instant::now();
+        let at = |seconds: u64| start + Duration::from_secs(seconds);
+        assert_eq!(
+            log.refused(at(0)),
+            Some(1),
+            "the first refusal is warned about"
+        );
+        assert_eq!(log.refused(at(1)), None);
+        assert_eq!(log.refused(at(59)), None);
+        assert_eq!(
+            log.refused(at(61)),
+            Some(3),
+            "the next warning counts those in between"
+        );
+        assert_eq!(log.refused(at(62)), None);
     }
 }

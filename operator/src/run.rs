@@ -345,6 +345,7 @@ pub async fn run(
             ReportAuthMode::None => None,
             ReportAuthMode::TokenReview => Some(Arc::new(TokenReviewer::new(client.clone()))),
         },
+        refusals: Default::default(),
     });
     let tls = config.tls()?;
     let injector = Arc::new(Injector {

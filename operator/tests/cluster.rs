@@ -224,6 +224,7 @@ async fn a_report_token_speaks_for_the_pod_it_is_bound_to_only() -> TestResult {
         metrics: std::sync::Arc::new(ttc_operator::metrics::Metrics::default()),
         wake: None,
         auth: Some(std::sync::Arc::new(reviewer)),
+        refusals: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!(

@@ -239,6 +239,7 @@ async fn the_operators_receiver_books_the_sidecars_otlp_export() -> TestResult {
         // No controller here to wake.
         wake: None,
         auth: Some(authenticator.clone()),
+        refusals: Default::default(),
     });
     let token_dir = tempfile::tempdir()?;
     let token_file = token_dir.path().join("token");
