@@ -1,9 +1,18 @@
 //! How the operator serves HTTP: the admin endpoints in plain HTTP, the webhook over TLS, the
-//! report receiver in either (`--receiver-tls`), and the certificate they present.
+//! report receiver in either (`--receiver-tls`), and the certificate they present, reloaded
+//! when its files change (cert-manager renews it in place).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use axum_server::tls_rustls::RustlsConfig;
+use tracing::{info, warn};
 
 use crate::error::{Error, Result};
+
+/// How often a TLS server checks its certificate files for a renewal.
+pub const CERTIFICATE_CHECK_EVERY: Duration = Duration::from_secs(60);
 
 /// A certificate and key (PEM) for the webhook (and the report receiver, with
 /// `--receiver-tls`), and the CA that the API server and the sidecars trust.
@@ -16,6 +25,9 @@ pub struct TlsMaterial {
     /// CA certificate, PEM: the webhook configuration's caBundle, and what sidecars trust for the
     /// receiver.
     pub ca_pem: String,
+    /// The certificate and key files it was read from, which servers watch for renewals
+    /// (`None`: generated, never renewed).
+    pub files: Option<(PathBuf, PathBuf)>,
 }
 
 impl TlsMaterial {
@@ -28,6 +40,7 @@ impl TlsMaterial {
             ca_pem: cert_pem.clone(),
             cert_pem,
             key_pem: certified.signing_key.serialize_pem(),
+            files: None,
         })
     }
 
@@ -51,6 +64,7 @@ impl TlsMaterial {
             cert_pem,
             key_pem,
             ca_pem,
+            files: Some((cert.to_path_buf(), key.to_path_buf())),
         })
     }
 }
@@ -81,19 +95,39 @@ pub async fn serve_plain(
 }
 
 /// Serves `router` over TLS with `tls` on `listener` until `shutdown` resolves (in-flight
-/// requests get 10 s to finish).
+/// requests get 10 s to finish). A certificate read from files is reloaded when they change
+/// (checked every [`CERTIFICATE_CHECK_EVERY`]): new connections get the renewed one.
 pub async fn serve_tls(
     listener: std::net::TcpListener,
     tls: &TlsMaterial,
     router: axum::Router,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let config = axum_server::tls_rustls::RustlsConfig::from_pem(
+    serve_tls_checking_every(listener, tls, router, shutdown, CERTIFICATE_CHECK_EVERY).await
+}
+
+/// [`serve_tls`], checking the certificate files every `check_every`.
+pub async fn serve_tls_checking_every(
+    listener: std::net::TcpListener,
+    tls: &TlsMaterial,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()>,
+    check_every: Duration,
+) -> Result<()> {
+    let config = RustlsConfig::from_pem(
         tls.cert_pem.clone().into_bytes(),
         tls.key_pem.clone().into_bytes(),
     )
     .await
     .map_err(|e| Error::Tls(e.to_string()))?;
+    let _reloader = tls.files.clone().map(|files| {
+        AbortOnDrop(tokio::spawn(reload_on_change(
+            config.clone(),
+            files,
+            (tls.cert_pem.clone(), tls.key_pem.clone()),
+            check_every,
+        )))
+    });
     let handle = axum_server::Handle::new();
     let server = axum_server::from_tcp_rustls(listener, config)
         .map_err(|e| Error::Serve(e.to_string()))?
@@ -106,5 +140,133 @@ pub async fn serve_tls(
             handle.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
             server.await.map_err(|e| Error::Serve(e.to_string()))
         }
+    }
+}
+
+/// Aborts its task when dropped: the reloader lives exactly as long as its server.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Every `check_every`, reads the certificate and key `files` and, when they differ from what
+/// `config` serves (`served`), loads them into it. A pair that does not load (read half-way
+/// through a renewal, or broken) is warned about and the served one kept; the next check
+/// tries again.
+async fn reload_on_change(
+    config: RustlsConfig,
+    (cert, key): (PathBuf, PathBuf),
+    mut served: (String, String),
+    check_every: Duration,
+) {
+    let mut ticks = tokio::time::interval(check_every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let (Ok(cert_pem), Ok(key_pem)) = (
+            tokio::fs::read_to_string(&cert).await,
+            tokio::fs::read_to_string(&key).await,
+        ) else {
+            warn!(cert = %cert.display(), "cannot read the TLS certificate files; serving the loaded certificate");
+            continue;
+        };
+        if (&cert_pem, &key_pem) == (&served.0, &served.1) {
+            continue;
+        }
+        match config
+            .reload_from_pem(cert_pem.clone().into_bytes(), key_pem.clone().into_bytes())
+            .await
+        {
+            Ok(()) => {
+                info!(cert = %cert.display(), "TLS certificate reloaded");
+                served = (cert_pem, key_pem);
+            }
+            Err(e) => warn!(
+                cert = %cert.display(),
+                error = %e,
+                "the changed TLS certificate does not load; serving the previous one"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &std::path::Path, tls: &TlsMaterial) -> std::io::Result<()> {
+        std::fs::write(dir.join("tls.crt"), &tls.cert_pem)?;
+        std::fs::write(dir.join("tls.key"), &tls.key_pem)
+    }
+
+    /// A client that trusts `ca` alone, with a new connection (handshake) per request.
+    fn trusting(ca: &str) -> reqwest::Result<reqwest::Client> {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
+            .build()
+    }
+
+    #[tokio::test]
+    async fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_not()
+    -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir()?;
+        let names = || vec!["127.0.0.1".to_string()];
+        let (old, new) = (
+            TlsMaterial::self_signed(names())?,
+            TlsMaterial::self_signed(names())?,
+        );
+        write(dir.path(), &old)?;
+        let tls = TlsMaterial::from_files(
+            &dir.path().join("tls.crt"),
+            &dir.path().join("tls.key"),
+            None,
+        )?;
+        let listener = bind("127.0.0.1:0".parse()?)?;
+        let url = format!("https://{}/", listener.local_addr()?);
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let server = tokio::spawn(async move {
+            serve_tls_checking_every(
+                listener,
+                &tls,
+                router,
+                std::future::pending(),
+                Duration::from_millis(50),
+            )
+            .await
+        });
+        let (trusts_old, trusts_new) = (trusting(&old.ca_pem)?, trusting(&new.ca_pem)?);
+        assert_eq!(trusts_old.get(&url).send().await?.text().await?, "ok");
+        assert!(
+            trusts_new.get(&url).send().await.is_err(),
+            "not renewed yet"
+        );
+
+        // A half-written renewal does not load: the old certificate stays.
+        std::fs::write(dir.path().join("tls.crt"), &new.cert_pem[..40])?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(trusts_old.get(&url).send().await?.text().await?, "ok");
+
+        write(dir.path(), &new)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while trusts_new.get(&url).send().await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the renewed certificate was never served"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            trusts_old.get(&url).send().await.is_err(),
+            "the old certificate is gone"
+        );
+        server.abort();
+        Ok(())
     }
 }
