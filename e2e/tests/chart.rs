@@ -132,6 +132,14 @@ async fn helm_lint_is_clean() -> TestResult {
         &["--set", "operator.reportAuth=token-review"][..],
         &[
             "--set",
+            "networkPolicy.enabled=true",
+            "--set",
+            "monitoring.serviceMonitor.enabled=true",
+            "--set",
+            "monitoring.podMonitor.enabled=true",
+        ][..],
+        &[
+            "--set",
             "model.hostPath=/var/lib/models",
             "--set",
             "model.namespaces={ml}",
@@ -190,6 +198,71 @@ fn template(cluster: &TestCluster, release: &str, sets: &[&str]) -> Result<Vec<V
     Ok(serde_yaml::Deserializer::from_str(&out)
         .map(|doc| Value::deserialize(doc).unwrap_or(Value::Null))
         .collect())
+}
+
+/// The monitors scrape the operator's Service port `metrics` and every injected sidecar's
+/// `ttc-http` port; the NetworkPolicy lets sidecars' namespaces reach the receiver and the
+/// configured peers the metrics. All off by default.
+#[tokio::test]
+async fn monitoring_and_network_policy_options_render() -> TestResult {
+    let cluster = cluster().await?;
+    let kinds = |docs: &[Value]| -> Vec<String> {
+        docs.iter()
+            .filter_map(|d| d["kind"].as_str().map(str::to_string))
+            .collect()
+    };
+    let plain = template(cluster, "mon", &[])?;
+    for kind in ["ServiceMonitor", "PodMonitor", "NetworkPolicy"] {
+        assert!(
+            !kinds(&plain).iter().any(|k| k == kind),
+            "{kind} rendered by default"
+        );
+    }
+    let docs = template(
+        cluster,
+        "mon",
+        &[
+            "monitoring.serviceMonitor.enabled=true",
+            "monitoring.podMonitor.enabled=true",
+            "monitoring.podMonitor.labels.release=kps",
+            "networkPolicy.enabled=true",
+        ],
+    )?;
+    let one = |kind: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .ok_or(format!("no {kind}"))
+    };
+    let service_monitor = one("ServiceMonitor")?;
+    assert_eq!(service_monitor["spec"]["endpoints"][0]["port"], "metrics");
+    let pod_monitor = one("PodMonitor")?;
+    assert_eq!(
+        pod_monitor["spec"]["podMetricsEndpoints"][0]["port"],
+        "ttc-http"
+    );
+    assert_eq!(pod_monitor["spec"]["namespaceSelector"]["any"], true);
+    assert_eq!(pod_monitor["metadata"]["labels"]["release"], "kps");
+    let policy = one("NetworkPolicy")?;
+    let rules = policy["spec"]["ingress"]
+        .as_array()
+        .ok_or("no ingress rules")?;
+    let receiver = rules
+        .iter()
+        .find(|r| r["ports"][0]["port"] == "otlp-http")
+        .ok_or("no receiver rule")?;
+    assert_eq!(
+        receiver["from"][0]["namespaceSelector"]["matchLabels"]["energy.ttc.dev/injection"],
+        "enabled"
+    );
+    let webhook = rules
+        .iter()
+        .find(|r| r["ports"][0]["port"] == "webhook")
+        .ok_or("no webhook rule")?;
+    assert!(
+        webhook.get("from").is_none(),
+        "the API server must reach the webhook"
+    );
+    Ok(())
 }
 
 /// The receiver serves TLS by default and sidecars are sent to its https:// URL; switched off,
@@ -303,6 +376,10 @@ async fn rendered_chart_is_accepted_by_the_api_server() -> TestResult {
             ),
             "--set",
             "operator.logLevel=debug",
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set-json",
+            r#"networkPolicy.metricsFrom=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]"#,
         ][..],
     ] {
         let rendered = run(
@@ -338,6 +415,12 @@ async fn rendered_chart_is_accepted_by_the_api_server() -> TestResult {
                 "dry run {extra:?} lacks {expected}:\n{applied}"
             );
         }
+        // The API server takes the NetworkPolicy where it is on.
+        assert_eq!(
+            applied.contains("networkpolicy.networking.k8s.io/"),
+            extra.contains(&"networkPolicy.enabled=true"),
+            "{applied}"
+        );
     }
     Ok(())
 }
