@@ -46,6 +46,7 @@ const SIDECAR_FAMILIES: &[(&str, &str, &str)] = &[
     ),
     ("ttc_requests", "ttc_requests", "counter"),
     ("ttc_samples", "ttc_samples", "counter"),
+    ("ttc_stops", "ttc_stops", "counter"),
     (
         "ttc_telemetry_dropped_exports",
         "ttc_telemetry_dropped_exports",
