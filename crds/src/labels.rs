@@ -12,3 +12,6 @@ pub const INJECTED_POLICY_ANNOTATION: &str = "energy.ttc.dev/policy";
 pub const INJECTION_SKIPPED_ANNOTATION: &str = "energy.ttc.dev/injection-skipped";
 /// Name of the injected sidecar container.
 pub const SIDECAR_CONTAINER_NAME: &str = "ttc-sidecar";
+/// Name of the injected sidecar's HTTP port (the API, `/metrics`, the probes; the chart's
+/// PodMonitor finds the sidecars by it).
+pub const SIDECAR_PORT_NAME: &str = "ttc-http";

@@ -4,14 +4,15 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, ProjectedVolumeSource,
-    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
-    VolumeMount, VolumeProjection,
+    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, Probe,
+    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
 use ttc_crds::labels::{
     INJECT_POD_ANNOTATION, INJECTED_POLICY_ANNOTATION, INJECTION_SKIPPED_ANNOTATION,
-    SIDECAR_CONTAINER_NAME,
+    SIDECAR_CONTAINER_NAME, SIDECAR_PORT_NAME,
 };
 use ttc_crds::report::{ATTR_NAMESPACE, ATTR_POD_NAME, ATTR_POLICY, sidecar_env};
 use ttc_crds::{InferencePolicySpec, report};
@@ -197,8 +198,15 @@ pub fn sidecar_container(
         ),
         args: Some(vec!["serve".into()]),
         env: Some(env),
+        // The sidecar listens only once its model is loaded (fetched first, where the cache is
+        // empty): up to 10 minutes to start, then ready while it listens, and restarted when it
+        // stops answering for a minute (the engine runs beside the HTTP server, so a long batch
+        // does not hold the probes up).
+        startup_probe: Some(http_probe("/healthz", 5, 120)),
+        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        liveness_probe: Some(http_probe("/healthz", 10, 6)),
         ports: Some(vec![ContainerPort {
-            name: Some("ttc-http".into()),
+            name: Some(SIDECAR_PORT_NAME.into()),
             container_port: i32::from(port),
             protocol: Some("TCP".into()),
             ..Default::default()
@@ -210,6 +218,22 @@ pub fn sidecar_container(
             .or_else(|| defaults.resources.clone()),
         security_context: Some(restricted_security_context()),
         volume_mounts: Some(mounts),
+        ..Default::default()
+    }
+}
+
+/// An HTTP GET probe of `path` on the sidecar's port, every `period` seconds, failing after
+/// `failures` failures in a row (each may take 5 s).
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(SIDECAR_PORT_NAME.into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(5),
+        failure_threshold: Some(failures),
         ..Default::default()
     }
 }
@@ -602,6 +626,38 @@ mod tests {
                 .iter()
                 .flatten()
                 .all(|e| e.name != sidecar_env::REPORT_TOKEN_FILE)
+        );
+    }
+
+    #[test]
+    fn the_sidecar_is_probed_on_its_port_with_time_to_fetch_its_model() {
+        let sidecar = sidecar_container("chat", &spec("chat"), &defaults());
+        let get = |probe: Option<Probe>| {
+            let probe = probe.expect("probe");
+            let action = probe.http_get.clone().expect("HTTP probe");
+            (
+                action.path.unwrap_or_default(),
+                action.port,
+                probe.period_seconds.unwrap_or(10) * probe.failure_threshold.unwrap_or(3),
+            )
+        };
+        let port = IntOrString::String(SIDECAR_PORT_NAME.into());
+        let (path, on, startup_window) = get(sidecar.startup_probe.clone());
+        assert_eq!((path.as_str(), &on), ("/healthz", &port));
+        assert!(
+            startup_window >= 600,
+            "a model fetch needs minutes: {startup_window} s"
+        );
+        let (path, on, _) = get(sidecar.readiness_probe.clone());
+        assert_eq!((path.as_str(), &on), ("/readyz", &port));
+        let (path, on, _) = get(sidecar.liveness_probe.clone());
+        assert_eq!((path.as_str(), &on), ("/healthz", &port));
+        assert!(
+            sidecar
+                .ports
+                .iter()
+                .flatten()
+                .any(|p| p.name.as_deref() == Some(SIDECAR_PORT_NAME))
         );
     }
 
