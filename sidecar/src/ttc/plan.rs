@@ -1016,6 +1016,55 @@ mod tests {
         assert!(err(bad_regex).contains("regex does not compile"));
     }
 
+    /// A vote whose greedy answer the samples would retrace learns to open with it alone, and
+    /// then stops on it; a weighted vote never does.
+    #[test]
+    fn a_vote_opens_with_a_confident_greedy_answer_alone_and_stops_on_it() -> Result<(), TtcError>
+    {
+        let policy = TtcPolicy {
+            strategy: TtcStrategy::MajorityVote,
+            difficulty_aware: false,
+            ..TtcPolicy::default()
+        };
+        let mut controller = TtcController::new(policy.clone(), TtcOptions::default())?;
+        let sure = Some(0.95f64.ln());
+        // Nothing known yet: greedy is the first row of a window of two.
+        let mut first = controller.plan(&features(AnswerType::Number));
+        assert_eq!(first.first_window(), 2);
+        first.add_sample("5", -0.1, 1, sure);
+        first.add_sample("6", -2.0, 1, Some(0.01f64.ln()));
+        assert!(matches!(first.decide(), WindowDecision::Stop { .. }));
+        let outcome = first.finish(energy(2.0));
+        assert_eq!(outcome.greedy_settles, Some(true));
+        assert_eq!(outcome.answer.as_deref(), Some("5"));
+        controller.record(&outcome);
+        // Now greedy opens alone and settles the vote by itself.
+        let mut second = controller.plan(&features(AnswerType::Number));
+        assert!(second.plan().greedy_alone);
+        assert_eq!(second.first_window(), 1);
+        second.add_sample("5", -0.1, 1, sure);
+        assert_eq!(
+            second.decide(),
+            WindowDecision::Stop {
+                reason: StopReason::Confident
+            }
+        );
+        assert_eq!(second.finish(energy(1.0)).samples, 1);
+        // Weighted votes keep sampling: a majority of samples need not carry the weight.
+        let mut weighted = TtcController::new(
+            policy,
+            TtcOptions {
+                weighting: VoteWeighting::SequenceLogprob,
+                ..TtcOptions::default()
+            },
+        )?;
+        let mut session = weighted.plan(&features(AnswerType::Number));
+        assert!(!session.plan().greedy_alone);
+        session.add_sample("5", -0.1, 1, sure);
+        assert!(matches!(session.decide(), WindowDecision::Continue { .. }));
+        Ok(())
+    }
+
     /// Requests whose windows never agree early teach the controller to draw one batch.
     #[test]
     fn a_pod_whose_windows_never_stop_early_draws_one_batch() -> Result<(), TtcError> {
