@@ -184,6 +184,19 @@ async fn run_ttc(
     Ok((answer.chosen, usage, answer.outcome))
 }
 
+/// Live while the engine's worker runs; 503 once it has ended, so the kubelet restarts the pod.
+async fn healthz(State(state): State<AppState>) -> Response {
+    if state.engine.is_running() {
+        "ok".into_response()
+    } else {
+        ApiError {
+            status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            ..ApiError::internal("the inference engine has stopped")
+        }
+        .into_response()
+    }
+}
+
 /// The API's routes.
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -192,7 +205,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/ttc/feedback", post(feedback))
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(|| async { "ready" }))
         .fallback(|| async {
             ApiError {

@@ -5,6 +5,7 @@
 //! its own, then it decodes with the others.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use tokio::sync::{mpsc as async_mpsc, oneshot};
@@ -26,6 +27,16 @@ struct Job {
 pub struct EngineHandle {
     engine: Arc<Engine>,
     jobs: mpsc::Sender<Job>,
+    running: Arc<AtomicBool>,
+}
+
+/// Clears its flag when dropped: when the thread that holds it ends, returning or panicking.
+struct ClearOnExit(Arc<AtomicBool>);
+
+impl Drop for ClearOnExit {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// A submitted request: its event stream (when asked for) and its final result.
@@ -43,10 +54,25 @@ impl EngineHandle {
         let engine = Arc::new(engine);
         let (jobs, inbox) = mpsc::channel();
         let worker_engine = Arc::clone(&engine);
+        let running = Arc::new(AtomicBool::new(true));
+        let guard = ClearOnExit(Arc::clone(&running));
         std::thread::Builder::new()
             .name("ttc-engine".into())
-            .spawn(move || run(&worker_engine, &meter, &inbox))?;
-        Ok(Self { engine, jobs })
+            .spawn(move || {
+                let _guard = guard;
+                run(&worker_engine, &meter, &inbox);
+            })?;
+        Ok(Self {
+            engine,
+            jobs,
+            running,
+        })
+    }
+
+    /// Whether the worker thread still runs; false once it has ended (a panic in a forward
+    /// pass), after which every request fails and the pod should be restarted (`/healthz`).
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
     }
 
     /// The engine, for tokenizing and metadata.
@@ -192,5 +218,22 @@ fn run(engine: &Engine, meter: &EnergyMeter, inbox: &mpsc::Receiver<Job>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_running_flag_clears_when_its_thread_panics() {
+        let running = Arc::new(AtomicBool::new(true));
+        let guard = ClearOnExit(Arc::clone(&running));
+        let thread = std::thread::spawn(move || {
+            let _guard = guard;
+            panic!("a forward pass panicked");
+        });
+        assert!(thread.join().is_err(), "the thread panicked");
+        assert!(!running.load(Ordering::Acquire));
     }
 }

@@ -1019,8 +1019,7 @@ mod tests {
     /// A vote whose greedy answer the samples would retrace learns to open with it alone, and
     /// then stops on it; a weighted vote never does.
     #[test]
-    fn a_vote_opens_with_a_confident_greedy_answer_alone_and_stops_on_it() -> Result<(), TtcError>
-    {
+    fn a_vote_opens_with_a_confident_greedy_answer_alone_and_stops_on_it() -> Result<(), TtcError> {
         let policy = TtcPolicy {
             strategy: TtcStrategy::MajorityVote,
             difficulty_aware: false,
