@@ -182,6 +182,43 @@ async fn cert_manager_option_renders_a_certificate_and_ca_injection() -> TestRes
     );
     assert!(!out.contains("caBundle:"), "{out}");
     assert!(!out.contains("kind: Secret"), "{out}");
+    // The serving certificate comes from a CA of the chart's own, so its renewals keep the CA
+    // that the API server and the injected sidecars trust.
+    let docs = template(cluster, "cm", &["webhook.certManager.enabled=true"])?;
+    let named = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .ok_or(format!("no {kind} {name}"))
+    };
+    let ca = named("Certificate", "cm-ttc-operator-ca")?;
+    assert_eq!(ca["spec"]["isCA"], true);
+    assert_eq!(
+        ca["spec"]["issuerRef"]["name"],
+        "cm-ttc-operator-selfsigned"
+    );
+    let ca_issuer = named("Issuer", "cm-ttc-operator-ca")?;
+    assert_eq!(
+        ca_issuer["spec"]["ca"]["secretName"],
+        ca["spec"]["secretName"]
+    );
+    let serving = named("Certificate", "cm-ttc-operator-webhook")?;
+    assert_eq!(serving["spec"]["issuerRef"]["name"], "cm-ttc-operator-ca");
+    // An issuer of the user's replaces all of it.
+    let docs = template(
+        cluster,
+        "cm",
+        &[
+            "webhook.certManager.enabled=true",
+            "webhook.certManager.issuerRef.name=corp-ca",
+            "webhook.certManager.issuerRef.kind=ClusterIssuer",
+        ],
+    )?;
+    assert!(!docs.iter().any(|d| d["kind"] == "Issuer"));
+    let serving = docs
+        .iter()
+        .find(|d| d["kind"] == "Certificate")
+        .ok_or("no Certificate")?;
+    assert_eq!(serving["spec"]["issuerRef"]["name"], "corp-ca");
     Ok(())
 }
 
