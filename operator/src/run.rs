@@ -551,6 +551,53 @@ mod tests {
         .expect("dynamic object")
     }
 
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: OperatorConfig,
+    }
+
+    fn parse(args: &[&str]) -> std::result::Result<OperatorConfig, clap::Error> {
+        use clap::Parser as _;
+        Cli::try_parse_from(std::iter::once("ttc-operator").chain(args.iter().copied()))
+            .map(|cli| cli.config)
+    }
+
+    #[test]
+    fn receiver_tls_needs_certificate_files_and_gives_sidecars_the_ca_for_https_reports()
+    -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let err = parse(&["--receiver-tls"])
+            .err()
+            .ok_or("accepted without certificate files")?;
+        assert!(err.to_string().contains("--tls-cert-file"), "{err}");
+        let files = [
+            "--receiver-tls",
+            "--tls-cert-file",
+            "/etc/tls/tls.crt",
+            "--tls-key-file",
+            "/etc/tls/tls.key",
+        ];
+        let tls = TlsMaterial::self_signed(vec!["ttc-operator.ttc-system.svc".into()])?;
+        let mut https = files.to_vec();
+        https.extend([
+            "--otlp-endpoint",
+            "https://ttc-operator.ttc-system.svc:4318",
+        ]);
+        let config = parse(&https)?;
+        assert!(config.receiver_tls);
+        assert_eq!(
+            config.sidecar_defaults(&tls)?.report_ca_pem,
+            Some(tls.ca_pem.clone())
+        );
+        // A plain http:// endpoint is a collector of the user's: no CA for it (and a warning).
+        let config = parse(&files)?;
+        assert_eq!(config.sidecar_defaults(&tls)?.report_ca_pem, None);
+        // Off by default.
+        assert!(!parse(&[])?.receiver_tls);
+        assert_eq!(parse(&[])?.sidecar_defaults(&tls)?.report_ca_pem, None);
+        Ok(())
+    }
+
     #[test]
     fn a_malformed_policy_is_skipped_and_counted_not_fatal() {
         let metrics = Metrics::default();
