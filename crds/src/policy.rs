@@ -199,6 +199,14 @@ pub struct TtcSpec {
     #[schemars(range(min = 0.5, max = 1.0))]
     pub early_stop_agreement: f64,
 
+    /// Stop a vote early, even on its first (greedy) sample, once the model's own token
+    /// probabilities make it at least this likely (0.5-1.0) that the vote of all its samples
+    /// would give the answer it leads with; 1 turns this off, keeping a vote's answer that of
+    /// its full depth or its agreement rule.
+    #[serde(default = "default_stop_confidence")]
+    #[schemars(range(min = 0.5, max = 1.0))]
+    pub stop_confidence: f64,
+
     /// Spend more samples on queries estimated to be hard, fewer on easy ones.
     #[serde(default = "default_difficulty_aware")]
     pub difficulty_aware: bool,
@@ -229,6 +237,9 @@ fn default_max_reasoning_tokens() -> u32 {
 fn default_early_stop_agreement() -> f64 {
     0.75
 }
+fn default_stop_confidence() -> f64 {
+    0.95
+}
 fn default_min_depth_gain() -> f64 {
     0.03
 }
@@ -245,6 +256,7 @@ impl Default for TtcSpec {
             min_reasoning_tokens: 0,
             max_reasoning_tokens: default_max_reasoning_tokens(),
             early_stop_agreement: default_early_stop_agreement(),
+            stop_confidence: default_stop_confidence(),
             difficulty_aware: default_difficulty_aware(),
             min_depth_gain: default_min_depth_gain(),
             verifier: None,

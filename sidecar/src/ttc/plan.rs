@@ -39,7 +39,7 @@ use super::difficulty::{
 };
 use super::feedback::{Feedback, FeedbackError, FeedbackTicket, SeenTickets};
 use super::opening::GreedyOpening;
-use super::stopping::{DEFAULT_STOP_CONFIDENCE, StopReason, StoppingRule, WindowDecision};
+use super::stopping::{StopReason, StoppingRule, WindowDecision};
 use super::verifier::{Verdict, Verifier, VerifierError};
 use super::vote::{Candidate, VoteWeighting, majority_vote};
 use super::windows::{WindowConfig, WindowLearner, WindowReport};
@@ -63,14 +63,6 @@ pub struct TtcOptions {
     /// When to draw a request's samples as one batch instead of in windows.
     #[serde(default)]
     pub windows: WindowConfig,
-    /// Confidence of the confident stop of an unweighted vote ([`StoppingRule::confidence`];
-    /// 1.0 turns it off).
-    #[serde(default = "default_stop_confidence")]
-    pub stop_confidence: f64,
-}
-
-fn default_stop_confidence() -> f64 {
-    DEFAULT_STOP_CONFIDENCE
 }
 
 impl Default for TtcOptions {
@@ -81,7 +73,6 @@ impl Default for TtcOptions {
             budget: BudgetConfig::default(),
             depth_value: DepthValueConfig::default(),
             windows: WindowConfig::default(),
-            stop_confidence: DEFAULT_STOP_CONFIDENCE,
         }
     }
 }
@@ -701,11 +692,11 @@ impl TtcController {
         self.verifier.clone()
     }
 
-    /// The confident stop's confidence: off (1.0) for weighted votes, where a majority of
-    /// samples need not carry the weight.
+    /// The confident stop's confidence (the policy's `stopConfidence`): off (1.0) for weighted
+    /// votes, where a majority of samples need not carry the weight.
     fn stop_confidence(&self) -> f64 {
         match self.options.weighting {
-            VoteWeighting::Uniform => self.options.stop_confidence,
+            VoteWeighting::Uniform => self.policy.stop_confidence,
             VoteWeighting::SequenceLogprob => 1.0,
         }
     }
@@ -1051,7 +1042,7 @@ mod tests {
         assert_eq!(second.finish(energy(1.0)).samples, 1);
         // Weighted votes keep sampling: a majority of samples need not carry the weight.
         let mut weighted = TtcController::new(
-            policy,
+            policy.clone(),
             TtcOptions {
                 weighting: VoteWeighting::SequenceLogprob,
                 ..TtcOptions::default()
@@ -1061,6 +1052,18 @@ mod tests {
         assert!(!session.plan().greedy_alone);
         session.add_sample("5", -0.1, 1, sure);
         assert!(matches!(session.decide(), WindowDecision::Continue { .. }));
+        // Nor does a policy that turns it off (stopConfidence 1).
+        let mut off = TtcController::new(
+            TtcPolicy {
+                stop_confidence: 1.0,
+                ..policy
+            },
+            TtcOptions::default(),
+        )?;
+        let mut session = off.plan(&features(AnswerType::Number));
+        session.add_sample("5", -0.1, 1, sure);
+        assert!(matches!(session.decide(), WindowDecision::Continue { .. }));
+        assert_eq!(session.finish(energy(1.0)).greedy_settles, Some(false));
         Ok(())
     }
 
