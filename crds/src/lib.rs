@@ -3,7 +3,7 @@
 //! - [`policy`]: the `InferencePolicy` custom resource, its spec, status and defaults.
 //! - [`report`]: how sidecars report energy to the operator (metric names, attributes, JSON form).
 //! - [`labels`]: label and annotation keys.
-//! - [`reference`]: the field reference (`docs/inferencepolicy-reference.md`) generated from the
+//! - [`reference`](mod@reference): the field reference (`docs/inferencepolicy-reference.md`) generated from the
 //!   CRD schema.
 
 pub mod labels;

@@ -351,7 +351,7 @@ async fn streamed_window(
 }
 
 /// A best-of-N window: each row is verified as it finishes and the first one accepted cancels
-/// the rest ([`streamed_window`]). Returns the output and the verdict of each row that
+/// the rest (`streamed_window`). Returns the output and the verdict of each row that
 /// finished, by row index.
 pub async fn verified_window(
     engine: &EngineHandle,

@@ -5,7 +5,7 @@
 //!   pre-tokenizer follows `tokenizer.ggml.pre` the way llama.cpp does. candle's own GGUF
 //!   tokenizer does not know the `smollm` pre-tokenizer (digits split one by one) and gets ids
 //!   wrong, hence this module.
-//! - `llama`: SentencePiece-style BPE by piece scores with byte fallback (Gemma), in [`spm`].
+//! - `llama`: SentencePiece-style BPE by piece scores with byte fallback (Gemma), in `spm`.
 
 mod spm;
 
