@@ -203,13 +203,13 @@ fn softmax(scores: &mut [f32]) {
     let mut chunks = scores.chunks_exact_mut(LANES);
     for chunk in &mut chunks {
         for (s, x) in sums.iter_mut().zip(chunk) {
-            *x = crate::activation::exp(*x - max);
+            *x = crate::exp::exp(*x - max);
             *s += *x;
         }
     }
     let mut sum: f32 = sums.iter().sum();
     for x in chunks.into_remainder() {
-        *x = crate::activation::exp(*x - max);
+        *x = crate::exp::exp(*x - max);
         sum += *x;
     }
     let inverse = 1.0 / sum;

@@ -6,6 +6,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod exp;
 pub mod q4;
 pub mod q8;
 
