@@ -186,19 +186,7 @@ fn heads(
 /// (a single running sum is a chain the compiler may not reorder).
 fn softmax(scores: &mut [f32]) {
     const LANES: usize = 16;
-    let mut max = [f32::NEG_INFINITY; LANES];
-    let chunks = scores.chunks_exact(LANES);
-    let tail = chunks
-        .remainder()
-        .iter()
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
-    for chunk in chunks {
-        for (m, &x) in max.iter_mut().zip(chunk) {
-            *m = m.max(x);
-        }
-    }
-    let max = max.into_iter().fold(tail, f32::max);
+    let max = crate::exp::max(scores);
     let mut sums = [0f32; LANES];
     let mut chunks = scores.chunks_exact_mut(LANES);
     for chunk in &mut chunks {

@@ -1,6 +1,7 @@
 //! `e^x` in plain arithmetic, so that loops over it vectorise (libm's `expf` is a call per
-//! value): the activations, attention's softmax, and the sampler's normalisers over the
-//! vocabulary (49 152 values per row and step on SmolLM2: about 170 us with `expf`).
+//! value), and the reductions around it (the maximum, the sum of exponentials) in partial lanes:
+//! the activations, attention's softmax, and the sampler's normalisers over the vocabulary
+//! (49 152 values per row and step on SmolLM2: about 170 us with `expf`).
 
 /// `e^x` to about 2 ulp in plain arithmetic (so loops over it vectorise): 2^n e^r with
 /// |r| <= ln 2 / 2 and a degree-6 polynomial; clamped so that the result is 0 or a large finite
@@ -16,6 +17,24 @@ pub fn exp(x: f32) -> f32 {
                 + r * (0.166_666_67 + r * (0.041_666_4 + r * (0.008_333_6 + r * 0.001_394_3)))));
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     p * scale
+}
+
+/// The largest of `values` (`-inf` for none), in 16 partial maxima so that the loop vectorises.
+pub fn max(values: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut partial = [f32::NEG_INFINITY; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for chunk in chunks {
+        for (m, &x) in partial.iter_mut().zip(chunk) {
+            *m = m.max(x);
+        }
+    }
+    partial.into_iter().fold(tail, f32::max)
 }
 
 /// The sum of `e^((x - shift) * scale)` over `values`, vectorised: 16 partial sums, so that the

@@ -168,23 +168,10 @@ impl Sampler {
     }
 }
 
-/// The first position of the largest value and the value (`(0, -inf)` for none): the maximum by
-/// 16 partial maxima (which vectorise), then its first position.
+/// The first position of the largest value and the value (`(0, -inf)` for none): the maximum
+/// vectorised ([`ttc_kernels::exp::max`]), then its first position.
 fn argmax(values: &[f32]) -> (usize, f32) {
-    const LANES: usize = 16;
-    let mut partial = [f32::NEG_INFINITY; LANES];
-    let chunks = values.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for (m, &x) in partial.iter_mut().zip(chunk) {
-            *m = if x > *m { x } else { *m };
-        }
-    }
-    let max = partial
-        .iter()
-        .chain(rest)
-        .copied()
-        .fold(f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
+    let max = ttc_kernels::exp::max(values);
     (values.iter().position(|&x| x == max).unwrap_or(0), max)
 }
 
