@@ -148,24 +148,7 @@ async fn a_report_token_speaks_for_the_pod_it_is_bound_to_only() -> TestResult {
     let ns = TestNamespace::create("report-auth").await?;
     let pod = ns
         .api::<Pod>()
-        .create(
-            &PostParams::default(),
-            &Pod {
-                metadata: ObjectMeta {
-                    name: Some("inference-0".into()),
-                    ..Default::default()
-                },
-                spec: Some(PodSpec {
-                    containers: vec![Container {
-                        name: "app".into(),
-                        image: Some("registry.example/app:1".into()),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-        )
+        .create(&PostParams::default(), &pod("inference-0", "inference"))
         .await?;
     // What the kubelet mints for a projected volume: bound to the pod, for one audience.
     let token = |audience: &str, bound: bool| {
