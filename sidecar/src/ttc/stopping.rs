@@ -29,8 +29,8 @@ pub struct StoppingRule {
     /// the leader at least [`Vote::winner_floor`] of the time (the chance it retraces one of the
     /// leader's samples token for token), so the full vote is the leader's at least as often as
     /// that many draws give it a strict majority. This is what lets a confident greedy answer
-    /// settle a vote alone: a sample at temperature 0.7 retraces a greedy answer the model
-    /// gives with 90% per-sequence probability 97% of the time. Only valid for votes of one
+    /// settle a vote alone: where each sample retraces the greedy answer with 80%, at least 4
+    /// of the 7 more samples of a vote of 8 do so 97% of the time. Only valid for votes of one
     /// sample one vote.
     #[serde(default = "default_confidence")]
     pub confidence: f64,
