@@ -164,6 +164,106 @@ async fn helm_lint_is_clean() -> TestResult {
     Ok(())
 }
 
+/// `values.schema.json` names every value of `values.yaml` and nothing that is not there (so
+/// that a new value cannot be forgotten in it, and a misspelt key is refused), except `global`
+/// (a parent chart's) and the keys of maps that are empty by default (`issuerRef`).
+#[test]
+fn values_schema_describes_every_value() {
+    let values: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(chart_dir().join("values.yaml")).expect("values.yaml"),
+    )
+    .expect("values.yaml parses");
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(chart_dir().join("values.schema.json"))
+            .expect("values.schema.json"),
+    )
+    .expect("values.schema.json parses");
+    let mut problems = Vec::new();
+    compare_with_schema("", &values, &schema, &mut problems);
+    assert!(
+        problems.is_empty(),
+        "values.schema.json:\n{}",
+        problems.join("\n")
+    );
+}
+
+/// Walks `value` (from values.yaml at `path`) against its `schema`, noting keys one has and the
+/// other lacks where the schema lists the properties of a closed object.
+fn compare_with_schema(path: &str, value: &Value, schema: &Value, problems: &mut Vec<String>) {
+    if schema.get("description").is_none() {
+        problems.push(format!("{path}: no description"));
+    }
+    let (Some(object), Some(properties)) = (value.as_object(), schema["properties"].as_object())
+    else {
+        return;
+    };
+    if schema["additionalProperties"] != Value::Bool(false) {
+        problems.push(format!(
+            "{path}: open to unknown keys (additionalProperties)"
+        ));
+    }
+    for (key, child) in object {
+        match properties.get(key) {
+            Some(child_schema) => {
+                compare_with_schema(&format!("{path}.{key}"), child, child_schema, problems)
+            }
+            None => problems.push(format!("{path}.{key}: in values.yaml, not in the schema")),
+        }
+    }
+    if !object.is_empty() {
+        let parents_only = |key: &str| path.is_empty() && key == "global";
+        for key in properties.keys() {
+            if !object.contains_key(key) && !parents_only(key) {
+                problems.push(format!("{path}.{key}: in the schema, not in values.yaml"));
+            }
+        }
+    }
+}
+
+/// Bad values are refused by `helm template` (and so by install and upgrade) with the path of
+/// the value, before anything reaches the cluster; good values of other shapes pass.
+#[tokio::test]
+async fn values_schema_refuses_bad_values_naming_them() -> TestResult {
+    let cluster = cluster().await?;
+    for (set, named) in [
+        ("operator.reportAuth=tokenreview", "/operator/reportAuth"),
+        ("operater.replicas=3", "'operater' not allowed"),
+        ("webhook.timeoutSeconds=60", "/webhook/timeoutSeconds"),
+        ("webhook.failurePolicy=ignore", "/webhook/failurePolicy"),
+        ("clusterPowerCapWatts=lots", "/clusterPowerCapWatts"),
+        ("operator.ports.admin=70000", "/operator/ports/admin"),
+        ("operator.resyncSeconds=0", "/operator/resyncSeconds"),
+        (
+            "webhook.certManager.duration=1y",
+            "/webhook/certManager/duration",
+        ),
+        ("sidecar.rbac.bindings[0].namespace=ml", "serviceAccount"),
+        (
+            "sidecar.otlpEndpoint=collector:4318",
+            "/sidecar/otlpEndpoint",
+        ),
+    ] {
+        let refused = template(cluster, "schema", &[set])
+            .err()
+            .ok_or_else(|| format!("--set {set} was accepted"))?;
+        assert!(
+            refused.contains("schema") && refused.contains(named),
+            "--set {set}: the error does not name {named}:\n{refused}"
+        );
+    }
+    for set in [
+        "operator.image.tag=1.2",
+        "clusterPowerCapWatts=1500",
+        "clusterPowerCapWatts=1500.5",
+        "operator.podDisruptionBudget.minAvailable=50%",
+        "sidecar.otlpEndpoint=https://collector.monitoring:4318",
+        "webhook.url=https://10.0.0.1:8443/mutate",
+    ] {
+        template(cluster, "schema", &[set])?;
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn cert_manager_option_renders_a_certificate_and_ca_injection() -> TestResult {
     let cluster = cluster().await?;

@@ -90,13 +90,15 @@ pub struct OperatorConfig {
     #[arg(long, env = "TTC_SIDECAR_RESOURCES")]
     pub sidecar_resources: Option<String>,
     /// Cluster-wide power cap split among policies by priority, in watts.
-    #[arg(long, env = "TTC_CLUSTER_POWER_CAP_WATTS")]
+    #[arg(long, env = "TTC_CLUSTER_POWER_CAP_WATTS", value_parser = positive_watts)]
     pub cluster_power_cap_watts: Option<f64>,
     /// Seconds between status recomputations of a policy.
-    #[arg(long, env = "TTC_RESYNC_SECONDS", default_value_t = 15)]
+    #[arg(long, env = "TTC_RESYNC_SECONDS", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub resync_seconds: u64,
     /// Seconds without a report after which a sidecar is stale.
-    #[arg(long, env = "TTC_STALE_SECONDS", default_value_t = 60)]
+    #[arg(long, env = "TTC_STALE_SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub stale_seconds: u64,
     /// Name of the leader-election Lease.
     #[arg(long, env = "TTC_LEASE_NAME", default_value = "ttc-operator")]
@@ -133,6 +135,15 @@ pub struct OperatorConfig {
     /// The webhook's Service for that configuration, as namespace/name:port.
     #[arg(long, env = "TTC_WEBHOOK_SERVICE")]
     pub webhook_service: Option<String>,
+}
+
+/// A power cap: a finite number of watts above zero.
+fn positive_watts(text: &str) -> std::result::Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(watts) if watts.is_finite() && watts > 0.0 => Ok(watts),
+        Ok(_) => Err(format!("{text} W is no power cap (want watts above 0)")),
+        Err(_) => Err(format!("{text:?} is not a number of watts")),
+    }
 }
 
 impl OperatorConfig {
@@ -595,6 +606,34 @@ mod tests {
         // Off by default.
         assert!(!parse(&[])?.receiver_tls);
         assert_eq!(parse(&[])?.sidecar_defaults(&tls)?.report_ca_pem, None);
+        Ok(())
+    }
+
+    #[test]
+    fn intervals_and_the_power_cap_must_be_positive() -> std::result::Result<(), clap::Error> {
+        for (args, named) in [
+            (&["--resync-seconds", "0"][..], "--resync-seconds"),
+            (&["--stale-seconds", "0"][..], "--stale-seconds"),
+            (&["--cluster-power-cap-watts", "0"][..], "above 0"),
+            (&["--cluster-power-cap-watts=-5"][..], "above 0"),
+            (
+                &["--cluster-power-cap-watts", "lots"][..],
+                "not a number of watts",
+            ),
+        ] {
+            let Err(err) = parse(args) else {
+                panic!("{args:?} was accepted");
+            };
+            assert!(err.to_string().contains(named), "{args:?}: {err}");
+        }
+        let config = parse(&[
+            "--cluster-power-cap-watts",
+            "1500.5",
+            "--resync-seconds",
+            "1",
+        ])?;
+        assert_eq!(config.cluster_power_cap_watts, Some(1500.5));
+        assert_eq!(config.resync_seconds, 1);
         Ok(())
     }
 
