@@ -226,10 +226,15 @@ pub fn findings(results: &[ConfigResult], settings: &EvalSettings) -> Vec<String
                 f64::NAN
             };
             let extra = r.mean_joules - greedy.mean_joules;
-            let verdict = if p < ALPHA && delta > 0.0 {
+            let verdict = if p < ALPHA && delta > 0.0 && extra <= 0.0 {
+                format!(
+                    "more accurate for less energy: {:.3} J/request less",
+                    -extra
+                )
+            } else if p < ALPHA && delta > 0.0 {
                 format!(
                     "TTC bought accuracy: {:.1} pts per extra joule",
-                    delta / extra.max(1e-9)
+                    delta / extra
                 )
             } else if p < ALPHA && delta < 0.0 {
                 "significantly worse than greedy".to_owned()
@@ -422,4 +427,80 @@ pub fn findings(results: &[ConfigResult], settings: &EvalSettings) -> Vec<String
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::ItemRecord;
+    use crate::ttc::stats::wilson_95;
+    use crate::ttc::tasks::TaskFamily;
+    use ttc_energy::EnergySource;
+
+    /// A configuration's result on items that are right where `correct` says, at `joules` each.
+    fn result(configuration: Configuration, correct: &[bool], joules: f64) -> ConfigResult {
+        let items: Vec<ItemRecord> = correct
+            .iter()
+            .enumerate()
+            .map(|(i, &correct)| ItemRecord {
+                item_id: format!("item-{i}"),
+                expected: "1".into(),
+                answer: Some(if correct { "1" } else { "2" }.into()),
+                correct,
+                samples: 1,
+                correct_samples: usize::from(correct),
+                verified: None,
+                joules,
+                energy_source: EnergySource::Estimate,
+                prompt_tokens: 10,
+                completion_tokens: 10,
+                latency_s: 0.1,
+                stop_reason: None,
+            })
+            .collect();
+        let right = correct.iter().filter(|&&c| c).count() as u64;
+        ConfigResult {
+            family: TaskFamily::StructuredOutput,
+            model: None,
+            label: configuration.label(),
+            configuration,
+            accuracy: wilson_95(right, correct.len() as u64),
+            pass_at_k: None,
+            mean_joules: joules,
+            energy_source: EnergySource::Estimate,
+            mean_samples: 1.0,
+            mean_completion_tokens: 10.0,
+            mean_prompt_tokens: 10.0,
+            mean_latency_s: 0.1,
+            items,
+        }
+    }
+
+    #[test]
+    fn a_configuration_more_accurate_for_less_energy_is_said_to_be_so() {
+        let greedy: Vec<bool> = (0..40).map(|i| i < 10).collect();
+        let sampled: Vec<bool> = (0..40).map(|i| i < 30).collect();
+        let results = [
+            result(Configuration::Greedy, &greedy, 5.0),
+            result(Configuration::Vote { k: 1 }, &sampled, 4.5),
+            result(Configuration::Vote { k: 4 }, &sampled, 7.0),
+        ];
+        let findings = findings(&results, &EvalSettings::default());
+        let cheaper = findings
+            .iter()
+            .find(|f| f.contains("vote@1 "))
+            .expect("a finding on vote@1");
+        assert!(
+            cheaper.contains("more accurate for less energy: 0.500 J/request less"),
+            "{cheaper}"
+        );
+        let dearer = findings
+            .iter()
+            .find(|f| f.contains("vote@4 ") && f.contains("vs greedy"))
+            .expect("a finding on vote@4");
+        assert!(
+            dearer.contains("TTC bought accuracy: 25.0 pts per extra joule"),
+            "{dearer}"
+        );
+    }
 }
