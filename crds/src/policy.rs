@@ -414,6 +414,16 @@ pub struct InferencePolicyStatus {
     /// This policy's share of the cluster-wide power cap, when the operator has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_share: Option<ClusterShare>,
+
+    /// The CA certificates (PEM) of the operator's report receiver, when it serves TLS. Injected
+    /// sidecars that report to it trust these besides the CA they were created with, so a CA
+    /// change reaches running pods without recreating them.
+    #[serde(
+        default,
+        rename = "reportCABundle",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub report_ca_bundle: Option<String>,
 }
 
 /// Energy observed over the budget window.

@@ -39,6 +39,9 @@ pub struct ReconcileSettings {
     pub requeue_after: Duration,
     /// A pod with a sidecar that has not reported this long after its creation is silent.
     pub stale_after: Duration,
+    /// The report receiver's CA as now loaded, where sidecars trust it (`--receiver-tls`):
+    /// published in each policy's status for its running sidecars.
+    pub report_ca: Option<watch::Receiver<String>>,
 }
 
 impl Default for ReconcileSettings {
@@ -47,6 +50,7 @@ impl Default for ReconcileSettings {
             cluster_power_cap_watts: None,
             requeue_after: Duration::from_secs(15),
             stale_after: Duration::from_secs(60),
+            report_ca: None,
         }
     }
 }
@@ -290,6 +294,11 @@ fn plan(
         allocations,
         previous: policy.status.as_ref(),
         now: time,
+        report_ca_bundle: ctx
+            .settings
+            .report_ca
+            .as_ref()
+            .map(|ca| ca.borrow().clone()),
     };
     Plan::Valid(compute_status(&inputs))
 }

@@ -118,6 +118,11 @@ pub struct OperatorConfig {
     /// PEM CA for the webhook configuration's caBundle (default: the certificate).
     #[arg(long, env = "TTC_TLS_CA_FILE")]
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Seconds between checks of the certificate and CA files for a change (a renewal is
+    /// served, a new CA passed on to sidecars, without a restart).
+    #[arg(long, env = "TTC_CERTIFICATE_CHECK_SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub certificate_check_seconds: u64,
     /// Names in the self-signed certificate.
     #[arg(
         long,
@@ -195,6 +200,15 @@ impl OperatorConfig {
             name: name.into(),
             port,
         }))
+    }
+
+    /// The file the CA is read from (the certificate itself when no CA file is named); `None`
+    /// for a generated certificate.
+    fn ca_file(&self) -> Option<std::path::PathBuf> {
+        self.tls_cert_file.as_ref()?;
+        self.tls_ca_file
+            .clone()
+            .or_else(|| self.tls_cert_file.clone())
     }
 
     fn tls(&self) -> Result<TlsMaterial> {
@@ -359,9 +373,21 @@ pub async fn run(
         refusals: Default::default(),
     });
     let tls = config.tls()?;
+    let check_every = Duration::from_secs(config.certificate_check_seconds);
+    let defaults = config.sidecar_defaults(&tls)?;
+    // Where sidecars trust the receiver's CA, they follow its file: new pods are injected with
+    // the current CA, running ones read it from their policy's status.
+    let report_ca = defaults
+        .report_ca_pem
+        .clone()
+        .map(|loaded| match config.ca_file() {
+            Some(file) => serving::follow_ca_file(file, loaded, check_every),
+            None => tokio::sync::watch::channel(loaded).1,
+        });
     let injector = Arc::new(Injector {
         policies: policies.clone(),
-        defaults: config.sidecar_defaults(&tls)?,
+        defaults,
+        report_ca: report_ca.clone(),
         metrics: metrics.clone(),
     });
     let mut servers = tokio::task::JoinSet::new();
@@ -376,7 +402,14 @@ pub async fn run(
         let tls = tls.clone();
         let signal = shutdown_signal(shutdown.clone());
         servers.spawn(async move {
-            serving::serve_tls(receiver_listener, &tls, receiver_router, signal).await
+            serving::serve_tls(
+                receiver_listener,
+                &tls,
+                receiver_router,
+                signal,
+                check_every,
+            )
+            .await
         });
     } else {
         servers.spawn(serving::serve_plain(
@@ -399,7 +432,13 @@ pub async fn run(
                     .enable_all()
                     .build()
                     .map_err(|e| Error::Serve(format!("webhook runtime: {e}")))?;
-                runtime.block_on(serving::serve_tls(listener, &tls, router, signal))
+                runtime.block_on(serving::serve_tls(
+                    listener,
+                    &tls,
+                    router,
+                    signal,
+                    check_every,
+                ))
             })
             .map_err(|e| Error::Serve(format!("webhook thread: {e}")))?
     };
@@ -456,10 +495,17 @@ pub async fn run(
         }
     });
 
+    // A changed receiver CA goes into every policy's status at once (not at the next resync).
+    let ca_changed = futures::stream::unfold(report_ca.clone(), |followed| async move {
+        let mut followed = followed?;
+        followed.changed().await.ok()?;
+        Some(((), Some(followed)))
+    });
     let settings = ReconcileSettings {
         cluster_power_cap_watts: config.cluster_power_cap_watts,
         requeue_after: Duration::from_secs(config.resync_seconds),
         stale_after: Duration::from_secs(config.stale_seconds),
+        report_ca,
     };
     let reporter = Reporter {
         controller: "ttc-operator".into(),
@@ -489,7 +535,7 @@ pub async fn run(
                 .map(|p| ObjectRef::from_obj(p.as_ref()))
                 .collect::<Vec<_>>()
         })
-        .reconcile_all_on(became_leader)
+        .reconcile_all_on(futures::stream::select(became_leader, ca_changed))
         .reconcile_on(futures::stream::unfold(woken, |mut rx| async move {
             rx.recv().await.map(|policy| (policy, rx))
         }))

@@ -1,18 +1,19 @@
 //! How the operator serves HTTP: the admin endpoints in plain HTTP, the webhook over TLS, the
 //! report receiver in either (`--receiver-tls`), and the certificate they present, reloaded
-//! when its files change (cert-manager renews it in place).
+//! when its files change (cert-manager renews it in place), with the CA that sidecars trust
+//! followed the same way.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use axum_server::tls_rustls::RustlsConfig;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
-
-/// How often a TLS server checks its certificate files for a renewal.
-pub const CERTIFICATE_CHECK_EVERY: Duration = Duration::from_secs(60);
 
 /// A certificate and key (PEM) for the webhook (and the report receiver, with
 /// `--receiver-tls`), and the CA that the API server and the sidecars trust.
@@ -96,18 +97,8 @@ pub async fn serve_plain(
 
 /// Serves `router` over TLS with `tls` on `listener` until `shutdown` resolves (in-flight
 /// requests get 10 s to finish). A certificate read from files is reloaded when they change
-/// (checked every [`CERTIFICATE_CHECK_EVERY`]): new connections get the renewed one.
+/// (checked every `check_every`): new connections get the renewed one.
 pub async fn serve_tls(
-    listener: std::net::TcpListener,
-    tls: &TlsMaterial,
-    router: axum::Router,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<()> {
-    serve_tls_checking_every(listener, tls, router, shutdown, CERTIFICATE_CHECK_EVERY).await
-}
-
-/// [`serve_tls`], checking the certificate files every `check_every`.
-pub async fn serve_tls_checking_every(
     listener: std::net::TcpListener,
     tls: &TlsMaterial,
     router: axum::Router,
@@ -194,6 +185,54 @@ async fn reload_on_change(
     }
 }
 
+/// The CA (PEM) in `file`, first `loaded`, read again every `check_every` for as long as a
+/// receiver of it lives: the sidecars' trust follows a CA change without an operator restart
+/// (new pods are injected with the current CA, running ones read it from their policy's
+/// status). A file that cannot be read or holds no certificate is warned about and the CA
+/// kept.
+pub fn follow_ca_file(
+    file: PathBuf,
+    loaded: String,
+    check_every: Duration,
+) -> watch::Receiver<String> {
+    let (current, followed) = watch::channel(loaded);
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(check_every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = current.closed() => return,
+            }
+            let pem = match tokio::fs::read_to_string(&file).await {
+                Ok(pem) => pem,
+                Err(e) => {
+                    warn!(file = %file.display(), error = %e, "cannot read the CA file; keeping the loaded CA");
+                    continue;
+                }
+            };
+            if pem == *current.borrow() {
+                continue;
+            }
+            if !holds_certificates(&pem) {
+                warn!(file = %file.display(), "the changed CA file holds no PEM certificate; keeping the loaded CA");
+                continue;
+            }
+            info!(file = %file.display(), "CA reloaded; new sidecars get it, running ones through their policy's status");
+            current.send_replace(pem);
+        }
+    });
+    followed
+}
+
+/// Whether `pem` holds at least one certificate and nothing unreadable.
+fn holds_certificates(pem: &str) -> bool {
+    let certificates: std::result::Result<Vec<_>, _> =
+        CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
+    certificates.is_ok_and(|c| !c.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,7 +271,7 @@ mod tests {
         let url = format!("https://{}/", listener.local_addr()?);
         let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
         let server = tokio::spawn(async move {
-            serve_tls_checking_every(
+            serve_tls(
                 listener,
                 &tls,
                 router,
@@ -267,6 +306,33 @@ mod tests {
             "the old certificate is gone"
         );
         server.abort();
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_changed_ca_file_is_followed_and_a_broken_one_is_not()
+    -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("ca.crt");
+        let names = || vec!["127.0.0.1".to_string()];
+        let (old, new) = (
+            TlsMaterial::self_signed(names())?,
+            TlsMaterial::self_signed(names())?,
+        );
+        std::fs::write(&file, &old.ca_pem)?;
+        let mut followed =
+            follow_ca_file(file.clone(), old.ca_pem.clone(), Duration::from_millis(20));
+
+        // Half a certificate, or none, is not taken.
+        std::fs::write(&file, &new.ca_pem[..60])?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::fs::write(&file, "")?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(*followed.borrow_and_update(), old.ca_pem);
+
+        std::fs::write(&file, &new.ca_pem)?;
+        tokio::time::timeout(Duration::from_secs(10), followed.changed()).await??;
+        assert_eq!(*followed.borrow(), new.ca_pem);
         Ok(())
     }
 }

@@ -25,6 +25,7 @@ use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::runtime::reflector::Store;
 use serde_json::Value;
+use tokio::sync::watch;
 use tracing::{debug, warn};
 use ttc_crds::InferencePolicy;
 use ttc_crds::labels::{INJECTION_ENABLED, INJECTION_NAMESPACE_LABEL};
@@ -47,11 +48,25 @@ pub struct Injector {
     pub policies: Store<InferencePolicy>,
     /// Defaults for what policies leave unset.
     pub defaults: SidecarDefaults,
+    /// The report receiver's CA as now loaded, which new sidecars get instead of the one in
+    /// `defaults` (where sidecars trust it at all).
+    pub report_ca: Option<watch::Receiver<String>>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
 }
 
 impl Injector {
+    /// The defaults with the receiver's CA as now loaded.
+    fn current_defaults(&self) -> std::borrow::Cow<'_, SidecarDefaults> {
+        match (&self.report_ca, &self.defaults.report_ca_pem) {
+            (Some(current), Some(_)) => std::borrow::Cow::Owned(SidecarDefaults {
+                report_ca_pem: Some(current.borrow().clone()),
+                ..self.defaults.clone()
+            }),
+            _ => std::borrow::Cow::Borrowed(&self.defaults),
+        }
+    }
+
     /// The response to one admission request: always allowed, possibly with a patch.
     pub fn admit(&self, request: &AdmissionRequest<Pod>) -> AdmissionResponse {
         let response = AdmissionResponse::from(request);
@@ -76,7 +91,12 @@ impl Injector {
                 match spec {
                     Some(spec) => (
                         "injected",
-                        Some(injection_patch(pod, &policy, spec, &self.defaults)),
+                        Some(injection_patch(
+                            pod,
+                            &policy,
+                            spec,
+                            &self.current_defaults(),
+                        )),
                     ),
                     None => ("skipped", None),
                 }
@@ -264,6 +284,7 @@ mod tests {
                 report_token: false,
                 report_ca_pem: None,
             },
+            report_ca: None,
             metrics: Arc::new(Metrics::default()),
         }
     }
@@ -322,6 +343,30 @@ mod tests {
             ops.iter()
                 .any(|op| op["value"]["energy.ttc.dev/policy"] == "chat")
         );
+    }
+
+    #[test]
+    fn new_sidecars_get_the_receivers_ca_as_now_loaded() {
+        let ca_of = |injector: &Injector| {
+            let request = into_request(review(json!({"app": "chat"}))).expect("request");
+            let ops = patch_of(&injector.admit(&request));
+            ops[0]["value"]["env"]
+                .as_array()
+                .expect("env")
+                .iter()
+                .find(|e| e["name"] == ttc_crds::report::sidecar_env::REPORT_CA_PEM)
+                .map(|e| e["value"].as_str().expect("a value").to_owned())
+        };
+        let mut injector = injector(vec![policy("chat", "chat")]);
+        injector.defaults.report_ca_pem = Some("CA at start".into());
+        let (current, followed) = watch::channel("CA at start".to_owned());
+        injector.report_ca = Some(followed);
+        assert_eq!(ca_of(&injector).as_deref(), Some("CA at start"));
+        current.send_replace("renewed CA".into());
+        assert_eq!(ca_of(&injector).as_deref(), Some("renewed CA"));
+        // Where sidecars do not trust the receiver's CA (plain HTTP reports), none is injected.
+        injector.defaults.report_ca_pem = None;
+        assert_eq!(ca_of(&injector), None);
     }
 
     #[test]

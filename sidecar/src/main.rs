@@ -117,17 +117,45 @@ fn cluster_identity() -> anyhow::Result<Option<PodIdentity>> {
     ))
 }
 
-/// Applies each new view of the policy to the TTC service until the watch ends.
-async fn follow_policy(identity: PodIdentity, service: Arc<TtcService>) -> anyhow::Result<()> {
+/// Applies each new view of the policy to the TTC service, and the receiver CA it publishes to
+/// the reports, until the watch ends.
+async fn follow_policy(
+    identity: PodIdentity,
+    service: Arc<TtcService>,
+    metrics: SidecarMetrics,
+) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API to watch the InferencePolicy")?;
     let mut views = watch_policy(client, identity.clone());
     tokio::spawn(async move {
+        let mut trusted_ca: Option<String> = None;
         loop {
             let view = views.borrow_and_update().clone();
             match view {
                 Some(view) => {
+                    if let Some(ca) = view
+                        .report_ca_bundle
+                        .clone()
+                        .filter(|ca| trusted_ca.as_ref() != Some(ca))
+                    {
+                        trusted_ca = Some(ca.clone());
+                        let metrics = metrics.clone();
+                        match tokio::task::spawn_blocking(move || metrics.trust_report_ca(&ca))
+                            .await
+                        {
+                            Ok(Ok(true)) => {
+                                tracing::info!(policy = %identity.policy, "the receiver's CA changed; reports trust the published one")
+                            }
+                            Ok(Ok(false)) => {}
+                            Ok(Err(e)) => {
+                                tracing::warn!(error = %e, "the receiver CA published in the policy's status is not usable; reports trust the CA they had")
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "trusting the published receiver CA failed")
+                            }
+                        }
+                    }
                     match serde_json::to_value(&view.ttc)
                         .and_then(serde_json::from_value::<TtcPolicy>)
                     {
@@ -303,9 +331,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let identity = cluster_identity()?;
+    let policy_metrics = metrics.clone();
     let served = runtime.block_on(async move {
         if let (Some(identity), Some(service)) = (identity, state.ttc.clone()) {
-            follow_policy(identity, service).await?;
+            follow_policy(identity, service, policy_metrics).await?;
         }
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await

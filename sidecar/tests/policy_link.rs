@@ -229,21 +229,27 @@ impl ReportAuthenticator for CurrentToken {
 /// recorded. The receiver serves TLS as `--receiver-tls` does, and the sidecar trusts its CA
 /// alone; it authenticates the export by the bearer token the sidecar reads from its token file
 /// at every export, so a token the kubelet rotates is picked up.
-#[tokio::test]
-async fn the_operators_receiver_books_the_sidecars_otlp_export() -> TestResult {
+/// The operator's report receiver serving TLS on a loopback port, as `--receiver-tls` does: its
+/// report book, its OTLP endpoint, its certificate and the server task.
+struct TlsReceiver {
+    book: Arc<ReportBook>,
+    endpoint: String,
+    tls: TlsMaterial,
+    server: tokio::task::JoinHandle<ttc_operator::error::Result<()>>,
+}
+
+fn tls_receiver(
+    auth: Option<Arc<dyn ReportAuthenticator>>,
+) -> Result<TlsReceiver, Box<dyn std::error::Error + Send + Sync>> {
     let book = Arc::new(ReportBook::new(Duration::from_secs(60)));
-    let authenticator = Arc::new(CurrentToken(std::sync::Mutex::new("token-1".into())));
     let receiver = Arc::new(ReportReceiver {
         book: book.clone(),
         metrics: Arc::new(Metrics::default()),
         // No controller here to wake.
         wake: None,
-        auth: Some(authenticator.clone()),
+        auth,
         refusals: Default::default(),
     });
-    let token_dir = tempfile::tempdir()?;
-    let token_file = token_dir.path().join("token");
-    std::fs::write(&token_file, "token-1\n")?;
     // The operator's process-wide TLS provider, as its main installs it.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let tls = TlsMaterial::self_signed(vec!["127.0.0.1".into()])?;
@@ -252,27 +258,60 @@ async fn the_operators_receiver_books_the_sidecars_otlp_export() -> TestResult {
     let server = {
         let tls = tls.clone();
         tokio::spawn(async move {
-            serving::serve_tls(listener, &tls, router(receiver), std::future::pending()).await
+            let pending = std::future::pending();
+            serving::serve_tls(
+                listener,
+                &tls,
+                router(receiver),
+                pending,
+                Duration::from_secs(60),
+            )
+            .await
         })
     };
+    Ok(TlsReceiver {
+        book,
+        endpoint,
+        tls,
+        server,
+    })
+}
 
-    let meter = EnergyMeter::from_config(&MeterConfig {
-        source: SourceChoice::Estimate,
-        ..MeterConfig::default()
-    })?;
-    let config = TelemetryConfig {
+/// The telemetry of sidecar team-a/p1 exporting to `endpoint`, trusting `ca_pem` for it.
+fn sidecar_telemetry(endpoint: &str, ca_pem: &str, token_file: Option<&Path>) -> TelemetryConfig {
+    TelemetryConfig {
         service_name: "ttc-sidecar".into(),
         pod_name: Some("p1".into()),
         namespace: Some("team-a".into()),
         policy: Some("chat".into()),
         model: "smollm2-135m-instruct".into(),
-        otlp: OtlpExport::Endpoint(endpoint.clone()),
+        otlp: OtlpExport::Endpoint(endpoint.to_owned()),
         // The test flushes by hand.
         export_interval: Some(Duration::from_secs(3600)),
         export_timeout: Some(Duration::from_secs(5)),
-        bearer_token_file: Some(token_file.clone()),
-        ca_pem: Some(tls.ca_pem.clone()),
-    };
+        bearer_token_file: token_file.map(Path::to_path_buf),
+        ca_pem: Some(ca_pem.to_owned()),
+    }
+}
+
+#[tokio::test]
+async fn the_operators_receiver_books_the_sidecars_otlp_export() -> TestResult {
+    let authenticator = Arc::new(CurrentToken(std::sync::Mutex::new("token-1".into())));
+    let TlsReceiver {
+        book,
+        endpoint,
+        tls,
+        server,
+    } = tls_receiver(Some(authenticator.clone()))?;
+    let token_dir = tempfile::tempdir()?;
+    let token_file = token_dir.path().join("token");
+    std::fs::write(&token_file, "token-1\n")?;
+
+    let meter = EnergyMeter::from_config(&MeterConfig {
+        source: SourceChoice::Estimate,
+        ..MeterConfig::default()
+    })?;
+    let config = sidecar_telemetry(&endpoint, &tls.ca_pem, Some(&token_file));
     let impostor_config = TelemetryConfig {
         ca_pem: Some(TlsMaterial::self_signed(vec!["127.0.0.1".into()])?.ca_pem),
         ..config.clone()
@@ -344,6 +383,45 @@ async fn the_operators_receiver_books_the_sidecars_otlp_export() -> TestResult {
     assert!(
         joules > 0.0 && joules <= metered + 1e-9,
         "booked {joules} J, meter {metered} J"
+    );
+    Ok(())
+}
+
+/// A sidecar created with a CA the receiver no longer serves (the operator's CA changed) cannot
+/// report; once it trusts the CA the operator publishes in the policy's status, its export
+/// reaches the receiver again, without a restart.
+#[tokio::test]
+async fn a_sidecar_trusting_the_published_ca_reports_again_after_a_ca_change() -> TestResult {
+    let receiver = tls_receiver(None)?;
+    let old_ca = TlsMaterial::self_signed(vec!["127.0.0.1".into()])?.ca_pem;
+    let config = sidecar_telemetry(&receiver.endpoint, &old_ca, None);
+    let meter = EnergyMeter::from_config(&MeterConfig {
+        source: SourceChoice::Estimate,
+        ..MeterConfig::default()
+    })?;
+    let metrics =
+        tokio::task::spawn_blocking(move || SidecarMetrics::new(&config, Some(meter))).await??;
+    let flushing = metrics.clone();
+    let before = tokio::task::spawn_blocking(move || flushing.force_flush()).await?;
+    assert!(
+        before.is_err(),
+        "an export trusting the old CA went through"
+    );
+
+    let published = receiver.tls.ca_pem.clone();
+    let trusting = metrics.clone();
+    assert!(tokio::task::spawn_blocking(move || trusting.trust_report_ca(&published)).await??);
+    let flushing = metrics.clone();
+    tokio::task::spawn_blocking(move || flushing.force_flush()).await??;
+    receiver.server.abort();
+    assert!(
+        matches!(
+            receiver
+                .book
+                .pod_energy("team-a", "p1", Duration::from_secs(3600), Instant::now()),
+            PodReports::Fresh(_)
+        ),
+        "the receiver holds no report of team-a/p1"
     );
     Ok(())
 }

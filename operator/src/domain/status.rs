@@ -81,6 +81,8 @@ pub struct StatusInputs<'a> {
     pub previous: Option<&'a InferencePolicyStatus>,
     /// Now.
     pub now: Time,
+    /// The report receiver's CA, where sidecars trust it.
+    pub report_ca_bundle: Option<String>,
 }
 
 /// Aggregates the energy of a policy's pods.
@@ -330,6 +332,7 @@ pub fn compute_status(inputs: &StatusInputs<'_>) -> InferencePolicyStatus {
         mean_depth,
         allocations: inputs.allocations.clone(),
         cluster_share: inputs.cluster_share.clone(),
+        report_ca_bundle: inputs.report_ca_bundle.clone(),
     }
 }
 
@@ -429,6 +432,7 @@ mod tests {
             allocations: Vec::new(),
             previous: None,
             now: now(1_000),
+            report_ca_bundle: None,
         }
     }
 

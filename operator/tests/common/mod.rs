@@ -92,6 +92,7 @@ pub fn local_operator(
         tls_cert_file: None,
         tls_key_file: None,
         tls_ca_file: None,
+        certificate_check_seconds: 60,
         tls_names: vec!["127.0.0.1".into(), "localhost".into()],
         webhook_url: webhook_config
             .as_ref()

@@ -19,6 +19,9 @@ pub struct PolicyView {
     pub window_seconds: u32,
     /// The spec generation the view was read from (`metadata.generation`).
     pub generation: Option<i64>,
+    /// The operator's report receiver CA as published in the status, which the reports trust
+    /// besides the CA the pod was created with.
+    pub report_ca_bundle: Option<String>,
 }
 
 impl PolicyView {
@@ -36,6 +39,10 @@ impl PolicyView {
             joules_per_window: allocation.and_then(|a| a.joules_per_window),
             window_seconds: policy.spec.budget.window_seconds,
             generation: policy.metadata.generation,
+            report_ca_bundle: policy
+                .status
+                .as_ref()
+                .and_then(|status| status.report_ca_bundle.clone()),
         }
     }
 }
@@ -89,10 +96,24 @@ mod tests {
             ttc_crds::policy::DEFAULT_WINDOW_SECONDS
         );
         assert_eq!(view.generation, Some(3));
+        assert_eq!(view.report_ca_bundle, None);
         assert_eq!(view.ttc.strategy, TtcStrategy::MajorityVote);
         assert_eq!(view.ttc.max_samples, 5);
         // Unset fields take the CRD's defaults.
         assert_eq!(view.ttc.min_samples, TtcSpec::default().min_samples);
+    }
+
+    #[test]
+    fn the_view_carries_the_published_receiver_ca() {
+        let mut policy = policy(Some(vec![]));
+        if let Some(status) = policy.status.as_mut() {
+            status.report_ca_bundle = Some("-----BEGIN CERTIFICATE-----".into());
+        }
+        let view = PolicyView::from_policy(&policy, "p1");
+        assert_eq!(
+            view.report_ca_bundle.as_deref(),
+            Some("-----BEGIN CERTIFICATE-----")
+        );
     }
 
     #[test]

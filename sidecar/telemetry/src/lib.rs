@@ -220,6 +220,25 @@ impl SidecarMetrics {
         })
     }
 
+    /// Trusts `ca_pem` for the energy reports besides the CA this sidecar was created with: the
+    /// operator's receiver CA as published in the policy's status (`status.reportCABundle`), so
+    /// that reports keep arriving after the operator's CA changes. `Ok(true)` when the trust
+    /// changed; `Ok(false)` when it was trusted already or the reports do not go to the
+    /// receiver over TLS. A CA that does not parse is an error and changes nothing.
+    pub fn trust_report_ca(&self, ca_pem: &str) -> Result<bool, TelemetryError> {
+        match self
+            .inner
+            .otlp
+            .as_ref()
+            .and_then(|otlp| otlp.report_client.as_ref())
+        {
+            Some(client) => client
+                .trust_published(ca_pem)
+                .map_err(TelemetryError::HttpClient),
+            None => Ok(false),
+        }
+    }
+
     fn gen_ai_attrs(&self, operation: &str) -> [KeyValue; 3] {
         [
             KeyValue::new(keys::OPERATION, operation.to_string()),

@@ -78,6 +78,8 @@ impl PushMetricExporter for CountingExporter {
 /// The OTLP side: provider (with its export thread) and instruments.
 pub(crate) struct OtlpPipeline {
     pub(crate) provider: SdkMeterProvider,
+    /// The exporter's client where it is ours (a CA or a token to present), for trust changes.
+    pub(crate) report_client: Option<ReportClient>,
     pub(crate) token_usage: Histogram<u64>,
     pub(crate) request_duration: Histogram<f64>,
     pub(crate) time_per_output_token: Histogram<f64>,
@@ -120,6 +122,7 @@ impl OtlpPipeline {
         if let Some(timeout) = config.export_timeout {
             builder = builder.with_timeout(timeout);
         }
+        let mut report_client = None;
         if config.bearer_token_file.is_some() || config.ca_pem.is_some() {
             let timeout = config
                 .export_timeout
@@ -130,7 +133,8 @@ impl OtlpPipeline {
                 timeout,
             )
             .map_err(TelemetryError::HttpClient)?;
-            builder = builder.with_http_client(client);
+            builder = builder.with_http_client(client.clone());
+            report_client = Some(client);
         }
         let exporter = CountingExporter {
             inner: builder.build()?,
@@ -166,6 +170,7 @@ impl OtlpPipeline {
         }
 
         Ok(Self {
+            report_client,
             token_usage: m
                 .u64_histogram("gen_ai.client.token.usage")
                 .with_unit("{token}")
