@@ -46,11 +46,18 @@ async fn small_evaluation_writes_results_that_parse() {
         .await
         .expect("the evaluation runs");
 
-    // greedy, the model-size point, vote@1, vote@2, early-stop, adaptive (plain, with each
-    // answer's correctness fed back, and with the checking tool), and best-of-N checked by the
-    // checking tool over HTTP (the family has no schema).
+    // greedy, the model-size point, vote@1, vote@2, the sidecar's vote of 2 (greedy first),
+    // early-stop, adaptive (plain, with each answer's correctness fed back, and with the
+    // checking tool), and best-of-N checked by the checking tool over HTTP (the family has no
+    // schema).
     let labels: Vec<&str> = report.results.iter().map(|r| r.label.as_str()).collect();
-    assert_eq!(labels.len(), 9, "{labels:?}");
+    assert_eq!(labels.len(), 10, "{labels:?}");
+    let policy_vote = report
+        .results
+        .iter()
+        .find(|r| r.label == "policy-vote@2")
+        .expect("policy-vote@2");
+    assert!(policy_vote.items.iter().all(|i| i.samples == 2));
     for adaptive in [
         "adaptive(=vote@2 J)",
         "adaptive+feedback(=vote@2 J)",

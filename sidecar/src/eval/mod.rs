@@ -132,6 +132,14 @@ pub enum Configuration {
         /// Samples.
         k: usize,
     },
+    /// The sidecar's own majority vote at a fixed depth `k`, without early stopping: the greedy
+    /// answer and `k - 1` samples, one batch (what policy MajorityVote with minSamples =
+    /// maxSamples = k draws). Against [`Configuration::Vote`] it measures what the greedy row
+    /// does to the vote; against [`Configuration::EarlyStop`], what stopping early costs.
+    PolicyVote {
+        /// Rows, the greedy one included.
+        k: usize,
+    },
     /// Policy MajorityVote: windows of `window` samples until the agreement threshold or the
     /// maximum.
     EarlyStop {
@@ -187,6 +195,7 @@ impl Configuration {
             Self::Greedy => "greedy".into(),
             Self::OtherModel => "greedy (other model)".into(),
             Self::Vote { k } => format!("vote@{k}"),
+            Self::PolicyVote { k } => format!("policy-vote@{k}"),
             Self::EarlyStop { max_samples, .. } => format!("early-stop@{max_samples}"),
             Self::Adaptive {
                 reference_depth,
@@ -406,14 +415,14 @@ pub async fn run(
         };
         let mut records = Vec::new();
         for p in &prepared {
-            records.push(run_batch(engine, settings, p, 1, greedy).await?);
+            records.push(run_batch(engine, settings, p, 1, greedy, false).await?);
         }
         family_results.push(summarise(family, Configuration::Greedy, records));
         progress(&progress_line(family_results.last()));
         for other in size_models {
             let mut records = Vec::new();
             for p in &prepare(other, family, settings)? {
-                records.push(run_batch(other, settings, p, 1, greedy).await?);
+                records.push(run_batch(other, settings, p, 1, greedy, false).await?);
             }
             let name = other.engine().name().to_owned();
             let mut result = summarise(family, Configuration::OtherModel, records);
@@ -425,12 +434,21 @@ pub async fn run(
         for &k in &depths {
             let mut records = Vec::new();
             for p in &prepared {
-                records.push(run_batch(engine, settings, p, k, sampled).await?);
+                records.push(run_batch(engine, settings, p, k, sampled, false).await?);
             }
             family_results.push(summarise(family, Configuration::Vote { k }, records));
             progress(&progress_line(family_results.last()));
         }
         add_pass_at_k(&mut family_results, &depths);
+        // The sidecar's vote at the deepest fixed depth: greedy first, as its plans draw.
+        if let Some(&k) = depths.last().filter(|&&k| k > 1) {
+            let mut records = Vec::new();
+            for p in &prepared {
+                records.push(run_batch(engine, settings, p, k, sampled, true).await?);
+            }
+            family_results.push(summarise(family, Configuration::PolicyVote { k }, records));
+            progress(&progress_line(family_results.last()));
+        }
 
         let early = Configuration::EarlyStop {
             max_samples: settings.max_samples,
@@ -577,7 +595,7 @@ pub async fn run(
         ),
         "Items: ttc::tasks::generate(family, items, seed); each family's generator is documented there.".into(),
         format!(
-            "Samples: item i uses seeds s_i + j for sample j in every configuration (common random numbers); vote@k runs k samples as one batch, early-stop/adaptive/best-of-N run through TtcService in windows of {} (later windows reuse the first window's prefill).",
+            "Samples: item i uses seeds s_i + j for sample j in every configuration (common random numbers); vote@k runs k samples as one batch, policy-vote@k the greedy answer and k-1 samples as one batch (the sidecar's MajorityVote at a fixed k), early-stop/adaptive/best-of-N run through TtcService (greedy answer first) in windows of {} (later windows reuse the first window's prefill).",
             settings.window
         ),
         "pass@k is what an oracle verifier would reach with k samples (unbiased estimate from the deepest vote's samples) — a ceiling, not a strategy.".into(),
@@ -620,13 +638,15 @@ fn progress_line(result: Option<&ConfigResult>) -> String {
     })
 }
 
-/// `n` samples of one item as one batch, majority-voted.
+/// `n` samples of one item as one batch, majority-voted; with `greedy_first_row`, the first row
+/// is the greedy answer (as the sidecar's plans draw it).
 async fn run_batch(
     engine: &EngineHandle,
     settings: &EvalSettings,
     p: &Prepared,
     n: usize,
     sampler: SamplerConfig,
+    greedy_first_row: bool,
 ) -> Result<ItemRecord, EvalError> {
     // Every request pays for its own prefill, whichever configuration ran the item before.
     engine.engine().clear_prefix_cache();
@@ -639,7 +659,7 @@ async fn run_batch(
             sampler,
             seed: p.seed,
             stop: StopStrings::default(),
-            greedy_first_row: false,
+            greedy_first_row,
         })
         .await?;
     let latency_s = started.elapsed().as_secs_f64();
@@ -890,6 +910,7 @@ mod tests {
         let labels = [
             Configuration::Greedy.label(),
             Configuration::Vote { k: 4 }.label(),
+            Configuration::PolicyVote { k: 4 }.label(),
             Configuration::EarlyStop {
                 max_samples: 8,
                 agreement: 0.75,
