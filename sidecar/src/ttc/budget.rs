@@ -736,6 +736,61 @@ mod tests {
         assert_eq!((choice.samples, choice.state), (16, BudgetState::Unbounded));
     }
 
+    /// Best-of-N under an allocation a little below what unbounded best-of-8 spends: each
+    /// sample is accepted with 35%, samples are drawn one at a time until one is (2.8 of 8 on
+    /// average, 5.1 J), and the allocation is 4.6 J. Uniform limits at about that spend accept
+    /// 82% (limit 4, 4.3 J) to 88% (limit 5, 4.8 J); the controller must hold the allocation
+    /// and, once it has learned the costs, accept as many. (While it learns it pays back early
+    /// overspending at low limits: about 68% over the first 100 requests.)
+    #[test]
+    fn best_of_n_under_a_tight_allocation_holds_it_and_accepts_most() {
+        let mut controller = BudgetController::new(BudgetConfig::default());
+        controller.set_allocation(Some(4.6));
+        let mut rng = SplitMix64::new(5);
+        let mut accepted = Vec::new();
+        for _ in 0..300 {
+            let mut request = request(1.0);
+            request.bounds = bounds(1, 8);
+            request.windows = WindowShape {
+                opening: 0,
+                window: 1,
+                batch_from: usize::MAX,
+            };
+            let choice = controller.choose(&request);
+            let mut drawn = 0;
+            let mut ok = false;
+            while drawn < choice.samples && !ok {
+                drawn += 1;
+                ok = rng.unit() < 0.35;
+            }
+            let tokens = 30 * drawn;
+            let joules = (1.8 + 0.04 * tokens as f64) * (0.9 + 0.2 * rng.unit());
+            controller.record(&FinishedRequest {
+                observation: CostObservation {
+                    joules,
+                    prompt_tokens: 40,
+                    completion_tokens: tokens,
+                    samples: drawn,
+                    windows: drawn,
+                    decode_passes: tokens,
+                },
+                sample_limit: Some(choice.samples),
+                predicted_joules: choice.predicted_joules,
+                degraded: choice.state == BudgetState::Degraded,
+            });
+            accepted.push(ok);
+        }
+        let report = controller.report();
+        let deviation = report.deviation.unwrap_or(f64::NAN);
+        let rate = accepted[100..].iter().filter(|&&ok| ok).count() as f64 / 200.0;
+        eprintln!(
+            "best-of-N at 4.6 J: accepted {rate:.2} over the last 200, deviation {deviation:+.3}, {:.2} samples",
+            report.mean_samples.unwrap_or(0.0)
+        );
+        assert!(deviation.abs() <= 0.05, "deviation {deviation:+.3}");
+        assert!(rate >= 0.80, "accepted {rate:.2}");
+    }
+
     #[test]
     fn an_unreachable_budget_degrades_to_minimum_depth_and_says_so() {
         let mut controller = BudgetController::new(BudgetConfig::default());
