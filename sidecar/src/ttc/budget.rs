@@ -738,57 +738,66 @@ mod tests {
 
     /// Best-of-N under an allocation a little below what unbounded best-of-8 spends: each
     /// sample is accepted with 35%, samples are drawn one at a time until one is (2.8 of 8 on
-    /// average, 5.1 J), and the allocation is 4.6 J. Uniform limits at about that spend accept
-    /// 82% (limit 4, 4.3 J) to 88% (limit 5, 4.8 J); the controller must hold the allocation
-    /// and, once it has learned the costs, accept as many. (While it learns it pays back early
-    /// overspending at low limits: about 68% over the first 100 requests.)
+    /// average, 5.1 J, 97% accepted), and the allocation is 4.6 J (90%). The last tenth of the
+    /// spend buys the most: uniform limits about that spend accept 82% (limit 4, 4.3 J) to 88%
+    /// (limit 5, 4.8 J), since the requests still open at sample 5 are the ones that need the
+    /// most samples. Over 20 seeds the controller must hold the allocation and accept as many as
+    /// the cheaper uniform limit (session 8: 81-82% over the first 100 requests and the next
+    /// 200, payback 5 to 30 requests alike).
     #[test]
-    fn best_of_n_under_a_tight_allocation_holds_it_and_accepts_most() {
-        let mut controller = BudgetController::new(BudgetConfig::default());
-        controller.set_allocation(Some(4.6));
-        let mut rng = SplitMix64::new(5);
-        let mut accepted = Vec::new();
-        for _ in 0..300 {
-            let mut request = request(1.0);
-            request.bounds = bounds(1, 8);
-            request.windows = WindowShape {
-                opening: 0,
-                window: 1,
-                batch_from: usize::MAX,
-            };
-            let choice = controller.choose(&request);
-            let mut drawn = 0;
-            let mut ok = false;
-            while drawn < choice.samples && !ok {
-                drawn += 1;
-                ok = rng.unit() < 0.35;
+    fn best_of_n_under_a_tight_allocation_holds_it_and_accepts_as_uniform_limits_do() {
+        let seeds = 20;
+        let (mut accepted_late, mut worst_deviation) = (0.0, 0.0f64);
+        for seed in 0..seeds {
+            let mut controller = BudgetController::new(BudgetConfig::default());
+            controller.set_allocation(Some(4.6));
+            let mut rng = SplitMix64::new(seed);
+            let mut accepted = Vec::new();
+            for _ in 0..300 {
+                let mut request = request(1.0);
+                request.bounds = bounds(1, 8);
+                request.windows = WindowShape {
+                    opening: 0,
+                    window: 1,
+                    batch_from: usize::MAX,
+                };
+                let choice = controller.choose(&request);
+                let mut drawn = 0;
+                let mut ok = false;
+                while drawn < choice.samples && !ok {
+                    drawn += 1;
+                    ok = rng.unit() < 0.35;
+                }
+                let tokens = 30 * drawn;
+                let joules = (1.8 + 0.04 * tokens as f64) * (0.9 + 0.2 * rng.unit());
+                controller.record(&FinishedRequest {
+                    observation: CostObservation {
+                        joules,
+                        prompt_tokens: 40,
+                        completion_tokens: tokens,
+                        samples: drawn,
+                        windows: drawn,
+                        decode_passes: tokens,
+                    },
+                    sample_limit: Some(choice.samples),
+                    predicted_joules: choice.predicted_joules,
+                    degraded: choice.state == BudgetState::Degraded,
+                });
+                accepted.push(ok);
             }
-            let tokens = 30 * drawn;
-            let joules = (1.8 + 0.04 * tokens as f64) * (0.9 + 0.2 * rng.unit());
-            controller.record(&FinishedRequest {
-                observation: CostObservation {
-                    joules,
-                    prompt_tokens: 40,
-                    completion_tokens: tokens,
-                    samples: drawn,
-                    windows: drawn,
-                    decode_passes: tokens,
-                },
-                sample_limit: Some(choice.samples),
-                predicted_joules: choice.predicted_joules,
-                degraded: choice.state == BudgetState::Degraded,
-            });
-            accepted.push(ok);
+            accepted_late += accepted[100..].iter().filter(|&&ok| ok).count() as f64 / 200.0;
+            worst_deviation =
+                worst_deviation.max(controller.report().deviation.unwrap_or(1.0).abs());
         }
-        let report = controller.report();
-        let deviation = report.deviation.unwrap_or(f64::NAN);
-        let rate = accepted[100..].iter().filter(|&&ok| ok).count() as f64 / 200.0;
+        let rate = accepted_late / seeds as f64;
         eprintln!(
-            "best-of-N at 4.6 J: accepted {rate:.2} over the last 200, deviation {deviation:+.3}, {:.2} samples",
-            report.mean_samples.unwrap_or(0.0)
+            "best-of-N at 90% of its unbounded spend: accepted {rate:.3} over requests 100-300, worst window deviation {worst_deviation:.3} (20 seeds)"
         );
-        assert!(deviation.abs() <= 0.05, "deviation {deviation:+.3}");
-        assert!(rate >= 0.80, "accepted {rate:.2}");
+        assert!(
+            worst_deviation <= 0.05,
+            "window deviation {worst_deviation:.3}"
+        );
+        assert!(rate >= 0.80, "accepted {rate:.3}");
     }
 
     #[test]
