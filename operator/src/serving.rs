@@ -153,9 +153,7 @@ async fn reload_on_change(
     mut served: (String, String),
     check_every: Duration,
 ) {
-    let mut ticks = tokio::time::interval(check_every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await;
+    let mut ticks = file_checks(check_every);
     loop {
         ticks.tick().await;
         let (Ok(cert_pem), Ok(key_pem)) = (
@@ -197,9 +195,7 @@ pub fn follow_ca_file(
 ) -> watch::Receiver<String> {
     let (current, followed) = watch::channel(loaded);
     tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(check_every);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticks.tick().await;
+        let mut ticks = file_checks(check_every);
         loop {
             tokio::select! {
                 _ = ticks.tick() => {}
@@ -224,6 +220,14 @@ pub fn follow_ca_file(
         }
     });
     followed
+}
+
+/// Ticks every `period` for checks of files just read: the first one `period` from now, and a
+/// late one delayed rather than made up.
+fn file_checks(period: Duration) -> tokio::time::Interval {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
 }
 
 /// Whether `pem` holds at least one certificate and nothing unreadable.

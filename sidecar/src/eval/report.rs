@@ -501,6 +501,14 @@ mod tests {
         }
     }
 
+    /// The finding that contains every one of `needles`.
+    fn finding<'a>(findings: &'a [String], needles: &[&str]) -> &'a str {
+        findings
+            .iter()
+            .find(|f| needles.iter().all(|n| f.contains(n)))
+            .unwrap_or_else(|| panic!("no finding with {needles:?} in {findings:?}"))
+    }
+
     #[test]
     fn a_configuration_more_accurate_for_less_energy_is_said_to_be_so() {
         let greedy: Vec<bool> = (0..40).map(|i| i < 10).collect();
@@ -511,18 +519,12 @@ mod tests {
             result(Configuration::Vote { k: 4 }, &sampled, 7.0),
         ];
         let findings = findings(&results, &EvalSettings::default());
-        let cheaper = findings
-            .iter()
-            .find(|f| f.contains("vote@1 "))
-            .expect("a finding on vote@1");
+        let cheaper = finding(&findings, &["vote@1 "]);
         assert!(
             cheaper.contains("more accurate for less energy: 0.500 J/request less"),
             "{cheaper}"
         );
-        let dearer = findings
-            .iter()
-            .find(|f| f.contains("vote@4 ") && f.contains("vs greedy"))
-            .expect("a finding on vote@4");
+        let dearer = finding(&findings, &["vote@4 ", "vs greedy"]);
         assert!(
             dearer.contains("TTC bought accuracy: 25.0 pts per extra joule"),
             "{dearer}"
@@ -546,19 +548,13 @@ mod tests {
             ),
         ];
         let findings = findings(&results, &EvalSettings::default());
-        let row = findings
-            .iter()
-            .find(|f| f.contains("the greedy row in a vote"))
-            .expect("a finding on the greedy row");
+        let row = finding(&findings, &["the greedy row in a vote"]);
         assert!(
             row.contains("policy-vote@8 (the greedy answer and 7 samples")
                 && row.contains("50% vs vote@8 (8 samples) 75% (-25 pts; 0 items gained, 10 lost"),
             "{row}"
         );
-        let early = findings
-            .iter()
-            .find(|f| f.contains("early-stop 50%"))
-            .expect("a finding on early stopping");
+        let early = finding(&findings, &["early-stop 50%"]);
         assert!(
             early.contains("vs vote@8 75% (-25 pts) at 30% of its joules: goal not met")
                 && early.contains("vs policy-vote@8 50% (+0 pts) at 30% of its joules: goal met"),
