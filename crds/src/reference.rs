@@ -3,8 +3,8 @@
 //! `spec` and `status` with its type, default, bounds and description, and the CEL rules with
 //! their messages.
 //!
-//! [`render`] is a pure function of the CRD; `crdgen` writes its output next to the manifest and a
-//! test fails when the committed file differs.
+//! [`render`] is a pure function of the CRD and the hand-written [`GUIDE`]; `crdgen` writes its
+//! output next to the manifest and a test fails when the committed file differs.
 
 use std::fmt::Write;
 
@@ -12,6 +12,11 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
 };
 use serde_json::Value;
+
+/// The hand-written part of the reference (an example policy, validation, status and conditions,
+/// where the types live), placed between the introduction and the field tables. Its relative links
+/// are relative to `docs/`, where the reference is written.
+pub const GUIDE: &str = include_str!("reference_guide.md");
 
 /// Fields whose type is a Kubernetes type: documented by name and link, not field by field.
 pub const KUBERNETES_TYPES: &[(&str, &str, &str)] = &[
@@ -260,7 +265,7 @@ pub fn render(crd: &CustomResourceDefinition) -> String {
     let w = &mut out;
     let _ = writeln!(
         w,
-        "<!-- Generated from the CRD schema by `cargo run -p ttc-crds --bin crdgen`; do not edit. -->"
+        "<!-- Generated from the CRD schema and crds/src/reference_guide.md by `cargo run -p ttc-crds --bin crdgen`; do not edit. -->"
     );
     let _ = writeln!(w, "# {} reference\n", names.kind);
     let _ = writeln!(
@@ -293,6 +298,8 @@ pub fn render(crd: &CustomResourceDefinition) -> String {
          in the constraints column refers to that table. Fields of the Kubernetes types \
          (label selector, resource requirements, conditions) are described where linked.\n"
     );
+    w.push_str(GUIDE);
+    w.push('\n');
 
     for section in ["spec", "status"] {
         let Some(schema) = root.properties.as_ref().and_then(|p| p.get(section)) else {
@@ -497,7 +504,7 @@ mod tests {
             assert!(doc.contains(&format!("| `{path}` |")), "no row for {path}");
             assert!(doc.contains(url));
         }
-        assert!(!doc.contains("matchLabels"));
+        assert!(!doc.contains("| `spec.selector.matchLabels"));
         assert!(!doc.contains("lastTransitionTime"));
         // Every CEL rule of the schema, with its message (pipes escaped for the table).
         let mut all = Vec::new();

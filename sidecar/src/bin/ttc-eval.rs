@@ -1,4 +1,4 @@
-//! `ttc-eval`: where test-time compute buys accuracy per joule, and where it does not (issue 7).
+//! `ttc-eval`: where test-time compute buys accuracy per joule, and where it does not.
 //!
 //! Runs seeded task families under greedy, fixed votes, early-stop voting, the adaptive policy
 //! under an allocation and verifier best-of-N; prints a table and the findings; writes

@@ -1,4 +1,4 @@
-//! The evaluation of issue 7: where test-time compute buys accuracy per joule, and where not.
+//! The evaluation: where test-time compute buys accuracy per joule, and where not.
 //!
 //! For each task family ([`crate::ttc::tasks`], seeded) the same items run under every
 //! [`Configuration`]: greedy, fixed votes of `k` samples, early-stop voting, the adaptive policy

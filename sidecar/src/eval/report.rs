@@ -277,7 +277,8 @@ pub fn findings(results: &[ConfigResult], settings: &EvalSettings) -> Vec<String
             find(&|c| matches!(c, Configuration::EarlyStop { .. })),
             deepest,
         ) {
-            // Issue 7's goal: within 1 pt of the fixed vote's accuracy at <= 40% of its joules.
+            // The early-stopping goal: within 1 pt of the fixed vote's accuracy at <= 40% of its
+            // joules.
             let against = |fixed: &ConfigResult| {
                 let delta = (early.accuracy.estimate - fixed.accuracy.estimate) * 100.0;
                 let share = early.mean_joules / fixed.mean_joules.max(1e-12);
@@ -295,7 +296,7 @@ pub fn findings(results: &[ConfigResult], settings: &EvalSettings) -> Vec<String
             // No stopping rule draws less than one sample, and greedy is one sample.
             let floor = greedy.mean_joules / vote.mean_joules.max(1e-12);
             out.push(format!(
-                "{name}: early-stop {} with {:.1} samples vs {}; issue 7's goal is within 1 pt at <= 40%. One sample alone (greedy) costs {:.0}% of vote@{k} on this engine, the floor of any stopping rule. Stops: {}.",
+                "{name}: early-stop {} with {:.1} samples vs {}; the goal is within 1 pt at <= 40%. One sample alone (greedy) costs {:.0}% of vote@{k} on this engine, the floor of any stopping rule. Stops: {}.",
                 pct(early.accuracy.estimate),
                 early.mean_samples,
                 fixed.join("; vs "),

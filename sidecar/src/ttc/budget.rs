@@ -742,8 +742,8 @@ mod tests {
     /// spend buys the most: uniform limits about that spend accept 82% (limit 4, 4.3 J) to 88%
     /// (limit 5, 4.8 J), since the requests still open at sample 5 are the ones that need the
     /// most samples. Over 20 seeds the controller must hold the allocation and accept as many as
-    /// the cheaper uniform limit (session 8: 81-82% over the first 100 requests and the next
-    /// 200, payback 5 to 30 requests alike).
+    /// the cheaper uniform limit (measured 2026-11-29: 81-82% over the first 100 requests and the
+    /// next 200, payback 5 to 30 requests alike).
     #[test]
     fn best_of_n_under_a_tight_allocation_holds_it_and_accepts_as_uniform_limits_do() {
         let seeds = 20;
