@@ -20,6 +20,10 @@ pub const OTLP_METRICS_PATH: &str = "/v1/metrics";
 pub const JSON_REPORTS_PATH: &str = "/v1/reports";
 /// Default port of the operator's report receiver (the OTLP/HTTP port).
 pub const DEFAULT_RECEIVER_PORT: u16 = 4318;
+/// Response header of a receiver replica that does not hold the lease: it refuses the report
+/// with 503 and closes the connection, so the sender's retry, on a new connection through the
+/// Service, reaches another replica. Only the leader keeps reports, as only it writes status.
+pub const NOT_LEADER_HEADER: &str = "ttc-not-leader";
 
 /// Cumulative monotonic sum: joules spent since the sidecar started. Unit `J`.
 pub const METRIC_ENERGY_JOULES: &str = "ttc.energy.joules";

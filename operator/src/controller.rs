@@ -2,7 +2,7 @@
 //! status (leader only) with server-side apply, publish events on transitions.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -77,6 +77,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive transient failures per policy, for backoff.
     failures: Mutex<HashMap<ObjectRef<InferencePolicy>, u32>>,
+    /// When this replica's current term as leader began (its first reconcile as leader).
+    leading_since: Mutex<Option<Instant>>,
 }
 
 impl Context {
@@ -105,7 +107,17 @@ impl Context {
             recorder,
             metrics,
             failures: Mutex::default(),
+            leading_since: Mutex::default(),
         }
+    }
+
+    /// How long this replica has led, counted from its first reconcile as leader.
+    fn leading_for(&self, now: Instant) -> Duration {
+        let mut since = self
+            .leading_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        now.duration_since(*since.get_or_insert(now))
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<InferencePolicy>, u32>> {
@@ -397,14 +409,25 @@ async fn reconcile_policy(policy: &InferencePolicy, ctx: &Context) -> Result<Act
         .as_deref()
         .ok_or(Error::MissingMetadata("name"))?;
     if !*ctx.leader.borrow() {
+        *ctx.leading_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
         ctx.metrics.reconciled("skipped_not_leader");
         return Ok(Action::requeue(ctx.settings.requeue_after));
     }
     let time = Time(Timestamp::now());
-    let (status, invalid) = match plan(policy, namespace, name, ctx, Instant::now(), time) {
+    let now = Instant::now();
+    let (mut status, invalid) = match plan(policy, namespace, name, ctx, now, time) {
         Plan::Valid(status) => (status, None),
         Plan::Invalid { reason, status } => (status, Some(reason)),
     };
+    // Reports go to the leader only: a new leader has heard nothing for up to one staleness
+    // period, and keeps what its predecessor observed until it does.
+    if ctx.leading_for(now) < ctx.settings.stale_after
+        && let Some(previous) = policy.status.as_ref()
+    {
+        status::carry_over_observation(previous, &mut status);
+    }
     if !same_status(policy.status.as_ref(), &status) {
         write_status(policy, namespace, name, &status, ctx).await?;
         let reference = policy.object_ref(&());

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -14,9 +14,11 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
-use ttc_crds::report::{JSON_REPORTS_PATH, OTLP_METRICS_PATH, REPORT_TOKEN_AUDIENCE};
+use ttc_crds::report::{
+    JSON_REPORTS_PATH, NOT_LEADER_HEADER, OTLP_METRICS_PATH, REPORT_TOKEN_AUDIENCE,
+};
 use ttc_crds::{EnergyReport, InferencePolicy};
 
 use crate::metrics::Metrics;
@@ -36,6 +38,10 @@ pub struct ReportReceiver {
     pub auth: Option<Arc<dyn ReportAuthenticator>>,
     /// Paces the warnings about refused reports.
     pub refusals: RefusalLog,
+    /// Whether this replica holds the lease; `None` takes reports regardless (one process
+    /// without leader election). Replicas without the lease refuse reports with 503 and
+    /// `Connection: close`, so that the sender's retry may reach the leader.
+    pub leader: Option<watch::Receiver<bool>>,
 }
 
 /// Paces the warnings about refused reports: at most one a minute, each saying how many
@@ -75,6 +81,31 @@ impl RefusalLog {
 }
 
 impl ReportReceiver {
+    /// The refusal of a replica that does not hold the lease, or `None` on the leader. Reports
+    /// reach any replica through the Service, but only the leader writes the statuses, and a
+    /// sidecar's connection stays with the replica it first reached: so the others answer 503
+    /// with `Connection: close`, and the sidecar's next attempt opens a new connection, which the
+    /// Service may send elsewhere (the sidecar retries at once: `ttc-telemetry` report client).
+    fn not_leader(&self, encoding: &'static str) -> Option<Response> {
+        let leader = self.leader.as_ref()?;
+        if *leader.borrow() {
+            return None;
+        }
+        self.metrics.report(encoding, "not_leader");
+        Some(
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [
+                    (header::CONNECTION, "close"),
+                    (header::RETRY_AFTER, "1"),
+                    (HeaderName::from_static(NOT_LEADER_HEADER), "true"),
+                ],
+                "this operator replica does not hold the lease; send the report again (a new connection may reach the leader)",
+            )
+                .into_response(),
+        )
+    }
+
     /// Checks that the request may report for every pod in `reports`.
     async fn authorize(
         &self,
@@ -139,6 +170,9 @@ async fn otlp(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(refused) = receiver.not_leader("otlp") {
+        return refused;
+    }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -183,6 +217,9 @@ async fn json(
     headers: HeaderMap,
     Json(report): Json<EnergyReport>,
 ) -> Response {
+    if let Some(refused) = receiver.not_leader("json") {
+        return refused;
+    }
     if !report.joules_total.is_finite() || report.joules_total < 0.0 {
         receiver.metrics.report("json", "rejected");
         return StatusCode::UNPROCESSABLE_ENTITY.into_response();
@@ -220,6 +257,7 @@ mod tests {
             wake: None,
             auth: None,
             refusals: Default::default(),
+            leader: None,
         })
     }
 
@@ -232,6 +270,7 @@ mod tests {
             wake: Some(wake),
             auth: None,
             refusals: Default::default(),
+            leader: None,
         });
         let report = |joules: f64| EnergyReport {
             namespace: "ns".into(),
@@ -263,6 +302,57 @@ mod tests {
             woken.try_recv().is_err(),
             "only the first report wakes the policy"
         );
+    }
+
+    #[tokio::test]
+    async fn only_the_leader_keeps_reports_and_the_others_send_the_sidecar_elsewhere() {
+        let (leading, leader) = watch::channel(false);
+        let receiver = Arc::new(ReportReceiver {
+            book: Arc::new(ReportBook::new(Duration::from_secs(60))),
+            metrics: Arc::new(Metrics::default()),
+            wake: None,
+            auth: None,
+            refusals: Default::default(),
+            leader: Some(leader),
+        });
+        let report = EnergyReport {
+            namespace: "ns".into(),
+            pod: "p".into(),
+            policy: "pol".into(),
+            source: EnergySource::Estimate,
+            joules_total: 5.0,
+            requests_total: 1,
+            samples_total: 1,
+            watts: None,
+        };
+        let send = || {
+            let request = Request::post(JSON_REPORTS_PATH)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(serde_json::to_vec(&report).expect("json")))
+                .expect("request");
+            router(receiver.clone()).oneshot(request)
+        };
+        let refused = send().await.expect("response");
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(refused.headers()[header::CONNECTION], "close");
+        assert_eq!(refused.headers()[NOT_LEADER_HEADER], "true");
+        assert_eq!(
+            receiver.book.len(),
+            0,
+            "a replica without the lease keeps nothing"
+        );
+        assert!(
+            receiver
+                .metrics
+                .render()
+                .contains("format=\"json\",outcome=\"not_leader\"} 1")
+        );
+        leading.send(true).expect("the receiver listens");
+        assert_eq!(
+            send().await.expect("response").status(),
+            StatusCode::NO_CONTENT
+        );
+        assert_eq!(receiver.book.len(), 1);
     }
 
     #[tokio::test]

@@ -1,9 +1,10 @@
 //! Wiring: caches (reflectors), leader election, the controller and the three HTTP servers.
 //!
-//! Every replica keeps the caches, serves the webhook and receives reports; only the replica
-//! holding the Lease writes status and events. Reports are kept in memory per replica: a sidecar
-//! exports to the Service, so after a failover the new leader rebuilds its view within one
-//! staleness period.
+//! Every replica keeps the caches and serves the webhook; only the replica holding the Lease
+//! writes status and events, and takes the sidecars' reports: the others refuse them with 503
+//! and close the connection, so a sidecar's retry reaches another replica through the Service.
+//! Reports are kept in memory by the leader, so after a failover the new leader rebuilds its
+//! view within one staleness period.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -371,6 +372,7 @@ pub async fn run(
             ReportAuthMode::TokenReview => Some(Arc::new(TokenReviewer::new(client.clone()))),
         },
         refusals: Default::default(),
+        leader: Some(leader.clone()),
     });
     let tls = config.tls()?;
     let check_every = Duration::from_secs(config.certificate_check_seconds);

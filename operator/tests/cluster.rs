@@ -208,6 +208,7 @@ async fn a_report_token_speaks_for_the_pod_it_is_bound_to_only() -> TestResult {
         wake: None,
         auth: Some(std::sync::Arc::new(reviewer)),
         refusals: Default::default(),
+        leader: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!(

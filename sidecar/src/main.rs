@@ -130,10 +130,13 @@ async fn follow_policy(
     let mut views = watch_policy(client, identity.clone());
     tokio::spawn(async move {
         let mut trusted_ca: Option<String> = None;
+        // The watch starts empty: no policy yet is not a policy gone.
+        let mut seen = false;
         loop {
             let view = views.borrow_and_update().clone();
             match view {
                 Some(view) => {
+                    seen = true;
                     if let Some(ca) = view
                         .report_ca_bundle
                         .clone()
@@ -177,6 +180,9 @@ async fn follow_policy(
                         ))),
                     );
                     tracing::info!(policy = %identity.policy, joules_per_request = ?view.joules_per_request, watts = ?view.watts, joules_per_window = ?view.joules_per_window, "policy applied");
+                }
+                None if !seen => {
+                    tracing::debug!(policy = %identity.policy, "waiting for the first view of the policy");
                 }
                 None => {
                     tracing::warn!(policy = %identity.policy, "the policy is gone; serving without a budget");

@@ -249,6 +249,7 @@ fn tls_receiver(
         wake: None,
         auth,
         refusals: Default::default(),
+        leader: None,
     });
     // The operator's process-wide TLS provider, as its main installs it.
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -185,6 +185,29 @@ fn list(names: &[&str]) -> String {
     s
 }
 
+/// Keeps what `previous` observed in `status` when `status` has nothing measured to go on: a
+/// replica that has just become the leader has heard no report yet, or one per pod (no span to
+/// measure joules over: reports carry cumulative counters), and "no reports" or "0 W" from it
+/// would only say that, not that the pods went silent. The caller applies this while the new
+/// leader has led for less than one staleness period, after which pods it has not heard from
+/// really are silent. An observation with joules measured always wins.
+pub fn carry_over_observation(
+    previous: &InferencePolicyStatus,
+    status: &mut InferencePolicyStatus,
+) {
+    let measured = status.observed.as_ref().is_some_and(|o| o.joules > 0.0);
+    if measured || previous.observed.is_none() {
+        return;
+    }
+    status.observed = previous.observed.clone();
+    status.observed_summary = previous.observed_summary.clone();
+    status.mean_depth = previous.mean_depth;
+    if let Some(budget_met) = previous.conditions.iter().find(|c| c.type_ == BUDGET_MET) {
+        status.conditions.retain(|c| c.type_ != BUDGET_MET);
+        status.conditions.push(budget_met.clone());
+    }
+}
+
 /// Computes the status of a valid policy.
 pub fn compute_status(inputs: &StatusInputs<'_>) -> InferencePolicyStatus {
     let selection = inputs.selection;
@@ -472,6 +495,42 @@ mod tests {
             Some("1.5J/req 50W (nvml)")
         );
         assert_eq!(status.budget_summary.as_deref(), Some("2J/req 100W /60s"));
+    }
+
+    #[test]
+    fn a_new_leader_keeps_what_was_observed_until_it_hears_the_pods() {
+        let spec = spec();
+        let selection = PodSelection {
+            governed: vec![pod("a", true)],
+            overlapping: vec![],
+        };
+        let heard = [energy("a", 60.0, 40, 30.0, EnergySource::Nvml)];
+        let previous = compute_status(&inputs(&spec, &selection, &heard, &[]));
+        let unheard = compute_status(&inputs(&spec, &selection, &[], &[]));
+        assert_eq!(cond(&unheard, BUDGET_MET).reason, "NoReports");
+
+        // One report per pod so far: cumulative counters, nothing measured over a span yet.
+        let once = [energy("a", 0.0, 0, 0.0, EnergySource::Nvml)];
+        let heard_once = compute_status(&inputs(&spec, &selection, &once, &[]));
+        for unmeasured in [unheard.clone(), heard_once] {
+            let mut kept = unmeasured.clone();
+            carry_over_observation(&previous, &mut kept);
+            assert_eq!(kept.observed, previous.observed);
+            assert_eq!(kept.observed_summary, previous.observed_summary);
+            assert_eq!(kept.mean_depth, previous.mean_depth);
+            assert_eq!(cond(&kept, BUDGET_MET), cond(&previous, BUDGET_MET));
+            assert_eq!(cond(&kept, READY), cond(&unmeasured, READY));
+        }
+
+        // Fresh figures win, and nothing is invented where nothing was observed before.
+        let fresh = [energy("a", 300.0, 100, 90.0, EnergySource::Nvml)];
+        let mut now_heard = compute_status(&inputs(&spec, &selection, &fresh, &[]));
+        let before = now_heard.clone();
+        carry_over_observation(&previous, &mut now_heard);
+        assert_eq!(now_heard, before);
+        let mut still_unheard = unheard.clone();
+        carry_over_observation(&unheard, &mut still_unheard);
+        assert_eq!(still_unheard, unheard);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! ([`ReportClient::trust_published`]); nothing else. Where the receiver authenticates sidecars
 //! it sends `Authorization: Bearer <token>` read from a file on every export (the pod's
 //! projected service-account token, which the kubelet rotates in place, so the token is never
-//! cached).
+//! cached). An operator replica without the lease refuses a report and closes the connection
+//! ([`NOT_LEADER_HEADER`]); the client sends it again at once, on a new connection that the
+//! Service may route to the leader, a few times.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -18,6 +20,12 @@ use opentelemetry_http::{HttpClient, HttpError};
 use reqwest_blocking::blocking::Client;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use ttc_crds::report::NOT_LEADER_HEADER;
+
+/// Attempts per export while operator replicas without the lease answer: with two replicas
+/// behind the Service, all of them miss the leader once in 2^8 exports, and a missed export
+/// only delays the cumulative counters to the next one.
+const ATTEMPTS: usize = 8;
 
 /// A blocking HTTP client that trusts the receiver's CA and adds the bearer token in
 /// `token_file` to every request. Clones share the client, so a change of trust reaches the
@@ -145,7 +153,26 @@ impl HttpClient for ReportClient {
             let value = HeaderValue::from_str(&format!("Bearer {}", token.trim()))?;
             request.headers_mut().insert(AUTHORIZATION, value);
         }
-        self.client().send_bytes(request).await
+        let client = self.client();
+        let (parts, body) = request.into_parts();
+        let mut attempt = 1;
+        loop {
+            let mut again = Request::builder()
+                .method(parts.method.clone())
+                .uri(parts.uri.clone())
+                .version(parts.version)
+                .body(body.clone())?;
+            *again.headers_mut() = parts.headers.clone();
+            let response = client.send_bytes(again).await?;
+            if attempt == ATTEMPTS || !response.headers().contains_key(NOT_LEADER_HEADER) {
+                return Ok(response);
+            }
+            tracing::debug!(
+                attempt,
+                "an operator replica without the lease refused the report; sending it again"
+            );
+            attempt += 1;
+        }
     }
 }
 
@@ -240,6 +267,78 @@ mod tests {
         // Reports to a collector of the user's (no CA at creation) take no published CA.
         let plain = ReportClient::new(None, None, Duration::from_secs(5))?;
         assert!(!plain.trust_published(&published)?);
+        Ok(())
+    }
+
+    /// How many connections a test server took.
+    type Connections = Arc<Mutex<usize>>;
+
+    /// A plain HTTP server on a loopback port that answers its first `refusals` connections as
+    /// an operator replica without the lease does (503, the header, connection closed), and
+    /// later ones with 200; returns its URL and the count of connections it took.
+    fn receiver_behind_a_service(
+        refusals: usize,
+    ) -> Result<(String, Connections), Box<dyn std::error::Error>> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let url = format!("http://{}/v1/metrics", listener.local_addr()?);
+        let connections = Arc::new(Mutex::new(0));
+        let counted = connections.clone();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_lowercase();
+                let length: usize = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0u8; length];
+                let _ = stream.read_exact(&mut body);
+                let seen = {
+                    let mut n = counted.lock().unwrap_or_else(|e| e.into_inner());
+                    *n += 1;
+                    *n
+                };
+                let answer = if seen <= refusals {
+                    format!(
+                        "HTTP/1.1 503 Service Unavailable\r\n{NOT_LEADER_HEADER}: true\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    )
+                } else {
+                    "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()
+                };
+                let _ = stream.write_all(answer.as_bytes());
+            }
+        });
+        Ok((url, connections))
+    }
+
+    fn export(client: &ReportClient, url: &str) -> Result<u16, Box<dyn std::error::Error>> {
+        let request = Request::post(url).body(Bytes::from_static(b"report"))?;
+        let response =
+            futures::executor::block_on(client.send_bytes(request)).map_err(|e| e.to_string())?;
+        Ok(response.status().as_u16())
+    }
+
+    #[test]
+    fn a_report_refused_by_a_replica_without_the_lease_is_sent_again_on_a_new_connection()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let client = ReportClient::new(None, None, Duration::from_secs(5))?;
+        let (url, connections) = receiver_behind_a_service(3)?;
+        assert_eq!(export(&client, &url)?, 200);
+        assert_eq!(*connections.lock().unwrap_or_else(|e| e.into_inner()), 4);
+
+        // Bounded: after ATTEMPTS refusals the exporter gets the refusal (and drops the export;
+        // the next one carries the same cumulative counters).
+        let (url, connections) = receiver_behind_a_service(usize::MAX)?;
+        assert_eq!(export(&client, &url)?, 503);
+        assert_eq!(
+            *connections.lock().unwrap_or_else(|e| e.into_inner()),
+            ATTEMPTS
+        );
         Ok(())
     }
 }
