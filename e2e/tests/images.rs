@@ -1,8 +1,8 @@
-//! The container images are not built here (no container runtime on these machines), so their
-//! Dockerfiles are checked against the workspace instead: every file they copy exists, they copy
-//! every workspace member (cargo loads the whole workspace), they build a package and binary that
-//! exist with the workspace's Rust version, and they expose the ports the chart and the operator
-//! use.
+//! The Dockerfiles against the workspace, for the builds this machine cannot run (their Rust
+//! builder stage needs a registry; `e2e/images/build.sh` replaces it with host-built binaries):
+//! every file they copy exists, they copy every workspace member (cargo loads the whole
+//! workspace), they build a package and binary that exist with the workspace's Rust version, and
+//! they expose the ports the chart and the operator use. `containers.rs` runs the images.
 
 use std::path::{Path, PathBuf};
 
