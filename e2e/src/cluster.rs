@@ -4,13 +4,14 @@
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::api::{Api, ListParams, PostParams};
 
 use crate::error::{Error, Result};
 use crate::kubeconfig;
+use crate::node::{NodeConfig, RealNode};
 use crate::nodes::{self, GpuNodeSpec};
 use crate::pki::Pki;
 use crate::process::Component;
@@ -43,6 +44,9 @@ pub struct ClusterConfig {
     pub node_spec: GpuNodeSpec,
     /// How long each component may take to become ready.
     pub ready_timeout: Duration,
+    /// A real node (kubelet, containerd, kube-proxy) running the project's images; `None` runs
+    /// pods on the simulated GPU nodes only (kwok marks them Running and runs nothing).
+    pub node: Option<NodeConfig>,
 }
 
 impl ClusterConfig {
@@ -54,6 +58,7 @@ impl ClusterConfig {
             gpu_nodes: 3,
             node_spec: GpuNodeSpec::default(),
             ready_timeout: Duration::from_secs(120),
+            node: None,
         }
     }
 }
@@ -102,6 +107,8 @@ impl Ports {
 pub struct LocalCluster {
     /// In start order; stopped in reverse.
     components: Vec<Component>,
+    /// The real node, stopped before the control plane.
+    node: Option<RealNode>,
     kubeconfig: PathBuf,
     state_dir: PathBuf,
     ports: Ports,
@@ -171,10 +178,15 @@ impl LocalCluster {
         let timeout = config.ready_timeout;
         let mut cluster = LocalCluster {
             components: Vec::new(),
+            node: None,
             kubeconfig: kubeconfig.clone(),
             state_dir: state.clone(),
             ports,
         };
+
+        if let Some(node) = &config.node {
+            cluster.node = Some(RealNode::prepare(state, &config.bin_dir, node)?);
+        }
 
         let etcd_args = etcd_args(state, &ports);
         cluster.components.push(Component::start(
@@ -188,7 +200,7 @@ impl LocalCluster {
             .wait_ready(0, timeout, || http_ok(&http, &url))
             .await?;
 
-        let args = api_server_args(state, &ports, &pki);
+        let args = api_server_args(state, &ports, &pki, config.node.is_some());
         let api = Component::start(
             "kube-apiserver",
             &bin("kube-apiserver"),
@@ -248,7 +260,11 @@ impl LocalCluster {
         cluster
             .wait_ready(3, timeout, || http_ok(&http, &url))
             .await?;
-        let wanted = usize::from(config.gpu_nodes);
+        let server = cluster.server_url();
+        if let Some(node) = cluster.node.as_mut() {
+            node.start(&server, &pki, client.clone(), timeout).await?;
+        }
+        let wanted = usize::from(config.gpu_nodes) + usize::from(config.node.is_some());
         cluster
             .wait_ready(4, timeout, || nodes_ready(&node_api, wanted))
             .await?;
@@ -291,8 +307,16 @@ impl LocalCluster {
         kubeconfig::client(&self.kubeconfig).await
     }
 
-    /// Fails with [`Error::Exited`] when any component has exited.
+    /// The real node, when the cluster has one.
+    pub fn node(&self) -> Option<&RealNode> {
+        self.node.as_ref()
+    }
+
+    /// Fails with [`Error::Exited`] when any component (of the node too) has exited.
     pub fn check_running(&mut self) -> Result<()> {
+        if let Some(node) = self.node.as_mut() {
+            node.check_running()?;
+        }
         self.components
             .iter_mut()
             .try_for_each(Component::check_running)
@@ -306,6 +330,11 @@ impl LocalCluster {
 
     fn stop_all(&mut self, grace: Duration) -> Result<()> {
         let mut first_error = None;
+        if let Some(node) = self.node.take()
+            && let Err(e) = node.stop(grace)
+        {
+            first_error.get_or_insert(e);
+        }
         while let Some(mut component) = self.components.pop() {
             if let Err(e) = component.stop(grace) {
                 first_error.get_or_insert(e);
@@ -316,35 +345,15 @@ impl LocalCluster {
 
     /// Polls `probe` until it succeeds; fails when any component exits or after `timeout`,
     /// naming the component at `target`.
-    async fn wait_ready<F, Fut>(
-        &mut self,
-        target: usize,
-        timeout: Duration,
-        mut probe: F,
-    ) -> Result<()>
+    async fn wait_ready<F, Fut>(&mut self, target: usize, timeout: Duration, probe: F) -> Result<()>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<(), String>>,
     {
-        let started = Instant::now();
-        loop {
-            self.check_running()?;
-            let last_check = match probe().await {
-                Ok(()) => return Ok(()),
-                Err(e) => e,
-            };
-            if started.elapsed() >= timeout {
-                let component = &self.components[target];
-                return Err(Error::NotReady {
-                    component: component.name().into(),
-                    waited: started.elapsed(),
-                    last_check,
-                    log: component.log().into(),
-                    tail: component.tail(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some(node) = self.node.as_mut() {
+            node.check_running()?;
         }
+        crate::process::wait_ready(&mut self.components, target, timeout, probe).await
     }
 }
 
@@ -373,12 +382,10 @@ fn etcd_args(state: &Path, ports: &Ports) -> Vec<String> {
     ]
 }
 
-fn api_server_args(state: &Path, ports: &Ports, pki: &Pki) -> Vec<String> {
+fn api_server_args(state: &Path, ports: &Ports, pki: &Pki, node: bool) -> Vec<String> {
     let p = |path: &Path| path.display().to_string();
-    vec![
+    let mut args = vec![
         format!("--etcd-servers=http://127.0.0.1:{}", ports.etcd_client),
-        "--bind-address=127.0.0.1".into(),
-        "--advertise-address=127.0.0.1".into(),
         format!("--secure-port={}", ports.api_server),
         format!("--cert-dir={}", state.join("pki").display()),
         format!("--tls-cert-file={}", p(&pki.serving_cert)),
@@ -391,7 +398,6 @@ fn api_server_args(state: &Path, ports: &Ports, pki: &Pki) -> Vec<String> {
         format!("--service-account-key-file={}", p(&pki.sa_pub)),
         format!("--service-account-signing-key-file={}", p(&pki.sa_key)),
         "--service-cluster-ip-range=10.0.0.0/24".into(),
-        "--authorization-mode=RBAC".into(),
         // Front-proxy settings, so aggregated API servers and the controllers' request-header
         // authenticators find a CA bundle.
         format!("--requestheader-client-ca-file={}", p(&pki.ca_cert)),
@@ -405,9 +411,38 @@ fn api_server_args(state: &Path, ports: &Ports, pki: &Pki) -> Vec<String> {
         format!("--proxy-client-cert-file={}", p(&pki.front_proxy_cert)),
         format!("--proxy-client-key-file={}", p(&pki.front_proxy_key)),
         "--allow-privileged=true".into(),
-        // The `kubernetes` Service's endpoint would be 127.0.0.1, which Endpoints reject.
-        "--endpoint-reconciler-type=none".into(),
-    ]
+    ];
+    if node {
+        // Pods reach the API server through the `kubernetes` Service, whose endpoint is the
+        // node's address (the pod bridge's gateway); it calls webhooks at their pods' addresses
+        // (the endpoints of their Services) and kubelets with a client certificate of its own.
+        args.extend([
+            "--bind-address=0.0.0.0".to_string(),
+            format!("--advertise-address={}", crate::pki::NODE_IP),
+            "--authorization-mode=Node,RBAC".into(),
+            "--enable-admission-plugins=NodeRestriction".into(),
+            "--enable-aggregator-routing=true".into(),
+            format!(
+                "--kubelet-client-certificate={}",
+                p(&pki.node.apiserver_kubelet_client.0)
+            ),
+            format!(
+                "--kubelet-client-key={}",
+                p(&pki.node.apiserver_kubelet_client.1)
+            ),
+            format!("--kubelet-certificate-authority={}", p(&pki.ca_cert)),
+            "--kubelet-preferred-address-types=InternalIP".into(),
+        ]);
+    } else {
+        args.extend([
+            "--bind-address=127.0.0.1".to_string(),
+            "--advertise-address=127.0.0.1".into(),
+            "--authorization-mode=RBAC".into(),
+            // The `kubernetes` Service's endpoint would be 127.0.0.1, which Endpoints reject.
+            "--endpoint-reconciler-type=none".into(),
+        ]);
+    }
+    args
 }
 
 fn controller_manager_args(kubeconfig: &Path, pki: &Pki, port: u16) -> Vec<String> {

@@ -161,6 +161,9 @@ pub enum Error {
     SharedClusterUnavailable(String),
 
     /// A helper thread or runtime needed by the test helper could not be created.
+    #[error("the real node: {0}")]
+    Node(String),
+
     #[error("test helper: {0}")]
     Runtime(String),
 }

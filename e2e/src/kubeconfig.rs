@@ -13,6 +13,34 @@ pub const CONTEXT: &str = "ttc-e2e";
 
 /// Writes an admin kubeconfig for the API server at `server` with the certificates of `pki`.
 pub fn write_admin(path: &Path, server: &str, pki: &Pki) -> Result<()> {
+    write(
+        path,
+        server,
+        &pki.ca_pem,
+        &pki.admin_cert_pem,
+        &pki.admin_key_pem,
+    )
+}
+
+/// Writes a kubeconfig for the API server at `server` (trusting `ca_pem`) that authenticates
+/// with a client certificate and key read from `cert_and_key` (a node component's identity).
+pub fn write_client(
+    path: &Path,
+    server: &str,
+    pki: &Pki,
+    cert_and_key: &(std::path::PathBuf, std::path::PathBuf),
+) -> Result<()> {
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| Error::io("reading", p, e));
+    write(
+        path,
+        server,
+        &pki.ca_pem,
+        &read(&cert_and_key.0)?,
+        &read(&cert_and_key.1)?,
+    )
+}
+
+fn write(path: &Path, server: &str, ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<()> {
     let kubeconfig = serde_json::json!({
         "apiVersion": "v1",
         "kind": "Config",
@@ -20,14 +48,14 @@ pub fn write_admin(path: &Path, server: &str, pki: &Pki) -> Result<()> {
             "name": CONTEXT,
             "cluster": {
                 "server": server,
-                "certificate-authority-data": base64(&pki.ca_pem),
+                "certificate-authority-data": base64(ca_pem),
             },
         }],
         "users": [{
             "name": CONTEXT,
             "user": {
-                "client-certificate-data": base64(&pki.admin_cert_pem),
-                "client-key-data": base64(&pki.admin_key_pem),
+                "client-certificate-data": base64(cert_pem),
+                "client-key-data": base64(key_pem),
             },
         }],
         "contexts": [{

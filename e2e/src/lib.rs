@@ -8,7 +8,9 @@
 pub mod cluster;
 pub mod demo;
 pub mod error;
+pub mod images;
 pub mod kubeconfig;
+pub mod node;
 pub mod nodes;
 pub mod pki;
 pub mod process;

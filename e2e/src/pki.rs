@@ -37,11 +37,34 @@ pub struct Pki {
     pub sa_pub: PathBuf,
     /// PEM text of the CA certificate, for kubeconfigs.
     pub ca_pem: String,
+    /// The node's certificates (kubelet, kube-proxy, and the API server's client for kubelets).
+    pub node: NodePki,
     /// PEM text of the admin certificate, for kubeconfigs.
     pub admin_cert_pem: String,
     /// PEM text of the admin key, for kubeconfigs.
     pub admin_key_pem: String,
 }
+
+/// Certificates of the real node (see [`crate::node`]), signed by the cluster's CA.
+#[derive(Debug, Clone)]
+pub struct NodePki {
+    /// The kubelet's client certificate: `system:node:<name>` in `system:nodes`, as the Node
+    /// authorizer and the NodeRestriction admission plugin expect.
+    pub kubelet_client: (PathBuf, PathBuf),
+    /// The kubelet's serving certificate, for the node's name and address.
+    pub kubelet_serving: (PathBuf, PathBuf),
+    /// kube-proxy's client certificate: `system:kube-proxy`, bound to `system:node-proxier`.
+    pub kube_proxy_client: (PathBuf, PathBuf),
+    /// The API server's client certificate for kubelets (logs, exec).
+    pub apiserver_kubelet_client: (PathBuf, PathBuf),
+}
+
+/// The name of the real node, and so of its kubelet's identity.
+pub const NODE_NAME: &str = "ttc-node";
+/// The address of the real node: the gateway of its pod bridge (see [`crate::node`]).
+pub const NODE_IP: &str = "10.244.0.1";
+/// The `kubernetes` Service's address, the first of the service range.
+pub const KUBERNETES_SERVICE_IP: &str = "10.0.0.1";
 
 impl Pki {
     /// Generates a CA, a serving certificate, an admin client certificate and a service-account
@@ -69,6 +92,9 @@ impl Pki {
                 "kubernetes",
                 "kubernetes.default",
                 "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+                KUBERNETES_SERVICE_IP,
+                NODE_IP,
             ]
             .map(String::from)
             .to_vec(),
@@ -92,6 +118,60 @@ impl Pki {
 
         let sa = KeyPair::generate()?;
 
+        let node_name = format!("system:node:{NODE_NAME}");
+        let node = NodePki {
+            kubelet_client: (
+                dir.join("kubelet-client.crt"),
+                dir.join("kubelet-client.key"),
+            ),
+            kubelet_serving: (dir.join("kubelet.crt"), dir.join("kubelet.key")),
+            kube_proxy_client: (dir.join("kube-proxy.crt"), dir.join("kube-proxy.key")),
+            apiserver_kubelet_client: (
+                dir.join("apiserver-kubelet-client.crt"),
+                dir.join("apiserver-kubelet-client.key"),
+            ),
+        };
+        let client = ExtendedKeyUsagePurpose::ClientAuth;
+        let server = ExtendedKeyUsagePurpose::ServerAuth;
+        for (files, common_name, organization, sans, usage) in [
+            (
+                &node.kubelet_client,
+                node_name.as_str(),
+                Some("system:nodes"),
+                vec![],
+                &client,
+            ),
+            (
+                &node.kubelet_serving,
+                NODE_NAME,
+                None,
+                vec![NODE_NAME.to_string(), NODE_IP.to_string()],
+                &server,
+            ),
+            (
+                &node.kube_proxy_client,
+                "system:kube-proxy",
+                None,
+                vec![],
+                &client,
+            ),
+            (
+                &node.apiserver_kubelet_client,
+                "kube-apiserver-kubelet-client",
+                Some("system:masters"),
+                vec![],
+                &client,
+            ),
+        ] {
+            let mut params = CertificateParams::new(sans)?;
+            params.distinguished_name = name(common_name, organization);
+            params.extended_key_usages = vec![usage.clone()];
+            let key = KeyPair::generate()?;
+            let cert = params.signed_by(&key, &*ca)?;
+            write(&files.0, &cert.pem())?;
+            write(&files.1, &key.serialize_pem())?;
+        }
+
         let pki = Pki {
             ca_cert: dir.join("ca.crt"),
             ca_key: dir.join("ca.key"),
@@ -103,6 +183,7 @@ impl Pki {
             front_proxy_key: dir.join("front-proxy-client.key"),
             sa_key: dir.join("sa.key"),
             sa_pub: dir.join("sa.pub"),
+            node,
             ca_pem: ca.pem(),
             admin_cert_pem: admin_cert.pem(),
             admin_key_pem: admin_key.serialize_pem(),

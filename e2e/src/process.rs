@@ -73,6 +73,41 @@ fn spawn_supervised(mut command: Command) -> std::io::Result<Child> {
         .map_err(|_| std::io::Error::other("the process spawner thread did not answer"))?
 }
 
+/// Polls `probe` every 250 ms until it succeeds; fails when any of `components` exits, or after
+/// `timeout` naming the component at `target` with the tail of its log.
+pub(crate) async fn wait_ready<F, Fut>(
+    components: &mut [Component],
+    target: usize,
+    timeout: Duration,
+    mut probe: F,
+) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<(), String>>,
+{
+    let started = Instant::now();
+    loop {
+        components
+            .iter_mut()
+            .try_for_each(Component::check_running)?;
+        let last_check = match probe().await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if started.elapsed() >= timeout {
+            let component = &components[target];
+            return Err(Error::NotReady {
+                component: component.name().into(),
+                waited: started.elapsed(),
+                last_check,
+                log: component.log().into(),
+                tail: component.tail(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// One running control-plane process: its name, its log file and its process group.
 #[derive(Debug)]
 pub struct Component {

@@ -401,6 +401,68 @@ where
     }
 }
 
+/// Waits until `url` answers 200, for at most `limit` (a server coming up: its readiness probe).
+pub async fn wait_until_up(
+    http: &reqwest::Client,
+    url: &str,
+    limit: Duration,
+) -> std::result::Result<(), String> {
+    eventually(url, limit, || async move {
+        let response = http.get(url).send().await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        if status.is_success() {
+            Ok(Some(()))
+        } else {
+            Err(status.to_string())
+        }
+    })
+    .await
+}
+
+/// Asks the sidecar at `base` (`http://host:port`) one chat question with the model it serves
+/// (the first of `/v1/models`); returns the response body, failing on a status other than 200.
+pub async fn ask_sidecar(
+    http: &reqwest::Client,
+    base: &str,
+    question: &str,
+    max_tokens: u32,
+) -> std::result::Result<serde_json::Value, String> {
+    let models: serde_json::Value = http
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|e| format!("GET {base}/v1/models: {e}"))?
+        .json()
+        .await
+        .map_err(|e| format!("GET {base}/v1/models: {e}"))?;
+    let model = models["data"][0]["id"]
+        .as_str()
+        .ok_or_else(|| format!("{base}/v1/models lists no model: {models}"))?;
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+    });
+    let response = http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| format!("POST {base}/v1/chat/completions: {e}"))?;
+    let status = response.status();
+    let answer: serde_json::Value = response
+        .json()
+        .await
+        .map_err(|e| format!("POST {base}/v1/chat/completions: {e}"))?;
+    if !status.is_success() {
+        return Err(format!(
+            "POST {base}/v1/chat/completions: {status}: {answer}"
+        ));
+    }
+    Ok(answer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::dns_label_prefix;

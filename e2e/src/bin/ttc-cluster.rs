@@ -1,7 +1,8 @@
 //! `ttc-cluster`: runs the local control plane in the foreground.
 //!
 //! `ttc-cluster up` starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler and
-//! kwok, writes `<state-dir>/kubeconfig`, then `<state-dir>/ready` once the cluster can run
+//! kwok (and with `--real-node`, a node that runs the project's images: see `ttc_e2e::node`),
+//! writes `<state-dir>/kubeconfig`, then `<state-dir>/ready` once the cluster can run
 //! pods, and keeps running until SIGINT or SIGTERM. `ttc-cluster down` stops the cluster
 //! running in a state directory.
 
@@ -13,6 +14,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
+use ttc_e2e::images::Images;
+use ttc_e2e::node::NodeConfig;
 use ttc_e2e::{ClusterConfig, GpuNodeSpec, LocalCluster};
 
 /// A marker that says a state directory belongs to ttc-cluster and may be wiped.
@@ -55,6 +58,13 @@ struct UpArgs {
     /// GPU model label (nvidia.com/gpu.product).
     #[arg(long, default_value_t = GpuNodeSpec::default().product)]
     gpu_product: String,
+    /// Add a real node (kubelet, containerd, kube-proxy) that runs the images of this directory
+    /// (printed by e2e/images/build.sh). Needs root.
+    #[arg(long, env = "TTC_IMAGES_DIR")]
+    images_dir: Option<PathBuf>,
+    /// Start the real node (see --images-dir).
+    #[arg(long, requires = "images_dir")]
+    real_node: bool,
     /// Seconds each component may take to become ready.
     #[arg(long, default_value_t = 120)]
     ready_timeout: u64,
@@ -124,6 +134,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     config.node_spec.gpus = args.gpus_per_node;
     config.node_spec.product = args.gpu_product;
     config.ready_timeout = Duration::from_secs(args.ready_timeout);
+    if let Some(dir) = args.images_dir.as_deref().filter(|_| args.real_node) {
+        config.node = Some(NodeConfig {
+            images: Images::load(dir)?,
+        });
+    }
 
     let started = std::time::Instant::now();
     let mut cluster = tokio::select! {
