@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The one-command demo (the README's first command): builds what it needs (control-plane
-# binaries, kubectl and helm, the operator, the sidecar and the demo in release mode), then runs
-# `ttc-demo`: a local cluster with simulated GPU nodes, the Helm chart, the operator, an
-# InferencePolicy, sidecar-injected inference pods serving the real default model, a stream of
-# questions, a budget change with `kubectl patch`, and a summary with a plot in demo-output/.
+# The one-command demo (the README's first command): builds what it needs (control-plane and
+# node binaries, kubectl and helm, the operator and sidecar images, the demo), then runs
+# `ttc-demo`: a local cluster with a real node (kubelet, containerd), the Helm chart with the
+# operator from its image, an InferencePolicy, sidecar-injected inference pods serving the real
+# default model, a stream of questions, a budget change with `kubectl patch`, and a summary with
+# a plot in demo-output/. Needs root (the node's network and cgroups).
 # Arguments go to ttc-demo (see `e2e/demo.sh --help`); Ctrl-C stops and removes everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,12 +14,16 @@ echo "==> Building the control plane, kubectl and helm (cached in $TTC_CACHE_DIR
 TTC_CONTROL_PLANE_BIN="$(e2e/controlplane/build.sh | tail -n 1)"
 export TTC_CONTROL_PLANE_BIN
 
-echo "==> Building ttc-operator, ttc-sidecar and ttc-demo (release)"
-cargo build --release --locked -p ttc-operator -p ttc-sidecar -p ttc-e2e --bin ttc-operator --bin ttc-sidecar --bin ttc-demo
+echo "==> Building the images (operator, sidecar; cached in $TTC_CACHE_DIR/images)"
+TTC_IMAGES_DIR="$(e2e/images/build.sh | tail -n 1)"
+export TTC_IMAGES_DIR
 bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 
-exec "$bin/ttc-demo" \
-  --operator-bin "$bin/ttc-operator" \
-  --sidecar-bin "$bin/ttc-sidecar" \
-  --repo-root "$PWD" \
-  "$@"
+echo "==> Fetching the default model (cached in $TTC_CACHE_DIR/models)"
+TTC_DEFAULT_MODEL_FILE="$("$bin/ttc-sidecar" fetch-model | tail -n 1)"
+export TTC_DEFAULT_MODEL_FILE
+
+echo "==> Building ttc-demo (release)"
+cargo build --release --locked -p ttc-e2e --bin ttc-demo
+
+exec "$bin/ttc-demo" --repo-root "$PWD" "$@"

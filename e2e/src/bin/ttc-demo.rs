@@ -8,42 +8,40 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use ttc_e2e::demo::{self, DemoConfig};
-use ttc_sidecar::model_store::ModelStore;
+use ttc_e2e::images::Images;
 
-/// Runs a local cluster with the operator, an InferencePolicy and sidecar-injected inference
-/// pods serving the real model; drives questions, changes the budget, and reports.
+/// Runs a local cluster with a real node, the chart (the operator from its image), an
+/// InferencePolicy and sidecar-injected inference pods serving the real model; drives questions,
+/// changes the budget, and reports.
 #[derive(Parser)]
 #[command(about)]
 struct Cli {
     /// The directory printed by e2e/controlplane/build.sh (control plane, kubectl, helm).
     #[arg(long, env = "TTC_CONTROL_PLANE_BIN")]
     control_plane_bin: PathBuf,
-    /// The ttc-operator binary.
-    #[arg(long)]
-    operator_bin: PathBuf,
-    /// The ttc-sidecar binary.
-    #[arg(long)]
-    sidecar_bin: PathBuf,
+    /// The directory printed by e2e/images/build.sh (the images and podman's settings).
+    #[arg(long, env = "TTC_IMAGES_DIR")]
+    images_dir: PathBuf,
+    /// The GGUF file the sidecars serve (`ttc-sidecar fetch-model` prints the default's path).
+    #[arg(long, env = "TTC_DEFAULT_MODEL_FILE")]
+    model_file: PathBuf,
     /// The repository root (the chart and e2e/demo/ manifests).
     #[arg(long, default_value = ".")]
     repo_root: PathBuf,
     /// Where the records, the summary and the plot go.
     #[arg(long, default_value = "demo-output")]
     out: PathBuf,
-    /// Model cache of this machine (default: $TTC_CACHE_DIR/models or ~/.cache/ttc-operator/models).
-    #[arg(long, env = "TTC_MODEL_CACHE")]
-    model_cache: Option<PathBuf>,
-    /// Inference pods.
-    #[arg(long, default_value_t = 2)]
+    /// Inference pods per policy (each takes 0.9 CPU: two policies of one pod fit 2 cores).
+    #[arg(long, default_value_t = 1)]
     replicas: u32,
-    /// Questions per budget phase.
+    /// Questions per budget phase and policy.
     #[arg(long, default_value_t = 30)]
     questions: usize,
-    /// Joules-per-request budget of each phase, comma-separated: the policy starts with the
-    /// first and is patched to each next one.
-    #[arg(long, value_delimiter = ',', default_values_t = [6.0, 2.0])]
+    /// Joules-per-request budget of each phase, comma-separated: both policies start with the
+    /// first and are patched to each next one.
+    #[arg(long, value_delimiter = ',', default_values_t = [20.0, 3.0])]
     budgets: Vec<f64>,
-    /// Requests in flight at once (default: two per pod).
+    /// Requests in flight at once per policy (default: two per pod).
     #[arg(long)]
     concurrency: Option<usize>,
     /// Seed of the questions.
@@ -60,15 +58,19 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let images = match Images::load(&cli.images_dir) {
+        Ok(images) => images,
+        Err(e) => {
+            eprintln!("ttc-demo: {e}; run e2e/images/build.sh (e2e/demo.sh does)");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = DemoConfig {
         control_plane_bin: cli.control_plane_bin,
-        operator_bin: cli.operator_bin,
-        sidecar_bin: cli.sidecar_bin,
+        images,
+        model_file: cli.model_file,
         repo_root: cli.repo_root,
         out_dir: cli.out,
-        model_cache: cli
-            .model_cache
-            .unwrap_or_else(|| ModelStore::default_location().dir().to_path_buf()),
         replicas: cli.replicas,
         questions_per_phase: cli.questions,
         budgets: cli.budgets,

@@ -1,16 +1,15 @@
-//! The one-command demo: the whole loop on a local cluster.
+//! The one-command demo: the whole loop on a local cluster with a real node.
 //!
-//! A real control plane with simulated GPU nodes; the Helm chart installed; the operator run as
-//! a local process with the chart's configuration, certificate and ServiceAccount; a sample
-//! InferencePolicy and an inference Deployment in an opted-in namespace; the sidecars the webhook
-//! injected run as local processes on their pods' IPs (see [`kubelet`]) with the real default
-//! model; a stream of questions with known answers; the budget changed with `kubectl patch`; a
-//! summary, `kubectl get ipol` and a plot at the end. Everything it starts is stopped when the
-//! demo ends, fails or is interrupted: child processes die with it, the state directory is
-//! temporary.
+//! A real control plane and one real node (kubelet, containerd, kube-proxy: see
+//! [`crate::node`]) that runs the project's container images; the Helm chart installed with its
+//! defaults (two operator replicas from the operator image, the webhook called through the
+//! chart's Service); a sample InferencePolicy and an inference Deployment in an opted-in
+//! namespace, whose pods get the sidecar container, which serves the real default model from
+//! the chart's model volume; a stream of questions with known answers; the budget changed with
+//! `kubectl patch`; a summary, `kubectl get ipol`, the nodes and pods, and a plot at the end.
+//! Everything it starts is stopped when the demo ends, fails or is interrupted: child processes
+//! die with it, the node removes its pods and network, the state directory is temporary.
 
-pub mod kubelet;
-mod operator;
 mod pods;
 pub mod report;
 pub mod workload;
@@ -28,12 +27,16 @@ use serde_json::json;
 use ttc_crds::InferencePolicy;
 use ttc_crds::labels::{INJECTION_ENABLED, INJECTION_NAMESPACE_LABEL};
 
-use self::operator::{OperatorPorts, start_operator};
-use self::pods::{start_sidecar, start_workload};
+use self::pods::{endpoints, operator_pods, start_workload};
 use self::workload::{Phase, Record};
-use crate::process::Component;
-use crate::testing::{eventually, free_port};
+use crate::images::Images;
+use crate::node::{NodeConfig, model_volume};
+use crate::pki::NODE_IP;
+use crate::testing::eventually;
 use crate::{ClusterConfig, LocalCluster};
+use std::net::{Ipv4Addr, SocketAddr};
+use ttc_sidecar::eval::checker::CheckerServer;
+use ttc_sidecar::ttc::tasks::TaskFamily;
 
 /// Namespace of the inference workload (opted in to injection).
 pub const NAMESPACE: &str = "ttc-demo";
@@ -41,7 +44,7 @@ pub const NAMESPACE: &str = "ttc-demo";
 pub const SYSTEM_NAMESPACE: &str = "ttc-system";
 /// The Helm release (and the operator's object names).
 pub const RELEASE: &str = "ttc-operator";
-/// The model the demo serves (the operator's default).
+/// The model the demo serves (the default model, from the chart's model volume).
 pub const MODEL: &str = "smollm2-135m-instruct";
 
 /// What the demo needs and how it runs.
@@ -49,24 +52,22 @@ pub const MODEL: &str = "smollm2-135m-instruct";
 pub struct DemoConfig {
     /// Control-plane binaries, kubectl and helm (the directory `e2e/controlplane/build.sh` prints).
     pub control_plane_bin: PathBuf,
-    /// The `ttc-operator` binary.
-    pub operator_bin: PathBuf,
-    /// The `ttc-sidecar` binary.
-    pub sidecar_bin: PathBuf,
+    /// The container images (the directory `e2e/images/build.sh` prints).
+    pub images: Images,
+    /// The model file the sidecars serve (mounted into them through the chart's model volume).
+    pub model_file: PathBuf,
     /// The repository root (chart, demo manifests).
     pub repo_root: PathBuf,
     /// Where the records, summary and plot go.
     pub out_dir: PathBuf,
-    /// The model cache of this machine (the sidecars' caches are seeded from it).
-    pub model_cache: PathBuf,
-    /// Inference pods.
+    /// Inference pods per policy.
     pub replicas: u32,
-    /// Questions per phase.
+    /// Questions per phase and policy.
     pub questions_per_phase: usize,
     /// The joules-per-request budget of each phase: the policy starts with the first, then is
     /// patched to each next one.
     pub budgets: Vec<f64>,
-    /// Requests in flight at once.
+    /// Requests in flight at once, per policy.
     pub concurrency: usize,
     /// Seed of the questions.
     pub seed: u64,
@@ -115,10 +116,8 @@ where
     .map_err(anyhow::Error::msg)
 }
 
-/// Everything the demo started; dropped in this order (processes before the cluster).
+/// Everything the demo started; dropped in this order (the cluster, then its state).
 struct Running {
-    sidecars: Vec<Component>,
-    operator: Option<Component>,
     cluster: LocalCluster,
     state: tempfile::TempDir,
     /// Where kubectl and helm are.
@@ -159,6 +158,97 @@ pub struct DemoOutcome {
 
 /// Runs the demo. Dropping the future (Ctrl-C) stops everything it started.
 pub async fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
+    validate(&config)?;
+    let started = Instant::now();
+    let running = start_cluster(&config).await?;
+    let client = running.cluster.client().await?;
+    install_chart(&running, &config, &client).await?;
+    // The checking tool the `checked` policy's verifier calls, on the node's address (pods
+    // reach the node at their gateway).
+    let checker = CheckerServer::start_on(SocketAddr::from((NODE_IP.parse::<Ipv4Addr>()?, 0)))
+        .await
+        .context("starting the checking tool")?;
+    let policies: Api<InferencePolicy> = Api::namespaced(client.clone(), NAMESPACE);
+    let mut workloads = Vec::new();
+    for mut workload in Workload::all() {
+        apply_policy(&client, &config, &workload, &checker.url()).await?;
+        step(&format!(
+            "Creating the inference Deployment {} ({} {}): the webhook injects the sidecar, the kubelet starts it from its image",
+            workload.name,
+            config.replicas,
+            if config.replicas == 1 {
+                "replica"
+            } else {
+                "replicas"
+            }
+        ));
+        let pods = start_workload(&client, &config, workload.name).await?;
+        workload.endpoints = endpoints(&pods);
+        for (pod, endpoint) in pods.iter().zip(&workload.endpoints) {
+            detail(&format!(
+                "{} on {} serving at {} ({})",
+                pod.name_any(),
+                pod.spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .unwrap_or_default(),
+                endpoint.url,
+                containers(pod)
+            ));
+        }
+        workloads.push(workload);
+    }
+    let views = write_cluster_views(&running, &config.out_dir)?;
+
+    let records = run_phases(&running, &config, &workloads, &policies).await?;
+    drop(checker);
+
+    step("Waiting for the sidecars' next energy report to reach the operator (every 10 s)");
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let get = run_tool(
+        running
+            .kubectl()
+            .args(["-n", NAMESPACE, "get", "ipol", "-o", "wide"]),
+    )?;
+    println!("\n$ kubectl -n {NAMESPACE} get ipol -o wide\n{get}");
+    for workload in &workloads {
+        print_allocations(&policies, workload.name).await?;
+    }
+
+    step("Summary");
+    let summaries = report::summarise(&records);
+    print!("{}", report::table(&summaries));
+    for line in report::changes(&summaries) {
+        detail(&line);
+    }
+    if records.iter().any(|r| !r.measured) {
+        detail(
+            "energy marked estimated comes from CPU time x watts per core (no NVML GPU or RAPL counter on this machine), not from a meter",
+        );
+    }
+    let mut files = report::write_all(&config.out_dir, &records, &summaries, MODEL)?;
+    let get_path = config.out_dir.join("kubectl-get-ipol.txt");
+    std::fs::write(&get_path, &get)?;
+    files.push(get_path);
+    files.extend(views);
+    for file in &files {
+        detail(&format!("wrote {}", file.display()));
+    }
+
+    step(&format!(
+        "Done in {:.0} s; stopping the node (its pods, network and rules) and the control plane",
+        started.elapsed().as_secs_f64()
+    ));
+    drop(running);
+    Ok(DemoOutcome {
+        summaries,
+        records,
+        kubectl_get: get,
+        files,
+    })
+}
+
+fn validate(config: &DemoConfig) -> anyhow::Result<()> {
     anyhow::ensure!(!config.budgets.is_empty(), "give at least one budget");
     anyhow::ensure!(
         config.budgets.iter().all(|b| b.is_finite() && *b > 0.0),
@@ -166,46 +256,55 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
         config.budgets
     );
     anyhow::ensure!(config.replicas > 0, "replicas must be at least 1");
-    for (what, path) in [
-        ("ttc-operator", &config.operator_bin),
-        ("ttc-sidecar", &config.sidecar_bin),
-    ] {
-        anyhow::ensure!(
-            path.is_file(),
-            "the {what} binary is not at {}; build it with `cargo build --release -p {what}`",
-            path.display()
-        );
-    }
-    let started = Instant::now();
+    anyhow::ensure!(
+        config.model_file.is_file(),
+        "the model file {} does not exist; fetch it with `ttc-sidecar fetch-model`",
+        config.model_file.display()
+    );
+    Ok(())
+}
+
+/// The control plane and the real node, with the model directory the chart's volume offers.
+async fn start_cluster(config: &DemoConfig) -> anyhow::Result<Running> {
     let state = tempfile::Builder::new()
         .prefix("ttc-demo.")
         .tempdir()
         .context("creating the demo's state directory")?;
-
     step(
-        "Starting a local Kubernetes control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok) with 2 simulated GPU nodes",
+        "Starting a local Kubernetes cluster: etcd, kube-apiserver, controller-manager, scheduler, and one real node (kubelet, containerd + runc, kube-proxy, pods on a CNI bridge of their own) with the project's images",
     );
     let cluster_dir = state.path().join("cluster");
     std::fs::create_dir_all(&cluster_dir)?;
     let mut cluster_config = ClusterConfig::new(&config.control_plane_bin, &cluster_dir);
-    cluster_config.gpu_nodes = 2;
+    cluster_config.gpu_nodes = 0;
+    cluster_config.node = Some(NodeConfig {
+        images: config.images.clone(),
+    });
     let cluster = LocalCluster::start(cluster_config)
         .await
-        .context("starting the local control plane")?;
+        .context("starting the local cluster")?;
     detail(&format!(
-        "API server {} (kubeconfig {})",
+        "API server {} (kubeconfig {}); images {}, {}",
         cluster.server_url(),
-        cluster.kubeconfig().display()
+        cluster.kubeconfig().display(),
+        config.images.operator,
+        config.images.sidecar
     ));
-    let mut running = Running {
-        sidecars: Vec::new(),
-        operator: None,
+    Ok(Running {
         cluster,
         state,
         tools: config.control_plane_bin.clone(),
-    };
-    let client = running.cluster.client().await?;
+    })
+}
 
+/// The namespace of the inference pods, and the chart with its defaults (two operator replicas
+/// from the image, the webhook through the Service) plus the model volume and the sidecars'
+/// read access to their policy.
+async fn install_chart(
+    running: &Running,
+    config: &DemoConfig,
+    client: &kube::Client,
+) -> anyhow::Result<()> {
     step(&format!(
         "Creating namespace {NAMESPACE}, opted in to sidecar injection ({INJECTION_NAMESPACE_LABEL}={INJECTION_ENABLED})"
     ));
@@ -217,29 +316,16 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
         .await
         .context("creating the demo namespace")?;
 
-    let ports = OperatorPorts {
-        admin: free_port()?,
-        webhook: free_port()?,
-        receiver: free_port()?,
-    };
     step("Installing the Helm chart charts/ttc-operator");
+    let (models, _) = model_volume(running.state.path(), &config.model_file)?;
     let chart = config.repo_root.join("charts/ttc-operator");
     let sets = [
-        // The operator runs as a local process below, not as a pod (kwok runs no containers).
-        "operator.replicas=0".to_string(),
-        "operator.logJson=false".into(),
-        "operator.resyncSeconds=5".into(),
+        // Quicker than the defaults, for a demo of minutes.
+        "operator.resyncSeconds=5".to_string(),
         "operator.staleSeconds=30".into(),
-        // Sidecars authenticate their reports with pod-bound tokens (played kubelet: pods.rs).
-        "operator.reportAuth=token-review".into(),
-        format!("operator.ports.admin={}", ports.admin),
-        format!("operator.ports.webhook={}", ports.webhook),
-        format!("operator.ports.receiver={}", ports.receiver),
-        // The API server reaches the local operator by URL, the sidecars its receiver directly.
-        format!("webhook.url=https://127.0.0.1:{}/mutate", ports.webhook),
-        // Over TLS (operator.receiverTls, on by default): the chart's certificate names
-        // 127.0.0.1 for the webhook URL, and the sidecars get its CA.
-        format!("sidecar.otlpEndpoint=https://127.0.0.1:{}", ports.receiver),
+        // The model directory of the node, offered to the demo namespace as a claim.
+        format!("model.hostPath={}", models.display()),
+        format!("model.namespaces={{{NAMESPACE}}}"),
         format!("sidecar.rbac.bindings[0].namespace={NAMESPACE}"),
         "sidecar.rbac.bindings[0].serviceAccount=default".into(),
     ];
@@ -248,45 +334,70 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
         "--namespace",
         SYSTEM_NAMESPACE,
         "--create-namespace",
+        "--wait",
+        "--timeout",
+        "5m",
     ]);
     for set in &sets {
         helm.args(["--set", set]);
     }
     detail(&format!(
-        "helm install {RELEASE} charts/ttc-operator -n {SYSTEM_NAMESPACE} --create-namespace --set {}",
+        "helm install {RELEASE} charts/ttc-operator -n {SYSTEM_NAMESPACE} --create-namespace --wait --set {}",
         sets.join(" --set ")
     ));
     run_tool(&mut helm).context("helm install")?;
-
-    step(
-        "Starting the operator (the chart's container spec, configuration, certificate and ServiceAccount) as a local process",
-    );
-    let operator = start_operator(&client, &running, &config, &ports).await?;
-    running.operator = Some(operator);
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()?;
-    let admin = format!("http://127.0.0.1:{}", ports.admin);
-    let operator_up =
-        workload::wait_until_up(&http, &format!("{admin}/readyz"), Duration::from_secs(60))
-            .await
-            .is_ok();
-    if let Some(operator) = running.operator.as_mut() {
-        operator.check_running()?;
-        anyhow::ensure!(
-            operator_up,
-            "the operator did not become ready within 60 s; its log:\n{}",
-            operator.tail()
-        );
-    }
+    let operators = operator_pods(client).await?;
     detail(&format!(
-        "ready: webhook https://127.0.0.1:{}, report receiver https://127.0.0.1:{}, metrics {admin}/metrics",
-        ports.webhook, ports.receiver
+        "the operator runs from its image: {} (one holds the Lease); the API server calls its webhook through the Service {RELEASE}.{SYSTEM_NAMESPACE}.svc",
+        operators.join(", ")
     ));
+    Ok(())
+}
 
+/// One inference service of the demo: its policy (and Deployment, and pods' label `app`), the
+/// manifest of the policy, the families of questions it is asked, and its pods once they serve.
+struct Workload {
+    name: &'static str,
+    manifest: &'static str,
+    what: &'static str,
+    families: &'static [TaskFamily],
+    endpoints: Vec<workload::Endpoint>,
+}
+
+impl Workload {
+    /// `chat`, where a vote over samples buys little, and `checked`, where best-of-N with a
+    /// checking tool buys accuracy.
+    fn all() -> [Workload; 2] {
+        [
+            Workload {
+                name: "chat",
+                manifest: "e2e/demo/policy.yaml",
+                what: "adaptive vote over 1-8 samples, mixed questions",
+                families: &workload::FAMILIES,
+                endpoints: Vec::new(),
+            },
+            Workload {
+                name: "checked",
+                manifest: "e2e/demo/checked-policy.yaml",
+                what: "best-of-N (1-8 samples) with the checking tool as verifier, questions a tool can check",
+                families: &workload::CHECKED_FAMILIES,
+                endpoints: Vec::new(),
+            },
+        ]
+    }
+}
+
+/// Applies the workload's policy with the first budget (a verifier pointed at `checker_url`)
+/// and waits until it is Ready.
+async fn apply_policy(
+    client: &kube::Client,
+    config: &DemoConfig,
+    workload: &Workload,
+    checker_url: &str,
+) -> anyhow::Result<()> {
     step(&format!(
-        "Applying the InferencePolicy e2e/demo/policy.yaml (budget {} J/request)",
-        config.budgets[0]
+        "Applying the InferencePolicy {} ({}; budget {} J/request)",
+        workload.manifest, workload.what, config.budgets[0]
     ));
     let policies = Api::<DynamicObject>::namespaced_with(
         client.clone(),
@@ -294,14 +405,18 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
         &ApiResource::erase::<InferencePolicy>(&()),
     );
     let mut policy: DynamicObject = serde_yaml::from_str(&std::fs::read_to_string(
-        config.repo_root.join("e2e/demo/policy.yaml"),
+        config.repo_root.join(workload.manifest),
     )?)?;
     policy.data["spec"]["budget"]["joulesPerRequest"] = json!(config.budgets[0]);
+    if policy.data["spec"]["ttc"]["verifier"]["http"].is_object() {
+        policy.data["spec"]["ttc"]["verifier"]["http"]["url"] = json!(checker_url);
+        detail(&format!("its verifier: the checking tool at {checker_url}"));
+    }
     let policy_name = policy.name_any();
     policies
         .create(&PostParams::default(), &policy)
         .await
-        .context("creating the InferencePolicy")?;
+        .with_context(|| format!("creating the InferencePolicy {policy_name}"))?;
     let typed: Api<InferencePolicy> = Api::namespaced(client.clone(), NAMESPACE);
     wait_for("the policy to be Ready", Duration::from_secs(60), || {
         let typed = typed.clone();
@@ -319,142 +434,133 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
     })
     .await?;
     detail("the operator reconciled it: Ready");
+    Ok(())
+}
 
-    step(&format!(
-        "Creating the inference Deployment e2e/demo/deployment.yaml ({} replicas) — the webhook injects the sidecar",
-        config.replicas
-    ));
-    let pods = start_workload(&client, &config).await?;
-    for pod in &pods {
-        detail(&format!(
-            "{} on {} at {} — containers: {}",
-            pod.name_any(),
-            pod.spec
-                .as_ref()
-                .and_then(|s| s.node_name.clone())
-                .unwrap_or_default(),
-            pod.status
-                .as_ref()
-                .and_then(|s| s.pod_ip.clone())
-                .unwrap_or_default(),
-            pod.spec
-                .as_ref()
-                .map(|s| s
-                    .containers
-                    .iter()
-                    .map(|c| c.name.clone())
-                    .collect::<Vec<_>>()
-                    .join(", "))
-                .unwrap_or_default()
-        ));
+fn containers(pod: &k8s_openapi::api::core::v1::Pod) -> String {
+    pod.spec
+        .as_ref()
+        .map(|s| {
+            s.containers
+                .iter()
+                .map(|c| format!("{} {}", c.name, c.image.as_deref().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
+
+/// `kubectl get nodes -o wide` and `kubectl get pods -A -o wide` while the pods serve, into
+/// `nodes.txt` and `pods.txt`.
+fn write_cluster_views(
+    running: &Running,
+    out_dir: &std::path::Path,
+) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let mut files = Vec::new();
+    for (name, args) in [
+        ("nodes.txt", &["get", "nodes", "-o", "wide"][..]),
+        ("pods.txt", &["get", "pods", "-A", "-o", "wide"][..]),
+    ] {
+        let text = run_tool(running.kubectl().args(args))?;
+        println!("\n$ kubectl {}\n{text}", args.join(" "));
+        let path = out_dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        files.push(path);
     }
+    Ok(files)
+}
 
-    step(&format!(
-        "Fetching the model {MODEL} into {}",
-        config.model_cache.display()
-    ));
-    let status = Command::new(&config.sidecar_bin)
-        .args(["fetch-model", "--model", MODEL, "--cache"])
-        .arg(&config.model_cache)
-        .status()
-        .context("running ttc-sidecar fetch-model")?;
-    anyhow::ensure!(status.success(), "fetching the model failed ({status})");
-
-    step(
-        "Running the injected sidecars as local processes (playing the kubelet: same command, env and pod IP)",
-    );
-    let mut endpoints = Vec::new();
-    for pod in &pods {
-        let (component, endpoint) = start_sidecar(&client, &running, &config, pod).await?;
-        running.sidecars.push(component);
-        endpoints.push(endpoint);
+/// Each budget in turn: patch every policy (after the first), wait for the operator to re-split
+/// them, then ask the phase's questions of every workload at once.
+async fn run_phases(
+    running: &Running,
+    config: &DemoConfig,
+    workloads: &[Workload],
+    policies: &Api<InferencePolicy>,
+) -> anyhow::Result<Vec<Record>> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()?;
+    let total = config.questions_per_phase * config.budgets.len();
+    let mut plans = Vec::new();
+    for workload in workloads {
+        let first = workload
+            .endpoints
+            .first()
+            .with_context(|| format!("no {} pod to ask", workload.name))?;
+        let model = workload::served_model(&http, first).await?;
+        let questions = workload::questions(workload.families, total, config.seed);
+        plans.push((workload, model, questions));
     }
-    for (endpoint, sidecar) in endpoints.iter().zip(running.sidecars.iter_mut()) {
-        let up = workload::wait_until_up(
-            &http,
-            &format!("{}/readyz", endpoint.url),
-            Duration::from_secs(300),
-        )
-        .await
-        .is_ok();
-        sidecar.check_running()?;
-        anyhow::ensure!(
-            up,
-            "the sidecar of {} did not become ready; its log:\n{}",
-            endpoint.pod,
-            sidecar.tail()
-        );
-        detail(&format!("{} serving at {}", endpoint.pod, endpoint.url));
-    }
-
-    let questions = workload::questions(
-        config.questions_per_phase * config.budgets.len(),
-        config.seed,
-    );
     let stream_started = Instant::now();
     let mut records: Vec<Record> = Vec::new();
     for (index, budget) in config.budgets.iter().copied().enumerate() {
         if index > 0 {
             step(&format!("Changing the budget to {budget} J/request"));
             let patch = json!({"spec": {"budget": {"joulesPerRequest": budget}}}).to_string();
-            detail(&format!(
-                "kubectl -n {NAMESPACE} patch ipol {policy_name} --type merge -p '{patch}'"
-            ));
-            run_tool(running.kubectl().args([
-                "-n",
-                NAMESPACE,
-                "patch",
-                "ipol",
-                &policy_name,
-                "--type",
-                "merge",
-                "-p",
-                &patch,
-            ]))?;
-            wait_for_allocation(&typed, &policy_name, budget, pods.len()).await?;
-            detail("the operator re-split the budget; the sidecars follow their policy's status");
+            for workload in workloads {
+                detail(&format!(
+                    "kubectl -n {NAMESPACE} patch ipol {} --type merge -p '{patch}'",
+                    workload.name
+                ));
+                run_tool(running.kubectl().args([
+                    "-n",
+                    NAMESPACE,
+                    "patch",
+                    "ipol",
+                    workload.name,
+                    "--type",
+                    "merge",
+                    "-p",
+                    &patch,
+                ]))?;
+            }
+            for workload in workloads {
+                wait_for_allocation(policies, workload.name, budget, workload.endpoints.len())
+                    .await?;
+            }
+            detail("the operator re-split the budgets; the sidecars follow their policy's status");
             // The sidecars see the status through their watch; give it a moment.
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         step(&format!(
-            "Phase {} of {}: {} questions at {budget} J/request, {} in flight",
+            "Phase {} of {}: {} questions per policy at {budget} J/request, {} in flight per policy",
             index + 1,
             config.budgets.len(),
             config.questions_per_phase,
             config.concurrency
         ));
-        let items = &questions
-            [index * config.questions_per_phase..(index + 1) * config.questions_per_phase];
-        let progress = Progress::new(config.questions_per_phase);
-        let phase_records = workload::drive(
-            &http,
-            &endpoints,
-            MODEL,
-            Phase {
-                index,
-                budget_joules_per_request: budget,
-                items,
-            },
-            config.concurrency,
-            stream_started,
-            &|record| progress.show(record),
-        )
-        .await?;
-        records.extend(phase_records);
-        for sidecar in &mut running.sidecars {
-            sidecar.check_running()?;
+        let progress = Progress::new(config.questions_per_phase * plans.len());
+        let show = |record: &Record| progress.show(record);
+        let drives = plans.iter().map(|(workload, model, questions)| {
+            let items = &questions
+                [index * config.questions_per_phase..(index + 1) * config.questions_per_phase];
+            workload::drive(
+                &http,
+                &workload.endpoints,
+                model,
+                Phase {
+                    policy: workload.name,
+                    index,
+                    budget_joules_per_request: budget,
+                    items,
+                },
+                config.concurrency,
+                stream_started,
+                &show,
+            )
+        });
+        for phase_records in futures::future::try_join_all(drives).await? {
+            records.extend(phase_records);
         }
     }
+    records.sort_by(|a, b| a.at_seconds.total_cmp(&b.at_seconds));
+    Ok(records)
+}
 
-    step("Waiting for the sidecars' next energy report to reach the operator (every 10 s)");
-    tokio::time::sleep(Duration::from_secs(12)).await;
-    let get = run_tool(
-        running
-            .kubectl()
-            .args(["-n", NAMESPACE, "get", "ipol", "-o", "wide"]),
-    )?;
-    println!("\n$ kubectl -n {NAMESPACE} get ipol -o wide\n{get}");
-    let current = typed.get(&policy_name).await?;
+async fn print_allocations(policies: &Api<InferencePolicy>, name: &str) -> anyhow::Result<()> {
+    let current = policies.get(name).await?;
     if let Some(status) = &current.status {
         if let Some(observed) = &status.observed_summary {
             detail(&format!("status.observedSummary: {observed}"));
@@ -470,48 +576,7 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
             ));
         }
     }
-
-    step("Summary");
-    let summaries = report::summarise(&records);
-    print!("{}", report::table(&summaries));
-    for pair in summaries.windows(2) {
-        let (a, b) = (&pair[0], &pair[1]);
-        detail(&format!(
-            "budget {:.1} -> {:.1} J/request: depth {:.2} -> {:.2} samples, settled {:.2} -> {:.2} J/request, accuracy {:.0}% -> {:.0}%",
-            a.budget_joules_per_request,
-            b.budget_joules_per_request,
-            a.mean_depth,
-            b.mean_depth,
-            a.settled_joules_per_request,
-            b.settled_joules_per_request,
-            a.accuracy * 100.0,
-            b.accuracy * 100.0
-        ));
-    }
-    if records.iter().any(|r| !r.measured) {
-        detail(
-            "energy marked estimated comes from CPU time x watts per core (no NVML GPU or RAPL counter on this machine), not from a meter",
-        );
-    }
-    let mut files = report::write_all(&config.out_dir, &records, &summaries, MODEL)?;
-    let get_path = config.out_dir.join("kubectl-get-ipol.txt");
-    std::fs::write(&get_path, &get)?;
-    files.push(get_path);
-    for file in &files {
-        detail(&format!("wrote {}", file.display()));
-    }
-
-    step(&format!(
-        "Done in {:.0} s; stopping the sidecars, the operator and the cluster",
-        started.elapsed().as_secs_f64()
-    ));
-    drop(running);
-    Ok(DemoOutcome {
-        summaries,
-        records,
-        kubectl_get: get,
-        files,
-    })
+    Ok(())
 }
 
 /// Waits until every pod's allocation in the policy's status carries `budget`.
@@ -542,11 +607,15 @@ async fn wait_for_allocation(
     .await
 }
 
-/// The running figures of a phase, one line per answer.
+/// The running figures of a phase, one line per answer, with each policy's figures so far.
 struct Progress {
     total: usize,
-    seen: std::sync::Mutex<Vec<(f64, usize, bool)>>,
+    /// Per policy: joules, samples and rightness of each answer.
+    seen: std::sync::Mutex<std::collections::BTreeMap<String, Vec<Seen>>>,
 }
+
+/// One answer's joules, samples and rightness.
+type Seen = (f64, usize, bool);
 
 impl Progress {
     fn new(total: usize) -> Self {
@@ -560,14 +629,16 @@ impl Progress {
         let Ok(mut seen) = self.seen.lock() else {
             return;
         };
-        seen.push((record.joules, record.samples, record.correct));
-        let n = seen.len() as f64;
-        let joules = seen.iter().map(|s| s.0).sum::<f64>() / n;
-        let depth = seen.iter().map(|s| s.1 as f64).sum::<f64>() / n;
-        let right = seen.iter().filter(|s| s.2).count() as f64 / n;
+        let answered = seen.values().map(Vec::len).sum::<usize>() + 1;
+        let policy = seen.entry(record.policy.clone()).or_default();
+        policy.push((record.joules, record.samples, record.correct));
+        let n = policy.len() as f64;
+        let joules = policy.iter().map(|s| s.0).sum::<f64>() / n;
+        let depth = policy.iter().map(|s| s.1 as f64).sum::<f64>() / n;
+        let right = policy.iter().filter(|s| s.2).count() as f64 / n;
         detail(&format!(
-            "{:>3}/{} {:<28} {:<26} depth {:>2} {:>7.2} J {:<9} {}  | so far: {:.2} J/req, depth {:.2}, {:.0}% right",
-            seen.len(),
+            "{:>3}/{} {:<30} {:<30} depth {:>2} {:>7.2} J {:<9} {:<5} | {} so far: {:.2} J/req, depth {:.2}, {:.0}% right",
+            answered,
             self.total,
             record.pod,
             record.item,
@@ -579,6 +650,7 @@ impl Progress {
                 "estimated"
             },
             if record.correct { "right" } else { "wrong" },
+            record.policy,
             joules,
             depth,
             right * 100.0

@@ -1,20 +1,18 @@
-//! The inference workload: the Deployment, its injected pods, and their sidecar containers run
-//! as local processes on the pods' IPs.
+//! The pods of the demo: the operator's (from the chart) and the inference Deployment's, whose
+//! sidecar containers the kubelet starts from the sidecar image.
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use ttc_crds::labels::SIDECAR_CONTAINER_NAME;
+use ttc_crds::policy::DEFAULT_SIDECAR_PORT;
 
-use super::kubelet::{self, ConfigMaps, HostMount};
 use super::workload::Endpoint;
-use super::{DemoConfig, NAMESPACE, Running, detail, wait_for};
-use crate::process::Component;
+use super::{DemoConfig, NAMESPACE, RELEASE, SYSTEM_NAMESPACE, detail, wait_for};
 
 fn has_sidecar(pod: &Pod) -> bool {
     pod.spec.as_ref().is_some_and(|s| {
@@ -24,16 +22,60 @@ fn has_sidecar(pod: &Pod) -> bool {
     })
 }
 
-/// Creates the Deployment and waits for its pods to run with the sidecar injected.
+fn is_ready(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Waits for the operator's pods of the release to be ready; returns their names.
+pub(super) async fn operator_pods(client: &Client) -> anyhow::Result<Vec<String>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    let selector = format!("app.kubernetes.io/instance={RELEASE}");
+    wait_for(
+        "the operator pods to be ready",
+        Duration::from_secs(180),
+        || {
+            let pods = pods.clone();
+            let selector = selector.clone();
+            async move {
+                let list = pods.list(&ListParams::default().labels(&selector)).await?;
+                let ready: Vec<String> = list
+                    .items
+                    .iter()
+                    .filter(|p| is_ready(p))
+                    .map(|p| p.name_any())
+                    .collect();
+                Ok((!ready.is_empty() && ready.len() == list.items.len()).then_some(ready))
+            }
+        },
+    )
+    .await
+}
+
+/// Creates e2e/demo/deployment.yaml as Deployment `app` (its pods labelled `app=<app>`) and
+/// waits until `replicas` of its pods serve: injected, and the sidecar past its readiness probe
+/// (the model loaded).
 pub(super) async fn start_workload(
     client: &Client,
     config: &DemoConfig,
+    app: &str,
 ) -> anyhow::Result<Vec<Pod>> {
     let mut deployment: Deployment = serde_yaml::from_str(&std::fs::read_to_string(
         config.repo_root.join("e2e/demo/deployment.yaml"),
     )?)?;
+    deployment.metadata.name = Some(app.to_string());
+    let labels = std::collections::BTreeMap::from([("app".to_string(), app.to_string())]);
     if let Some(spec) = deployment.spec.as_mut() {
         spec.replicas = Some(config.replicas as i32);
+        spec.selector.match_labels = Some(labels.clone());
+        spec.template
+            .metadata
+            .get_or_insert_with(Default::default)
+            .labels = Some(labels);
     }
     Api::<Deployment>::namespaced(client.clone(), NAMESPACE)
         .create(&PostParams::default(), &deployment)
@@ -41,10 +83,12 @@ pub(super) async fn start_workload(
         .context("creating the Deployment")?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let replicas = config.replicas as usize;
-    wait_for("the pods to run with the sidecar", Duration::from_secs(180), || {
+    wait_for("the pods to serve with the sidecar", Duration::from_secs(300), || {
         let pods = pods.clone();
         async move {
-            let list = pods.list(&ListParams::default().labels("app=chat")).await?;
+            let list = pods
+                .list(&ListParams::default().labels(&format!("app={app}")))
+                .await?;
             let mut ready = Vec::new();
             for pod in list.items {
                 if pod.metadata.deletion_timestamp.is_some() {
@@ -56,15 +100,11 @@ pub(super) async fn start_workload(
                         "{} was created without the sidecar; deleting it so that it is recreated",
                         pod.name_any()
                     ));
-                    pods.delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
+                    pods.delete(&pod.name_any(), &DeleteParams::default())
                         .await?;
                     continue;
                 }
-                let running = pod
-                    .status
-                    .as_ref()
-                    .is_some_and(|s| s.phase.as_deref() == Some("Running") && s.pod_ip.is_some());
-                if running {
+                if is_ready(&pod) {
                     ready.push(pod);
                 }
             }
@@ -75,137 +115,18 @@ pub(super) async fn start_workload(
     .await
 }
 
-/// Threads for a container: its CPU limit rounded up (the demo's stand-in for a cgroup quota),
-/// else an equal part of this machine's cores.
-fn threads_for(container: &Container, replicas: u32) -> usize {
-    let limit = container
-        .resources
-        .as_ref()
-        .and_then(|r| r.limits.as_ref())
-        .and_then(|l| l.get("cpu"))
-        .and_then(|q| parse_cpu(&q.0));
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    match limit {
-        Some(cpu) => (cpu.ceil() as usize).clamp(1, cores),
-        None => (cores / replicas.max(1) as usize).max(1),
-    }
-}
-
-/// A CPU quantity (`2`, `1.5`, `500m`) in cores.
-fn parse_cpu(quantity: &str) -> Option<f64> {
-    match quantity.strip_suffix('m') {
-        Some(milli) => milli.parse::<f64>().ok().map(|m| m / 1000.0),
-        None => quantity.parse().ok(),
-    }
-}
-
-/// Starts the sidecar container of `pod` as a local process on the pod's IP.
-pub(super) async fn start_sidecar(
-    client: &Client,
-    running: &Running,
-    config: &DemoConfig,
-    pod: &Pod,
-) -> anyhow::Result<(Component, Endpoint)> {
-    let name = pod.name_any();
-    let spec = pod.spec.as_ref().context("the pod has no spec")?;
-    let container = spec
-        .containers
-        .iter()
-        .find(|c| c.name == SIDECAR_CONTAINER_NAME)
-        .context("the pod has no sidecar")?;
-    let dir = running.state.path().join("pods").join(&name);
-    // emptyDir volumes get a directory each (the model cache is seeded from this machine's);
-    // projected service-account tokens are minted into theirs, bound to the pod.
-    let mut mounts = Vec::new();
-    for mount in container.volume_mounts.iter().flatten() {
-        let Some(volume) = spec.volumes.iter().flatten().find(|v| v.name == mount.name) else {
-            continue;
-        };
-        let tokens: Vec<_> = volume
-            .projected
-            .iter()
-            .flat_map(|p| p.sources.iter().flatten())
-            .filter_map(|source| source.service_account_token.as_ref())
-            .collect();
-        if volume.empty_dir.is_none() && tokens.is_empty() {
-            continue;
-        }
-        let host_dir = dir.join("volumes").join(&mount.name);
-        std::fs::create_dir_all(&host_dir)?;
-        for projection in tokens {
-            let token = kubelet::projected_token(
-                client,
-                pod,
-                projection.audience.as_deref(),
-                projection.expiration_seconds,
-            )
-            .await?;
-            std::fs::write(host_dir.join(&projection.path), token)?;
-        }
-        mounts.push(HostMount {
-            mount_path: mount.mount_path.clone(),
-            host_dir,
-        });
-    }
-    let mut env = kubelet::container_env(pod, container, &ConfigMaps::new(), &mounts)?;
-    let lookup = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-    if let Some(cache) = lookup(ttc_crds::report::sidecar_env::MODEL_CACHE) {
-        kubelet::link_tree(&config.model_cache, Path::new(&cache))?;
-    }
-    let listen = lookup(ttc_crds::report::sidecar_env::LISTEN)
-        .context("the sidecar container has no listen address")?;
-    let account = spec
-        .service_account_name
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let namespace = pod.namespace().unwrap_or_else(|| NAMESPACE.into());
-    let kubeconfig =
-        kubelet::service_account_kubeconfig(client, &running.cluster, &namespace, &account, &dir)
-            .await?;
-    env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
-    let threads = threads_for(container, config.replicas);
-    env.push(("TTC_THREADS".into(), threads.to_string()));
-    let log = dir.join("sidecar.log");
-    detail(&format!(
-        "{name}: ttc-sidecar {} on {listen}, {threads} thread(s), as ServiceAccount {namespace}/{account}, log {}",
-        container.args.clone().unwrap_or_default().join(" "),
-        log.display()
-    ));
-    let component = Component::start_with_env(
-        &format!("sidecar of {name}"),
-        &config.sidecar_bin,
-        &container.args.clone().unwrap_or_default(),
-        &env,
-        &log,
-    )?;
-    Ok((
-        component,
-        Endpoint {
-            pod: name,
-            url: format!("http://{listen}"),
-        },
-    ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn cpu_quantities_parse() {
-        assert_eq!(parse_cpu("2"), Some(2.0));
-        assert_eq!(parse_cpu("500m"), Some(0.5));
-        assert_eq!(parse_cpu("1.5"), Some(1.5));
-        assert_eq!(parse_cpu("lots"), None);
-    }
-
-    #[test]
-    fn threads_follow_the_cpu_limit() {
-        let container: Container = serde_json::from_value(json!({
-            "name": "c", "resources": {"limits": {"cpu": "500m"}}
-        }))
-        .unwrap();
-        assert_eq!(threads_for(&container, 4), 1);
-    }
+/// Each pod's sidecar API at its pod address.
+pub(super) fn endpoints(pods: &[Pod]) -> Vec<Endpoint> {
+    pods.iter()
+        .map(|pod| Endpoint {
+            pod: pod.name_any(),
+            url: format!(
+                "http://{}:{DEFAULT_SIDECAR_PORT}",
+                pod.status
+                    .as_ref()
+                    .and_then(|s| s.pod_ip.clone())
+                    .unwrap_or_default()
+            ),
+        })
+        .collect()
 }

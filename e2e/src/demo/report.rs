@@ -1,5 +1,6 @@
-//! What the demo shows at the end: a summary per phase (budget against observed joules per
-//! request, depth, accuracy, where the joules come from), the records as CSV, and a plot.
+//! What the demo shows at the end: a summary per policy and phase (budget against observed
+//! joules per request, depth, accuracy, where the joules come from), the records as CSV, and a
+//! plot of joules, depth and accuracy over time, a series per policy.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -12,9 +13,11 @@ use ttc_sidecar::ttc::stats::mean;
 
 use super::workload::Record;
 
-/// One phase in figures.
+/// One phase of one policy in figures.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PhaseSummary {
+    /// The policy whose pods answered.
+    pub policy: String,
     /// Phase number.
     pub phase: usize,
     /// The policy's joules-per-request budget.
@@ -54,17 +57,36 @@ pub fn energy_label(records: &[&Record]) -> String {
     }
 }
 
-/// The summary of each phase present in `records`, in phase order.
+/// The policies of `records`, in the order they first answered.
+pub fn policies(records: &[Record]) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for r in records {
+        if !seen.contains(&r.policy) {
+            seen.push(r.policy.clone());
+        }
+    }
+    seen
+}
+
+/// The summary of each policy's phases present in `records`: by policy (first answered
+/// first), then in phase order.
 pub fn summarise(records: &[Record]) -> Vec<PhaseSummary> {
     let mut phases: Vec<usize> = records.iter().map(|r| r.phase).collect();
     phases.sort_unstable();
     phases.dedup();
-    phases
-        .into_iter()
-        .map(|phase| {
-            let rows: Vec<&Record> = records.iter().filter(|r| r.phase == phase).collect();
+    let mut out = Vec::new();
+    for policy in policies(records) {
+        for &phase in &phases {
+            let rows: Vec<&Record> = records
+                .iter()
+                .filter(|r| r.phase == phase && r.policy == policy)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
             let settled = &rows[rows.len() / 2..];
-            PhaseSummary {
+            out.push(PhaseSummary {
+                policy: policy.clone(),
                 phase,
                 budget_joules_per_request: rows[0].budget_joules_per_request,
                 requests: rows.len(),
@@ -73,8 +95,34 @@ pub fn summarise(records: &[Record]) -> Vec<PhaseSummary> {
                 mean_depth: mean(rows.iter().map(|r| r.samples as f64)),
                 accuracy: mean(rows.iter().map(|r| f64::from(u8::from(r.correct)))),
                 energy: energy_label(&rows),
-            }
-        })
+            });
+        }
+    }
+    out
+}
+
+/// What changed from phase `a` to phase `b` (of one policy), in one line.
+pub fn change(a: &PhaseSummary, b: &PhaseSummary) -> String {
+    format!(
+        "{}: budget {:.1} -> {:.1} J/request: depth {:.2} -> {:.2} samples, settled {:.2} -> {:.2} J/request, accuracy {:.0}% -> {:.0}%",
+        a.policy,
+        a.budget_joules_per_request,
+        b.budget_joules_per_request,
+        a.mean_depth,
+        b.mean_depth,
+        a.settled_joules_per_request,
+        b.settled_joules_per_request,
+        a.accuracy * 100.0,
+        b.accuracy * 100.0
+    )
+}
+
+/// The changes between consecutive phases of each policy, one line each.
+pub fn changes(summaries: &[PhaseSummary]) -> Vec<String> {
+    summaries
+        .windows(2)
+        .filter(|pair| pair[0].policy == pair[1].policy)
+        .map(|pair| change(&pair[0], &pair[1]))
         .collect()
 }
 
@@ -83,13 +131,21 @@ pub fn table(summaries: &[PhaseSummary]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<6} {:>12} {:>9} {:>12} {:>14} {:>7} {:>9}  energy",
-        "phase", "budget J/req", "requests", "mean J/req", "settled J/req", "depth", "accuracy"
+        "{:<8} {:<6} {:>12} {:>9} {:>12} {:>14} {:>7} {:>9}  energy",
+        "policy",
+        "phase",
+        "budget J/req",
+        "requests",
+        "mean J/req",
+        "settled J/req",
+        "depth",
+        "accuracy"
     );
     for s in summaries {
         let _ = writeln!(
             out,
-            "{:<6} {:>12.2} {:>9} {:>12.2} {:>14.2} {:>7.2} {:>8.0}%  {}",
+            "{:<8} {:<6} {:>12.2} {:>9} {:>12.2} {:>14.2} {:>7.2} {:>8.0}%  {}",
+            s.policy,
             s.phase + 1,
             s.budget_joules_per_request,
             s.requests,
@@ -106,12 +162,13 @@ pub fn table(summaries: &[PhaseSummary]) -> String {
 /// The records as CSV.
 pub fn csv(records: &[Record]) -> String {
     let mut out = String::from(
-        "phase,budget_joules_per_request,item,pod,correct,joules,energy_source,measured,samples,at_seconds,latency_seconds\n",
+        "policy,phase,budget_joules_per_request,item,pod,correct,joules,energy_source,measured,samples,at_seconds,latency_seconds\n",
     );
     for r in records {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{:.6},{},{},{},{:.3},{:.3}",
+            "{},{},{},{},{},{},{:.6},{},{},{},{:.3},{:.3}",
+            r.policy,
             r.phase + 1,
             r.budget_joules_per_request,
             r.item,
@@ -138,25 +195,39 @@ fn rolling(values: &[f64], window: usize) -> Vec<f64> {
         .collect()
 }
 
-const BLUE: RGBColor = RGBColor(31, 119, 180);
+/// A colour per policy, in the order of [`policies`].
+const COLOURS: [RGBColor; 4] = [
+    RGBColor(31, 119, 180),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
 const RED_LINE: RGBColor = RGBColor(214, 39, 40);
 
 type Panel<'a, 'b> =
     ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
-/// A panel of `values` over `times` up to `(t_max, y_max)`: each point, and the trailing mean
-/// over `window` points as a line.
+/// One policy's values over time.
+struct Series<'r> {
+    policy: &'r str,
+    colour: RGBColor,
+    times: Vec<f64>,
+    values: Vec<f64>,
+}
+
+/// A panel of every series up to `(t_max, y_max)`: each point (unless `points` is false), and
+/// the trailing mean over `window` points as a line.
 fn panel<'a, 'b>(
     area: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
     (t_max, y_max): (f64, f64),
     y_desc: &str,
-    times: &[f64],
-    values: &[f64],
+    series: &[Series<'_>],
     window: usize,
+    points: bool,
 ) -> Result<Panel<'a, 'b>, String> {
     let mut chart = ChartBuilder::on(area)
-        .margin(15)
-        .x_label_area_size(35)
+        .margin(12)
+        .x_label_area_size(30)
         .y_label_area_size(60)
         .build_cartesian_2d(0.0..t_max, 0.0..y_max)
         .map_err(|e| e.to_string())?;
@@ -167,29 +238,45 @@ fn panel<'a, 'b>(
         .label_style((FONT, 13))
         .draw()
         .map_err(|e| e.to_string())?;
-    chart
-        .draw_series(
-            times
-                .iter()
-                .zip(values)
-                .map(|(t, v)| Circle::new((*t, *v), 2, BLUE.mix(0.4).filled())),
-        )
-        .map_err(|e| e.to_string())?
-        .label("each request")
-        .legend(|(x, y)| Circle::new((x + 10, y), 3, BLUE.mix(0.4).filled()));
-    chart
-        .draw_series(LineSeries::new(
-            times.iter().copied().zip(rolling(values, window)),
-            BLUE.stroke_width(2),
-        ))
-        .map_err(|e| e.to_string())?
-        .label(format!("mean of the last {window}"))
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+    for s in series {
+        let colour = s.colour;
+        if points {
+            chart
+                .draw_series(
+                    s.times
+                        .iter()
+                        .zip(&s.values)
+                        .map(|(t, v)| Circle::new((*t, *v), 2, colour.mix(0.35).filled())),
+                )
+                .map_err(|e| e.to_string())?;
+        }
+        chart
+            .draw_series(LineSeries::new(
+                s.times.iter().copied().zip(rolling(&s.values, window)),
+                colour.stroke_width(2),
+            ))
+            .map_err(|e| e.to_string())?
+            .label(format!("{} (mean of the last {window})", s.policy))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+            });
+    }
     Ok(chart)
 }
 
-/// Two panels over time: joules per request (each request, a rolling mean, the budget) and the
-/// TTC depth (each request, a rolling mean).
+fn legend<'a, 'b: 'a>(chart: &mut Panel<'a, 'b>) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font((FONT, 12))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())
+}
+
+/// Three panels over time, a series per policy: joules per request (with the budget), TTC
+/// depth, and accuracy (the share of right answers over the last requests).
 pub fn plot_png(path: &Path, records: &[Record], model: &str) -> anyhow::Result<()> {
     let fail = |e: String| anyhow!("plotting {}: {e}", path.display());
     register_font().map_err(fail)?;
@@ -204,31 +291,43 @@ pub fn plot_png(path: &Path, records: &[Record], model: &str) -> anyhow::Result<
         .fold(0.0, f64::max)
         * 1.1;
     let d_max = records.iter().map(|r| r.samples).max().unwrap_or(1) as f64 + 0.5;
-    let times: Vec<f64> = records.iter().map(|r| r.at_seconds).collect();
-    let joules: Vec<f64> = records.iter().map(|r| r.joules).collect();
-    let depths: Vec<f64> = records.iter().map(|r| r.samples as f64).collect();
     let window = 8;
+    let series = |value: &dyn Fn(&Record) -> f64| -> Vec<Series<'_>> {
+        policies(records)
+            .into_iter()
+            .enumerate()
+            .map(|(i, policy)| {
+                let rows: Vec<&Record> = records.iter().filter(|r| r.policy == policy).collect();
+                Series {
+                    policy: rows[0].policy.as_str(),
+                    colour: COLOURS[i % COLOURS.len()],
+                    times: rows.iter().map(|r| r.at_seconds).collect(),
+                    values: rows.iter().map(|r| value(r)).collect(),
+                }
+            })
+            .collect()
+    };
 
-    let root = BitMapBackend::new(path, (1000, 720)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1000, 960)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
     let root = root
         .titled(
-            &format!("ttc-operator demo — {model}: the sidecars follow the budget"),
+            &format!("ttc-operator demo — {model}: what the budget buys"),
             (FONT, 20),
         )
         .map_err(|e| fail(e.to_string()))?;
-    let (top, bottom) = root.split_vertically(400);
+    let panels = root.split_evenly((3, 1));
 
     let mut chart = panel(
-        &top,
+        &panels[0],
         (t_max, j_max),
         &format!("joules per request — {label}"),
-        &times,
-        &joules,
+        &series(&|r| r.joules),
         window,
+        true,
     )
     .map_err(fail)?;
-    // The budget as a step line: its value while each phase ran.
+    // The budget as a step line: its value while each phase ran (one budget for all policies).
     let mut budget = Vec::new();
     for (i, r) in records.iter().enumerate() {
         let start = if i == 0 {
@@ -242,25 +341,29 @@ pub fn plot_png(path: &Path, records: &[Record], model: &str) -> anyhow::Result<
     chart
         .draw_series(LineSeries::new(budget, RED_LINE.stroke_width(2)))
         .map_err(|e| fail(e.to_string()))?
-        .label("budget (InferencePolicy spec.budget.joulesPerRequest)")
+        .label("budget (spec.budget.joulesPerRequest)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED_LINE.stroke_width(2)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font((FONT, 13))
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| fail(e.to_string()))?;
-    panel(
-        &bottom,
+    legend(&mut chart).map_err(fail)?;
+    let mut chart = panel(
+        &panels[1],
         (t_max, d_max),
         "TTC depth (samples)",
-        &times,
-        &depths,
+        &series(&|r| r.samples as f64),
         window,
+        true,
     )
     .map_err(fail)?;
+    legend(&mut chart).map_err(fail)?;
+    let mut chart = panel(
+        &panels[2],
+        (t_max, 1.05),
+        "accuracy (share right)",
+        &series(&|r| f64::from(u8::from(r.correct))),
+        window,
+        false,
+    )
+    .map_err(fail)?;
+    legend(&mut chart).map_err(fail)?;
     root.present().map_err(|e| fail(e.to_string()))?;
     Ok(())
 }
@@ -290,6 +393,7 @@ mod tests {
 
     fn record(phase: usize, budget: f64, joules: f64, samples: usize, correct: bool) -> Record {
         Record {
+            policy: "chat".into(),
             phase,
             budget_joules_per_request: budget,
             item: "f/0".into(),
@@ -331,6 +435,45 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let files = write_all(dir.path(), &records, &s, "m").unwrap();
         assert!(files.iter().all(|f| f.metadata().unwrap().len() > 0));
+    }
+
+    #[test]
+    fn each_policy_is_summarised_and_compared_on_its_own() {
+        let mut records = Vec::new();
+        for (policy, phase, correct) in [
+            ("chat", 0, true),
+            ("checked", 0, true),
+            ("chat", 1, false),
+            ("checked", 1, false),
+        ] {
+            let mut r = record(phase, [20.0, 3.0][phase], 5.0, 4 - 3 * phase, correct);
+            r.policy = policy.into();
+            r.at_seconds = records.len() as f64;
+            records.push(r);
+        }
+        let s = summarise(&records);
+        let keys: Vec<(&str, usize)> = s.iter().map(|s| (s.policy.as_str(), s.phase)).collect();
+        assert_eq!(
+            keys,
+            [("chat", 0), ("chat", 1), ("checked", 0), ("checked", 1)]
+        );
+        let lines = changes(&s);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].starts_with("chat: budget 20.0 -> 3.0"),
+            "{lines:?}"
+        );
+        assert!(lines[1].starts_with("checked: "), "{lines:?}");
+        assert!(table(&s).contains("checked"));
+        assert!(
+            csv(&records)
+                .lines()
+                .nth(2)
+                .unwrap()
+                .starts_with("checked,1,")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        assert!(write_all(dir.path(), &records, &s, "m").is_ok());
     }
 
     #[test]

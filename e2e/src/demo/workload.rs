@@ -4,14 +4,14 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 use ttc_sidecar::ttc::tasks::{TaskFamily, TaskItem, generate};
 
-/// Families the demo asks from: short answers the default model gets right often but not
-/// always, so that voting over more samples has something to win.
+/// Families the `chat` policy's pods are asked from: short answers the default model gets right
+/// often but not always. Its errors are systematic, so a vote over more samples wins little.
 pub const FAMILIES: [TaskFamily; 5] = [
     TaskFamily::SingleDigitAddition,
     TaskFamily::TwoDigitAdditionNoCarry,
@@ -20,10 +20,15 @@ pub const FAMILIES: [TaskFamily; 5] = [
     TaskFamily::MultipleChoice,
 ];
 
-/// `count` questions, the families taking turns; the same for a seed.
-pub fn questions(count: usize, seed: u64) -> Vec<TaskItem> {
-    let per_family = count.div_ceil(FAMILIES.len());
-    let drawn: Vec<Vec<TaskItem>> = FAMILIES
+/// Families the `checked` policy's pods are asked from: answers a tool can check from the
+/// question alone, so best-of-N with the checking tool as verifier turns depth into accuracy.
+pub const CHECKED_FAMILIES: [TaskFamily; 2] =
+    [TaskFamily::SingleDigitAddition, TaskFamily::LargerOfTwo];
+
+/// `count` questions of `families`, the families taking turns; the same for a seed.
+pub fn questions(families: &[TaskFamily], count: usize, seed: u64) -> Vec<TaskItem> {
+    let per_family = count.div_ceil(families.len());
+    let drawn: Vec<Vec<TaskItem>> = families
         .iter()
         .map(|family| generate(*family, per_family, seed))
         .collect();
@@ -45,6 +50,8 @@ pub struct Endpoint {
 /// One answered question.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Record {
+    /// The policy whose pod answered.
+    pub policy: String,
     /// Which phase of the demo (0-based).
     pub phase: usize,
     /// The policy's joules-per-request budget during the phase.
@@ -116,6 +123,23 @@ pub fn parse_answer(body: &Value) -> anyhow::Result<Answer> {
     })
 }
 
+/// The model `endpoint` serves (the first of `/v1/models`): the file's name when the policy
+/// names a path.
+pub async fn served_model(http: &reqwest::Client, endpoint: &Endpoint) -> anyhow::Result<String> {
+    let models: Value = http
+        .get(format!("{}/v1/models", endpoint.url))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .with_context(|| format!("listing the models of {}", endpoint.pod))?
+        .json()
+        .await?;
+    models["data"][0]["id"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("{} lists no model: {models}", endpoint.pod))
+}
+
 /// Asks `endpoint` one question.
 pub async fn ask(
     http: &reqwest::Client,
@@ -147,6 +171,8 @@ pub async fn ask(
 
 /// One phase of the stream: its questions, sent with `concurrency` requests in flight.
 pub struct Phase<'a> {
+    /// The policy whose pods are asked.
+    pub policy: &'a str,
     /// Phase number.
     pub index: usize,
     /// The budget in force.
@@ -181,6 +207,7 @@ pub async fn drive(
                 let sent = Instant::now();
                 let answer = ask(http, endpoint, model, item).await?;
                 let record = Record {
+                    policy: phase.policy.to_string(),
                     phase: phase.index,
                     budget_joules_per_request: phase.budget_joules_per_request,
                     item: item.id.clone(),
@@ -207,32 +234,24 @@ pub async fn drive(
     Ok(records)
 }
 
-/// Waits until `url` answers 200, for at most `limit`.
-pub async fn wait_until_up(
-    http: &reqwest::Client,
-    url: &str,
-    limit: Duration,
-) -> Result<(), String> {
-    crate::testing::eventually(url, limit, || async move {
-        let response = http.get(url).send().await.map_err(|e| e.to_string())?;
-        Ok(response.status().is_success().then_some(()))
-    })
-    .await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn questions_take_turns_and_repeat_for_a_seed() {
-        let a = questions(12, 7);
+        let a = questions(&FAMILIES, 12, 7);
         assert_eq!(a.len(), 12);
-        assert_eq!(a, questions(12, 7));
+        assert_eq!(a, questions(&FAMILIES, 12, 7));
         for (i, item) in a.iter().take(FAMILIES.len()).enumerate() {
             assert_eq!(item.family, FAMILIES[i]);
         }
-        assert_ne!(a, questions(12, 8));
+        assert_ne!(a, questions(&FAMILIES, 12, 8));
+        assert!(
+            questions(&CHECKED_FAMILIES, 6, 7)
+                .iter()
+                .all(|q| q.family.is_tool_checkable())
+        );
     }
 
     #[test]

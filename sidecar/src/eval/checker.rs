@@ -107,7 +107,12 @@ pub struct CheckerServer {
 impl CheckerServer {
     /// Serves the tool on 127.0.0.1 on a free port (call inside a tokio runtime).
     pub async fn start() -> std::io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Serves the tool on `addr` (port 0: a free one), e.g. an address pods can reach.
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
         let address = listener.local_addr()?;
         let app = axum::Router::new().route("/score", post(score_handler));
         let task = tokio::spawn(async move {
