@@ -64,6 +64,13 @@ impl Tools {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `helm` on the release's namespace, waiting (5 minutes at most) for what it changes.
+    fn helm(&self, args: &[&str]) -> Result<String, String> {
+        let mut all = args.to_vec();
+        all.extend(["--namespace", SYSTEM, "--wait", "--timeout", "5m"]);
+        self.run("helm", &all)
+    }
+
     fn kubectl(&self, args: &[&str]) -> Result<String, String> {
         self.run("kubectl", args)
     }
@@ -261,26 +268,18 @@ async fn chart_runs_from_images_on_a_real_node() -> TestResult {
     let namespaces = format!("model.namespaces={{{APPS},{RESTRICTED}}}");
     tools.kubectl(&["create", "namespace", RESTRICTED])?;
     let install_started = Instant::now();
-    tools.run(
-        "helm",
-        &[
-            "install",
-            RELEASE,
-            &chart,
-            "--namespace",
-            SYSTEM,
-            "--create-namespace",
-            "--wait",
-            "--timeout",
-            "5m",
-            "--set",
-            &models_value,
-            "--set",
-            &namespaces,
-            "--set-json",
-            &bindings,
-        ],
-    )?;
+    tools.helm(&[
+        "install",
+        RELEASE,
+        &chart,
+        "--create-namespace",
+        "--set",
+        &models_value,
+        "--set",
+        &namespaces,
+        "--set-json",
+        &bindings,
+    ])?;
     let operators = operator_pods_ready(&tools, 2).await?;
     println!("helm install --wait: {:.0?}", install_started.elapsed());
     for pod in &operators {
@@ -371,22 +370,14 @@ async fn chart_runs_from_images_on_a_real_node() -> TestResult {
 
     // Upgrade with a changed value: the operator rolls, the lease and the statuses stay.
     let before = tools.get(&["inferencepolicy", "-n", APPS, "chat"])?["status"].clone();
-    tools.run(
-        "helm",
-        &[
-            "upgrade",
-            RELEASE,
-            &chart,
-            "--namespace",
-            SYSTEM,
-            "--reuse-values",
-            "--wait",
-            "--timeout",
-            "5m",
-            "--set",
-            "operator.logLevel=debug",
-        ],
-    )?;
+    tools.helm(&[
+        "upgrade",
+        RELEASE,
+        &chart,
+        "--reuse-values",
+        "--set",
+        "operator.logLevel=debug",
+    ])?;
     let rolled = operator_pods_ready(&tools, 2).await?;
     let rolled_names = names(&rolled);
     assert!(
@@ -416,19 +407,7 @@ async fn chart_runs_from_images_on_a_real_node() -> TestResult {
     assert_eq!(config["data"]["RUST_LOG"], "debug");
 
     // Rollback restores the values (and rolls again).
-    tools.run(
-        "helm",
-        &[
-            "rollback",
-            RELEASE,
-            "1",
-            "--namespace",
-            SYSTEM,
-            "--wait",
-            "--timeout",
-            "5m",
-        ],
-    )?;
+    tools.helm(&["rollback", RELEASE, "1"])?;
     let config = tools.get(&["configmap", "-n", SYSTEM, "ttc-ttc-operator"])?;
     assert_ne!(config["data"]["RUST_LOG"], "debug");
     operator_pods_ready(&tools, 2).await?;
@@ -476,18 +455,7 @@ async fn chart_runs_from_images_on_a_real_node() -> TestResult {
             "--timeout=120s",
         ])?;
     }
-    tools.run(
-        "helm",
-        &[
-            "uninstall",
-            RELEASE,
-            "--namespace",
-            SYSTEM,
-            "--wait",
-            "--timeout",
-            "5m",
-        ],
-    )?;
+    tools.helm(&["uninstall", RELEASE])?;
     let namespaced = "deployments,replicasets,pods,services,endpoints,configmaps,secrets,\
                       serviceaccounts,roles,rolebindings,poddisruptionbudgets,\
                       persistentvolumeclaims,networkpolicies";
