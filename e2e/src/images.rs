@@ -65,6 +65,11 @@ impl Images {
         command
     }
 
+    /// The environment `podman` needs here (for a podman started another way, e.g. in a pipe).
+    pub fn podman_env(&self) -> &[(String, String)] {
+        &self.podman_env
+    }
+
     /// The archives to import into containerd (`ctr -n k8s.io images import`), each with the
     /// image it holds.
     pub fn archives(&self) -> Vec<(PathBuf, &str)> {

@@ -73,6 +73,24 @@ fn spawn_supervised(mut command: Command) -> std::io::Result<Child> {
         .map_err(|_| std::io::Error::other("the process spawner thread did not answer"))?
 }
 
+/// Runs a short-lived tool (`ip`, `iptables`, `ctr`, `crictl`, ...) to completion; its stdout, or
+/// an error with its stderr.
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<String> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| Error::Node(format!("running {program}: {e}")))?;
+    if !output.status.success() {
+        return Err(Error::Node(format!(
+            "{program} {} failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 /// Polls `probe` every 250 ms until it succeeds; fails when any of `components` exits, or after
 /// `timeout` naming the component at `target` with the tail of its log.
 pub(crate) async fn wait_ready<F, Fut>(

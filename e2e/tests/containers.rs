@@ -147,8 +147,7 @@ fn files(images: &Images, image: &str) -> Result<Vec<(String, String)>, String> 
         .arg("\"$0\" export \"$1\" | tar -tvf -")
         .arg("podman")
         .arg(id)
-        .envs(std::env::vars())
-        .envs(podman_env(images))
+        .envs(images.podman_env().iter().map(|(k, v)| (k, v)))
         .output();
     let _ = images.podman().args(["rm", id]).output();
     let listing = listing.map_err(|e| e.to_string())?;
@@ -163,14 +162,6 @@ fn files(images: &Images, image: &str) -> Result<Vec<(String, String)>, String> 
             Some((path.to_string(), mode))
         })
         .collect())
-}
-
-fn podman_env(images: &Images) -> Vec<(String, String)> {
-    let command = images.podman();
-    command
-        .get_envs()
-        .filter_map(|(k, v)| Some((k.to_str()?.to_string(), v?.to_str()?.to_string())))
-        .collect()
 }
 
 #[test]

@@ -32,7 +32,7 @@ use crate::images::Images;
 use crate::kubeconfig;
 use crate::nodes::is_ready;
 use crate::pki::{NODE_IP, NODE_NAME, Pki};
-use crate::process::Component;
+use crate::process::{Component, run};
 use config::NodePaths;
 use dns::ClusterDns;
 use network::PodNetwork;
@@ -164,7 +164,7 @@ impl RealNode {
         .await?;
         for (archive, image) in self.images.archives() {
             let socket = socket.display().to_string();
-            network::run(
+            run(
                 "ctr",
                 &[
                     "--address",
@@ -262,11 +262,6 @@ impl RealNode {
         .await
     }
 
-    /// The node components, in start order.
-    pub fn components(&self) -> &[Component] {
-        &self.components
-    }
-
     /// Fails with [`Error::Exited`] when a node component has exited.
     pub fn check_running(&mut self) -> Result<()> {
         self.components
@@ -307,7 +302,7 @@ impl RealNode {
             let endpoint = format!("unix://{}", self.paths.containerd_socket().display());
             let crictl = self.bin_dir.join("crictl").display().to_string();
             note(
-                network::run(
+                run(
                     &crictl,
                     &[
                         "--runtime-endpoint",
@@ -326,7 +321,7 @@ impl RealNode {
         if let Some(config) = self.kube_proxy_config.take() {
             let kube_proxy = self.bin_dir.join("kube-proxy").display().to_string();
             note(
-                network::run(
+                run(
                     &kube_proxy,
                     &["--cleanup", &format!("--config={}", config.display())],
                 )
@@ -340,7 +335,7 @@ impl RealNode {
         // Namespaces of pods that the CRI could not remove (containerd gone first, say).
         for name in netns().difference(&self.netns_before) {
             let path = Path::new(NETNS_DIR).join(name);
-            let _ = network::run("umount", &[&path.display().to_string()]);
+            let _ = run("umount", &[&path.display().to_string()]);
             let _ = std::fs::remove_file(&path);
         }
         self.dns.take();

@@ -10,39 +10,21 @@
 //! other interface: nothing leaves this machine.
 
 use std::path::Path;
-use std::process::Command;
 
 use serde_json::json;
 
 use crate::error::{Error, Result};
+use crate::process::run;
 
 /// The pod network of the node.
 #[derive(Debug)]
 pub struct PodNetwork {
     bridge: String,
-    cidr: String,
     ip_forward_before: Option<String>,
     guard: Vec<String>,
 }
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
-
-/// `ip`/`iptables` and friends; fails with their stderr.
-pub(crate) fn run(program: &str, args: &[&str]) -> Result<String> {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| Error::Node(format!("running {program}: {e}")))?;
-    if !output.status.success() {
-        return Err(Error::Node(format!(
-            "{program} {} failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
 
 impl PodNetwork {
     /// Creates bridge `bridge` holding `gateway` (an address with its prefix length, e.g.
@@ -63,7 +45,6 @@ impl PodNetwork {
         run("ip", &["link", "add", bridge, "type", "bridge"])?;
         let mut network = PodNetwork {
             bridge: bridge.into(),
-            cidr: cidr.into(),
             ip_forward_before: None,
             guard: Vec::new(),
         };
@@ -130,11 +111,6 @@ impl PodNetwork {
         })?;
         std::fs::write(&file, text).map_err(|e| Error::io("writing", &file, e))?;
         Ok(network)
-    }
-
-    /// The pods' address range.
-    pub fn cidr(&self) -> &str {
-        &self.cidr
     }
 }
 
