@@ -68,7 +68,7 @@ async fn cluster() -> Result<&'static TestCluster, Box<dyn std::error::Error + S
 
 /// Installs the chart's CRD (server-side apply: the same object other tests may create).
 fn install_crd(cluster: &TestCluster) -> Result<(), String> {
-    let crd = chart_dir().join("crds").join(CRD_FILE);
+    let crd = chart_dir().join("api").join(CRD_FILE);
     run(
         cluster.kubectl().args([
             "apply",
@@ -108,8 +108,8 @@ fn get_one(command: &mut Command) -> Result<Value, Box<dyn std::error::Error + S
 
 #[test]
 fn chart_crd_is_the_generated_manifest() {
-    let generated = repo_root().join("crds").join(CRD_FILE);
-    let copy = chart_dir().join("crds").join(CRD_FILE);
+    let generated = repo_root().join("api").join(CRD_FILE);
+    let copy = chart_dir().join("api").join(CRD_FILE);
     let generated_text = std::fs::read_to_string(&generated).expect("generated CRD manifest");
     let copy_text = std::fs::read_to_string(&copy).expect("chart's CRD manifest");
     assert!(
@@ -665,7 +665,7 @@ async fn install_upgrade_uninstall_leaves_no_orphans() -> TestResult {
     let hook = &webhook["webhooks"][0];
     assert_eq!(hook["failurePolicy"], "Ignore");
     assert_eq!(
-        hook["namespaceSelector"]["matchLabels"][ttc_crds_label()],
+        hook["namespaceSelector"]["matchLabels"][ttc_api_label()],
         "enabled"
     );
     assert_eq!(hook["clientConfig"]["caBundle"], ca.as_str());
@@ -915,8 +915,8 @@ fn check_webhook_certificate(
     Ok(())
 }
 
-fn ttc_crds_label() -> &'static str {
-    ttc_crds::labels::INJECTION_NAMESPACE_LABEL
+fn ttc_api_label() -> &'static str {
+    ttc_api::labels::INJECTION_NAMESPACE_LABEL
 }
 
 fn names(items: &[Value]) -> Vec<String> {

@@ -70,7 +70,7 @@ fn images() -> Vec<Image> {
         Image {
             dockerfile: "sidecar/Dockerfile",
             package: "ttc-sidecar",
-            ports: vec![ttc_crds::policy::DEFAULT_SIDECAR_PORT],
+            ports: vec![ttc_api::policy::DEFAULT_SIDECAR_PORT],
         },
     ]
 }

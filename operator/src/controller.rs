@@ -16,8 +16,8 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::{info, instrument, warn};
-use ttc_crds::labels::{INJECTED_POLICY_ANNOTATION, INJECTION_ENABLED, INJECTION_NAMESPACE_LABEL};
-use ttc_crds::{InferencePolicy, InferencePolicyStatus};
+use ttc_api::labels::{INJECTED_POLICY_ANNOTATION, INJECTION_ENABLED, INJECTION_NAMESPACE_LABEL};
+use ttc_api::{InferencePolicy, InferencePolicyStatus};
 
 use crate::domain::allocation::{PodLoad, PolicyBudget, allocate};
 use crate::domain::cluster_split::{BudgetSplit, PolicyDemand};

@@ -16,10 +16,10 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
-use ttc_crds::report::{
+use ttc_api::report::{
     JSON_REPORTS_PATH, NOT_LEADER_HEADER, OTLP_METRICS_PATH, REPORT_TOKEN_AUDIENCE,
 };
-use ttc_crds::{EnergyReport, InferencePolicy};
+use ttc_api::{EnergyReport, InferencePolicy};
 
 use crate::metrics::Metrics;
 use crate::report_auth::{AuthError, ReportAuthenticator, bearer};
@@ -248,7 +248,7 @@ mod tests {
     use http::Request;
     use std::time::Duration;
     use tower::ServiceExt;
-    use ttc_crds::EnergySource;
+    use ttc_api::EnergySource;
 
     fn receiver() -> Arc<ReportReceiver> {
         Arc::new(ReportReceiver {
@@ -447,7 +447,7 @@ mod tests {
             Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, metric, number_data_point,
         };
         use opentelemetry_proto::tonic::resource::v1::Resource;
-        use ttc_crds::report::{
+        use ttc_api::report::{
             ATTR_ENERGY_SOURCE, ATTR_NAMESPACE, ATTR_POD_NAME, ATTR_POLICY, METRIC_ENERGY_JOULES,
         };
         let kv = |key: &str, value: &str| KeyValue {

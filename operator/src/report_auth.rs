@@ -83,7 +83,7 @@ pub trait ReportAuthenticator: Send + Sync {
 /// The `extra` key under which the API server names the pod a token is bound to.
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 
-/// Asks the API server (TokenReview, audience [`ttc_crds::report::REPORT_TOKEN_AUDIENCE`]);
+/// Asks the API server (TokenReview, audience [`ttc_api::report::REPORT_TOKEN_AUDIENCE`]);
 /// remembers accepted tokens for a minute, so a sidecar exporting every few seconds costs one
 /// review a minute.
 pub struct TokenReviewer {
@@ -101,7 +101,7 @@ impl TokenReviewer {
     pub fn new(client: kube::Client) -> Self {
         Self {
             api: Api::all(client),
-            audience: ttc_crds::report::REPORT_TOKEN_AUDIENCE.to_owned(),
+            audience: ttc_api::report::REPORT_TOKEN_AUDIENCE.to_owned(),
             remember: Duration::from_secs(60),
             accepted: Mutex::new(HashMap::new()),
         }

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1::{NumberDataPoint, metric, number_data_point};
-use ttc_crds::report::{
+use ttc_api::report::{
     ATTR_ENERGY_SOURCE, ATTR_NAMESPACE, ATTR_POD_NAME, ATTR_POLICY, METRIC_ENERGY_JOULES,
     METRIC_POWER_WATTS, METRIC_REQUESTS, METRIC_SAMPLES,
 };
-use ttc_crds::{EnergyReport, EnergySource};
+use ttc_api::{EnergyReport, EnergySource};
 
 use crate::domain::status::PodEnergy;
 use crate::error::{Error, Result};

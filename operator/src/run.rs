@@ -21,7 +21,8 @@ use kube::{Client, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
-use ttc_crds::InferencePolicy;
+use ttc_api::InferencePolicy;
+use ttc_api::report::DEFAULT_RECEIVER_PORT;
 
 use crate::admin::Admin;
 use crate::controller::{Context, ReconcileSettings, error_policy, policies_selecting, reconcile};
@@ -44,7 +45,7 @@ pub struct OperatorConfig {
     #[arg(long, env = "TTC_WEBHOOK_ADDR", default_value = "0.0.0.0:8443")]
     pub webhook_addr: SocketAddr,
     /// Address of the energy report receiver (OTLP/HTTP and JSON).
-    #[arg(long, env = "TTC_RECEIVER_ADDR", default_value = "0.0.0.0:4318")]
+    #[arg(long, env = "TTC_RECEIVER_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_RECEIVER_PORT)))]
     pub receiver_addr: SocketAddr,
     /// How the receiver authenticates reports: `token-review` (sidecars get a projected
     /// service-account token for audience `ttc-operator`; each reports only for its own pod;
@@ -84,7 +85,7 @@ pub struct OperatorConfig {
     #[arg(
         long,
         env = "TTC_OTLP_ENDPOINT",
-        default_value = "http://ttc-operator.ttc-system.svc:4318"
+        default_value_t = format!("http://ttc-operator.ttc-system.svc:{DEFAULT_RECEIVER_PORT}")
     )]
     pub otlp_endpoint: String,
     /// Sidecar resources (JSON ResourceRequirements) when a policy sets none.

@@ -27,8 +27,8 @@ use kube::runtime::reflector::Store;
 use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{debug, warn};
-use ttc_crds::InferencePolicy;
-use ttc_crds::labels::{INJECTION_ENABLED, INJECTION_NAMESPACE_LABEL};
+use ttc_api::InferencePolicy;
+use ttc_api::labels::{INJECTION_ENABLED, INJECTION_NAMESPACE_LABEL};
 
 use crate::controller::FIELD_MANAGER;
 use crate::domain::injection::{
@@ -80,7 +80,7 @@ impl Injector {
         let policies = self
             .policies
             .state_filter(|p| p.metadata.namespace.as_deref() == Some(namespace.as_str()));
-        let specs: Vec<(&str, &ttc_crds::InferencePolicySpec)> = policies
+        let specs: Vec<(&str, &ttc_api::InferencePolicySpec)> = policies
             .iter()
             .filter_map(|p| Some((p.metadata.name.as_deref()?, &p.spec)))
             .collect();
@@ -354,7 +354,7 @@ mod tests {
                 .as_array()
                 .expect("env")
                 .iter()
-                .find(|e| e["name"] == ttc_crds::report::sidecar_env::REPORT_CA_PEM)
+                .find(|e| e["name"] == ttc_api::report::sidecar_env::REPORT_CA_PEM)
                 .map(|e| e["value"].as_str().expect("a value").to_owned())
         };
         let mut injector = injector(vec![policy("chat", "chat")]);

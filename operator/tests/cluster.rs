@@ -17,16 +17,16 @@ use kube::api::{Api, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
-use ttc_crds::{EnergyReport, EnergySource, InferencePolicy, InferencePolicyStatus};
+use ttc_api::{EnergyReport, EnergySource, InferencePolicy, InferencePolicyStatus};
 use ttc_e2e::testing::{TestNamespace, eventually};
 use ttc_operator::run::OperatorConfig;
 
 mod common;
 
-use common::{LocalPorts, TestResult, crds_dir, install_crd, local_operator, policy_api};
+use common::{LocalPorts, TestResult, api_dir, install_crd, local_operator, policy_api};
 
 fn manifests(kind: &str) -> Result<Vec<(String, String)>, std::io::Error> {
-    yaml_files(&crds_dir().join("tests/manifests").join(kind))
+    yaml_files(&api_dir().join("tests/manifests").join(kind))
 }
 
 /// (file name, text) of the YAML files of a directory, sorted by name.
@@ -61,7 +61,7 @@ async fn api_server_accepts_valid_and_rejects_invalid_manifests_naming_the_field
     // The API server filled in the defaults.
     let typed: Api<InferencePolicy> = ns.api();
     let minimal = typed.get("minimal").await?;
-    assert_eq!(minimal.spec.ttc, ttc_crds::TtcSpec::default());
+    assert_eq!(minimal.spec.ttc, ttc_api::TtcSpec::default());
     assert_eq!(minimal.spec.budget.window_seconds, 300);
 
     let mut failures = Vec::new();
@@ -173,7 +173,7 @@ async fn a_report_token_speaks_for_the_pod_it_is_bound_to_only() -> TestResult {
             Ok::<_, kube::Error>(minted.status.map(|s| s.token).unwrap_or_default())
         }
     };
-    let audience = ttc_crds::report::REPORT_TOKEN_AUDIENCE;
+    let audience = ttc_api::report::REPORT_TOKEN_AUDIENCE;
     let operator = client_with_role(&ns, "ttc-operator", "ttc-operator").await?;
     let reviewer = TokenReviewer::new(operator);
     let bound = token(audience, true).await?;
@@ -214,7 +214,7 @@ async fn a_report_token_speaks_for_the_pod_it_is_bound_to_only() -> TestResult {
     let url = format!(
         "http://{}{}",
         listener.local_addr()?,
-        ttc_crds::report::JSON_REPORTS_PATH
+        ttc_api::report::JSON_REPORTS_PATH
     );
     let app = ttc_operator::receiver::router(receiver.clone());
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
@@ -361,7 +361,7 @@ async fn send_report(port: u16, report: &EnergyReport) -> TestResult {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     let head = format!(
         "POST {} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        ttc_crds::report::JSON_REPORTS_PATH,
+        ttc_api::report::JSON_REPORTS_PATH,
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
@@ -398,7 +398,7 @@ fn has_sidecar(pod: &Pod) -> bool {
     pod.spec.as_ref().is_some_and(|s| {
         s.containers
             .iter()
-            .any(|c| c.name == ttc_crds::labels::SIDECAR_CONTAINER_NAME)
+            .any(|c| c.name == ttc_api::labels::SIDECAR_CONTAINER_NAME)
     })
 }
 
@@ -431,7 +431,7 @@ async fn operator_injects_converges_and_resplits() -> TestResult {
     let client = ns.client().clone();
     install_crd(&client).await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let label = json!({"metadata": {"labels": {ttc_crds::labels::INJECTION_NAMESPACE_LABEL: ttc_crds::labels::INJECTION_ENABLED}}});
+    let label = json!({"metadata": {"labels": {ttc_api::labels::INJECTION_NAMESPACE_LABEL: ttc_api::labels::INJECTION_ENABLED}}});
     namespaces
         .patch(ns.name(), &PatchParams::default(), &Patch::Merge(&label))
         .await?;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use kube::api::{Api, DynamicObject, PostParams};
 use serde_json::json;
 use tokio::sync::watch;
-use ttc_crds::InferencePolicy;
+use ttc_api::InferencePolicy;
 use ttc_e2e::testing::{TestNamespace, eventually};
 use ttc_operator::serving::TlsMaterial;
 

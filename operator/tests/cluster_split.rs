@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DynamicObject, PostParams};
 use serde_json::json;
 use tokio::sync::watch;
-use ttc_crds::InferencePolicy;
+use ttc_api::InferencePolicy;
 use ttc_e2e::testing::{TestNamespace, eventually};
 
 use common::{TestResult, install_crd, local_operator, policy_api};

@@ -214,13 +214,13 @@ fn the_listed_sidecar_families_are_the_sidecars() {
             "the sidecar registers no {registered}; update SIDECAR_FAMILIES and the dashboard"
         );
     }
-    // The report metrics (ttc_crds::report) reach Prometheus with dots turned into underscores.
+    // The report metrics (ttc_api::report) reach Prometheus with dots turned into underscores.
     let families = exported_families();
     for otel in [
-        ttc_crds::report::METRIC_ENERGY_JOULES,
-        ttc_crds::report::METRIC_REQUESTS,
-        ttc_crds::report::METRIC_SAMPLES,
-        ttc_crds::report::METRIC_POWER_WATTS,
+        ttc_api::report::METRIC_ENERGY_JOULES,
+        ttc_api::report::METRIC_REQUESTS,
+        ttc_api::report::METRIC_SAMPLES,
+        ttc_api::report::METRIC_POWER_WATTS,
     ] {
         let family = otel.replace('.', "_");
         assert!(families.contains_key(&family), "no family {family}");

@@ -15,7 +15,7 @@ use kube::runtime::reflector::store;
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 use tokio::sync::watch;
-use ttc_crds::InferencePolicy;
+use ttc_api::InferencePolicy;
 use ttc_operator::controller::{Context, ReconcileSettings, error_policy, reconcile};
 use ttc_operator::metrics::Metrics;
 use ttc_operator::reports::ReportBook;
@@ -361,11 +361,11 @@ async fn reporting_policies_resync_at_the_resync_interval() {
         true,
     );
     let now = std::time::Instant::now();
-    let report = |joules: f64, requests: u64| ttc_crds::EnergyReport {
+    let report = |joules: f64, requests: u64| ttc_api::EnergyReport {
         namespace: "ml".into(),
         pod: "chat-1".into(),
         policy: "chat".into(),
-        source: ttc_crds::EnergySource::Nvml,
+        source: ttc_api::EnergySource::Nvml,
         joules_total: joules,
         requests_total: requests,
         samples_total: requests,

@@ -19,7 +19,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use ttc_crds::InferencePolicy;
+use ttc_api::InferencePolicy;
 use ttc_e2e::testing::{TestNamespace, free_port};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
@@ -90,7 +90,7 @@ async fn policies_and_pods_at_scale() -> TestResult {
     let client = ns.client().clone();
     let crd: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../crds/inferencepolicy.crd.yaml"
+        "/../api/inferencepolicy.crd.yaml"
     ))?)?;
     Api::<CustomResourceDefinition>::all(client.clone())
         .patch(

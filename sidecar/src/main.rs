@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ttc_crds::report::sidecar_env;
+use ttc_api::report::sidecar_env;
 use ttc_energy::{EnergyMeter, EstimateModel, MeterConfig, NvmlConfig, SourceChoice};
 use ttc_sidecar::api::{self, AppState, Limits};
 use ttc_sidecar::engine::llama::WeightFormat;
@@ -42,7 +42,7 @@ enum Command {
         #[arg(long)]
         force: bool,
         /// Cache directory (default: $TTC_CACHE_DIR/models or ~/.cache/ttc-operator/models).
-        #[arg(long, env = "TTC_MODEL_CACHE")]
+        #[arg(long, env = sidecar_env::MODEL_CACHE)]
         cache: Option<PathBuf>,
     },
 }
@@ -50,13 +50,13 @@ enum Command {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// A known model name (fetched on first use) or the path of a GGUF file.
-    #[arg(long, env = "TTC_MODEL", default_value = DEFAULT_MODEL.name)]
+    #[arg(long, env = sidecar_env::MODEL, default_value = DEFAULT_MODEL.name)]
     model: String,
     /// Name the API serves the model under (default: the known name, or the file stem).
     #[arg(long, env = "TTC_SERVED_MODEL_NAME")]
     served_model_name: Option<String>,
     /// Address to listen on.
-    #[arg(long, env = "TTC_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = sidecar_env::LISTEN, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// In-memory weight format.
     #[arg(long, env = "TTC_WEIGHTS", value_enum, default_value_t = WeightFormat::Q8_0)]
@@ -75,7 +75,7 @@ struct ServeArgs {
     #[arg(long, env = "TTC_MAX_N", default_value_t = 64)]
     max_n: usize,
     /// Model cache directory (default: $TTC_CACHE_DIR/models or ~/.cache/ttc-operator/models).
-    #[arg(long, env = "TTC_MODEL_CACHE")]
+    #[arg(long, env = sidecar_env::MODEL_CACHE)]
     cache: Option<PathBuf>,
     /// Energy source: auto (nvml, then rapl, then estimate), nvml, rapl or estimate.
     #[arg(long, env = "TTC_ENERGY_SOURCE", default_value = "auto")]
@@ -94,7 +94,7 @@ struct ServeArgs {
     #[arg(long, env = "TTC_POLICY_FILE")]
     ttc_policy: Option<PathBuf>,
     /// Enable test-time compute with the default policy (adaptive, 1-8 samples).
-    #[arg(long, env = "TTC_ENABLE")]
+    #[arg(long, env = sidecar_env::ENABLE_TTC)]
     ttc: bool,
     /// Energy allocation of this pod in joules per request (standalone mode; in a cluster the
     /// operator sets it).

@@ -13,7 +13,7 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio::sync::watch;
-use ttc_crds::{EnergySource, InferencePolicy};
+use ttc_api::{EnergySource, InferencePolicy};
 use ttc_e2e::testing::TestNamespace;
 use ttc_energy::{EnergyMeter, MeterConfig, SourceChoice};
 use ttc_operator::domain::status::PodEnergy;
@@ -33,8 +33,8 @@ const DELIVERY_LIMIT: Duration = Duration::from_secs(30);
 /// Applies the committed CRD manifest and waits until it is established.
 async fn install_crd(client: &Client) -> TestResult {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../crds")
-        .join(ttc_crds::CRD_MANIFEST_PATH);
+        .join("../api")
+        .join(ttc_api::CRD_MANIFEST_PATH);
     let crd: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(path)?)?;
     let name = crd.metadata.name.clone().ok_or("CRD without a name")?;
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());

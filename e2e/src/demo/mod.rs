@@ -24,8 +24,8 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use serde_json::json;
-use ttc_crds::InferencePolicy;
-use ttc_crds::labels::{INJECTION_ENABLED, INJECTION_NAMESPACE_LABEL};
+use ttc_api::InferencePolicy;
+use ttc_api::labels::{INJECTION_ENABLED, INJECTION_NAMESPACE_LABEL};
 
 use self::pods::{endpoints, operator_pods, start_workload};
 use self::workload::{Phase, Record};

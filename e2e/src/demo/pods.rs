@@ -8,8 +8,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
-use ttc_crds::labels::SIDECAR_CONTAINER_NAME;
-use ttc_crds::policy::DEFAULT_SIDECAR_PORT;
+use ttc_api::labels::SIDECAR_CONTAINER_NAME;
+use ttc_api::policy::DEFAULT_SIDECAR_PORT;
 
 use super::workload::Endpoint;
 use super::{DemoConfig, NAMESPACE, RELEASE, SYSTEM_NAMESPACE, detail, wait_for};

@@ -4,7 +4,7 @@
 //! still answer its next request, and the rest in proportion to its request rate. Pods without
 //! fresh reports are assumed to carry the mean load of the pods that report.
 
-use ttc_crds::PodAllocation;
+use ttc_api::PodAllocation;
 
 /// Part of the budget split equally among pods regardless of load.
 pub const FLOOR_FRACTION: f64 = 0.2;
@@ -23,7 +23,7 @@ pub struct PolicyBudget {
 
 impl PolicyBudget {
     /// The policy's own budget tightened by its cluster share.
-    pub fn effective(spec: &ttc_crds::EnergyBudget, cluster_watts: Option<f64>) -> Self {
+    pub fn effective(spec: &ttc_api::EnergyBudget, cluster_watts: Option<f64>) -> Self {
         let watts = match (spec.power_cap_watts, cluster_watts) {
             (Some(own), Some(share)) => Some(own.min(share)),
             (own, share) => own.or(share),
@@ -152,7 +152,7 @@ mod tests {
 
     #[test]
     fn cluster_share_tightens_the_power_cap() {
-        let spec = ttc_crds::EnergyBudget {
+        let spec = ttc_api::EnergyBudget {
             joules_per_request: None,
             power_cap_watts: Some(300.0),
             joules_per_window: None,
@@ -167,7 +167,7 @@ mod tests {
             Some(300.0)
         );
         assert_eq!(PolicyBudget::effective(&spec, None).watts, Some(300.0));
-        let uncapped = ttc_crds::EnergyBudget {
+        let uncapped = ttc_api::EnergyBudget {
             power_cap_watts: None,
             ..spec
         };

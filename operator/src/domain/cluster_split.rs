@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use ttc_crds::ClusterShare;
+use ttc_api::ClusterShare;
 
 use crate::domain::allocation::round;
 

@@ -10,12 +10,12 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
-use ttc_crds::labels::{
+use ttc_api::labels::{
     INJECT_POD_ANNOTATION, INJECTED_POLICY_ANNOTATION, INJECTION_SKIPPED_ANNOTATION,
     SIDECAR_CONTAINER_NAME, SIDECAR_PORT_NAME,
 };
-use ttc_crds::report::{ATTR_NAMESPACE, ATTR_POD_NAME, ATTR_POLICY, sidecar_env};
-use ttc_crds::{InferencePolicySpec, report};
+use ttc_api::report::{ATTR_NAMESPACE, ATTR_POD_NAME, ATTR_POLICY, sidecar_env};
+use ttc_api::{InferencePolicySpec, report};
 
 use crate::domain::selection::selects;
 
@@ -363,7 +363,7 @@ pub fn receiver_endpoint(host: &str) -> String {
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::PodSpec;
-    use ttc_crds::{EnergyBudget, ModelSpec};
+    use ttc_api::{EnergyBudget, ModelSpec};
 
     fn spec(app: &str) -> InferencePolicySpec {
         serde_json::from_value(json!({

@@ -1,8 +1,8 @@
 //! The status of a policy, computed from what the operator observed.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use ttc_crds::policy::trim;
-use ttc_crds::{
+use ttc_api::policy::trim;
+use ttc_api::{
     ClusterShare, EnergySource, InferencePolicySpec, InferencePolicyStatus, ObservedEnergy,
     PodAllocation,
 };
@@ -228,8 +228,8 @@ pub fn compute_status(inputs: &StatusInputs<'_>) -> InferencePolicyStatus {
             "NamespaceNotOptedIn",
             format!(
                 "label the namespace {}={} so that pods get the sidecar",
-                ttc_crds::labels::INJECTION_NAMESPACE_LABEL,
-                ttc_crds::labels::INJECTION_ENABLED
+                ttc_api::labels::INJECTION_NAMESPACE_LABEL,
+                ttc_api::labels::INJECTION_ENABLED
             ),
             inputs,
         )

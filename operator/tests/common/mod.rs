@@ -8,19 +8,19 @@ use std::time::Duration;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
-use ttc_crds::InferencePolicy;
+use ttc_api::InferencePolicy;
 use ttc_e2e::testing::{eventually, free_port};
 use ttc_operator::run::OperatorConfig;
 
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-pub fn crds_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds")
+pub fn api_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../api")
 }
 
 /// Applies the committed CRD manifest and waits until it is established.
 pub async fn install_crd(client: &Client) -> TestResult {
-    let text = std::fs::read_to_string(crds_dir().join(ttc_crds::CRD_MANIFEST_PATH))?;
+    let text = std::fs::read_to_string(api_dir().join(ttc_api::CRD_MANIFEST_PATH))?;
     let crd: CustomResourceDefinition = serde_yaml::from_str(&text)?;
     let name = crd.metadata.name.clone().ok_or("CRD without a name")?;
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());

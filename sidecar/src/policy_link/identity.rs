@@ -1,6 +1,6 @@
 //! Who this pod is: the names the operator injects into the sidecar's environment.
 
-use ttc_crds::report::sidecar_env;
+use ttc_api::report::sidecar_env;
 
 use super::error::LinkError;
 

@@ -1,6 +1,6 @@
 //! What the policy tells this pod: its allocation and the TTC limits. Pure, no Kubernetes calls.
 
-use ttc_crds::{InferencePolicy, TtcSpec};
+use ttc_api::{InferencePolicy, TtcSpec};
 
 /// This pod's share of its policy: the TTC limits of the spec and this pod's allocation from the
 /// status.
@@ -50,7 +50,7 @@ impl PolicyView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ttc_crds::{InferencePolicyStatus, PodAllocation, TtcStrategy};
+    use ttc_api::{InferencePolicyStatus, PodAllocation, TtcStrategy};
 
     fn policy(allocations: Option<Vec<PodAllocation>>) -> InferencePolicy {
         let mut policy: InferencePolicy = serde_json::from_value(serde_json::json!({
@@ -91,10 +91,7 @@ mod tests {
         assert_eq!(view.joules_per_request, Some(1.5));
         assert_eq!(view.watts, Some(40.0));
         assert_eq!(view.joules_per_window, Some(100.0));
-        assert_eq!(
-            view.window_seconds,
-            ttc_crds::policy::DEFAULT_WINDOW_SECONDS
-        );
+        assert_eq!(view.window_seconds, ttc_api::policy::DEFAULT_WINDOW_SECONDS);
         assert_eq!(view.generation, Some(3));
         assert_eq!(view.report_ca_bundle, None);
         assert_eq!(view.ttc.strategy, TtcStrategy::MajorityVote);

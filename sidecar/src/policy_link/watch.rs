@@ -5,7 +5,7 @@ use kube::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
-use ttc_crds::InferencePolicy;
+use ttc_api::InferencePolicy;
 
 use super::identity::PodIdentity;
 use super::view::PolicyView;

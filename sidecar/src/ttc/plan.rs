@@ -46,7 +46,7 @@ use super::windows::{WindowConfig, WindowLearner, WindowReport};
 
 /// The policy's test-time-compute limits and strategy: the InferencePolicy's `ttc` field, so the
 /// CRD is the one source of their names and defaults.
-pub use ttc_crds::{TtcSpec as TtcPolicy, TtcStrategy};
+pub use ttc_api::{TtcSpec as TtcPolicy, TtcStrategy};
 
 /// Sidecar-side settings of test-time compute (not part of the policy).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

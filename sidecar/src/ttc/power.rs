@@ -16,7 +16,7 @@ const MIN_SPAN: Duration = Duration::from_secs(5);
 
 /// Default window when none is given (the CRD's default `windowSeconds`).
 pub const DEFAULT_WINDOW: Duration =
-    Duration::from_secs(ttc_crds::policy::DEFAULT_WINDOW_SECONDS as u64);
+    Duration::from_secs(ttc_api::policy::DEFAULT_WINDOW_SECONDS as u64);
 
 /// A pod's power limit and the request rate it is spent at.
 #[derive(Debug, Clone)]

@@ -15,7 +15,7 @@ use super::answer::parse_first_json;
 
 /// How candidate answers are checked: the InferencePolicy's `ttc.verifier` (exactly one of
 /// `jsonSchema`, `regex`, `http`).
-pub use ttc_crds::policy::{HttpVerifier as HttpVerifierSpec, Verifier as VerifierSpec};
+pub use ttc_api::policy::{HttpVerifier as HttpVerifierSpec, Verifier as VerifierSpec};
 
 /// Why a verifier could not be built from its spec.
 #[derive(Debug, thiserror::Error)]

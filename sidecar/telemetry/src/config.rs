@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
+use ttc_api::report::{self, sidecar_env};
 
 /// Whether and where to push OTLP metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,11 +56,11 @@ impl TelemetryConfig {
                 || var("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT").is_some());
         Self {
             service_name: "ttc-sidecar".to_string(),
-            pod_name: var("TTC_POD_NAME")
+            pod_name: var(sidecar_env::POD_NAME)
                 .or_else(|| var("POD_NAME"))
                 .or_else(|| var("HOSTNAME")),
-            namespace: var("TTC_POD_NAMESPACE").or_else(|| var("POD_NAMESPACE")),
-            policy: var("TTC_POLICY_NAME"),
+            namespace: var(sidecar_env::POD_NAMESPACE).or_else(|| var("POD_NAMESPACE")),
+            policy: var(sidecar_env::POLICY_NAME),
             model: model.into(),
             otlp: if otlp_wanted {
                 OtlpExport::FromEnv
@@ -68,8 +69,8 @@ impl TelemetryConfig {
             },
             export_interval: None,
             export_timeout: None,
-            bearer_token_file: var("TTC_REPORT_TOKEN_FILE").map(PathBuf::from),
-            ca_pem: var("TTC_REPORT_CA_PEM"),
+            bearer_token_file: var(sidecar_env::REPORT_TOKEN_FILE).map(PathBuf::from),
+            ca_pem: var(sidecar_env::REPORT_CA_PEM),
         }
     }
 
@@ -81,9 +82,9 @@ impl TelemetryConfig {
             .unwrap_or_else(|| self.service_name.clone());
         let mut attrs = vec![("service.name", service)];
         let optional = [
-            ("k8s.pod.name", &self.pod_name),
-            ("k8s.namespace.name", &self.namespace),
-            (crate::keys::POLICY, &self.policy),
+            (report::ATTR_POD_NAME, &self.pod_name),
+            (report::ATTR_NAMESPACE, &self.namespace),
+            (report::ATTR_POLICY, &self.policy),
         ];
         for (k, v) in optional {
             if let Some(v) = v {

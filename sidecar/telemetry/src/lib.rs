@@ -63,7 +63,7 @@
 //! (on Prometheus: the `target_info` series).
 //!
 //! `ttc.energy.joules`, `ttc.requests`, `ttc.samples` and `ttc.power.watts` with those resource
-//! attributes are the report the operator's receiver reads (`ttc_crds::report`): it sums each
+//! attributes are the report the operator's receiver reads (`ttc_api::report`): it sums each
 //! metric's data points per pod, so the energy there is exactly the meter's total, split by
 //! source.
 
@@ -114,14 +114,14 @@ pub mod keys {
     pub const TOKEN_TYPE: &str = "gen_ai.token.type";
     /// `error.type`
     pub const ERROR_TYPE: &str = "error.type";
-    /// `ttc.energy.source`
-    pub const ENERGY_SOURCE: &str = "ttc.energy.source";
+    /// `ttc.energy.source`, as the report contract names it.
+    pub const ENERGY_SOURCE: &str = ttc_api::report::ATTR_ENERGY_SOURCE;
     /// `ttc.energy.use`
     pub const ENERGY_USE: &str = "ttc.energy.use";
     /// `ttc.strategy`
     pub const STRATEGY: &str = "ttc.strategy";
-    /// `ttc.policy.name` (resource)
-    pub const POLICY: &str = "ttc.policy.name";
+    /// `ttc.policy.name` (resource), as the report contract names it.
+    pub const POLICY: &str = ttc_api::report::ATTR_POLICY;
     /// `ttc.answer.type`: how a class of request's answers are extracted.
     pub const ANSWER_TYPE: &str = "ttc.answer.type";
     /// `ttc.difficulty.bin`: a class of request's difficulty bin (0 = easy).

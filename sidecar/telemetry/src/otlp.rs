@@ -12,6 +12,7 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
+use ttc_api::report;
 use ttc_energy::{EnergyMeter, uj_to_j};
 
 use crate::report_client::ReportClient;
@@ -212,12 +213,12 @@ impl OtlpPipeline {
                 .with_description("Headroom of this pod's window mean below its target, in joules per request (negative when over)")
                 .build(),
             requests: m
-                .u64_counter("ttc.requests")
+                .u64_counter(report::METRIC_REQUESTS)
                 .with_unit("{request}")
                 .with_description("Requests completed since the sidecar started")
                 .build(),
             samples: m
-                .u64_counter("ttc.samples")
+                .u64_counter(report::METRIC_SAMPLES)
                 .with_unit("{sample}")
                 .with_description("Test-time compute samples generated since the sidecar started")
                 .build(),
@@ -297,7 +298,7 @@ fn energy_instruments(m: &opentelemetry::metrics::Meter, meter: EnergyMeter) -> 
         .build();
     let joules_meter = meter.clone();
     let ttc_joules = m
-        .f64_observable_counter("ttc.energy.joules")
+        .f64_observable_counter(report::METRIC_ENERGY_JOULES)
         .with_unit("J")
         .with_description("Energy spent since the sidecar started, by the source of the figure")
         .with_callback(move |o| {
@@ -311,7 +312,7 @@ fn energy_instruments(m: &opentelemetry::metrics::Meter, meter: EnergyMeter) -> 
         .build();
     let watts_meter = meter.clone();
     let ttc_watts = m
-        .f64_observable_gauge("ttc.power.watts")
+        .f64_observable_gauge(report::METRIC_POWER_WATTS)
         .with_unit("W")
         .with_description("Current power draw of the pod's inference devices")
         .with_callback(move |o| {

@@ -20,7 +20,7 @@ use opentelemetry_http::{HttpClient, HttpError};
 use reqwest_blocking::blocking::Client;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use ttc_crds::report::NOT_LEADER_HEADER;
+use ttc_api::report::NOT_LEADER_HEADER;
 
 /// Attempts per export while operator replicas without the lease answer: with two replicas
 /// behind the Service, all of them miss the leader once in 2^8 exports, and a missed export

@@ -265,7 +265,7 @@ pub fn render(crd: &CustomResourceDefinition) -> String {
     let w = &mut out;
     let _ = writeln!(
         w,
-        "<!-- Generated from the CRD schema and crds/src/reference_guide.md by `cargo run -p ttc-crds --bin crdgen`; do not edit. -->"
+        "<!-- Generated from the CRD schema and api/src/reference_guide.md by `cargo run -p ttc-api --bin crdgen`; do not edit. -->"
     );
     let _ = writeln!(w, "# {} reference\n", names.kind);
     let _ = writeln!(

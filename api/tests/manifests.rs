@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use kube::CustomResourceExt;
 use serde_json::Value;
-use ttc_crds::InferencePolicy;
+use ttc_api::InferencePolicy;
 
 fn manifests(kind: &str) -> Vec<PathBuf> {
     yaml_files(
@@ -152,14 +152,14 @@ fn defaults_fill_an_omitted_ttc_section() {
         .expect("readable"),
     )
     .expect("parses");
-    assert_eq!(policy.spec.ttc, ttc_crds::TtcSpec::default());
+    assert_eq!(policy.spec.ttc, ttc_api::TtcSpec::default());
     assert_eq!(
         policy.spec.budget.window_seconds,
-        ttc_crds::policy::DEFAULT_WINDOW_SECONDS
+        ttc_api::policy::DEFAULT_WINDOW_SECONDS
     );
-    assert_eq!(policy.spec.priority, ttc_crds::policy::DEFAULT_PRIORITY);
+    assert_eq!(policy.spec.priority, ttc_api::policy::DEFAULT_PRIORITY);
     assert_eq!(
         policy.spec.sidecar.port_or_default(),
-        ttc_crds::policy::DEFAULT_SIDECAR_PORT
+        ttc_api::policy::DEFAULT_SIDECAR_PORT
     );
 }

@@ -6,27 +6,27 @@ fn assert_committed(path: &str, generated: &str, source: &str) {
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         committed == generated,
-        "{} differs from {source}; regenerate it with `cargo run -p ttc-crds --bin crdgen`",
+        "{} differs from {source}; regenerate it with `cargo run -p ttc-api --bin crdgen`",
         path.display()
     );
 }
 
 #[test]
 fn committed_crd_manifest_matches_the_types() {
-    let generated = ttc_crds::crd_manifest_yaml().expect("CRD serializes to YAML");
-    assert_committed(ttc_crds::CRD_MANIFEST_PATH, &generated, "the types");
+    let generated = ttc_api::crd_manifest_yaml().expect("CRD serializes to YAML");
+    assert_committed(ttc_api::CRD_MANIFEST_PATH, &generated, "the types");
 }
 
 #[test]
 fn committed_reference_matches_the_crd() {
-    let generated = ttc_crds::reference_markdown();
-    assert_committed(ttc_crds::REFERENCE_DOC_PATH, &generated, "the CRD schema");
+    let generated = ttc_api::reference_markdown();
+    assert_committed(ttc_api::REFERENCE_DOC_PATH, &generated, "the CRD schema");
 }
 
 #[test]
 fn crd_names_and_printer_columns() {
     use kube::CustomResourceExt;
-    let crd = ttc_crds::InferencePolicy::crd();
+    let crd = ttc_api::InferencePolicy::crd();
     assert_eq!(
         crd.metadata.name.as_deref(),
         Some("inferencepolicies.energy.ttc.dev")

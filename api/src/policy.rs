@@ -365,8 +365,7 @@ impl SidecarSpec {
     }
 }
 
-/// Where an energy figure comes from (shared with the sidecar's meters).
-pub use ttc_energy::EnergySource;
+pub use crate::energy::EnergySource;
 
 /// What the operator observes of a policy. Written by the operator only.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
