@@ -21,7 +21,7 @@ export TTC_DEFAULT_MODEL_FILE
 if [ -z "${KUBECONFIG_FOR_TESTS:-}" ]; then
 
   # The cluster, and the binaries the demo test runs as processes.
-  cargo build --locked -p ttc-e2e -p ttc-operator -p ttc-sidecar \
+  cargo build --locked -p ttc-cluster -p ttc-operator -p ttc-sidecar \
     --bin ttc-cluster --bin ttc-operator --bin ttc-sidecar
   cluster_bin="${CARGO_TARGET_DIR:-$PWD/target}/debug/ttc-cluster"
   run_dir="$(mktemp -d "${TMPDIR:-/tmp}/ttc-test-cluster.XXXXXX")"

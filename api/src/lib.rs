@@ -1,6 +1,7 @@
 //! The InferencePolicy API (`energy.ttc.dev/v1alpha1`), shared by the operator and the sidecar.
 //!
 //! - [`policy`]: the `InferencePolicy` custom resource, its spec, status and defaults.
+//! - `validation` (feature `validation`): the CRD's rules evaluated without an API server.
 //! - [`report`]: how sidecars report energy to the operator (metric names, attributes, JSON form).
 //! - [`energy`]: where energy figures come from (measured or estimated).
 //! - [`labels`]: label and annotation keys.
@@ -12,6 +13,8 @@ pub mod labels;
 pub mod policy;
 pub mod reference;
 pub mod report;
+#[cfg(feature = "validation")]
+pub mod validation;
 
 pub use policy::{
     ClusterShare, EnergyBudget, EnergySource, InferencePolicy, InferencePolicySpec,

@@ -1,21 +1,5 @@
-//! A real local Kubernetes control plane for tests and the demo.
-//!
-//! [`LocalCluster`] runs etcd, kube-apiserver, kube-controller-manager, kube-scheduler and
-//! kwok (with simulated GPU nodes) as child processes on loopback, from binaries built by
-//! `e2e/controlplane/build.sh`. [`testing`] gives tests one shared cluster per test run and a
-//! fresh namespace per test. [`demo`] is the one-command demo built on it.
+//! End to end: the one-command demo (a real node, the chart, two policies and their budgets) on
+//! the local cluster of `ttc-cluster`. The tests beside it run the components together: images,
+//! the chart on a real node, the operator's receiver with the sidecar's telemetry.
 
-pub mod cluster;
 pub mod demo;
-pub mod error;
-pub mod images;
-pub mod kubeconfig;
-pub mod node;
-pub mod nodes;
-pub mod pki;
-pub mod process;
-pub mod testing;
-
-pub use cluster::{ClusterConfig, K8S_VERSION, LocalCluster};
-pub use error::{Error, Result};
-pub use nodes::{GPU_RESOURCE, GpuNodeSpec};

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 
 use serde::Deserialize as _;
 use serde_json::Value;
-use ttc_e2e::testing::{TestCluster, TestNamespace, shared_cluster};
+use ttc_cluster::testing::{TestCluster, TestNamespace, shared_cluster};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 

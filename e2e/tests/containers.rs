@@ -12,9 +12,9 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use ttc_e2e::images::Images;
-use ttc_e2e::pki::Pki;
-use ttc_e2e::testing::{TestNamespace, ask_sidecar, free_port, wait_until_up};
+use ttc_cluster::images::Images;
+use ttc_cluster::pki::Pki;
+use ttc_cluster::testing::{TestNamespace, ask_sidecar, free_port, wait_until_up};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 

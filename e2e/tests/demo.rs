@@ -9,8 +9,8 @@
 
 use std::path::PathBuf;
 
+use ttc_cluster::images::Images;
 use ttc_e2e::demo::{self, DemoConfig};
-use ttc_e2e::images::Images;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 

@@ -8,7 +8,7 @@
 //! admits injected pods; `helm uninstall` leaves nothing of the release behind but what Helm
 //! keeps by design (the CRD, and the policies that are its objects).
 //!
-//! Starts a cluster of its own with the real node (see `ttc_e2e::node`), so it needs root,
+//! Starts a cluster of its own with the real node (see `ttc_cluster::node`), so it needs root,
 //! `TTC_CONTROL_PLANE_BIN` (with kubelet, kube-proxy and crictl), `TTC_IMAGES_DIR` and the default
 //! model at `TTC_DEFAULT_MODEL_FILE`; `e2e/test.sh` provides all three.
 
@@ -17,11 +17,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use ttc_e2e::images::Images;
-use ttc_e2e::node::{NodeConfig, model_volume};
-use ttc_e2e::pki::NODE_NAME;
-use ttc_e2e::testing::{BIN_DIR_ENV, ask_sidecar, eventually};
-use ttc_e2e::{ClusterConfig, LocalCluster};
+use ttc_cluster::images::Images;
+use ttc_cluster::node::{NodeConfig, model_volume};
+use ttc_cluster::pki::NODE_NAME;
+use ttc_cluster::testing::{BIN_DIR_ENV, ask_sidecar, eventually};
+use ttc_cluster::{ClusterConfig, LocalCluster};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 

@@ -16,8 +16,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
-use ttc_e2e::testing::{TestNamespace, eventually, shared_cluster};
-use ttc_e2e::{GPU_RESOURCE, K8S_VERSION};
+use ttc_cluster::testing::{TestNamespace, eventually, shared_cluster};
+use ttc_cluster::{GPU_RESOURCE, K8S_VERSION};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -72,7 +72,7 @@ async fn simulated_gpu_nodes_are_ready() -> TestResult {
     for node in &gpu_nodes.items {
         let name = node.metadata.name.as_deref().unwrap_or("?");
         assert!(
-            ttc_e2e::nodes::is_ready(node),
+            ttc_cluster::nodes::is_ready(node),
             "node {name} is not Ready: {:?}",
             node.status
         );

@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use ttc_api::{EnergyReport, EnergySource, InferencePolicy, InferencePolicyStatus};
-use ttc_e2e::testing::{TestNamespace, eventually};
+use ttc_cluster::testing::{TestNamespace, eventually};
 use ttc_operator::run::OperatorConfig;
 
 mod common;

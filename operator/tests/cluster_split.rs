@@ -15,7 +15,7 @@ use kube::api::{Api, DynamicObject, PostParams};
 use serde_json::json;
 use tokio::sync::watch;
 use ttc_api::InferencePolicy;
-use ttc_e2e::testing::{TestNamespace, eventually};
+use ttc_cluster::testing::{TestNamespace, eventually};
 
 use common::{TestResult, install_crd, local_operator, policy_api};
 

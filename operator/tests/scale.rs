@@ -20,7 +20,7 @@ use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, P
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ttc_api::InferencePolicy;
-use ttc_e2e::testing::{TestNamespace, free_port};
+use ttc_cluster::testing::{TestNamespace, free_port};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 

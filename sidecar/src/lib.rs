@@ -2,16 +2,17 @@
 //!
 //! Layers, from the bottom: [`model_store`] finds or fetches model files, [`gguf`] reads their
 //! metadata, [`tokenizer`] and [`chat_template`] turn messages into token ids, [`engine`] runs the
-//! model (shared-prefix batched sampling), [`ttc`] decides how much compute each request gets,
+//! model (shared-prefix batched sampling), [`ttc_service`] runs the TTC core's decisions (`ttc_core`) against the engine, [`ttc_policy`] maps
+//! the InferencePolicy onto them, [`score_client`] carries HTTP verifiers' calls,
 //! [`api`] serves HTTP.
 
 pub mod api;
 pub mod chat_template;
 pub mod engine;
-pub mod eval;
 pub mod gguf;
 pub mod model_store;
 pub mod policy_link;
+pub mod score_client;
 pub mod tokenizer;
-pub mod ttc;
+pub mod ttc_policy;
 pub mod ttc_service;

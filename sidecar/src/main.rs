@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ttc_api::TtcSpec;
 use ttc_api::report::sidecar_env;
+use ttc_core::TtcPolicy;
 use ttc_energy::{EnergyMeter, EstimateModel, MeterConfig, NvmlConfig, SourceChoice};
 use ttc_sidecar::api::{self, AppState, Limits};
 use ttc_sidecar::engine::llama::WeightFormat;
@@ -14,7 +16,7 @@ use ttc_sidecar::engine::worker::EngineHandle;
 use ttc_sidecar::engine::{Engine, EngineOptions};
 use ttc_sidecar::model_store::{DEFAULT_MODEL, KNOWN_MODELS, ModelStore, ModelStoreError};
 use ttc_sidecar::policy_link::{PodIdentity, watch_policy};
-use ttc_sidecar::ttc::TtcPolicy;
+use ttc_sidecar::ttc_policy::{read_policy_file, ttc_policy};
 use ttc_sidecar::ttc_service::TtcService;
 use ttc_telemetry::{SidecarMetrics, TelemetryConfig};
 
@@ -159,17 +161,8 @@ async fn follow_policy(
                             }
                         }
                     }
-                    match serde_json::to_value(&view.ttc)
-                        .and_then(serde_json::from_value::<TtcPolicy>)
-                    {
-                        Ok(policy) => {
-                            if let Err(e) = service.set_policy(policy) {
-                                tracing::warn!(error = %e, "the policy's TTC settings are inconsistent; keeping the previous ones");
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot read the policy's TTC settings")
-                        }
+                    if let Err(e) = service.set_policy(ttc_policy(&view.ttc)) {
+                        tracing::warn!(error = %e, "the policy's TTC settings cannot be applied; keeping the previous ones");
                     }
                     service.set_allocation(view.joules_per_request);
                     service.set_power_limits(
@@ -200,18 +193,13 @@ async fn follow_policy(
 
 fn ttc_service(args: &ServeArgs) -> anyhow::Result<Option<Arc<TtcService>>> {
     let policy: TtcPolicy = match &args.ttc_policy {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading TTC policy {}", path.display()))?;
-            serde_yaml::from_str(&text)
-                .with_context(|| format!("TTC policy {} is invalid", path.display()))?
-        }
+        Some(path) => read_policy_file(path)?,
         None if args.ttc
             || args.joules_per_request.is_some()
             || args.power_cap_watts.is_some()
             || std::env::var_os(sidecar_env::POLICY_NAME).is_some() =>
         {
-            serde_json::from_str("{}")?
+            ttc_policy(&TtcSpec::default())
         }
         None => return Ok(None),
     };

@@ -2,7 +2,7 @@
 //! window by window from the engine, verifies or votes, and books what the request cost so the
 //! controller keeps the pod within its energy allocation.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::engine::sampler::SamplerConfig;
@@ -12,13 +12,16 @@ use crate::engine::{
     Completion, EngineError, FinishReason, GenerationEvent, GenerationOutput, GenerationRequest,
     RequestJoules,
 };
-use crate::ttc::power::PowerBudget;
-use crate::ttc::reasoning::BudgetForcing;
-use crate::ttc::{
-    AnswerType, EnergySource, Feedback, FeedbackError, FeedbackReceipt, FeedbackTicket,
-    MeasuredEnergy, PromptFeatures, RequestFeatures, TtcController, TtcError, TtcOptions,
+use ttc_api::EnergySource;
+use ttc_core::power::PowerBudget;
+use ttc_core::reasoning::BudgetForcing;
+use ttc_core::{
+    AnswerType, Feedback, FeedbackError, FeedbackReceipt, FeedbackTicket, MeasuredEnergy,
+    PromptFeatures, RequestFeatures, ScoreTransport, TtcController, TtcError, TtcOptions,
     TtcOutcome, TtcPolicy, TtcReport, TtcSession, Verdict, Verifier, WindowDecision,
 };
+
+use crate::score_client::HttpScoreClient;
 
 /// One request for an answer chosen by test-time compute.
 #[derive(Debug, Clone)]
@@ -71,9 +74,17 @@ impl TtcService {
     /// A service for `policy` with these sidecar-side settings (window size, vote weighting,
     /// budget controller).
     pub fn with_options(policy: TtcPolicy, options: TtcOptions) -> Result<Self, TtcError> {
+        // Without a TLS backend no HTTP verifier can be built; the policy that names one is
+        // refused with that reason, and every other policy works.
+        let transport = HttpScoreClient::new()
+            .map(|client| Arc::new(client) as Arc<dyn ScoreTransport>)
+            .inspect_err(|e| tracing::warn!(error = %e, "no HTTP client for ttc.verifier.http"))
+            .ok();
+        let default_window =
+            Duration::from_secs(u64::from(ttc_api::policy::DEFAULT_WINDOW_SECONDS));
         Ok(Self {
-            controller: Mutex::new(TtcController::new(policy, options)?),
-            power: Mutex::new(PowerBudget::new(Instant::now())),
+            controller: Mutex::new(TtcController::with_transport(policy, options, transport)?),
+            power: Mutex::new(PowerBudget::new(Instant::now(), default_window)),
         })
     }
 
@@ -261,7 +272,6 @@ impl TtcService {
         });
         let mut outcome = session.finish(MeasuredEnergy {
             joules,
-            source,
             prompt_tokens,
             completion_tokens,
         });

@@ -9,12 +9,13 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use tower::ServiceExt;
+use ttc_core::{StopReason, TtcPolicy};
 use ttc_energy::{EnergyMeter, MeterConfig, SourceChoice};
 use ttc_sidecar::api::{AppState, Limits, router};
 use ttc_sidecar::engine::worker::EngineHandle;
 use ttc_sidecar::engine::{Engine, EngineOptions};
 use ttc_sidecar::model_store::DEFAULT_MODEL;
-use ttc_sidecar::ttc::{StopReason, TtcPolicy};
+use ttc_sidecar::ttc_policy::ttc_policy;
 use ttc_sidecar::ttc_service::TtcService;
 use ttc_telemetry::{SidecarMetrics, TelemetryConfig};
 
@@ -302,10 +303,12 @@ async fn bad_requests_get_openai_errors() {
 /// `ttc` report; a request that opts out gets one plain sample.
 #[tokio::test]
 async fn ttc_votes_and_reports_depth_and_energy() {
-    let policy: TtcPolicy = serde_json::from_value(json!({
-        "strategy": "MajorityVote", "minSamples": 3, "maxSamples": 4, "difficultyAware": false
-    }))
-    .unwrap();
+    let policy: TtcPolicy = ttc_policy(
+        &serde_json::from_value(json!({
+            "strategy": "MajorityVote", "minSamples": 3, "maxSamples": 4, "difficultyAware": false
+        }))
+        .unwrap(),
+    );
     let service = Arc::new(TtcService::new(policy).unwrap());
     service.set_allocation(Some(50.0));
     let app = router(AppState {
@@ -374,10 +377,12 @@ async fn ttc_votes_and_reports_depth_and_energy() {
 /// verdict gets a 4xx naming its field.
 #[tokio::test]
 async fn feedback_on_a_ttc_answer_is_taken_once_and_bad_verdicts_get_4xx() {
-    let policy: TtcPolicy = serde_json::from_value(json!({
-        "strategy": "MajorityVote", "minSamples": 3, "maxSamples": 3, "difficultyAware": true
-    }))
-    .unwrap();
+    let policy: TtcPolicy = ttc_policy(
+        &serde_json::from_value(json!({
+            "strategy": "MajorityVote", "minSamples": 3, "maxSamples": 3, "difficultyAware": true
+        }))
+        .unwrap(),
+    );
     let app = router(AppState {
         engine: handle(),
         limits: Limits::default(),
@@ -467,11 +472,13 @@ async fn feedback_on_a_ttc_answer_is_taken_once_and_bad_verdicts_get_4xx() {
 /// answer continues from there within the request's `max_tokens`, and both passes are billed.
 #[tokio::test]
 async fn a_reasoning_budget_forces_the_answer_when_the_budget_runs_out() {
-    let policy: TtcPolicy = serde_json::from_value(json!({
-        "strategy": "ReasoningBudget", "minReasoningTokens": 8, "maxReasoningTokens": 8,
-        "difficultyAware": false
-    }))
-    .unwrap();
+    let policy: TtcPolicy = ttc_policy(
+        &serde_json::from_value(json!({
+            "strategy": "ReasoningBudget", "minReasoningTokens": 8, "maxReasoningTokens": 8,
+            "difficultyAware": false
+        }))
+        .unwrap(),
+    );
     let service = Arc::new(TtcService::new(policy).unwrap());
     let app = router(AppState {
         engine: handle(),
@@ -505,10 +512,12 @@ async fn a_reasoning_budget_forces_the_answer_when_the_budget_runs_out() {
 /// far below what one sample costs leaves every request after the first at the minimum depth.
 #[tokio::test]
 async fn a_power_cap_holds_requests_to_the_minimum_depth() {
-    let policy: TtcPolicy = serde_json::from_value(json!({
-        "strategy": "MajorityVote", "minSamples": 1, "maxSamples": 6, "difficultyAware": false
-    }))
-    .unwrap();
+    let policy: TtcPolicy = ttc_policy(
+        &serde_json::from_value(json!({
+            "strategy": "MajorityVote", "minSamples": 1, "maxSamples": 6, "difficultyAware": false
+        }))
+        .unwrap(),
+    );
     let service = Arc::new(TtcService::new(policy).unwrap());
     service.set_power_limits(Some(0.001), None, None);
     let app = router(AppState {
@@ -553,10 +562,12 @@ async fn a_power_cap_holds_requests_to_the_minimum_depth() {
 /// usage and the `ttc` object; without opting in, a stream is sampled token by token.
 #[tokio::test]
 async fn a_stream_that_opts_in_gets_the_voted_answer_with_its_ttc_report() {
-    let policy: TtcPolicy = serde_json::from_value(json!({
-        "strategy": "MajorityVote", "minSamples": 2, "maxSamples": 3, "difficultyAware": false
-    }))
-    .unwrap();
+    let policy: TtcPolicy = ttc_policy(
+        &serde_json::from_value(json!({
+            "strategy": "MajorityVote", "minSamples": 2, "maxSamples": 3, "difficultyAware": false
+        }))
+        .unwrap(),
+    );
     let app = router(AppState {
         engine: handle(),
         limits: Limits::default(),

@@ -5,6 +5,7 @@ mod common;
 
 use std::sync::{Arc, OnceLock};
 
+use ttc_core::{Verifier, VerifierSpec};
 use ttc_energy::{EnergyMeter, MeterConfig, SourceChoice};
 use ttc_sidecar::chat_template::ChatMessage;
 use ttc_sidecar::engine::llama::WeightFormat;
@@ -16,7 +17,6 @@ use ttc_sidecar::engine::{
 };
 use ttc_sidecar::gguf::{GgufError, GgufFile};
 use ttc_sidecar::model_store::DEFAULT_MODEL;
-use ttc_sidecar::ttc::{Verifier, VerifierSpec};
 use ttc_sidecar::ttc_service::verified_window;
 
 /// The default model, loaded once per test binary.
@@ -427,11 +427,7 @@ async fn an_accepted_row_ends_its_window_and_cuts_the_others_short() {
         ..greedy(prompt, 4, max_tokens)
     };
     // Accepts any answer: whichever row finishes first wins.
-    let verifier = Verifier::from_spec(&VerifierSpec {
-        regex: Some(".".into()),
-        ..VerifierSpec::default()
-    })
-    .unwrap();
+    let verifier = Verifier::from_spec(&VerifierSpec::Regex(".".into()), None).unwrap();
     let (out, verdicts) = verified_window(&handle, request, &verifier, "What is 2 + 3?")
         .await
         .unwrap();

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
+use ttc_cluster::images::Images;
 use ttc_e2e::demo::{self, DemoConfig};
-use ttc_e2e::images::Images;
 
 /// Runs a local cluster with a real node, the chart (the operator from its image), an
 /// InferencePolicy and sidecar-injected inference pods serving the real model; drives questions,

@@ -1,7 +1,7 @@
 //! The one-command demo: the whole loop on a local cluster with a real node.
 //!
 //! A real control plane and one real node (kubelet, containerd, kube-proxy: see
-//! [`crate::node`]) that runs the project's container images; the Helm chart installed with its
+//! [`ttc_cluster::node`]) that runs the project's container images; the Helm chart installed with its
 //! defaults (two operator replicas from the operator image, the webhook called through the
 //! chart's Service); a sample InferencePolicy and an inference Deployment in an opted-in
 //! namespace, whose pods get the sidecar container, which serves the real default model from
@@ -29,14 +29,14 @@ use ttc_api::labels::{INJECTION_ENABLED, INJECTION_NAMESPACE_LABEL};
 
 use self::pods::{endpoints, operator_pods, start_workload};
 use self::workload::{Phase, Record};
-use crate::images::Images;
-use crate::node::{NodeConfig, model_volume};
-use crate::pki::NODE_IP;
-use crate::testing::eventually;
-use crate::{ClusterConfig, LocalCluster};
 use std::net::{Ipv4Addr, SocketAddr};
-use ttc_sidecar::eval::checker::CheckerServer;
-use ttc_sidecar::ttc::tasks::TaskFamily;
+use ttc_cluster::images::Images;
+use ttc_cluster::node::{NodeConfig, model_volume};
+use ttc_cluster::pki::NODE_IP;
+use ttc_cluster::testing::eventually;
+use ttc_cluster::{ClusterConfig, LocalCluster};
+use ttc_eval::checker::CheckerServer;
+use ttc_eval::tasks::TaskFamily;
 
 /// Namespace of the inference workload (opted in to injection).
 pub const NAMESPACE: &str = "ttc-demo";

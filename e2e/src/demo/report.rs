@@ -8,8 +8,8 @@ use std::path::Path;
 use anyhow::{Context as _, anyhow};
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
-use ttc_sidecar::eval::plot::{FONT, register_font};
-use ttc_sidecar::ttc::stats::mean;
+use ttc_eval::plot::{FONT, register_font};
+use ttc_eval::stats::mean;
 
 use super::workload::Record;
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
-use ttc_sidecar::ttc::tasks::{TaskFamily, TaskItem, generate};
+use ttc_eval::tasks::{TaskFamily, TaskItem, generate};
 
 /// Families the `chat` policy's pods are asked from: short answers the default model gets right
 /// often but not always. Its errors are systematic, so a vote over more samples wins little.

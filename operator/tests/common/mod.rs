@@ -9,7 +9,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use ttc_api::InferencePolicy;
-use ttc_e2e::testing::{eventually, free_port};
+use ttc_cluster::testing::{eventually, free_port};
 use ttc_operator::run::OperatorConfig;
 
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;

@@ -24,11 +24,11 @@ use crate::engine::worker::EngineHandle;
 use crate::engine::{
     Completion, GenerationEvent, GenerationOutput, GenerationRequest, RequestJoules,
 };
-use crate::ttc::{Feedback, FeedbackError, StopReason, TtcOutcome};
 use crate::ttc_service::{TtcRequest, TtcService};
 pub use error::ApiError;
 use std::sync::Arc;
 use std::time::Instant;
+use ttc_core::{Feedback, FeedbackError, StopReason, TtcOutcome};
 use ttc_telemetry::{DepthClassLabels, RequestRecord, SidecarMetrics};
 use types::*;
 
@@ -158,7 +158,7 @@ async fn run_ttc(
     id: &str,
     request: GenerationRequest,
     prompt_text: String,
-    answer_type: Option<crate::ttc::AnswerType>,
+    answer_type: Option<ttc_core::AnswerType>,
 ) -> Result<(Completion, Usage, TtcOutcome), ApiError> {
     let answer = service
         .answer(
@@ -426,7 +426,7 @@ async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Respo
 }
 
 /// `POST /v1/ttc/feedback`: whether an answer chosen by test-time compute was right, so the
-/// pod learns whether depth makes this workload's answers right ([`crate::ttc::feedback`]).
+/// pod learns whether depth makes this workload's answers right ([`ttc_core::feedback`]).
 async fn feedback(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let req: FeedbackRequest = parse(&body)?;
     let verdict = match (req.correct, req.expected) {

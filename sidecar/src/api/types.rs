@@ -102,7 +102,7 @@ pub struct SamplingFields {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TtcRequestOptions {
     /// How answers are extracted and compared for the vote (default: short text).
-    pub answer_type: Option<crate::ttc::AnswerType>,
+    pub answer_type: Option<ttc_core::AnswerType>,
     /// `false` opts this request out of test-time compute (one plain sample).
     pub enabled: Option<bool>,
 }
@@ -179,7 +179,7 @@ pub struct ChatCompletion {
     pub usage: Usage,
     /// Not in OpenAI's API: what test-time compute did, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ttc: Option<crate::ttc::TtcOutcome>,
+    pub ttc: Option<ttc_core::TtcOutcome>,
 }
 
 /// One choice of a text completion.
@@ -202,7 +202,7 @@ pub struct TextCompletion {
     pub usage: Usage,
     /// Not in OpenAI's API: what test-time compute did, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ttc: Option<crate::ttc::TtcOutcome>,
+    pub ttc: Option<ttc_core::TtcOutcome>,
 }
 
 /// `GET /v1/models` entry.
