@@ -328,6 +328,21 @@ async fn ttc_votes_and_reports_depth_and_energy() {
     let samples = v["ttc"]["samples"].as_u64().unwrap();
     assert!((3..=4).contains(&samples), "policy bounds not obeyed: {v}");
     assert_eq!(v["ttc"]["strategy"], "MajorityVote");
+    // The API's object, not the core's internals.
+    for internal in [
+        "probe",
+        "answers",
+        "greedySettles",
+        "difficultyBin",
+        "decodePasses",
+    ] {
+        assert!(
+            v["ttc"].get(internal).is_none(),
+            "{internal} leaked: {}",
+            v["ttc"]
+        );
+    }
+    assert_eq!(v["ttc"]["energySource"], v["usage"]["energy"]["source"]);
     assert_eq!(v["usage"]["energy"]["source"], "estimate");
     assert!(
         v["usage"]["completion_tokens"].as_u64().unwrap() >= samples,

@@ -3,6 +3,7 @@
 //! `/metrics`, `/healthz` and `/readyz`. Every bad request gets a 4xx with an OpenAI-style error body.
 
 pub mod error;
+pub mod ttc_object;
 pub mod types;
 
 use std::convert::Infallible;
@@ -29,6 +30,7 @@ pub use error::ApiError;
 use std::sync::Arc;
 use std::time::Instant;
 use ttc_core::{Feedback, FeedbackError, StopReason, TtcOutcome};
+use ttc_object::TtcObject;
 use ttc_telemetry::{DepthClassLabels, RequestRecord, SidecarMetrics};
 use types::*;
 
@@ -544,8 +546,13 @@ async fn answer(state: AppState, req: Prepared, started: Instant) -> Result<Resp
             stop_reason: outcome.as_ref().and_then(|o| o.stop_reason),
         },
     );
+    let source = usage
+        .energy
+        .as_ref()
+        .map_or(ttc_api::EnergySource::Estimate, |e| e.source);
+    let ttc = outcome.as_ref().map(|o| TtcObject::new(o, source));
     if stream {
-        return Ok(answered_stream(meta, completions, usage, outcome).into_response());
+        return Ok(answered_stream(meta, completions, usage, ttc).into_response());
     }
     let response = if chat {
         Json(ChatCompletion {
@@ -554,7 +561,7 @@ async fn answer(state: AppState, req: Prepared, started: Instant) -> Result<Resp
             created: meta.created,
             model: meta.model,
             usage,
-            ttc: outcome,
+            ttc,
             choices: completions
                 .into_iter()
                 .map(|c| ChatChoice {
@@ -576,7 +583,7 @@ async fn answer(state: AppState, req: Prepared, started: Instant) -> Result<Resp
             created: meta.created,
             model: meta.model,
             usage,
-            ttc: outcome,
+            ttc,
             choices: completions
                 .into_iter()
                 .map(|c| TextChoice {
@@ -643,7 +650,7 @@ fn answered_stream(
     meta: StreamMeta,
     completions: Vec<Completion>,
     usage: Usage,
-    outcome: Option<TtcOutcome>,
+    ttc: Option<TtcObject>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<>> {
     let mut events = Vec::new();
     for c in &completions {
@@ -654,8 +661,8 @@ fn answered_stream(
         events.push(meta.chunk(meta.choice(c.index, None, Some(c.finish)), None));
     }
     let mut last = meta.chunk_body(json!([]), meta.include_usage.then_some(&usage));
-    if let Some(outcome) = outcome {
-        last["ttc"] = json!(outcome);
+    if let Some(ttc) = ttc {
+        last["ttc"] = json!(ttc);
     }
     events.push(Event::default().data(last.to_string()));
     events.push(Event::default().data("[DONE]"));

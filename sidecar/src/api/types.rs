@@ -179,7 +179,7 @@ pub struct ChatCompletion {
     pub usage: Usage,
     /// Not in OpenAI's API: what test-time compute did, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ttc: Option<ttc_core::TtcOutcome>,
+    pub ttc: Option<super::ttc_object::TtcObject>,
 }
 
 /// One choice of a text completion.
@@ -202,7 +202,7 @@ pub struct TextCompletion {
     pub usage: Usage,
     /// Not in OpenAI's API: what test-time compute did, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ttc: Option<ttc_core::TtcOutcome>,
+    pub ttc: Option<super::ttc_object::TtcObject>,
 }
 
 /// `GET /v1/models` entry.
