@@ -174,7 +174,7 @@ async fn a_report_token_speaks_for_the_pod_it_is_bound_to_only() -> TestResult {
         }
     };
     let audience = ttc_api::report::REPORT_TOKEN_AUDIENCE;
-    let operator = client_with_role(&ns, "ttc-operator", "ttc-operator").await?;
+    let operator = client_with_role(&ns, "ttc-operator", Rights::Operator).await?;
     let reviewer = TokenReviewer::new(operator);
     let bound = token(audience, true).await?;
     assert_eq!(
@@ -252,35 +252,101 @@ async fn a_report_token_speaks_for_the_pod_it_is_bound_to_only() -> TestResult {
     Ok(())
 }
 
-/// Applies `operator/deploy/rbac.yaml` and returns a client acting as a ServiceAccount of
-/// `namespace` bound to `role` (cluster-wide) and, for the operator, to leader election there.
+/// Whose rights a test client gets: the chart's roles, rendered by helm (the one definition of
+/// what the operator and the sidecars may do).
+#[derive(Clone, Copy, PartialEq)]
+enum Rights {
+    /// The operator as the chart installs it (the chart owns the webhook configuration).
+    Operator,
+    /// The operator run without the chart, with `--webhook-config-name`: the chart's rights and
+    /// the one it leaves out, managing its own MutatingWebhookConfiguration.
+    OperatorManagingWebhook,
+    /// An injected sidecar.
+    Sidecar,
+}
+
+/// Name the chart's objects get in these tests (`fullnameOverride`).
+const CHART_RIGHTS: &str = "ttc-rights";
+
+/// The chart's `templates/rbac.yaml`, rendered for `namespace` with sidecar token reviews on.
+fn chart_rbac(
+    ns: &TestNamespace,
+) -> Result<Vec<serde_yaml::Value>, Box<dyn std::error::Error + Send + Sync>> {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/ttc-operator");
+    let out = ns
+        .cluster()
+        .helm()
+        .arg("template")
+        .arg(CHART_RIGHTS)
+        .arg(&chart)
+        .args(["--namespace", ns.name()])
+        .args(["--set", &format!("fullnameOverride={CHART_RIGHTS}")])
+        .args(["--set", "operator.reportAuth=token-review"])
+        .args(["--show-only", "templates/rbac.yaml"])
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("helm template: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let text = String::from_utf8(out.stdout)?;
+    let mut documents = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value: serde_yaml::Value = serde::Deserialize::deserialize(document)?;
+        if !value.is_null() {
+            documents.push(value);
+        }
+    }
+    Ok(documents)
+}
+
+/// Applies the chart's roles and returns a client acting as ServiceAccount `account` of
+/// `namespace`, bound to the roles of `rights` as the chart binds them.
 async fn client_with_role(
     ns: &TestNamespace,
     account: &str,
-    role: &str,
+    rights: Rights,
 ) -> Result<Client, Box<dyn std::error::Error + Send + Sync>> {
     use k8s_openapi::api::core::v1::ServiceAccount;
     use k8s_openapi::api::rbac::v1::{
-        ClusterRole, ClusterRoleBinding, RoleBinding, RoleRef, Subject,
+        ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
     };
     let admin = ns.client().clone();
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/rbac.yaml"))?;
-    for document in serde_yaml::Deserializer::from_str(&text) {
-        let role: ClusterRole = serde::Deserialize::deserialize(document)?;
-        let name = role
-            .metadata
-            .name
-            .clone()
-            .ok_or("ClusterRole without a name")?;
-        Api::<ClusterRole>::all(admin.clone())
-            .patch(
-                &name,
-                &PatchParams::apply("ttc-operator-tests").force(),
-                &Patch::Apply(&role),
-            )
-            .await?;
+    let apply = PatchParams::apply("ttc-operator-tests").force();
+    let mut roles = Vec::new();
+    for document in chart_rbac(ns)? {
+        match document["kind"].as_str() {
+            Some("ClusterRole") => {
+                let role: ClusterRole = serde_yaml::from_value(document)?;
+                let name = role
+                    .metadata
+                    .name
+                    .clone()
+                    .ok_or("ClusterRole without a name")?;
+                Api::<ClusterRole>::all(admin.clone())
+                    .patch(&name, &apply, &Patch::Apply(&role))
+                    .await?;
+                roles.push(name);
+            }
+            Some("Role") => {
+                let role: Role = serde_yaml::from_value(document)?;
+                let name = role.metadata.name.clone().ok_or("Role without a name")?;
+                ns.api::<Role>()
+                    .patch(&name, &apply, &Patch::Apply(&role))
+                    .await?;
+            }
+            _ => {} // Bindings: made below for the test's own ServiceAccount.
+        }
     }
+    let (cluster_role, leader_election) = match rights {
+        Rights::Operator | Rights::OperatorManagingWebhook => (
+            CHART_RIGHTS.to_string(),
+            Some(format!("{CHART_RIGHTS}-leader-election")),
+        ),
+        Rights::Sidecar => (format!("{CHART_RIGHTS}-sidecar"), None),
+    };
+    assert!(
+        roles.contains(&cluster_role),
+        "the chart renders no ClusterRole {cluster_role}: {roles:?}"
+    );
     let sa = ServiceAccount {
         metadata: ObjectMeta {
             name: Some(account.into()),
@@ -297,29 +363,52 @@ async fn client_with_role(
         namespace: Some(ns.name().into()),
         api_group: None,
     };
-    let role_ref = |name: &str| RoleRef {
+    let role_ref = |kind: &str, name: &str| RoleRef {
         api_group: "rbac.authorization.k8s.io".into(),
-        kind: "ClusterRole".into(),
+        kind: kind.into(),
         name: name.into(),
     };
-    let binding = ClusterRoleBinding {
-        metadata: ObjectMeta {
-            name: Some(format!("{}-{account}", ns.name())),
+    let mut cluster_roles = vec![cluster_role];
+    if rights == Rights::OperatorManagingWebhook {
+        let name = format!("{}-{account}-webhook-config", ns.name());
+        let role = ClusterRole {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                ..Default::default()
+            },
+            rules: Some(vec![PolicyRule {
+                api_groups: Some(vec!["admissionregistration.k8s.io".into()]),
+                resources: Some(vec!["mutatingwebhookconfigurations".into()]),
+                verbs: vec!["get".into(), "create".into(), "patch".into()],
+                ..Default::default()
+            }]),
             ..Default::default()
-        },
-        role_ref: role_ref(role),
-        subjects: Some(vec![subject.clone()]),
-    };
-    Api::<ClusterRoleBinding>::all(admin.clone())
-        .create(&PostParams::default(), &binding)
-        .await?;
-    if role == "ttc-operator" {
+        };
+        Api::<ClusterRole>::all(admin.clone())
+            .patch(&name, &apply, &Patch::Apply(&role))
+            .await?;
+        cluster_roles.push(name);
+    }
+    for (i, role) in cluster_roles.iter().enumerate() {
+        let binding = ClusterRoleBinding {
+            metadata: ObjectMeta {
+                name: Some(format!("{}-{account}-{i}", ns.name())),
+                ..Default::default()
+            },
+            role_ref: role_ref("ClusterRole", role),
+            subjects: Some(vec![subject.clone()]),
+        };
+        Api::<ClusterRoleBinding>::all(admin.clone())
+            .create(&PostParams::default(), &binding)
+            .await?;
+    }
+    if let Some(role) = leader_election {
         let leader = RoleBinding {
             metadata: ObjectMeta {
                 name: Some(format!("{account}-leader-election")),
                 ..Default::default()
             },
-            role_ref: role_ref("ttc-operator-leader-election"),
+            role_ref: role_ref("Role", &role),
             subjects: Some(vec![subject]),
         };
         ns.api::<RoleBinding>()
@@ -333,14 +422,23 @@ async fn client_with_role(
 }
 
 async fn delete_bindings(ns: &TestNamespace, accounts: &[&str]) -> TestResult {
-    use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
-    let api = Api::<ClusterRoleBinding>::all(ns.client().clone());
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let bindings = Api::<ClusterRoleBinding>::all(ns.client().clone());
+    let roles = Api::<ClusterRole>::all(ns.client().clone());
     for account in accounts {
-        api.delete(
-            &format!("{}-{account}", ns.name()),
-            &DeleteParams::default(),
-        )
-        .await?;
+        let prefix = format!("{}-{account}-", ns.name());
+        for binding in bindings.list(&Default::default()).await? {
+            let name = binding.metadata.name.unwrap_or_default();
+            if name.starts_with(&prefix) {
+                bindings.delete(&name, &DeleteParams::default()).await?;
+            }
+        }
+        let webhook_role = format!("{prefix}webhook-config");
+        if roles.get_opt(&webhook_role).await?.is_some() {
+            roles
+                .delete(&webhook_role, &DeleteParams::default())
+                .await?;
+        }
     }
     Ok(())
 }
@@ -444,8 +542,10 @@ async fn operator_injects_converges_and_resplits() -> TestResult {
         ..
     } = ports;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    // The operator runs with the rights of operator/deploy/rbac.yaml, nothing more.
-    let operator_client = client_with_role(&ns, "ttc-operator", "ttc-operator").await?;
+    // The operator runs with the chart's rights (and, managing its own webhook configuration
+    // here, the one the chart leaves out), nothing more.
+    let operator_client =
+        client_with_role(&ns, "ttc-operator", Rights::OperatorManagingWebhook).await?;
     let operator = tokio::spawn(ttc_operator::run::run(
         operator_client.clone(),
         config.clone(),
@@ -636,7 +736,7 @@ async fn operator_injects_converges_and_resplits() -> TestResult {
     assert_eq!(status.allocations.len(), 2);
 
     // A sidecar reads its allocation with read-only rights and cannot write status.
-    let sidecar_client = client_with_role(&ns, "inference", "ttc-sidecar").await?;
+    let sidecar_client = client_with_role(&ns, "inference", Rights::Sidecar).await?;
     let as_sidecar: Api<InferencePolicy> = Api::namespaced(sidecar_client, ns.name());
     let seen = as_sidecar.get("chat").await?;
     let mine = seen
