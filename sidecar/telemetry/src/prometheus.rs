@@ -356,13 +356,16 @@ impl prometheus_client::collector::Collector for MeterCollector {
             ConstCounter::new(uj_to_j(uj)).encode(family.encode_family(&labels)?)?;
         }
 
+        // The family is always there (dashboards and alerts can name it); its sample only once
+        // the meter knows the power.
+        let family = encoder.encode_descriptor(
+            "ttc_power",
+            "Current power draw of the pod's inference devices",
+            Some(&watts),
+            MetricType::Gauge,
+        )?;
         if let Some(w) = totals.power_w() {
-            ConstGauge::new(w).encode(encoder.encode_descriptor(
-                "ttc_power",
-                "Current power draw of the pod's inference devices",
-                Some(&watts),
-                MetricType::Gauge,
-            )?)?;
+            ConstGauge::new(w).encode(family)?;
         }
         Ok(())
     }

@@ -1,63 +1,15 @@
 //! The Grafana dashboard of the chart (`charts/ttc-operator/dashboards/ttc-operator.json`) queries
-//! only metrics that exist: the operator's, read from what it renders, and the sidecar's, listed
-//! here and checked against the sidecar's telemetry source.
+//! only metrics that exist: the families the operator's and the sidecar's registries render.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use ttc_operator::metrics::Metrics;
+use std::time::Duration;
 
-/// The sidecar's Prometheus families (`sidecar/telemetry/src/prometheus.rs`): the name it
-/// registers, the family name on `/metrics` (with the unit suffix the client library adds) and
-/// the type.
-const SIDECAR_FAMILIES: &[(&str, &str, &str)] = &[
-    ("target", "target", "info"),
-    (
-        "gen_ai_client_token_usage",
-        "gen_ai_client_token_usage",
-        "histogram",
-    ),
-    (
-        "gen_ai_server_request_duration",
-        "gen_ai_server_request_duration_seconds",
-        "histogram",
-    ),
-    (
-        "gen_ai_server_time_per_output_token",
-        "gen_ai_server_time_per_output_token_seconds",
-        "histogram",
-    ),
-    (
-        "ttc_request_energy",
-        "ttc_request_energy_joules",
-        "histogram",
-    ),
-    ("ttc_depth", "ttc_depth", "histogram"),
-    (
-        "ttc_budget_allocation",
-        "ttc_budget_allocation_joules",
-        "gauge",
-    ),
-    (
-        "ttc_budget_remaining",
-        "ttc_budget_remaining_joules",
-        "gauge",
-    ),
-    ("ttc_requests", "ttc_requests", "counter"),
-    ("ttc_samples", "ttc_samples", "counter"),
-    ("ttc_stops", "ttc_stops", "counter"),
-    (
-        "ttc_telemetry_dropped_exports",
-        "ttc_telemetry_dropped_exports",
-        "counter",
-    ),
-    ("hw_energy", "hw_energy_joules", "counter"),
-    ("hw_power", "hw_power_watts", "gauge"),
-    ("ttc_energy", "ttc_energy_joules", "counter"),
-    ("ttc_energy_usage", "ttc_energy_usage_joules", "counter"),
-    ("ttc_power", "ttc_power_watts", "gauge"),
-];
+use ttc_energy::{EnergyMeter, EnergySource, MeterConfig, SourceChoice};
+use ttc_operator::metrics::Metrics;
+use ttc_telemetry::{DepthClassLabels, OtlpExport, RequestRecord, SidecarMetrics, TelemetryConfig};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -69,25 +21,59 @@ fn dashboard() -> Value {
     serde_json::from_str(&text).expect("the dashboard is JSON")
 }
 
-/// Family name -> type, of the sidecar (listed above) and of the operator (rendered).
+/// Family name -> type, from a `# TYPE` exposition.
+fn families_of(text: &str, families: &mut BTreeMap<String, String>) {
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("# TYPE name type");
+            families.insert(name.to_string(), kind.to_string());
+        }
+    }
+}
+
+/// The sidecar's registry as it renders on `/metrics`, every labelled family given a series.
+fn sidecar_exposition() -> String {
+    let meter = EnergyMeter::from_config(&MeterConfig {
+        source: SourceChoice::Estimate,
+        ..MeterConfig::default()
+    })
+    .expect("an estimate meter");
+    let mut config = TelemetryConfig::from_env("smollm2-135m-instruct");
+    config.otlp = OtlpExport::Disabled;
+    let metrics = SidecarMetrics::new(&config, Some(meter)).expect("the sidecar's metrics");
+    metrics.record_request(&RequestRecord {
+        operation: "chat",
+        input_tokens: 12,
+        output_tokens: 20,
+        duration: Duration::from_millis(800),
+        time_per_output_token: Some(Duration::from_millis(30)),
+        energy: Some((2.5, EnergySource::Estimate)),
+        strategy: "majority_vote",
+        depth: 4,
+        error_type: None,
+    });
+    metrics.set_budget(3.0, 0.5);
+    metrics.record_feedback(true);
+    metrics.record_stop("agreement");
+    let class = DepthClassLabels {
+        answer_type: "number",
+        difficulty_bin: 1,
+    };
+    metrics.set_depth_value(&class, true, Some(0.1));
+    metrics.encode_prometheus().expect("renders")
+}
+
+/// Family name -> type, of the sidecar and of the operator, both rendered.
 fn exported_families() -> BTreeMap<String, String> {
-    let mut families: BTreeMap<String, String> = SIDECAR_FAMILIES
-        .iter()
-        .map(|(_, family, kind)| (family.to_string(), kind.to_string()))
-        .collect();
+    let mut families = BTreeMap::new();
+    families_of(&sidecar_exposition(), &mut families);
     // A labelled family is rendered once it has a series.
     let metrics = Metrics::default();
     metrics.reconciled("ok");
     metrics.reconcile_failed("kube");
     metrics.admitted("injected");
     metrics.report("otlp", "accepted");
-    let rendered = metrics.render();
-    for line in rendered.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').expect("# TYPE name type");
-            families.insert(name.to_string(), kind.to_string());
-        }
-    }
+    families_of(&metrics.render(), &mut families);
     families
 }
 
@@ -205,17 +191,9 @@ fn the_name_scanner_skips_functions_labels_and_variables() {
 }
 
 #[test]
-fn the_listed_sidecar_families_are_the_sidecars() {
-    let source = std::fs::read_to_string(repo().join("sidecar/telemetry/src/prometheus.rs"))
-        .expect("the sidecar's Prometheus source");
-    for (registered, _, _) in SIDECAR_FAMILIES {
-        assert!(
-            source.contains(&format!("\"{registered}\"")),
-            "the sidecar registers no {registered}; update SIDECAR_FAMILIES and the dashboard"
-        );
-    }
-    // The report metrics (ttc_api::report) reach Prometheus with dots turned into underscores.
+fn the_sidecar_renders_the_report_metrics_and_its_energy_families() {
     let families = exported_families();
+    // The report metrics (ttc_api::report) reach Prometheus with dots turned into underscores.
     for otel in [
         ttc_api::report::METRIC_ENERGY_JOULES,
         ttc_api::report::METRIC_REQUESTS,
@@ -223,7 +201,21 @@ fn the_listed_sidecar_families_are_the_sidecars() {
         ttc_api::report::METRIC_POWER_WATTS,
     ] {
         let family = otel.replace('.', "_");
-        assert!(families.contains_key(&family), "no family {family}");
+        assert!(
+            families.contains_key(&family),
+            "no family {family}: {families:?}"
+        );
+    }
+    for family in [
+        "ttc_request_energy_joules",
+        "ttc_depth",
+        "gen_ai_client_token_usage",
+        "target",
+    ] {
+        assert!(
+            families.contains_key(family),
+            "no family {family}: {families:?}"
+        );
     }
 }
 
@@ -235,6 +227,7 @@ fn every_metric_the_dashboard_queries_is_exported() {
         families.contains_key("ttc_operator_reconciliations"),
         "{families:?}"
     );
+    assert!(families.contains_key("ttc_stops"), "{families:?}");
     let mut unknown = Vec::new();
     let expressions = expressions(&dashboard);
     assert!(expressions.len() > 20, "only {} queries", expressions.len());
