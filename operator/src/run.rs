@@ -311,7 +311,9 @@ async fn leadership(
     Ok((rx, handle))
 }
 
-/// Runs the operator until `shutdown` turns true.
+/// Runs the operator until `shutdown` turns true: the caches, the HTTP servers (admin, report
+/// receiver, webhook), the lease, background upkeep, then the controller; on shutdown, the servers
+/// drain and the lease is released.
 pub async fn run(
     client: Client,
     config: OperatorConfig,
@@ -336,157 +338,40 @@ pub async fn run(
     .applied_objects();
     let pod_stream = reflector::reflector(
         pod_writer,
-        watcher(
-            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
-            watcher::Config::default().any_semantic(),
-        )
-        .default_backoff()
-        .modify(|p| p.managed_fields_mut().clear()),
+        metadata_watch::<Pod>(&client, watcher::Config::default().any_semantic()),
     )
     .touched_objects()
-    // Pods change often (status, IPs); only label, injection or deletion changes matter here.
+    // Pods change often (status, IPs); only label, injection or deletion changes matter.
     .predicate_filter(crate::controller::pod_fingerprint, Default::default());
     let namespace_stream = reflector::reflector(
         namespace_writer,
-        watcher(
-            Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .default_backoff(),
+        metadata_watch::<Namespace>(&client, watcher::Config::default()),
     )
     .touched_objects();
 
     let (leader, lease_task) = leadership(client.clone(), &config, &identity).await?;
-
-    // HTTP: admin, report receiver, webhook.
-    let admin = Arc::new(Admin {
-        ready: Default::default(),
-        metrics: metrics.clone(),
-    });
     let (wake, woken) = tokio::sync::mpsc::channel(1024);
-    let receiver = Arc::new(ReportReceiver {
-        book: book.clone(),
-        metrics: metrics.clone(),
-        wake: Some(wake),
-        auth: match config.report_auth {
-            ReportAuthMode::None => None,
-            ReportAuthMode::TokenReview => Some(Arc::new(TokenReviewer::new(client.clone()))),
+    let servers = Servers::start(
+        &client,
+        &config,
+        ServerParts {
+            metrics: metrics.clone(),
+            book: book.clone(),
+            policies: policies.clone(),
+            leader: leader.clone(),
+            wake,
         },
-        refusals: Default::default(),
-        leader: Some(leader.clone()),
-    });
-    let tls = config.tls()?;
-    let check_every = Duration::from_secs(config.certificate_check_seconds);
-    let defaults = config.sidecar_defaults(&tls)?;
-    // Where sidecars trust the receiver's CA, they follow its file: new pods are injected with
-    // the current CA, running ones read it from their policy's status.
-    let report_ca = defaults
-        .report_ca_pem
-        .clone()
-        .map(|loaded| match config.ca_file() {
-            Some(file) => serving::follow_ca_file(file, loaded, check_every),
-            None => tokio::sync::watch::channel(loaded).1,
-        });
-    let injector = Arc::new(Injector {
-        policies: policies.clone(),
-        defaults,
-        report_ca: report_ca.clone(),
-        metrics: metrics.clone(),
-    });
-    let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(serving::serve_plain(
-        serving::bind(config.admin_addr)?,
-        crate::admin::router(admin.clone()),
-        shutdown_signal(shutdown.clone()),
-    ));
-    let receiver_listener = serving::bind(config.receiver_addr)?;
-    let receiver_router = crate::receiver::router(receiver);
-    if config.receiver_tls {
-        let tls = tls.clone();
-        let signal = shutdown_signal(shutdown.clone());
-        servers.spawn(async move {
-            serving::serve_tls(
-                receiver_listener,
-                &tls,
-                receiver_router,
-                signal,
-                check_every,
-            )
-            .await
-        });
-    } else {
-        servers.spawn(serving::serve_plain(
-            receiver_listener,
-            receiver_router,
-            shutdown_signal(shutdown.clone()),
-        ));
-    }
-    // The webhook gets a thread and runtime of its own, so that admissions never queue behind a
-    // burst of reconciles (pod creation latency is on the webhook's path, not the controller's).
-    let webhook_thread = {
-        let tls = tls.clone();
-        let listener = serving::bind(config.webhook_addr)?;
-        let signal = shutdown_signal(shutdown.clone());
-        let router = crate::webhook::router(injector);
-        std::thread::Builder::new()
-            .name("ttc-webhook".into())
-            .spawn(move || -> Result<()> {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| Error::Serve(format!("webhook runtime: {e}")))?;
-                runtime.block_on(serving::serve_tls(
-                    listener,
-                    &tls,
-                    router,
-                    signal,
-                    check_every,
-                ))
-            })
-            .map_err(|e| Error::Serve(format!("webhook thread: {e}")))?
-    };
-    if let (Some(name), Some(target)) = (&config.webhook_config_name, config.webhook_target()?) {
-        let configuration = crate::webhook::webhook_configuration(name, &target, &tls.ca_pem);
-        crate::webhook::apply_webhook_configuration(client.clone(), &configuration).await?;
-        info!(%name, "webhook configuration applied");
-    }
-
-    // Readiness once every cache has synced; background upkeep.
-    {
-        let (policies, pods, namespaces, admin) = (
-            policies.clone(),
-            pods.clone(),
-            namespaces.clone(),
-            admin.clone(),
-        );
-        tokio::spawn(async move {
-            if synced(&policies).await && synced(&pods).await && synced(&namespaces).await {
-                admin.ready.store(true, Ordering::Relaxed);
-                info!("caches synced; ready");
-            }
-        });
-    }
-    {
-        let (book, metrics, policies, mut leader, mut shutdown) = (
-            book.clone(),
-            metrics.clone(),
-            policies.clone(),
-            leader.clone(),
-            shutdown.clone(),
-        );
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                metrics.leader.set(i64::from(*leader.borrow_and_update()));
-                metrics.policies.set(policies.state().len() as i64);
-                tokio::select! {
-                    _ = tick.tick() => book.prune(std::time::Instant::now()),
-                    _ = leader.changed() => {}
-                    _ = shutdown.changed() => return,
-                }
-            }
-        });
-    }
+        &shutdown,
+    )
+    .await?;
+    spawn_readiness(&servers.admin, &policies, &pods, &namespaces);
+    spawn_upkeep(
+        book.clone(),
+        metrics.clone(),
+        policies.clone(),
+        leader.clone(),
+        shutdown.clone(),
+    );
 
     // Reconcile everything whenever this replica becomes the leader.
     let became_leader = futures::stream::unfold(leader.clone(), |mut rx| async move {
@@ -497,9 +382,8 @@ pub async fn run(
             }
         }
     });
-
     // A changed receiver CA goes into every policy's status at once (not at the next resync).
-    let ca_changed = futures::stream::unfold(report_ca.clone(), |followed| async move {
+    let ca_changed = futures::stream::unfold(servers.report_ca.clone(), |followed| async move {
         let mut followed = followed?;
         followed.changed().await.ok()?;
         Some(((), Some(followed)))
@@ -508,7 +392,7 @@ pub async fn run(
         cluster_power_cap_watts: config.cluster_power_cap_watts,
         requeue_after: Duration::from_secs(config.resync_seconds),
         stale_after: Duration::from_secs(config.stale_seconds),
-        report_ca,
+        report_ca: servers.report_ca.clone(),
     };
     let reporter = Reporter {
         controller: "ttc-operator".into(),
@@ -561,22 +445,223 @@ pub async fn run(
         })
         .await;
     info!("controller stopped; stopping servers and releasing the lease");
-    while let Some(result) = servers.join_next().await {
-        match result {
-            Ok(Err(e)) => error!(error = %e, "server failed"),
-            Err(e) => error!(error = %e, "server task failed"),
-            Ok(Ok(())) => {}
-        }
-    }
-    match tokio::task::spawn_blocking(move || webhook_thread.join()).await {
-        Ok(Ok(Err(e))) => error!(error = %e, "webhook server failed"),
-        Ok(Err(_)) | Err(_) => error!("webhook thread panicked"),
-        Ok(Ok(Ok(()))) => {}
-    }
+    servers.stop().await;
     // The context (holding a leader receiver) is dropped with the controller; the lease task
     // then releases the lease.
     let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
     Ok(())
+}
+
+/// A metadata-only watch of all objects of kind `K`, managed fields dropped.
+fn metadata_watch<K>(
+    client: &Client,
+    config: watcher::Config,
+) -> impl Stream<Item = std::result::Result<watcher::Event<PartialObjectMeta<K>>, watcher::Error>>
++ Send
++ use<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
+    K: serde::de::DeserializeOwned,
+{
+    watcher(Api::<PartialObjectMeta<K>>::all(client.clone()), config)
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+}
+
+/// What the HTTP servers share with the controller.
+struct ServerParts {
+    metrics: Arc<Metrics>,
+    book: Arc<ReportBook>,
+    policies: reflector::Store<InferencePolicy>,
+    leader: watch::Receiver<bool>,
+    wake: tokio::sync::mpsc::Sender<ObjectRef<InferencePolicy>>,
+}
+
+/// The admin server, the report receiver and the webhook (on a thread of its own), running.
+struct Servers {
+    admin: Arc<Admin>,
+    /// The receiver CA sidecars trust, followed from its file where there is one.
+    report_ca: Option<watch::Receiver<String>>,
+    tasks: tokio::task::JoinSet<Result<()>>,
+    webhook_thread: std::thread::JoinHandle<Result<()>>,
+}
+
+impl Servers {
+    async fn start(
+        client: &Client,
+        config: &OperatorConfig,
+        parts: ServerParts,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Self> {
+        let admin = Arc::new(Admin {
+            ready: Default::default(),
+            metrics: parts.metrics.clone(),
+        });
+        let receiver = Arc::new(ReportReceiver {
+            book: parts.book,
+            metrics: parts.metrics.clone(),
+            wake: Some(parts.wake),
+            auth: match config.report_auth {
+                ReportAuthMode::None => None,
+                ReportAuthMode::TokenReview => Some(Arc::new(TokenReviewer::new(client.clone()))),
+            },
+            refusals: Default::default(),
+            leader: Some(parts.leader),
+        });
+        let tls = config.tls()?;
+        let check_every = Duration::from_secs(config.certificate_check_seconds);
+        let defaults = config.sidecar_defaults(&tls)?;
+        // Where sidecars trust the receiver's CA, they follow its file: new pods are injected
+        // with the current CA, running ones read it from their policy's status.
+        let report_ca = defaults
+            .report_ca_pem
+            .clone()
+            .map(|loaded| match config.ca_file() {
+                Some(file) => serving::follow_ca_file(file, loaded, check_every),
+                None => tokio::sync::watch::channel(loaded).1,
+            });
+        let injector = Arc::new(Injector {
+            policies: parts.policies,
+            defaults,
+            report_ca: report_ca.clone(),
+            metrics: parts.metrics,
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(serving::serve_plain(
+            serving::bind(config.admin_addr)?,
+            crate::admin::router(admin.clone()),
+            shutdown_signal(shutdown.clone()),
+        ));
+        let receiver_listener = serving::bind(config.receiver_addr)?;
+        let receiver_router = crate::receiver::router(receiver);
+        let signal = shutdown_signal(shutdown.clone());
+        if config.receiver_tls {
+            let tls = tls.clone();
+            tasks.spawn(async move {
+                serving::serve_tls(
+                    receiver_listener,
+                    &tls,
+                    receiver_router,
+                    signal,
+                    check_every,
+                )
+                .await
+            });
+        } else {
+            tasks.spawn(serving::serve_plain(
+                receiver_listener,
+                receiver_router,
+                signal,
+            ));
+        }
+        let webhook_thread = spawn_webhook(
+            serving::bind(config.webhook_addr)?,
+            tls.clone(),
+            crate::webhook::router(injector),
+            shutdown_signal(shutdown.clone()),
+            check_every,
+        )?;
+        if let (Some(name), Some(target)) = (&config.webhook_config_name, config.webhook_target()?)
+        {
+            let configuration = crate::webhook::webhook_configuration(name, &target, &tls.ca_pem);
+            crate::webhook::apply_webhook_configuration(client.clone(), &configuration).await?;
+            info!(%name, "webhook configuration applied");
+        }
+        Ok(Self {
+            admin,
+            report_ca,
+            tasks,
+            webhook_thread,
+        })
+    }
+
+    /// Waits for every server to drain (they stop on the shutdown signal).
+    async fn stop(mut self) {
+        while let Some(result) = self.tasks.join_next().await {
+            match result {
+                Ok(Err(e)) => error!(error = %e, "server failed"),
+                Err(e) => error!(error = %e, "server task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
+        let thread = self.webhook_thread;
+        match tokio::task::spawn_blocking(move || thread.join()).await {
+            Ok(Ok(Err(e))) => error!(error = %e, "webhook server failed"),
+            Ok(Err(_)) | Err(_) => error!("webhook thread panicked"),
+            Ok(Ok(Ok(()))) => {}
+        }
+    }
+}
+
+/// The webhook on a thread and runtime of its own, so that admissions never queue behind a burst
+/// of reconciles (pod creation latency is on the webhook's path, not the controller's).
+fn spawn_webhook(
+    listener: std::net::TcpListener,
+    tls: TlsMaterial,
+    router: axum::Router,
+    signal: impl std::future::Future<Output = ()> + Send + 'static,
+    check_every: Duration,
+) -> Result<std::thread::JoinHandle<Result<()>>> {
+    std::thread::Builder::new()
+        .name("ttc-webhook".into())
+        .spawn(move || -> Result<()> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::Serve(format!("webhook runtime: {e}")))?;
+            runtime.block_on(serving::serve_tls(
+                listener,
+                &tls,
+                router,
+                signal,
+                check_every,
+            ))
+        })
+        .map_err(|e| Error::Serve(format!("webhook thread: {e}")))
+}
+
+/// Marks the operator ready once every cache has synced.
+fn spawn_readiness(
+    admin: &Arc<Admin>,
+    policies: &reflector::Store<InferencePolicy>,
+    pods: &reflector::Store<PartialObjectMeta<Pod>>,
+    namespaces: &reflector::Store<PartialObjectMeta<Namespace>>,
+) {
+    let (policies, pods, namespaces, admin) = (
+        policies.clone(),
+        pods.clone(),
+        namespaces.clone(),
+        admin.clone(),
+    );
+    tokio::spawn(async move {
+        if synced(&policies).await && synced(&pods).await && synced(&namespaces).await {
+            admin.ready.store(true, Ordering::Relaxed);
+            info!("caches synced; ready");
+        }
+    });
+}
+
+/// Every minute, and whenever leadership changes: the leader and policy gauges, and stale
+/// reports pruned.
+fn spawn_upkeep(
+    book: Arc<ReportBook>,
+    metrics: Arc<Metrics>,
+    policies: reflector::Store<InferencePolicy>,
+    mut leader: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            metrics.leader.set(i64::from(*leader.borrow_and_update()));
+            metrics.policies.set(policies.state().len() as i64);
+            tokio::select! {
+                _ = tick.tick() => book.prune(std::time::Instant::now()),
+                _ = leader.changed() => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    });
 }
 
 /// Whether `store` has synced (false: its writer is gone).
