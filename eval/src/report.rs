@@ -202,19 +202,66 @@ pub fn findings(results: &[ConfigResult], settings: &EvalSettings) -> Vec<String
     let mut out = Vec::new();
     for &family in &settings.families {
         let rows: Vec<&ConfigResult> = results.iter().filter(|r| r.family == family).collect();
-        let find =
-            |c: &dyn Fn(&Configuration) -> bool| rows.iter().copied().find(|r| c(&r.configuration));
-        let Some(greedy) = find(&|c| *c == Configuration::Greedy) else {
+        let Some(greedy) = rows
+            .iter()
+            .copied()
+            .find(|r| r.configuration == Configuration::Greedy)
+        else {
             continue;
         };
-        let name = family.name();
+        let deepest = rows
+            .iter()
+            .copied()
+            .filter_map(|r| match r.configuration {
+                Configuration::Vote { k } => Some((k, r)),
+                _ => None,
+            })
+            .max_by_key(|(k, _)| *k);
+        let mut f = FamilyFindings {
+            name: family.name(),
+            rows,
+            greedy,
+            deepest,
+            out: Vec::new(),
+        };
+        f.against_greedy();
+        f.greedy_row_in_a_vote();
+        f.early_stop();
+        f.adaptive();
+        f.best_of_n();
+        f.cheapest_tied();
+        f.frontier();
+        out.extend(f.out);
+    }
+    out
+}
+
+/// The findings of one family, section by section.
+struct FamilyFindings<'a> {
+    name: &'static str,
+    rows: Vec<&'a ConfigResult>,
+    greedy: &'a ConfigResult,
+    /// The deepest fixed vote and its depth.
+    deepest: Option<(usize, &'a ConfigResult)>,
+    out: Vec<String>,
+}
+
+impl<'a> FamilyFindings<'a> {
+    fn find(&self, c: &dyn Fn(&Configuration) -> bool) -> Option<&'a ConfigResult> {
+        self.rows.iter().copied().find(|r| c(&r.configuration))
+    }
+
+    /// Greedy's accuracy and cost, and every configuration against it (paired sign test).
+    fn against_greedy(&mut self) {
+        let (name, greedy) = (self.name, self.greedy);
         let source = greedy.energy_source;
-        out.push(format!(
+        self.out.push(format!(
             "{name}: greedy {} at {:.3} J/request ({source}).",
             pct(greedy.accuracy.estimate),
             greedy.mean_joules
         ));
-        for r in rows
+        for r in self
+            .rows
             .iter()
             .filter(|r| r.configuration != Configuration::Greedy)
         {
@@ -244,37 +291,41 @@ pub fn findings(results: &[ConfigResult], settings: &EvalSettings) -> Vec<String
             } else {
                 format!("no significant difference, {:.3} J/request less", -extra)
             };
-            out.push(format!(
-                "{name}: {} {} vs greedy {} ({delta:+.0} pts; {wins} items gained, {losses} lost, sign test p={p:.2}) at {ratio:.1}x greedy's joules -> {verdict}.",
-                r.label,
-                pct(r.accuracy.estimate),
-                pct(greedy.accuracy.estimate),
-            ));
+            self.out.push(format!(
+            "{name}: {} {} vs greedy {} ({delta:+.0} pts; {wins} items gained, {losses} lost, sign test p={p:.2}) at {ratio:.1}x greedy's joules -> {verdict}.",
+            r.label,
+            pct(r.accuracy.estimate),
+            pct(greedy.accuracy.estimate),
+        ));
         }
-        let deepest = rows
-            .iter()
-            .copied()
-            .filter_map(|r| match r.configuration {
-                Configuration::Vote { k } => Some((k, r)),
-                _ => None,
-            })
-            .max_by_key(|(k, _)| *k);
-        let policy_vote = find(&|c| matches!(c, Configuration::PolicyVote { .. }));
+    }
+
+    /// The sidecar's vote (greedy row first) against the plain vote at the same depth.
+    fn greedy_row_in_a_vote(&mut self) {
+        let name = self.name;
+        let deepest = self.deepest;
+        let policy_vote = self.find(&|c| matches!(c, Configuration::PolicyVote { .. }));
         if let (Some(policy), Some((k, vote))) = (policy_vote, deepest) {
             let (wins, losses) = discordant(policy, vote);
-            out.push(format!(
-                "{name}: the greedy row in a vote: {} (the greedy answer and {} samples, as the sidecar draws them) {} vs vote@{k} ({k} samples) {} ({:+.0} pts; {wins} items gained, {losses} lost, p={:.2}) at {:.0}% of its joules.",
-                policy.label,
-                k - 1,
-                pct(policy.accuracy.estimate),
-                pct(vote.accuracy.estimate),
-                (policy.accuracy.estimate - vote.accuracy.estimate) * 100.0,
-                sign_test(wins, losses),
-                policy.mean_joules / vote.mean_joules.max(1e-12) * 100.0,
-            ));
+            self.out.push(format!(
+            "{name}: the greedy row in a vote: {} (the greedy answer and {} samples, as the sidecar draws them) {} vs vote@{k} ({k} samples) {} ({:+.0} pts; {wins} items gained, {losses} lost, p={:.2}) at {:.0}% of its joules.",
+            policy.label,
+            k - 1,
+            pct(policy.accuracy.estimate),
+            pct(vote.accuracy.estimate),
+            (policy.accuracy.estimate - vote.accuracy.estimate) * 100.0,
+            sign_test(wins, losses),
+            policy.mean_joules / vote.mean_joules.max(1e-12) * 100.0,
+        ));
         }
+    }
+
+    /// Early stopping against the fixed votes, with its goal.
+    fn early_stop(&mut self) {
+        let (name, greedy, deepest) = (self.name, self.greedy, self.deepest);
+        let policy_vote = self.find(&|c| matches!(c, Configuration::PolicyVote { .. }));
         if let (Some(early), Some((k, vote))) = (
-            find(&|c| matches!(c, Configuration::EarlyStop { .. })),
+            self.find(&|c| matches!(c, Configuration::EarlyStop { .. })),
             deepest,
         ) {
             // The early-stopping goal: within 1 pt of the fixed vote's accuracy at <= 40% of its
@@ -295,16 +346,23 @@ pub fn findings(results: &[ConfigResult], settings: &EvalSettings) -> Vec<String
             fixed.extend(policy_vote.map(against));
             // No stopping rule draws less than one sample, and greedy is one sample.
             let floor = greedy.mean_joules / vote.mean_joules.max(1e-12);
-            out.push(format!(
-                "{name}: early-stop {} with {:.1} samples vs {}; the goal is within 1 pt at <= 40%. One sample alone (greedy) costs {:.0}% of vote@{k} on this engine, the floor of any stopping rule. Stops: {}.",
-                pct(early.accuracy.estimate),
-                early.mean_samples,
-                fixed.join("; vs "),
-                floor * 100.0,
-                stop_tally(early),
-            ));
+            self.out.push(format!(
+            "{name}: early-stop {} with {:.1} samples vs {}; the goal is within 1 pt at <= 40%. One sample alone (greedy) costs {:.0}% of vote@{k} on this engine, the floor of any stopping rule. Stops: {}.",
+            pct(early.accuracy.estimate),
+            early.mean_samples,
+            fixed.join("; vs "),
+            floor * 100.0,
+            stop_tally(early),
+        ));
         }
-        for adaptive in rows
+    }
+
+    /// The controller under its allocation, against uniform depth at equal energy, with and
+    /// without feedback and the checking tool.
+    fn adaptive(&mut self) {
+        let name = self.name;
+        for adaptive in self
+            .rows
             .iter()
             .copied()
             .filter(|r| matches!(r.configuration, Configuration::Adaptive { .. }))
@@ -318,24 +376,25 @@ pub fn findings(results: &[ConfigResult], settings: &EvalSettings) -> Vec<String
             else {
                 continue;
             };
-            let Some(uniform) = find(&|c| *c == Configuration::Vote { k: reference_depth }) else {
+            let Some(uniform) = self.find(&|c| *c == Configuration::Vote { k: reference_depth })
+            else {
                 continue;
             };
             let (wins, losses) = discordant(adaptive, uniform);
-            out.push(format!(
-                "{name}: {} under {allocation_joules:.3} J/request (vote@{reference_depth}'s mean) spent {:.3} J ({:+.0}% of the allocation) with {:.1} samples and reached {} vs uniform vote@{reference_depth} {} ({wins} items gained, {losses} lost, p={:.2}).",
-                adaptive.label,
-                adaptive.mean_joules,
-                (adaptive.mean_joules / allocation_joules.max(1e-12) - 1.0) * 100.0,
-                adaptive.mean_samples,
-                pct(adaptive.accuracy.estimate),
-                pct(uniform.accuracy.estimate),
-                sign_test(wins, losses),
-            ));
+            self.out.push(format!(
+            "{name}: {} under {allocation_joules:.3} J/request (vote@{reference_depth}'s mean) spent {:.3} J ({:+.0}% of the allocation) with {:.1} samples and reached {} vs uniform vote@{reference_depth} {} ({wins} items gained, {losses} lost, p={:.2}).",
+            adaptive.label,
+            adaptive.mean_joules,
+            (adaptive.mean_joules / allocation_joules.max(1e-12) - 1.0) * 100.0,
+            adaptive.mean_samples,
+            pct(adaptive.accuracy.estimate),
+            pct(uniform.accuracy.estimate),
+            sign_test(wins, losses),
+        ));
             // With feedback, the peer is the same controller without it: where depth changes
             // answers without making them right, feedback should take the depth away.
             if feedback
-                && let Some(blind) = find(&|c| {
+                && let Some(blind) = self.find(&|c| {
                     matches!(
                         c,
                         Configuration::Adaptive {
@@ -351,17 +410,17 @@ pub fn findings(results: &[ConfigResult], settings: &EvalSettings) -> Vec<String
                     let tail = &r.items[r.items.len() / 2..];
                     tail.iter().map(|i| i.samples as f64).sum::<f64>() / tail.len().max(1) as f64
                 };
-                out.push(format!(
-                    "{name}: told which answers were right, {} drew {:.1} samples per request over the second half of the items vs {:.1} without feedback, at {:.3} vs {:.3} J/request, and reached {} vs {} ({wins} items gained, {losses} lost, p={:.2}).",
-                    adaptive.label,
-                    late(adaptive),
-                    late(blind),
-                    adaptive.mean_joules,
-                    blind.mean_joules,
-                    pct(adaptive.accuracy.estimate),
-                    pct(blind.accuracy.estimate),
-                    sign_test(wins, losses),
-                ));
+                self.out.push(format!(
+                "{name}: told which answers were right, {} drew {:.1} samples per request over the second half of the items vs {:.1} without feedback, at {:.3} vs {:.3} J/request, and reached {} vs {} ({wins} items gained, {losses} lost, p={:.2}).",
+                adaptive.label,
+                late(adaptive),
+                late(blind),
+                adaptive.mean_joules,
+                blind.mean_joules,
+                pct(adaptive.accuracy.estimate),
+                pct(blind.accuracy.estimate),
+                sign_test(wins, losses),
+            ));
             }
             // With the tool, the uniform peer is best-of-k from one batch of k samples: at
             // vote@k's joules it is right whenever one of the k is (the tool accepts exactly the
@@ -380,34 +439,40 @@ pub fn findings(results: &[ConfigResult], settings: &EvalSettings) -> Vec<String
                 } else {
                     "not ahead: within adaptive's 95% interval"
                 };
-                out.push(format!(
-                    "{name}: at equal energy, {} {} vs uniform best-of-{reference_depth} with the same tool {} (pass@{reference_depth} from vote@{}'s samples): {delta:+.0} pts, {verdict}.",
-                    adaptive.label,
-                    pct(adaptive.accuracy.estimate),
-                    pct(pass.value),
-                    pass.from_samples,
-                ));
+                self.out.push(format!(
+                "{name}: at equal energy, {} {} vs uniform best-of-{reference_depth} with the same tool {} (pass@{reference_depth} from vote@{}'s samples): {delta:+.0} pts, {verdict}.",
+                adaptive.label,
+                pct(adaptive.accuracy.estimate),
+                pct(pass.value),
+                pass.from_samples,
+            ));
             }
         }
-        for best in rows
+    }
+
+    /// Best-of-N against greedy and the deepest vote.
+    fn best_of_n(&mut self) {
+        let (name, greedy, deepest) = (self.name, self.greedy, self.deepest);
+        for best in self
+            .rows
             .iter()
             .copied()
             .filter(|r| matches!(r.configuration, Configuration::BestOfN { .. }))
         {
             let ratio = best.mean_joules / greedy.mean_joules.max(1e-12);
             let (wins, losses) = discordant(best, greedy);
-            out.push(format!(
-                "{name}: {} {} vs greedy {} at {ratio:.1}x greedy's joules ({:.1} samples, {:.0}% of requests verified; {wins} items gained, {losses} lost, p={:.3}).",
-                best.label,
-                pct(best.accuracy.estimate),
-                pct(greedy.accuracy.estimate),
-                best.mean_samples,
-                100.0 * best.items.iter().filter(|i| i.verified == Some(true)).count() as f64
-                    / best.items.len().max(1) as f64,
-                sign_test(wins, losses),
-            ));
+            self.out.push(format!(
+            "{name}: {} {} vs greedy {} at {ratio:.1}x greedy's joules ({:.1} samples, {:.0}% of requests verified; {wins} items gained, {losses} lost, p={:.3}).",
+            best.label,
+            pct(best.accuracy.estimate),
+            pct(greedy.accuracy.estimate),
+            best.mean_samples,
+            100.0 * best.items.iter().filter(|i| i.verified == Some(true)).count() as f64
+                / best.items.len().max(1) as f64,
+            sign_test(wins, losses),
+        ));
             if let Some((k, vote)) = deepest {
-                out.push(format!(
+                self.out.push(format!(
                     "{name}: {} {} at {:.3} J vs vote@{k} {} at {:.3} J.",
                     best.label,
                     pct(best.accuracy.estimate),
@@ -417,14 +482,19 @@ pub fn findings(results: &[ConfigResult], settings: &EvalSettings) -> Vec<String
                 ));
             }
         }
+    }
+
+    /// At equal accuracy: the cheapest configuration statistically tied with the best one.
+    fn cheapest_tied(&mut self) {
+        let (name, greedy) = (self.name, self.greedy);
         // At equal accuracy: the cheapest configuration statistically tied with the best one.
-        if let Some(top) = rows.iter().copied().max_by(|a, b| {
+        if let Some(top) = self.rows.iter().copied().max_by(|a, b| {
             a.accuracy
                 .estimate
                 .total_cmp(&b.accuracy.estimate)
                 .then(b.mean_joules.total_cmp(&a.mean_joules))
         }) {
-            let cheapest_tied = rows
+            let cheapest_tied = self.rows
                 .iter()
                 .copied()
                 .filter(|r| {
@@ -433,26 +503,33 @@ pub fn findings(results: &[ConfigResult], settings: &EvalSettings) -> Vec<String
                 })
                 .min_by(|a, b| a.mean_joules.total_cmp(&b.mean_joules));
             if let Some(c) = cheapest_tied {
-                out.push(format!(
-                    "{name}: best accuracy {} by {} at {:.3} J; the cheapest configuration not significantly worse is {} ({}) at {:.3} J = {:.0}% of that and {:.1}x greedy.",
-                    pct(top.accuracy.estimate),
-                    top.label,
-                    top.mean_joules,
-                    c.label,
-                    pct(c.accuracy.estimate),
-                    c.mean_joules,
-                    100.0 * c.mean_joules / top.mean_joules.max(1e-12),
-                    c.mean_joules / greedy.mean_joules.max(1e-12),
-                ));
+                self.out.push(format!(
+                "{name}: best accuracy {} by {} at {:.3} J; the cheapest configuration not significantly worse is {} ({}) at {:.3} J = {:.0}% of that and {:.1}x greedy.",
+                pct(top.accuracy.estimate),
+                top.label,
+                top.mean_joules,
+                c.label,
+                pct(c.accuracy.estimate),
+                c.mean_joules,
+                100.0 * c.mean_joules / top.mean_joules.max(1e-12),
+                c.mean_joules / greedy.mean_joules.max(1e-12),
+            ));
             }
         }
-        let front: Vec<String> = frontier(&rows).iter().map(|r| r.label.clone()).collect();
-        out.push(format!(
+    }
+
+    /// The accuracy-vs-joules frontier.
+    fn frontier(&mut self) {
+        let name = self.name;
+        let front: Vec<String> = frontier(&self.rows)
+            .iter()
+            .map(|r| r.label.clone())
+            .collect();
+        self.out.push(format!(
             "{name}: accuracy-vs-joules frontier: {}.",
             front.join(" -> ")
         ));
     }
-    out
 }
 
 #[cfg(test)]
