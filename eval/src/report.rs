@@ -494,7 +494,8 @@ impl<'a> FamilyFindings<'a> {
                 .total_cmp(&b.accuracy.estimate)
                 .then(b.mean_joules.total_cmp(&a.mean_joules))
         }) {
-            let cheapest_tied = self.rows
+            let cheapest_tied = self
+                .rows
                 .iter()
                 .copied()
                 .filter(|r| {

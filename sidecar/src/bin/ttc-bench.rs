@@ -11,7 +11,8 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::Tensor;
 use clap::Parser;
-use ttc_sidecar::engine::llama::{KvCache, Llama, Segment, WeightFormat};
+use ttc_sidecar::engine::kv_cache::KvCache;
+use ttc_sidecar::engine::llama::{Llama, Segment, WeightFormat};
 use ttc_sidecar::gguf::GgufFile;
 use ttc_sidecar::model_store::{DEFAULT_MODEL, ModelStore};
 

@@ -1,13 +1,14 @@
 //! The inference engine: a loaded model plus shared-prefix batched sampling.
 //!
 //! A request for `n` samples prefills its prompt once, shares the prompt's KV cache with `n` rows
-//! (one copy, read by all: [`llama::KvCache::sharing`]), and decodes the rows in lock-step; a row that stops (end of turn, stop string, token limit)
+//! (one copy, read by all: [`kv_cache::KvCache::sharing`]), and decodes the rows in lock-step; a row that stops (end of turn, stop string, token limit)
 //! leaves the batch so the others run cheaper. [`Generation`] is a resumable state machine
 //! (sample, then decode), so the [`worker`] can run the decode steps of concurrent requests as one
 //! shared pass ([`decode_together`]). Prefilled prompts are kept
 //! in a [`prefix_cache`]: the next window of a test-time-compute request (the same prompt) starts
 //! decoding at once.
 
+pub mod kv_cache;
 pub mod llama;
 pub mod prefix_cache;
 pub mod sampler;
@@ -23,7 +24,8 @@ use candle_core::{Device, Tensor};
 use crate::chat_template::{CHATML, ChatMessage, ChatTemplate, GEMMA_TURNS, TemplateError};
 use crate::gguf::{GgufError, GgufFile};
 use crate::tokenizer::{GgufTokenizer, TokenizerError};
-use llama::{KvCache, Llama, ModelError, Segment, WeightFormat};
+use kv_cache::KvCache;
+use llama::{Llama, ModelError, Segment, WeightFormat};
 use prefix_cache::{Prefill, PrefixCache};
 use sampler::{Sampler, SamplerConfig};
 use stop::{StopCheck, StopStrings};

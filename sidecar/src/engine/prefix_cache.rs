@@ -8,7 +8,7 @@
 use candle_core::Tensor;
 use std::sync::Arc;
 
-use super::llama::KvCache;
+use super::kv_cache::KvCache;
 
 /// One prefilled prompt.
 #[derive(Clone)]
