@@ -17,11 +17,12 @@ use serde_json::json;
 use tokio::sync::watch;
 use tracing::{info, instrument, warn};
 use ttc_api::labels::{INJECTED_POLICY_ANNOTATION, INJECTION_ENABLED, INJECTION_NAMESPACE_LABEL};
-use ttc_api::{InferencePolicy, InferencePolicyStatus};
+use ttc_api::{ClusterShare, InferencePolicy, InferencePolicyStatus};
 
 use crate::domain::allocation::{PodLoad, PolicyBudget, allocate};
 use crate::domain::cluster_split::{BudgetSplit, PolicyDemand};
-use crate::domain::selection::{PeerPolicy, PodView, select_pods, selects, validate};
+use crate::domain::selection::{PeerPolicy, PodSelection, PodView, select_pods, selects, validate};
+use crate::domain::silence::Reporting;
 use crate::domain::status::{self, PodEnergy, StatusInputs, compute_status, invalid_status};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -234,62 +235,12 @@ fn plan(
     let namespace_opted_in = opted_in(ctx.namespaces.get(&ObjectRef::new(namespace)).as_deref());
 
     let window = Duration::from_secs(u64::from(policy.spec.budget.window_seconds));
-    let mut energy: Vec<PodEnergy> = Vec::new();
-    let mut silent: Vec<String> = Vec::new();
-    let mut loads: Vec<PodLoad> = Vec::new();
-    for pod in &selection.governed {
-        let load = match ctx.reports.pod_energy(namespace, &pod.name, window, now) {
-            PodReports::Fresh(e) => {
-                let rps = e.requests_per_second();
-                energy.push(e);
-                rps
-            }
-            PodReports::Stale => {
-                silent.push(pod.name.clone());
-                None
-            }
-            PodReports::None => {
-                let created = pods
-                    .iter()
-                    .find(|p| p.metadata.name.as_deref() == Some(pod.name.as_str()))
-                    .and_then(|p| p.metadata.creation_timestamp.clone());
-                let age = created.map(|c| Timestamp::now().duration_since(c.0).as_secs());
-                if pod.injected_policy.as_deref() == Some(name)
-                    && age.is_some_and(|a| a > ctx.settings.stale_after.as_secs() as i64)
-                {
-                    silent.push(pod.name.clone());
-                }
-                None
-            }
-        };
-        loads.push(PodLoad {
-            pod: pod.name.clone(),
-            requests_per_second: load,
-        });
-    }
-
-    let key = format!("{namespace}/{name}");
-    let cluster_share = ctx.settings.cluster_power_cap_watts.and_then(|cap| {
-        let demands: Vec<PolicyDemand> = ctx
-            .policies
-            .state()
-            .iter()
-            .map(|p| {
-                let observed = p
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.observed.as_ref())
-                    .map(|o| o.watts);
-                PolicyDemand::new(
-                    format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
-                    p.spec.priority,
-                    p.spec.budget.power_cap_watts,
-                    observed,
-                )
-            })
-            .collect();
-        BudgetSplit::compute(cap, &demands).shares.remove(&key)
-    });
+    let Reports {
+        energy,
+        silent,
+        loads,
+    } = reports(ctx, policy, pods, &selection, window, now, &time);
+    let cluster_share = cluster_share(ctx, &format!("{namespace}/{name}"));
     let budget =
         PolicyBudget::effective(&policy.spec.budget, cluster_share.as_ref().map(|s| s.watts));
     let allocations = allocate(&budget, &loads);
@@ -313,6 +264,82 @@ fn plan(
             .map(|ca| ca.borrow().clone()),
     };
     Plan::Valid(compute_status(&inputs))
+}
+
+/// What the governed pods reported: the fresh figures, the silent pods, each pod's load.
+struct Reports {
+    energy: Vec<PodEnergy>,
+    silent: Vec<String>,
+    loads: Vec<PodLoad>,
+}
+
+fn reports(
+    ctx: &Context,
+    policy: &InferencePolicy,
+    pods: &[Arc<PartialObjectMeta<Pod>>],
+    selection: &PodSelection,
+    window: Duration,
+    now: Instant,
+    time: &Time,
+) -> Reports {
+    let namespace = policy.metadata.namespace.as_deref().unwrap_or_default();
+    let name = policy.metadata.name.as_deref().unwrap_or_default();
+    let mut out = Reports {
+        energy: Vec::new(),
+        silent: Vec::new(),
+        loads: Vec::new(),
+    };
+    for pod in &selection.governed {
+        let (reporting, load) = match ctx.reports.pod_energy(namespace, &pod.name, window, now) {
+            PodReports::Fresh(e) => {
+                let rps = e.requests_per_second();
+                out.energy.push(e);
+                (Reporting::Fresh, rps)
+            }
+            PodReports::Stale => (Reporting::Stale, None),
+            PodReports::None => {
+                let created = pods
+                    .iter()
+                    .find(|p| p.metadata.name.as_deref() == Some(pod.name.as_str()))
+                    .and_then(|p| p.metadata.creation_timestamp.clone());
+                let age = created.and_then(|c| Duration::try_from(time.0.duration_since(c.0)).ok());
+                let injected_here = pod.injected_policy.as_deref() == Some(name);
+                (Reporting::Never { injected_here, age }, None)
+            }
+        };
+        if reporting.is_silent(ctx.settings.stale_after) {
+            out.silent.push(pod.name.clone());
+        }
+        out.loads.push(PodLoad {
+            pod: pod.name.clone(),
+            requests_per_second: load,
+        });
+    }
+    out
+}
+
+/// This policy's share (`key`: namespace/name) of the cluster's power cap, when there is one.
+fn cluster_share(ctx: &Context, key: &str) -> Option<ClusterShare> {
+    let cap = ctx.settings.cluster_power_cap_watts?;
+    let demands: Vec<PolicyDemand> = ctx
+        .policies
+        .state()
+        .iter()
+        .map(|p| {
+            let observed = p
+                .status
+                .as_ref()
+                .and_then(|s| s.observed.as_ref())
+                .map(|o| o.watts);
+            PolicyDemand::new(
+                format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
+                p.spec.priority,
+                p.spec.budget.power_cap_watts,
+                observed,
+            )
+        })
+        .collect();
+    BudgetSplit::compute(cap, &demands).shares.remove(key)
 }
 
 /// Ignores a previous transition time so that unchanged statuses compare equal.

@@ -6,4 +6,5 @@ pub mod allocation;
 pub mod cluster_split;
 pub mod injection;
 pub mod selection;
+pub mod silence;
 pub mod status;
