@@ -18,7 +18,7 @@ use ttc_core::reasoning::BudgetForcing;
 use ttc_core::{
     AnswerType, Feedback, FeedbackError, FeedbackReceipt, FeedbackTicket, MeasuredEnergy,
     PromptFeatures, RequestFeatures, ScoreTransport, TtcController, TtcError, TtcOptions,
-    TtcOutcome, TtcPolicy, TtcReport, TtcSession, Verdict, Verifier, WindowDecision,
+    TtcOutcome, TtcPlan, TtcPolicy, TtcReport, TtcSession, Verdict, Verifier, WindowDecision,
 };
 
 use crate::score_client::HttpScoreClient;
@@ -191,32 +191,17 @@ impl TtcService {
                 stop: request.stop.clone(),
                 greedy_first_row: samples.is_empty() && session.greedy_first(),
             };
-            // Rows stream and the window ends early once the rows that finished settle it:
-            // best-of-N at the first accepted row, a vote once it is decided. `streamed` holds
-            // the verdicts given on the way (none for a vote).
-            let mut streamed: Option<Vec<Option<Verdict>>> = None;
-            let generated = match (plan.reasoning_tokens, &verifier) {
-                (Some(_), _) => force_answers(engine, &request, generation).await,
-                (None, Some(verifier)) if session.needs_verdicts() => {
-                    verified_window(engine, generation, verifier, &request.prompt_text)
-                        .await
-                        .map(|(out, verdicts)| {
-                            streamed = Some(verdicts);
-                            out
-                        })
-                }
-                (None, _) if generation.n > 1 => {
-                    streamed = Some(Vec::new());
-                    let mut judge = Voting {
-                        session: &session,
-                        texts: Vec::new(),
-                    };
-                    streamed_window(engine, generation, &mut judge).await
-                }
-                _ => engine.generate(generation).await,
-            };
-            let out = match generated {
-                Ok(out) => out,
+            let generated = draw_window(
+                engine,
+                &request,
+                generation,
+                &plan,
+                &session,
+                verifier.as_deref(),
+            )
+            .await;
+            let (out, mut streamed) = match generated {
+                Ok(drawn) => drawn,
                 Err(e) => {
                     self.controller().abandon(&plan);
                     return Err(e);
@@ -237,28 +222,17 @@ impl TtcService {
                 if completion.finish == FinishReason::Cancelled && streamed.is_some() {
                     continue;
                 }
-                let index = session.add_sample(
-                    &completion.text,
-                    completion.logprob,
-                    completion.token_ids.len(),
-                    Some(completion.sample_logprob),
-                );
-                if session.needs_verdicts()
-                    && let Some(verifier) = &verifier
-                {
-                    let given = streamed
-                        .as_mut()
-                        .and_then(|verdicts| verdicts.get_mut(completion.index)?.take());
-                    let verdict = match given {
-                        Some(verdict) => verdict,
-                        None => {
-                            verifier
-                                .verify(&request.prompt_text, &completion.text)
-                                .await
-                        }
-                    };
-                    session.add_verdict(index, verdict);
-                }
+                let given = streamed
+                    .as_mut()
+                    .and_then(|verdicts| verdicts.get_mut(completion.index)?.take());
+                add_sample(
+                    &mut session,
+                    verifier.as_deref(),
+                    &request.prompt_text,
+                    &completion,
+                    given,
+                )
+                .await;
                 samples.push(completion);
             }
             match session.decide() {
@@ -291,6 +265,64 @@ impl TtcService {
             completion_tokens,
             energy: Some(RequestJoules { joules, source }),
         })
+    }
+}
+
+/// Draws one window of the plan. Rows stream and the window ends early once the rows that
+/// finished settle it: best-of-N at the first accepted row, a vote once it is decided. Returns
+/// the window and, when rows streamed, the verdicts given on the way (none for a vote).
+async fn draw_window(
+    engine: &EngineHandle,
+    request: &TtcRequest,
+    generation: GenerationRequest,
+    plan: &TtcPlan,
+    session: &TtcSession,
+    verifier: Option<&Verifier>,
+) -> Result<(GenerationOutput, Option<Vec<Option<Verdict>>>), EngineError> {
+    match (plan.reasoning_tokens, verifier) {
+        (Some(_), _) => Ok((force_answers(engine, request, generation).await?, None)),
+        (None, Some(verifier)) if session.needs_verdicts() => {
+            let (out, verdicts) =
+                verified_window(engine, generation, verifier, &request.prompt_text).await?;
+            Ok((out, Some(verdicts)))
+        }
+        (None, _) if generation.n > 1 => {
+            let mut judge = Voting {
+                session,
+                texts: Vec::new(),
+            };
+            Ok((
+                streamed_window(engine, generation, &mut judge).await?,
+                Some(Vec::new()),
+            ))
+        }
+        _ => Ok((engine.generate(generation).await?, None)),
+    }
+}
+
+/// Adds a finished row to the session as a sample, with its verdict where the session needs one
+/// (the one `given` while the row streamed, else the verifier's now).
+async fn add_sample(
+    session: &mut TtcSession,
+    verifier: Option<&Verifier>,
+    prompt_text: &str,
+    completion: &Completion,
+    given: Option<Verdict>,
+) {
+    let index = session.add_sample(
+        &completion.text,
+        completion.logprob,
+        completion.token_ids.len(),
+        Some(completion.sample_logprob),
+    );
+    if session.needs_verdicts()
+        && let Some(verifier) = verifier
+    {
+        let verdict = match given {
+            Some(verdict) => verdict,
+            None => verifier.verify(prompt_text, &completion.text).await,
+        };
+        session.add_verdict(index, verdict);
     }
 }
 

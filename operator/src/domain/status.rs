@@ -212,8 +212,36 @@ pub fn carry_over_observation(
 pub fn compute_status(inputs: &StatusInputs<'_>) -> InferencePolicyStatus {
     let selection = inputs.selection;
     let observed = observe(inputs.energy);
+    let missing = selection.without_sidecar(inputs.policy);
+    let conditions = vec![
+        ready_condition(inputs),
+        budget_condition(inputs, observed.as_ref().map(|(obs, _)| obs)),
+        degraded_condition(inputs, &missing),
+    ];
+    let observed_summary = Some(observed_summary(observed.as_ref().map(|(obs, _)| obs)));
+    let (observed, mean_depth) = match observed {
+        Some((obs, depth)) => (Some(obs), depth),
+        None => (None, None),
+    };
+    InferencePolicyStatus {
+        observed_generation: inputs.generation,
+        conditions,
+        matched_pods: selection.governed.len() as u32,
+        injected_pods: (selection.governed.len() - missing.len()) as u32,
+        budget_summary: Some(inputs.spec.budget_summary()),
+        observed_summary,
+        observed,
+        mean_depth,
+        allocations: inputs.allocations.clone(),
+        cluster_share: inputs.cluster_share.clone(),
+        report_ca_bundle: inputs.report_ca_bundle.clone(),
+    }
+}
 
-    let ready = if inputs.namespace_opted_in {
+/// Ready: reconciled, unless the namespace has not opted into injection.
+fn ready_condition(inputs: &StatusInputs<'_>) -> Condition {
+    let selection = inputs.selection;
+    if inputs.namespace_opted_in {
         condition(
             READY,
             Some(true),
@@ -233,9 +261,12 @@ pub fn compute_status(inputs: &StatusInputs<'_>) -> InferencePolicyStatus {
             ),
             inputs,
         )
-    };
+    }
+}
 
-    let budget_met = match &observed {
+/// BudgetMet: the observed energy against the budget (unknown without fresh reports).
+fn budget_condition(inputs: &StatusInputs<'_>, observed: Option<&ObservedEnergy>) -> Condition {
+    match observed {
         None => condition(
             BUDGET_MET,
             None,
@@ -243,7 +274,7 @@ pub fn compute_status(inputs: &StatusInputs<'_>) -> InferencePolicyStatus {
             "no fresh energy reports from the policy's pods".into(),
             inputs,
         ),
-        Some((obs, _)) => {
+        Some(obs) => {
             let over = budget_violations(obs, &inputs.budget, inputs.spec.budget.window_seconds);
             let source = format!("energy source: {}", obs.source.as_str());
             if over.is_empty() {
@@ -264,8 +295,12 @@ pub fn compute_status(inputs: &StatusInputs<'_>) -> InferencePolicyStatus {
                 )
             }
         }
-    };
+    }
+}
 
+/// Degraded: pods selected by another policy too, pods without the sidecar, silent sidecars.
+fn degraded_condition(inputs: &StatusInputs<'_>, missing: &[&str]) -> Condition {
+    let selection = inputs.selection;
     let mut problems: Vec<(&str, String)> = Vec::new();
     if !selection.overlapping.is_empty() {
         let pods: Vec<&str> = selection
@@ -290,11 +325,10 @@ pub fn compute_status(inputs: &StatusInputs<'_>) -> InferencePolicyStatus {
             ),
         ));
     }
-    let missing = selection.without_sidecar(inputs.policy);
     if !missing.is_empty() {
         problems.push((
             REASON_NO_SIDECAR,
-            format!("{} pods without the sidecar (created before the policy or while the webhook was unavailable; restart them): {}", missing.len(), list(&missing)),
+            format!("{} pods without the sidecar (created before the policy or while the webhook was unavailable; restart them): {}", missing.len(), list(missing)),
         ));
     }
     if !inputs.silent_pods.is_empty() {
@@ -308,7 +342,7 @@ pub fn compute_status(inputs: &StatusInputs<'_>) -> InferencePolicyStatus {
             ),
         ));
     }
-    let degraded = match problems.first() {
+    match problems.first() {
         None => condition(
             DEGRADED,
             Some(false),
@@ -324,11 +358,14 @@ pub fn compute_status(inputs: &StatusInputs<'_>) -> InferencePolicyStatus {
                 .join("; ");
             condition(DEGRADED, Some(true), reason, message, inputs)
         }
-    };
+    }
+}
 
-    let observed_summary = Some(match &observed {
+/// `kubectl get ipol`'s OBSERVED column.
+fn observed_summary(observed: Option<&ObservedEnergy>) -> String {
+    match observed {
         None => "no reports".to_string(),
-        Some((obs, _)) => {
+        Some(obs) => {
             let per_request = obs
                 .joules_per_request
                 .map(|j| format!("{}J/req ", trim(j)))
@@ -339,23 +376,6 @@ pub fn compute_status(inputs: &StatusInputs<'_>) -> InferencePolicyStatus {
                 obs.source.as_str()
             )
         }
-    });
-    let (observed, mean_depth) = match observed {
-        Some((obs, depth)) => (Some(obs), depth),
-        None => (None, None),
-    };
-    InferencePolicyStatus {
-        observed_generation: inputs.generation,
-        conditions: vec![ready, budget_met, degraded],
-        matched_pods: selection.governed.len() as u32,
-        injected_pods: (selection.governed.len() - missing.len()) as u32,
-        budget_summary: Some(inputs.spec.budget_summary()),
-        observed_summary,
-        observed,
-        mean_depth,
-        allocations: inputs.allocations.clone(),
-        cluster_share: inputs.cluster_share.clone(),
-        report_ca_bundle: inputs.report_ca_bundle.clone(),
     }
 }
 
