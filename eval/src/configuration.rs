@@ -64,7 +64,7 @@ pub enum EvalVerifier {
     /// The family's JSON schema: checks structure, not values.
     #[default]
     Schema,
-    /// The checking tool ([`checker`]) behind the HTTP verifier: recomputes what the question
+    /// The checking tool ([`crate::checker`]) behind the HTTP verifier: recomputes what the question
     /// asks.
     Tool,
 }
