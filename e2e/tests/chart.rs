@@ -68,7 +68,7 @@ async fn cluster() -> Result<&'static TestCluster, Box<dyn std::error::Error + S
 
 /// Installs the chart's CRD (server-side apply: the same object other tests may create).
 fn install_crd(cluster: &TestCluster) -> Result<(), String> {
-    let crd = chart_dir().join("api").join(CRD_FILE);
+    let crd = chart_dir().join("crds").join(CRD_FILE);
     run(
         cluster.kubectl().args([
             "apply",
@@ -109,7 +109,7 @@ fn get_one(command: &mut Command) -> Result<Value, Box<dyn std::error::Error + S
 #[test]
 fn chart_crd_is_the_generated_manifest() {
     let generated = repo_root().join("api").join(CRD_FILE);
-    let copy = chart_dir().join("api").join(CRD_FILE);
+    let copy = chart_dir().join("crds").join(CRD_FILE);
     let generated_text = std::fs::read_to_string(&generated).expect("generated CRD manifest");
     let copy_text = std::fs::read_to_string(&copy).expect("chart's CRD manifest");
     assert!(
