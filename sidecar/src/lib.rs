@@ -6,6 +6,7 @@
 //! the InferencePolicy onto them, [`score_client`] carries HTTP verifiers' calls,
 //! [`api`] serves HTTP.
 
+pub mod admission;
 pub mod api;
 pub mod chat_template;
 pub mod engine;

@@ -10,6 +10,7 @@ use ttc_api::TtcSpec;
 use ttc_api::report::sidecar_env;
 use ttc_core::TtcPolicy;
 use ttc_energy::{EnergyMeter, EstimateModel, MeterConfig, NvmlConfig, SourceChoice};
+use ttc_sidecar::admission::{Admission, AdmissionConfig, default_memory_budget};
 use ttc_sidecar::api::{self, AppState, Limits};
 use ttc_sidecar::engine::llama::WeightFormat;
 use ttc_sidecar::engine::worker::EngineHandle;
@@ -34,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve a model over the OpenAI API (standalone, or as the sidecar the operator injects).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Fetch a known model into the cache and print its path.
     FetchModel {
         /// Which known model.
@@ -76,6 +77,23 @@ struct ServeArgs {
     /// Most samples one request may ask for.
     #[arg(long, env = "TTC_MAX_N", default_value_t = 64)]
     max_n: usize,
+    /// MiB the rows' KV caches may hold together (default: the container's memory limit, or
+    /// three quarters of the memory available, less the model, the prefix cache and 256 MiB).
+    #[arg(long, env = "TTC_MEMORY_BUDGET_MIB")]
+    memory_budget_mib: Option<u64>,
+    /// Rows (samples of every request together) decoding at once.
+    #[arg(long, env = "TTC_MAX_ROWS", default_value_t = 256)]
+    max_rows: usize,
+    /// Requests that may wait for room; one more is refused with 429.
+    #[arg(long, env = "TTC_MAX_WAITING", default_value_t = 64)]
+    max_waiting: usize,
+    /// Seconds a request waits for room before it is refused with 429.
+    #[arg(long, env = "TTC_MAX_WAIT_SECS", default_value_t = 30)]
+    max_wait_secs: u64,
+    /// The longest a request may take, in seconds (a client may ask for less with the
+    /// X-Request-Timeout header); past it the request is cancelled with 504.
+    #[arg(long, env = "TTC_REQUEST_TIMEOUT_SECS", default_value_t = 600)]
+    request_timeout_secs: u64,
     /// Model cache directory (default: $TTC_CACHE_DIR/models or ~/.cache/ttc-operator/models).
     #[arg(long, env = sidecar_env::MODEL_CACHE)]
     cache: Option<PathBuf>,
@@ -246,9 +264,32 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             // SAFETY: before any other thread exists (the runtime starts in `serve`).
             unsafe { ttc_sidecar::engine::set_compute_threads(args.threads) };
-            serve(args)
+            serve(*args)
         }
     }
+}
+
+/// What the engine takes on at once: the memory budget (given, or derived from the container's
+/// limit) and the row and queue caps.
+fn admission(args: &ServeArgs, model: &std::path::Path, engine: &Engine) -> Admission {
+    let memory_budget_bytes = args.memory_budget_mib.map_or_else(
+        || default_memory_budget(model, (args.prefix_cache_mib as u64) << 20),
+        |mib| mib << 20,
+    );
+    let config = AdmissionConfig {
+        memory_budget_bytes,
+        max_rows: args.max_rows.max(1),
+        max_waiting: args.max_waiting,
+        max_wait: std::time::Duration::from_secs(args.max_wait_secs),
+    };
+    tracing::info!(
+        memory_budget_mib = memory_budget_bytes >> 20,
+        max_rows = config.max_rows,
+        max_waiting = config.max_waiting,
+        max_wait_secs = args.max_wait_secs,
+        "admission"
+    );
+    Admission::new(config, engine.kv_bytes_per_position())
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -292,7 +333,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "energy meter ready"
     );
     let meter_for_metrics = meter.clone();
-    let handle = EngineHandle::spawn(engine, meter).context("starting the engine thread")?;
+    let admission = Arc::new(admission(&args, &path, &engine));
+    let handle = EngineHandle::spawn(engine, meter)
+        .context("starting the engine thread")?
+        .with_admission(admission);
     let ttc = ttc_service(&args)?;
     let mut telemetry = TelemetryConfig::from_env(&name);
     if std::env::var_os("OTEL_METRIC_EXPORT_INTERVAL").is_none() {
@@ -315,6 +359,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         engine: handle,
         limits: Limits {
             max_n: args.max_n,
+            request_timeout: std::time::Duration::from_secs(args.request_timeout_secs.max(1)),
             ..Limits::default()
         },
         ttc,

@@ -154,6 +154,9 @@ impl TtcService {
             answer_type: request.answer_type,
             max_tokens: request.max_tokens,
             reasoning_model: engine.engine().is_reasoning_model(),
+            row_limit: engine
+                .admission()
+                .map(|a| a.rows_fitting(request.prompt.len(), request.max_tokens)),
         };
         let bound = self.power().joules_per_request(Instant::now());
         let (mut session, verifier) = {
@@ -202,6 +205,8 @@ impl TtcService {
             .await;
             let (out, mut streamed) = match generated {
                 Ok(drawn) => drawn,
+                // No room for a later window: answer with the samples drawn (depth shed).
+                Err(EngineError::Overloaded(_)) if !samples.is_empty() => break,
                 Err(e) => {
                     self.controller().abandon(&plan);
                     return Err(e);
@@ -373,7 +378,7 @@ async fn streamed_window(
     judge: &mut impl RowJudge,
 ) -> Result<GenerationOutput, EngineError> {
     let mut texts = vec![String::new(); generation.n];
-    let submission = engine.submit(generation, true);
+    let submission = engine.submit(generation, true).await?;
     if let Some(mut events) = submission.events {
         while let Some(event) = events.recv().await {
             match event {

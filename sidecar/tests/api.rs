@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tower::ServiceExt;
 use ttc_core::{StopReason, TtcPolicy};
 use ttc_energy::{EnergyMeter, MeterConfig, SourceChoice};
+use ttc_sidecar::admission::{Admission, AdmissionConfig};
 use ttc_sidecar::api::{AppState, Limits, router};
 use ttc_sidecar::engine::worker::EngineHandle;
 use ttc_sidecar::engine::{Engine, EngineOptions};
@@ -654,4 +655,148 @@ async fn a_stream_that_opts_in_gets_the_voted_answer_with_its_ttc_report() {
     let plain = events(send_stream(stream_body(json!({}))).await);
     assert_eq!(plain.last().map(String::as_str), Some("[DONE]"));
     assert!(plain.iter().all(|e| !e.contains("\"ttc\"")), "{plain:?}");
+}
+
+/// An app on the shared engine with its own admission control.
+fn app_with_admission(
+    config: AdmissionConfig,
+    ttc: Option<Arc<TtcService>>,
+) -> (axum::Router, Arc<Admission>) {
+    let engine = handle();
+    let admission = Arc::new(Admission::new(
+        config,
+        engine.engine().kv_bytes_per_position(),
+    ));
+    let app = router(AppState {
+        engine: engine.with_admission(admission.clone()),
+        limits: Limits::default(),
+        ttc,
+        metrics: Some(metrics()),
+    });
+    (app, admission)
+}
+
+/// Posts a chat completion with extra headers; the status, headers and JSON body.
+async fn post_with(
+    app: &axum::Router,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> (StatusCode, axum::http::HeaderMap, Value) {
+    let mut request = Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::from(body.to_string())).unwrap())
+        .await
+        .unwrap();
+    let (status, headers) = (response.status(), response.headers().clone());
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        headers,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn admission_config(budget_bytes: u64, max_rows: usize) -> AdmissionConfig {
+    AdmissionConfig {
+        memory_budget_bytes: budget_bytes,
+        max_rows,
+        max_waiting: 4,
+        max_wait: std::time::Duration::from_millis(150),
+    }
+}
+
+/// A pod at capacity refuses whole requests with 429, `Retry-After` and an OpenAI error body
+/// once their wait runs out, serves them again when room comes back, and refuses at once (400)
+/// a request that could never fit.
+#[tokio::test]
+async fn a_full_pod_refuses_with_429_and_a_request_larger_than_the_pod_with_400() {
+    let budget = 64 << 20;
+    let (app, admission) = app_with_admission(admission_config(budget, 64), None);
+    let body = chat(json!({ "n": 2, "max_tokens": 8 }));
+    // Someone holds the whole budget.
+    let whole = ttc_sidecar::admission::Demand {
+        rows: 1,
+        bytes: budget,
+    };
+    let held = admission.try_admit(whole).expect("an idle pod has room");
+    let started = std::time::Instant::now();
+    let (status, headers, error) = post_with(&app, &body, &[]).await;
+    assert_openai_error(status, &error, StatusCode::TOO_MANY_REQUESTS, None);
+    assert_eq!(error["error"]["code"], "rate_limit_exceeded", "{error}");
+    assert_eq!(headers["retry-after"], "1");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "refused within its wait"
+    );
+    drop(held);
+    let (status, _, answer) = post_with(&app, &body, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["choices"].as_array().map(Vec::len), Some(2));
+    // 64 rows of 2048 tokens need gigabytes: never, whatever waits.
+    let huge = chat(json!({ "n": 64, "max_tokens": 2048 }));
+    let (status, headers, error) = post_with(&app, &huge, &[]).await;
+    assert_openai_error(status, &error, StatusCode::BAD_REQUEST, Some("n"));
+    assert!(headers.get("retry-after").is_none());
+    assert_eq!(admission.state().rows_in_flight, 0);
+    let (_, text) = send_to(app.clone(), "GET", "/metrics", "").await;
+    assert!(
+        text.contains("ttc_refusals_total{ttc_refusal_reason=\"no_room\"}"),
+        "{text}"
+    );
+    assert!(text.contains("ttc_memory_budget_bytes "), "{text}");
+}
+
+/// Under load test-time compute sheds depth before anything is refused: a vote of up to 8
+/// samples on a pod with room for 2 rows draws at most 2 and says so.
+#[tokio::test]
+async fn ttc_sheds_depth_to_the_rows_the_pod_has_room_for() {
+    let policy: TtcPolicy = ttc_policy(
+        &serde_json::from_value(json!({
+            "strategy": "MajorityVote", "minSamples": 1, "maxSamples": 8, "difficultyAware": false
+        }))
+        .unwrap(),
+    );
+    let service = Arc::new(TtcService::new(policy).unwrap());
+    let (app, admission) = app_with_admission(admission_config(256 << 20, 2), Some(service));
+    let v = chat_to(&app, &chat(json!({ "max_tokens": 8, "temperature": 0.8 }))).await;
+    let ttc = &v["ttc"];
+    assert!(ttc["samples"].as_u64().unwrap() <= 2, "{ttc}");
+    assert_eq!(ttc["maxSamples"], 2, "{ttc}");
+    assert_eq!(ttc["shedSamples"], 6, "{ttc}");
+    assert_eq!(admission.state().rows_in_flight, 0);
+    let (_, text) = send_to(app.clone(), "GET", "/metrics", "").await;
+    assert!(text.contains("ttc_depth_shed_total"), "{text}");
+}
+
+/// A request past its deadline (the client's X-Request-Timeout) gets 504 and its rows leave
+/// the batch: the room they held comes back.
+#[tokio::test]
+async fn a_request_past_its_deadline_is_cancelled_with_504() {
+    let (app, admission) = app_with_admission(admission_config(256 << 20, 64), None);
+    let long = chat(json!({ "n": 4, "max_tokens": 400, "temperature": 0.8, "seed": 3 }));
+    let (status, _, error) = post_with(&app, &long, &[("x-request-timeout", "0.05")]).await;
+    assert_openai_error(status, &error, StatusCode::GATEWAY_TIMEOUT, None);
+    assert_eq!(error["error"]["code"], "timeout", "{error}");
+    let started = std::time::Instant::now();
+    while admission.state().rows_in_flight > 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the cancelled rows still hold their room"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (status, _, error) = post_with(&app, &long, &[("x-request-timeout", "soon")]).await;
+    assert_openai_error(
+        status,
+        &error,
+        StatusCode::BAD_REQUEST,
+        Some("x-request-timeout"),
+    );
 }

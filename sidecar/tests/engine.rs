@@ -202,10 +202,16 @@ async fn concurrent_requests_share_decode_passes_and_decode_as_alone() {
         })
         .collect();
     let handle = worker();
-    let submissions: Vec<_> = prompts
-        .iter()
-        .map(|p| handle.submit(greedy(p.clone(), 2, 12), false))
-        .collect();
+    // All queued before any is awaited (without admission control, submitting waits for nothing).
+    let mut submissions = Vec::new();
+    for p in &prompts {
+        submissions.push(
+            handle
+                .submit(greedy(p.clone(), 2, 12), false)
+                .await
+                .unwrap(),
+        );
+    }
     let mut widest = 0;
     for (submission, alone) in submissions.into_iter().zip(&alone) {
         let out = submission.done.await.unwrap().unwrap();

@@ -230,7 +230,7 @@ impl TtcController {
                     .batch_from(self.options.window, self.policy.sample_limit()),
             },
         });
-        let (min_samples, max_samples, reasoning_tokens) = match strategy {
+        let (min_samples, mut max_samples, reasoning_tokens) = match strategy {
             // Budget forcing spends the depth on one sample's reasoning.
             PlannedStrategy::ReasoningBudget => (1, 1, Some(choice.reasoning_tokens)),
             _ => (
@@ -239,6 +239,12 @@ impl TtcController {
                 None,
             ),
         };
+        // Under load, depth goes first: down to what the pod has room for, never below minimum.
+        let allowed = max_samples;
+        if let Some(limit) = features.row_limit {
+            max_samples = max_samples.min(limit).max(min_samples);
+        }
+        let shed_samples = allowed - max_samples;
         // Windows let a request stop early; where that rarely happens one batch is cheaper.
         let window = match strategy {
             PlannedStrategy::ReasoningBudget => self.options.window,
@@ -268,6 +274,7 @@ impl TtcController {
             prior_difficulty: features.prompt.prior_difficulty(),
             probe,
             greedy_alone,
+            shed_samples,
         };
         TtcSession {
             plan,
@@ -363,6 +370,7 @@ mod tests {
             answer_type,
             max_tokens: 32,
             reasoning_model: false,
+            row_limit: None,
         }
     }
 

@@ -47,6 +47,9 @@ pub struct TtcOutcome {
     pub min_samples: usize,
     /// Most samples the plan allowed.
     pub max_samples: usize,
+    /// Samples the budget allowed that the pod had no room for (shed under load).
+    #[serde(default)]
+    pub shed_samples: usize,
     /// Reasoning tokens allowed (ReasoningBudget only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning_tokens: Option<usize>,

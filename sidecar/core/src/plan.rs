@@ -21,6 +21,10 @@ pub struct RequestFeatures {
     /// Whether the model reasons before answering (R1-distill style), so a reasoning budget
     /// applies.
     pub reasoning_model: bool,
+    /// Samples the pod has room for now (its memory budget and row cap), when it is loaded:
+    /// depth is shed down to it, never below minimum depth, before any request is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_limit: Option<usize>,
 }
 
 /// The strategy a request actually runs (Adaptive resolved).
@@ -85,4 +89,7 @@ pub struct TtcPlan {
     /// window); see [`crate::opening`].
     #[serde(default)]
     pub greedy_alone: bool,
+    /// Samples the budget allowed that the pod had no room for ([`RequestFeatures::row_limit`]).
+    #[serde(default)]
+    pub shed_samples: usize,
 }

@@ -273,6 +273,7 @@ impl TtcSession {
             window: self.plan.window,
             min_samples: self.plan.min_samples,
             max_samples: self.plan.max_samples,
+            shed_samples: self.plan.shed_samples,
             reasoning_tokens: self.plan.reasoning_tokens,
             stop_reason: self.stop,
             agreement,

@@ -83,6 +83,7 @@ fn features(kind: QueryKind) -> RequestFeatures {
         answer_type: AnswerType::Short,
         max_tokens: 64,
         reasoning_model: false,
+        row_limit: None,
     }
 }
 

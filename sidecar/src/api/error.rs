@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::admission::Refusal;
 use crate::engine::EngineError;
 
 /// An error answer: status plus OpenAI-style body.
@@ -15,6 +16,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<&'static str>,
     pub code: Option<&'static str>,
+    /// Seconds after which a retry may succeed (`Retry-After`), for refusals under load.
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -40,6 +43,33 @@ impl ApiError {
             kind: "invalid_request_error",
             param,
             code: None,
+            retry_after: None,
+        }
+    }
+
+    /// 429: the pod is at capacity; the client should retry after `retry_after` seconds.
+    pub fn overloaded(message: impl Into<String>, retry_after: u64) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: message.into(),
+            kind: "requests",
+            param: None,
+            code: Some("rate_limit_exceeded"),
+            retry_after: Some(retry_after),
+        }
+    }
+
+    /// 504: the request's deadline passed before its answer was ready; its rows were cancelled.
+    pub fn deadline(seconds: f64) -> Self {
+        Self {
+            status: StatusCode::GATEWAY_TIMEOUT,
+            message: format!(
+                "the request's deadline of {seconds:.1} s passed before its answer was ready; its samples were cancelled"
+            ),
+            kind: "server_error",
+            param: None,
+            code: Some("timeout"),
+            retry_after: None,
         }
     }
 
@@ -53,6 +83,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: Some("model"),
             code: Some("model_not_found"),
+            retry_after: None,
         }
     }
 
@@ -64,6 +95,7 @@ impl ApiError {
             kind: "server_error",
             param: None,
             code: None,
+            retry_after: None,
         }
     }
 
@@ -90,6 +122,11 @@ impl From<EngineError> for ApiError {
             },
             EngineError::EmptyPrompt => Self::invalid(Some("prompt"), e.to_string()),
             EngineError::Template(_) => Self::invalid(Some("messages"), e.to_string()),
+            EngineError::Overloaded(refusal @ Refusal::TooLarge { .. }) => Self {
+                code: Some("too_large_for_pod"),
+                ..Self::invalid(Some("n"), refusal.to_string())
+            },
+            EngineError::Overloaded(refusal) => Self::overloaded(refusal.to_string(), 1),
             other => Self::internal(other.to_string()),
         }
     }
@@ -97,6 +134,12 @@ impl From<EngineError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }

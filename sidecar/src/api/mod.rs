@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,14 +22,14 @@ use serde_json::json;
 
 use crate::engine::sampler::SamplerConfig;
 use crate::engine::stop::StopStrings;
-use crate::engine::worker::EngineHandle;
+use crate::engine::worker::{DEADLINE, EngineHandle};
 use crate::engine::{
     Completion, GenerationEvent, GenerationOutput, GenerationRequest, RequestJoules,
 };
 use crate::ttc_service::{TtcRequest, TtcService};
 pub use error::ApiError;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use ttc_core::{Feedback, FeedbackError, StopReason, TtcOutcome};
 use ttc_object::TtcObject;
 use ttc_telemetry::{DepthClassLabels, RequestRecord, SidecarMetrics};
@@ -41,6 +42,9 @@ pub struct Limits {
     pub max_n: usize,
     /// `max_tokens` when the request gives none (capped by what the context has left).
     pub default_max_tokens: usize,
+    /// The longest a request may take, waiting for room included; a client's
+    /// `X-Request-Timeout` may ask for less.
+    pub request_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -48,6 +52,67 @@ impl Default for Limits {
         Self {
             max_n: 64,
             default_max_tokens: 512,
+            request_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The header in which a client gives its own deadline, in seconds.
+pub const REQUEST_TIMEOUT_HEADER: &str = "x-request-timeout";
+
+/// The client's deadline, when it gives one.
+fn client_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
+    let Some(value) = headers.get(REQUEST_TIMEOUT_HEADER) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(|s| Some(Duration::from_secs_f64(s.min(1e6))))
+        .ok_or_else(|| {
+            ApiError::invalid(
+                Some(REQUEST_TIMEOUT_HEADER),
+                "X-Request-Timeout must be a positive number of seconds",
+            )
+        })
+}
+
+/// Answers within the request's deadline: the server's longest ([`Limits::request_timeout`]) or
+/// the client's `X-Request-Timeout` when shorter. A request waits for room no longer than that;
+/// past it the answer is dropped, which cancels its rows (they leave the batch at the next
+/// step), and the client gets 504. A stream's deadline covers its admission; closing the stream
+/// cancels it.
+async fn answer_by_deadline(
+    state: AppState,
+    headers: &HeaderMap,
+    req: Prepared,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let limit = client_timeout(headers)?.map_or(state.limits.request_timeout, |t| {
+        t.min(state.limits.request_timeout)
+    });
+    let deadline = started + limit;
+    let answered = DEADLINE.scope(deadline, answer(state.clone(), req, started));
+    match tokio::time::timeout_at(deadline.into(), answered).await {
+        Ok(result) => result.inspect_err(|e| refused(&state, e)),
+        Err(_) => {
+            if let Some(metrics) = &state.metrics {
+                metrics.record_refusal("deadline");
+            }
+            Err(ApiError::deadline(limit.as_secs_f64()))
+        }
+    }
+}
+
+/// Counts a refusal under load in the metrics.
+fn refused(state: &AppState, error: &ApiError) {
+    if let (Some(metrics), Some(code)) = (&state.metrics, error.code) {
+        match code {
+            "rate_limit_exceeded" => metrics.record_refusal("no_room"),
+            "too_large_for_pod" => metrics.record_refusal("too_large"),
+            _ => {}
         }
     }
 }
@@ -73,6 +138,8 @@ struct Served<'a> {
     depth: usize,
     /// Why a TTC request stopped drawing samples.
     stop_reason: Option<StopReason>,
+    /// Samples shed under load.
+    shed_samples: usize,
 }
 
 fn record(state: &AppState, served: Served<'_>) {
@@ -95,7 +162,24 @@ fn record(state: &AppState, served: Served<'_>) {
     if let Some(reason) = served.stop_reason {
         metrics.record_stop(reason.label());
     }
+    if served.shed_samples > 0 {
+        metrics.record_depth_shed(served.shed_samples as u64);
+    }
+    publish_admission(state);
     publish_ttc_state(state);
+}
+
+/// Sets the admission gauges: requests waiting, rows in flight, the memory budget and its use.
+fn publish_admission(state: &AppState) {
+    if let (Some(metrics), Some(admission)) = (&state.metrics, state.engine.admission()) {
+        let now = admission.state();
+        metrics.set_admission(
+            now.waiting as u64,
+            now.rows_in_flight as u64,
+            now.bytes_in_use,
+            now.budget_bytes,
+        );
+    }
 }
 
 /// Sets the gauges of the test-time-compute controller's state: the budget and, per class of
@@ -122,6 +206,7 @@ fn publish_ttc_state(state: &AppState) {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    publish_admission(&state);
     match state
         .metrics
         .as_ref()
@@ -357,6 +442,7 @@ async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
 
 async fn chat_completions(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
@@ -390,10 +476,14 @@ async fn chat_completions(
         prompt_text,
         sampling: req.sampling,
     };
-    answer(state, request, started).await
+    answer_by_deadline(state, &headers, request, started).await
 }
 
-async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let started = Instant::now();
     let req: CompletionRequest = parse(&body)?;
     let text = match req.prompt {
@@ -424,7 +514,7 @@ async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Respo
         prompt_text: text,
         sampling: req.sampling,
     };
-    answer(state, request, started).await
+    answer_by_deadline(state, &headers, request, started).await
 }
 
 /// `POST /v1/ttc/feedback`: whether an answer chosen by test-time compute was right, so the
@@ -524,7 +614,11 @@ async fn answer(state: AppState, req: Prepared, started: Instant) -> Result<Resp
                 Some(outcome),
             )
         }
-        None if stream => return Ok(stream_response(&state, request, meta).into_response()),
+        None if stream => {
+            return Ok(stream_response(&state, request, meta)
+                .await?
+                .into_response());
+        }
         None => {
             let out = state.engine.generate(request).await?;
             let usage = usage(&out);
@@ -544,6 +638,7 @@ async fn answer(state: AppState, req: Prepared, started: Instant) -> Result<Resp
             strategy,
             depth,
             stop_reason: outcome.as_ref().and_then(|o| o.stop_reason),
+            shed_samples: outcome.as_ref().map_or(0, |o| o.shed_samples),
         },
     );
     let source = usage
@@ -669,13 +764,14 @@ fn answered_stream(
     Sse::new(futures::stream::iter(events.into_iter().map(Ok)))
 }
 
-fn stream_response(
+/// A plain stream; admitted (or refused) before the response starts.
+async fn stream_response(
     state: &AppState,
     request: GenerationRequest,
     meta: StreamMeta,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<>> {
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>> + use<>>, ApiError> {
     let n = request.n;
-    let submission = state.engine.submit(request, true);
+    let submission = state.engine.submit(request, true).await?;
     let stream = async_stream::stream! {
         let Some(mut events) = submission.events else {
             yield Ok(Event::default().data(ApiError::internal("no event stream").body().to_string()));
@@ -701,5 +797,5 @@ fn stream_response(
         }
         yield Ok(Event::default().data("[DONE]"));
     };
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

@@ -21,6 +21,9 @@ pub struct TtcObject {
     pub max_samples: usize,
     /// Samples per window (the whole limit when drawn as one batch).
     pub window: usize,
+    /// Samples the budget allowed that the pod had no room for: depth shed under load.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shed_samples: usize,
     /// Reasoning tokens allowed (`ReasoningBudget` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning_tokens: Option<usize>,
@@ -55,6 +58,7 @@ impl TtcObject {
             samples: outcome.samples,
             max_samples: outcome.max_samples,
             window: outcome.window,
+            shed_samples: outcome.shed_samples,
             reasoning_tokens: outcome.reasoning_tokens,
             agreement: outcome.agreement,
             verified: outcome.verified,
@@ -66,6 +70,10 @@ impl TtcObject {
             feedback_ticket: outcome.feedback_ticket.clone(),
         }
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 // The API's names, spelled here so that renaming a core type cannot rename them.
@@ -114,6 +122,7 @@ mod tests {
             answer_type: AnswerType::YesNo,
             max_tokens: 8,
             reasoning_model: false,
+            row_limit: None,
         });
         session.add_sample("Yes", -0.1, 1, None);
         session.add_sample("yes.", -0.2, 2, None);

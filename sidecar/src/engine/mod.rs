@@ -56,6 +56,9 @@ pub enum EngineError {
     EmptyPrompt,
     #[error("the engine has shut down")]
     ShutDown,
+    /// Admission control refused the request (no room in the memory budget or row cap).
+    #[error(transparent)]
+    Overloaded(#[from] crate::admission::Refusal),
 }
 
 /// Sets how many threads compute: candle's and our kernels' pool. `None`: every CPU this process
@@ -308,7 +311,14 @@ impl Engine {
         &self.path
     }
 
-    /// Context length in tokens.
+    /// Bytes of KV cache one position takes (the admission's unit of memory).
+    pub fn kv_bytes_per_position(&self) -> u64 {
+        let c = self.model.config();
+        // Keys and values of every layer, f32 as the engine keeps them.
+        (c.n_layer * 2 * c.n_kv_head * c.head_dim * 4) as u64
+    }
+
+    /// The model's context length in tokens.
     pub fn context_length(&self) -> usize {
         self.model.config().context_length
     }

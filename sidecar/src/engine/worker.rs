@@ -7,9 +7,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::time::Instant;
 
 use tokio::sync::{mpsc as async_mpsc, oneshot};
 use ttc_energy::{EnergyMeter, RequestTally};
+
+use crate::admission::{Admission, Permit};
 
 use super::{
     Engine, EngineError, Generation, GenerationEvent, GenerationOutput, GenerationRequest, Next,
@@ -20,6 +23,14 @@ struct Job {
     request: GenerationRequest,
     events: Option<async_mpsc::UnboundedSender<GenerationEvent>>,
     done: oneshot::Sender<Result<GenerationOutput, EngineError>>,
+    /// The room the request was admitted with, held until it finishes.
+    permit: Option<Permit>,
+}
+
+tokio::task_local! {
+    /// When the request being served must be answered by: a request waits for room no longer
+    /// than this (the API sets it around each request).
+    pub static DEADLINE: Instant;
 }
 
 /// A handle to the worker; cheap to clone. The worker stops when every handle is dropped.
@@ -28,6 +39,8 @@ pub struct EngineHandle {
     engine: Arc<Engine>,
     jobs: mpsc::Sender<Job>,
     running: Arc<AtomicBool>,
+    /// What the engine takes on at once; `None`: everything it is given.
+    admission: Option<Arc<Admission>>,
 }
 
 /// Clears its flag when dropped: when the thread that holds it ends, returning or panicking.
@@ -66,7 +79,33 @@ impl EngineHandle {
             engine,
             jobs,
             running,
+            admission: None,
         })
+    }
+
+    /// This handle with admission control: every request waits for room in `admission` (a
+    /// bounded wait) or is refused with [`EngineError::Overloaded`].
+    pub fn with_admission(mut self, admission: Arc<Admission>) -> Self {
+        self.admission = Some(admission);
+        self
+    }
+
+    /// The admission control, when there is one.
+    pub fn admission(&self) -> Option<&Arc<Admission>> {
+        self.admission.as_ref()
+    }
+
+    /// Room for `request`: waits in line up to the admission's wait, or the [`DEADLINE`] of
+    /// the request being served when that is sooner.
+    async fn admit(&self, request: &GenerationRequest) -> Result<Option<Permit>, EngineError> {
+        let Some(admission) = &self.admission else {
+            return Ok(None);
+        };
+        let demand = admission.demand(request.prompt.len(), request.n, request.max_tokens);
+        let wait = DEADLINE
+            .try_with(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or(admission.config().max_wait);
+        Ok(Some(admission.admit(demand, wait).await?))
     }
 
     /// Whether the worker thread still runs; false once it has ended (a panic in a forward
@@ -80,8 +119,22 @@ impl EngineHandle {
         &self.engine
     }
 
-    /// Queues a request.
-    pub fn submit(&self, request: GenerationRequest, stream: bool) -> Submission {
+    /// Queues a request once it is admitted (see [`EngineHandle::with_admission`]).
+    pub async fn submit(
+        &self,
+        request: GenerationRequest,
+        stream: bool,
+    ) -> Result<Submission, EngineError> {
+        let permit = self.admit(&request).await?;
+        Ok(self.queue(request, stream, permit))
+    }
+
+    fn queue(
+        &self,
+        request: GenerationRequest,
+        stream: bool,
+        permit: Option<Permit>,
+    ) -> Submission {
         let (done_tx, done) = oneshot::channel();
         let (events_tx, events) = if stream {
             let (tx, rx) = async_mpsc::unbounded_channel();
@@ -93,6 +146,7 @@ impl EngineHandle {
             request,
             events: events_tx,
             done: done_tx,
+            permit,
         };
         if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
             let _ = job.done.send(Err(EngineError::ShutDown));
@@ -106,6 +160,7 @@ impl EngineHandle {
         request: GenerationRequest,
     ) -> Result<GenerationOutput, EngineError> {
         self.submit(request, false)
+            .await?
             .done
             .await
             .unwrap_or(Err(EngineError::ShutDown))
@@ -117,19 +172,28 @@ struct Active {
     energy: RequestTally,
     events: Option<async_mpsc::UnboundedSender<GenerationEvent>>,
     done: oneshot::Sender<Result<GenerationOutput, EngineError>>,
+    /// Given back when the request finishes, fails or is cancelled (before its caller hears,
+    /// so that a caller who sends the next request finds the room free).
+    permit: Option<Permit>,
 }
 
 impl Active {
-    /// Forwards events to the caller; false once the caller has gone (cancels the request).
+    /// Forwards events to the caller; false once the caller has gone (its stream dropped, or
+    /// it stopped waiting for the result: a deadline passed), which cancels the request's rows.
     fn on_event(&self) -> impl FnMut(GenerationEvent) -> bool + use<> {
         let events = self.events.clone();
-        move |event| match &events {
-            Some(tx) => tx.send(event).is_ok(),
-            None => true,
+        let gone = self.done.is_closed();
+        move |event| {
+            !gone
+                && match &events {
+                    Some(tx) => tx.send(event).is_ok(),
+                    None => true,
+                }
         }
     }
 
-    fn complete(self) {
+    fn complete(mut self) {
+        drop(self.permit.take());
         let mut output = self.generation.finish();
         // A batch priced by the estimate after a failed read taints the request's figure, so
         // it is never shown as measured.
@@ -140,7 +204,8 @@ impl Active {
         let _ = self.done.send(Ok(output));
     }
 
-    fn fail(self, error: EngineError) {
+    fn fail(mut self, error: EngineError) {
+        drop(self.permit.take());
         tracing::error!(error = %error, "generation failed");
         let _ = self.done.send(Err(error));
     }
@@ -164,6 +229,7 @@ fn run(engine: &Engine, meter: &EnergyMeter, inbox: &mpsc::Receiver<Job>) {
                     energy: RequestTally::default(),
                     events: job.events,
                     done: job.done,
+                    permit: job.permit,
                 }),
                 Err(e) => {
                     let _ = job.done.send(Err(e));

@@ -354,6 +354,31 @@ impl SidecarMetrics {
         self.inner.prom.stop(reason);
     }
 
+    /// Sets the admission gauges (Prometheus only): requests waiting, rows in flight, bytes of
+    /// the memory budget in use and the budget.
+    pub fn set_admission(
+        &self,
+        waiting: u64,
+        rows_in_flight: u64,
+        used_bytes: u64,
+        budget_bytes: u64,
+    ) {
+        self.inner
+            .prom
+            .admission(waiting, rows_in_flight, used_bytes, budget_bytes);
+    }
+
+    /// Counts a request refused under load (Prometheus only): `no_room`, `too_large` or
+    /// `deadline`.
+    pub fn record_refusal(&self, reason: &str) {
+        self.inner.prom.refusal(reason);
+    }
+
+    /// Counts samples test-time compute planned without for lack of room (Prometheus only).
+    pub fn record_depth_shed(&self, samples: u64) {
+        self.inner.prom.depth_shed(samples);
+    }
+
     /// Sets `ttc.depth.pays` (1 or 0) and, where feedback measured it, `ttc.depth.gain` for one
     /// class of request: whether the pod still pays for extra depth there, and what it gained.
     pub fn set_depth_value(&self, class: &DepthClassLabels<'_>, pays: bool, gain: Option<f64>) {

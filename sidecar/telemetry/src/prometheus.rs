@@ -52,6 +52,18 @@ pub(crate) struct PromMetrics {
     stops: Family<Labels, Counter>,
     depth_pays: Family<Labels, Gauge<f64, AtomicU64>>,
     depth_gain: Family<Labels, Gauge<f64, AtomicU64>>,
+    admission: AdmissionGauges,
+    refusals: Family<Labels, Counter>,
+    depth_shed: Counter,
+}
+
+/// Where the sidecar's admission control stands.
+#[derive(Default)]
+struct AdmissionGauges {
+    waiting: Gauge,
+    rows_in_flight: Gauge,
+    memory_used: Gauge,
+    memory_budget: Gauge,
 }
 
 impl PromMetrics {
@@ -155,6 +167,41 @@ impl PromMetrics {
             "Accuracy extra depth gained over minimum depth for this class, from client feedback",
             depth_gain.clone(),
         );
+        let admission = AdmissionGauges::default();
+        registry.register(
+            "ttc_admission_waiting",
+            "Requests waiting for room in the sidecar's memory budget and row cap",
+            admission.waiting.clone(),
+        );
+        registry.register(
+            "ttc_rows_in_flight",
+            "Rows (samples of every request together) admitted and not yet finished",
+            admission.rows_in_flight.clone(),
+        );
+        registry.register_with_unit(
+            "ttc_memory_budget_used",
+            "Bytes of the memory budget held by admitted requests (their estimated KV caches)",
+            Unit::Bytes,
+            admission.memory_used.clone(),
+        );
+        registry.register_with_unit(
+            "ttc_memory_budget",
+            "The sidecar's memory budget for rows and their KV caches",
+            Unit::Bytes,
+            admission.memory_budget.clone(),
+        );
+        let refusals = Family::<Labels, Counter>::default();
+        registry.register(
+            "ttc_refusals",
+            "Requests refused under load by reason: no_room (429 after the wait), too_large (400: more than the whole budget), deadline (504)",
+            refusals.clone(),
+        );
+        let depth_shed = Counter::default();
+        registry.register(
+            "ttc_depth_shed",
+            "Samples test-time compute planned without because the pod had no room for them",
+            depth_shed.clone(),
+        );
         registry.register_collector(Box::new(MeterCollector { meter, dropped }));
         Self {
             registry,
@@ -171,7 +218,28 @@ impl PromMetrics {
             stops,
             depth_pays,
             depth_gain,
+            admission,
+            refusals,
+            depth_shed,
         }
+    }
+
+    pub(crate) fn admission(&self, waiting: u64, rows: u64, used_bytes: u64, budget_bytes: u64) {
+        let g = &self.admission;
+        g.waiting.set(waiting as i64);
+        g.rows_in_flight.set(rows as i64);
+        g.memory_used.set(used_bytes as i64);
+        g.memory_budget.set(budget_bytes as i64);
+    }
+
+    pub(crate) fn refusal(&self, reason: &str) {
+        self.refusals
+            .get_or_create(&vec![("ttc_refusal_reason", reason.to_string())])
+            .inc();
+    }
+
+    pub(crate) fn depth_shed(&self, samples: u64) {
+        self.depth_shed.inc_by(samples);
     }
 
     fn gen_ai(model: &str, operation: &str) -> Labels {
