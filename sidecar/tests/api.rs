@@ -250,6 +250,24 @@ async fn bad_requests_get_openai_errors() {
     let (status, body) = post("/v1/chat/completions", chat(json!({ "n": "two" }))).await;
     assert_openai_error(status, &body, StatusCode::BAD_REQUEST, None);
 
+    for role in ["", "wizard", "User"] {
+        let messages =
+            json!([{ "role": "user", "content": "Hi." }, { "role": role, "content": "Hi." }]);
+        let (status, body) = post(
+            "/v1/chat/completions",
+            chat(json!({ "messages": messages })),
+        )
+        .await;
+        assert_openai_error(status, &body, StatusCode::BAD_REQUEST, Some("messages"));
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("messages[1].role"),
+            "{body}"
+        );
+    }
+
     let (status, body) = post("/v1/chat/completions", chat(json!({ "model": "gpt-4o" }))).await;
     assert_openai_error(status, &body, StatusCode::NOT_FOUND, Some("model"));
     assert_eq!(body["error"]["code"], "model_not_found");

@@ -57,6 +57,9 @@ impl Default for Limits {
     }
 }
 
+/// The message roles OpenAI's chat API accepts; anything else is refused, naming the message.
+const MESSAGE_ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
 /// The header in which a client gives its own deadline, in seconds.
 pub const REQUEST_TIMEOUT_HEADER: &str = "x-request-timeout";
 
@@ -451,6 +454,21 @@ async fn chat_completions(
         return Err(ApiError::invalid(
             Some("messages"),
             "messages must not be empty",
+        ));
+    }
+    if let Some((i, m)) = req
+        .messages
+        .iter()
+        .enumerate()
+        .find(|(_, m)| !MESSAGE_ROLES.contains(&m.role.as_str()))
+    {
+        return Err(ApiError::invalid(
+            Some("messages"),
+            format!(
+                "messages[{i}].role must be one of {}; got {:?}",
+                MESSAGE_ROLES.join(", "),
+                m.role
+            ),
         ));
     }
     let messages = req
