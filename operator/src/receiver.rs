@@ -522,6 +522,63 @@ mod tests {
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     }
 
+    /// Random and damaged bodies, protobuf and JSON: a 4xx (or, where the damage leaves a valid
+    /// report, 200), never a 5xx or a panic.
+    #[tokio::test]
+    async fn hostile_bodies_get_4xx_never_a_crash() {
+        // xorshift64*: a fixed, dependency-free stream of bytes.
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        let json = serde_json::to_vec(&EnergyReport {
+            namespace: "ns".into(),
+            pod: "p".into(),
+            policy: "pol".into(),
+            source: EnergySource::Estimate,
+            joules_total: 1.0,
+            requests_total: 1,
+            samples_total: 1,
+            watts: Some(2.0),
+        })
+        .expect("JSON");
+        let receiver = receiver();
+        let mut cases = 0;
+        for i in 0..2000u64 {
+            let (path, content_type, mut body) = if i % 2 == 0 {
+                (OTLP_METRICS_PATH, "application/x-protobuf", Vec::new())
+            } else {
+                (JSON_REPORTS_PATH, "application/json", json.clone())
+            };
+            if body.is_empty() || i % 4 == 0 {
+                body = (0..next() % 512).map(|_| next() as u8).collect();
+            } else {
+                for _ in 0..1 + next() % 4 {
+                    let at = (next() % body.len() as u64) as usize;
+                    body[at] = next() as u8;
+                }
+            }
+            let request = Request::post(path)
+                .header(header::CONTENT_TYPE, content_type)
+                .body(Body::from(body))
+                .expect("request");
+            let status = router(receiver.clone())
+                .oneshot(request)
+                .await
+                .expect("response")
+                .status();
+            assert!(
+                status.is_success() || status.is_client_error(),
+                "{path}: {status}"
+            );
+            cases += 1;
+        }
+        println!("receiver: {cases} hostile bodies, none got a 5xx");
+    }
+
     #[test]
     fn refusals_are_warned_about_at_most_once_a_minute_with_their_count() {
         let log = RefusalLog::default();

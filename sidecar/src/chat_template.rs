@@ -37,10 +37,20 @@ pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + messag
 /// here: the tokenizer adds it.
 pub const GEMMA_TURNS: &str = "{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = 'user' %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";
 
+/// Template instructions one rendering may run: real models' templates use a few thousand for a
+/// long conversation.
+const TEMPLATE_FUEL: u64 = 1_000_000;
+
+/// The longest prompt text a template may render.
+const MAX_RENDERED_BYTES: usize = 16 << 20;
+
 impl ChatTemplate {
     /// Compiles `source`; `bos_token`/`eos_token` are exposed to the template as Hugging Face does.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
+        // Templates come with model files, which may be hostile: bound their work (an endless or
+        // enormous loop runs out of fuel) and their nesting (minijinja's recursion limit).
+        env.set_fuel(Some(TEMPLATE_FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
@@ -76,6 +86,16 @@ impl ChatTemplate {
                 eos_token => self.eos_token,
             })
             .map_err(|e| TemplateError::Render(e.to_string()))
+            .and_then(|text| {
+                if text.len() > MAX_RENDERED_BYTES {
+                    Err(TemplateError::Render(format!(
+                        "the chat template rendered {} bytes, more than the {MAX_RENDERED_BYTES} a prompt may have",
+                        text.len()
+                    )))
+                } else {
+                    Ok(text)
+                }
+            })
     }
 }
 
@@ -125,6 +145,26 @@ mod tests {
     fn python_string_methods_work() {
         let t = ChatTemplate::new("{{ messages[0]['content'].strip().upper() }}", "", "").unwrap();
         assert_eq!(t.render(&[user("  x ")], false).unwrap(), "X");
+    }
+
+    /// Hostile templates from model files: an enormous loop and unbounded recursion end in a
+    /// render error, quickly, never a hang.
+    #[test]
+    fn hostile_templates_are_bounded() {
+        let started = std::time::Instant::now();
+        for source in [
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+        ] {
+            let t = ChatTemplate::new(source, "", "").unwrap();
+            let err = t.render(&[user("x")], false).unwrap_err();
+            assert!(matches!(err, TemplateError::Render(_)), "{source}: {err}");
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

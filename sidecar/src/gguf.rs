@@ -51,17 +51,33 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, GgufError> {
         let (gguf, actual) = Self::read_header(path)?;
         let content = &gguf.content;
-        let needed = content
-            .tensor_infos
-            .values()
-            .map(|info| {
-                let elems = info.shape.elem_count() as u64;
-                let bytes = elems / info.ggml_dtype.block_size() as u64
-                    * info.ggml_dtype.type_size() as u64;
-                content.tensor_data_offset + info.offset + bytes
-            })
-            .max()
-            .unwrap_or(content.tensor_data_offset);
+        let mut needed = content.tensor_data_offset;
+        for (name, info) in &content.tensor_infos {
+            // A hostile header may claim sizes whose product or offsets overflow: an error, not
+            // a wrapped size that passes the check.
+            let end = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+                .and_then(|elems| {
+                    (elems / info.ggml_dtype.block_size() as u64)
+                        .checked_mul(info.ggml_dtype.type_size() as u64)
+                })
+                .and_then(|bytes| {
+                    content
+                        .tensor_data_offset
+                        .checked_add(info.offset)?
+                        .checked_add(bytes)
+                });
+            let Some(end) = end else {
+                return Err(GgufError::Invalid {
+                    path: path.to_owned(),
+                    reason: format!("tensor {name} claims a size or offset beyond any file"),
+                });
+            };
+            needed = needed.max(end);
+        }
         if needed > actual {
             return Err(GgufError::Truncated {
                 path: path.to_owned(),
