@@ -499,6 +499,8 @@ async fn run_service(
                     sampler,
                     seed: p.seed,
                     stop: StopStrings::default(),
+                    effort: None,
+                    reasoning_budget: None,
                 },
             )
             .await?;

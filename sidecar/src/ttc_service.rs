@@ -16,7 +16,7 @@ use ttc_api::EnergySource;
 use ttc_core::power::PowerBudget;
 use ttc_core::reasoning::BudgetForcing;
 use ttc_core::{
-    AnswerType, Feedback, FeedbackError, FeedbackReceipt, FeedbackTicket, MeasuredEnergy,
+    AnswerType, Effort, Feedback, FeedbackError, FeedbackReceipt, FeedbackTicket, MeasuredEnergy,
     PromptFeatures, RequestFeatures, ScoreTransport, TtcController, TtcError, TtcOptions,
     TtcOutcome, TtcPlan, TtcPolicy, TtcReport, TtcSession, Verdict, Verifier, WindowDecision,
 };
@@ -42,6 +42,10 @@ pub struct TtcRequest {
     pub seed: u64,
     /// Stop strings.
     pub stop: StopStrings,
+    /// The depth the client asks for, within the policy's range.
+    pub effort: Option<Effort>,
+    /// The most reasoning tokens the client allows.
+    pub reasoning_budget: Option<usize>,
 }
 
 /// The chosen answer and what it took.
@@ -157,6 +161,8 @@ impl TtcService {
             row_limit: engine
                 .admission()
                 .map(|a| a.rows_fitting(request.prompt.len(), request.max_tokens)),
+            effort: request.effort,
+            reasoning_budget: request.reasoning_budget,
         };
         let bound = self.power().joules_per_request(Instant::now());
         let (mut session, verifier) = {

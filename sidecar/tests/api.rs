@@ -250,6 +250,15 @@ async fn bad_requests_get_openai_errors() {
     let (status, body) = post("/v1/chat/completions", chat(json!({ "n": "two" }))).await;
     assert_openai_error(status, &body, StatusCode::BAD_REQUEST, None);
 
+    for (field, value) in [
+        ("reasoning_effort", json!("extreme")),
+        ("thinking_token_budget", json!(-5)),
+        ("reasoning_budget", json!(-2)),
+    ] {
+        let (status, body) = post("/v1/chat/completions", chat(json!({ field: value }))).await;
+        assert_openai_error(status, &body, StatusCode::BAD_REQUEST, Some(field));
+    }
+
     for role in ["", "wizard", "User"] {
         let messages =
             json!([{ "role": "user", "content": "Hi." }, { "role": role, "content": "Hi." }]);
@@ -398,6 +407,11 @@ async fn ttc_votes_and_reports_depth_and_energy() {
         (headroom - (50.0 - joules)).abs() < 1e-6,
         "{headroom} vs {joules}"
     );
+    // Low effort: the policy's minimum depth.
+    let mut low = chat(json!({ "max_tokens": 8, "reasoning_effort": "low" }));
+    low["messages"] = body["messages"].clone();
+    let low = chat_to(&app, &low).await;
+    assert_eq!(low["ttc"]["maxSamples"], 3, "{low}");
 
     let mut opt_out = body.clone();
     opt_out["ttc"] = json!({ "enabled": false });

@@ -36,7 +36,7 @@ use crate::difficulty::{DepthClass, DepthValueLearner, DepthValueReport, Difficu
 use crate::feedback::{Feedback, FeedbackError, FeedbackTicket, SeenTickets};
 use crate::opening::GreedyOpening;
 use crate::outcome::{FeedbackReceipt, TtcOutcome};
-use crate::plan::{PlannedStrategy, RequestFeatures, TtcPlan};
+use crate::plan::{Effort, PlannedStrategy, RequestFeatures, TtcPlan};
 use crate::policy::{TtcError, TtcOptions, TtcPolicy, TtcStrategy};
 use crate::session::TtcSession;
 use crate::stopping::StoppingRule;
@@ -190,8 +190,9 @@ impl TtcController {
             bin,
         };
         let probe = aware && self.learner.next_request_is_probe(class);
-        let depth_worthless = aware && !probe && !self.learner.depth_pays_for(class);
-        let value = if aware {
+        let high = features.effort == Some(Effort::High);
+        let depth_worthless = aware && !probe && !high && !self.learner.depth_pays_for(class);
+        let value = if aware && !high {
             self.learner.disagreement(class)
         } else {
             1.0
@@ -230,7 +231,7 @@ impl TtcController {
                     .batch_from(self.options.window, self.policy.sample_limit()),
             },
         });
-        let (min_samples, mut max_samples, reasoning_tokens) = match strategy {
+        let (min_samples, max_samples, reasoning_tokens) = match strategy {
             // Budget forcing spends the depth on one sample's reasoning.
             PlannedStrategy::ReasoningBudget => (1, 1, Some(choice.reasoning_tokens)),
             _ => (
@@ -239,6 +240,19 @@ impl TtcController {
                 None,
             ),
         };
+        // The client's effort and reasoning budget, within the policy's range.
+        let (max_samples, reasoning_tokens) = match features.effort {
+            Some(Effort::Low) => (
+                min_samples,
+                reasoning_tokens.map(|_| self.policy.reasoning_floor()),
+            ),
+            _ => (max_samples, reasoning_tokens),
+        };
+        let reasoning_tokens = reasoning_tokens.map(|t| match features.reasoning_budget {
+            Some(budget) => t.min(budget).max(self.policy.reasoning_floor()),
+            None => t,
+        });
+        let mut max_samples = max_samples;
         // Under load, depth goes first: down to what the pod has room for, never below minimum.
         let allowed = max_samples;
         if let Some(limit) = features.row_limit {
@@ -371,6 +385,8 @@ mod tests {
             max_tokens: 32,
             reasoning_model: false,
             row_limit: None,
+            effort: None,
+            reasoning_budget: None,
         }
     }
 
@@ -414,6 +430,57 @@ mod tests {
             TtcController::new(regex_policy(TtcStrategy::BestOfN), TtcOptions::default())?;
         let session = best.plan(&features(AnswerType::Number));
         assert!(!session.settled_with(&texts(&["5", "5", "5"])));
+        Ok(())
+    }
+
+    /// A client's effort and reasoning budget move depth within the policy's range, never out
+    /// of it.
+    #[test]
+    fn effort_and_reasoning_budget_stay_within_the_policy() -> Result<(), TtcError> {
+        let vote = TtcPolicy {
+            strategy: TtcStrategy::MajorityVote,
+            min_samples: 2,
+            max_samples: 6,
+            difficulty_aware: false,
+            ..TtcPolicy::default()
+        };
+        let mut controller = TtcController::new(vote, TtcOptions::default())?;
+        let plan = |c: &mut TtcController, effort| {
+            c.plan(&RequestFeatures {
+                effort,
+                ..features(AnswerType::Number)
+            })
+            .plan()
+            .clone()
+        };
+        let low = plan(&mut controller, Some(Effort::Low));
+        assert_eq!((low.min_samples, low.max_samples), (2, 2));
+        let high = plan(&mut controller, Some(Effort::High));
+        assert_eq!(high.max_samples, 6, "no budget: the policy's most");
+        let reasoning = TtcPolicy {
+            strategy: TtcStrategy::ReasoningBudget,
+            min_reasoning_tokens: 16,
+            max_reasoning_tokens: 512,
+            difficulty_aware: false,
+            ..TtcPolicy::default()
+        };
+        let mut controller = TtcController::new(reasoning, TtcOptions::default())?;
+        for (budget, expected) in [(Some(64), 64), (Some(4), 16), (None, 512)] {
+            let session = controller.plan(&RequestFeatures {
+                reasoning_budget: budget,
+                ..features(AnswerType::Number)
+            });
+            assert_eq!(
+                session.plan().reasoning_tokens,
+                Some(expected),
+                "{budget:?}"
+            );
+        }
+        let low = controller.plan(&RequestFeatures {
+            effort: Some(Effort::Low),
+            ..features(AnswerType::Number)
+        });
+        assert_eq!(low.plan().reasoning_tokens, Some(16));
         Ok(())
     }
 

@@ -52,7 +52,7 @@ pub use controller::{TtcController, TtcReport};
 pub use difficulty::{DepthValueReport, PromptFeatures};
 pub use feedback::{Feedback, FeedbackError, FeedbackTicket};
 pub use outcome::{FeedbackReceipt, MeasuredEnergy, TtcOutcome};
-pub use plan::{PlannedStrategy, RequestFeatures, TtcPlan};
+pub use plan::{Effort, PlannedStrategy, RequestFeatures, TtcPlan};
 pub use policy::{TtcError, TtcOptions, TtcPolicy, TtcStrategy};
 pub use session::TtcSession;
 pub use stopping::{StopReason, StoppingRule, WindowDecision};

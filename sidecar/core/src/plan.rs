@@ -25,6 +25,25 @@ pub struct RequestFeatures {
     /// depth is shed down to it, never below minimum depth, before any request is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub row_limit: Option<usize>,
+    /// The depth the client asks for (OpenAI's `reasoning_effort`), within the policy's range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effort: Option<Effort>,
+    /// The most reasoning tokens the client allows (vLLM's `thinking_token_budget`, llama.cpp's
+    /// `reasoning_budget`), never below the policy's minimum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_budget: Option<usize>,
+}
+
+/// How much depth a client asks for; never beyond the policy's range or the pod's budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Effort {
+    /// Minimum depth: the policy's fewest samples and reasoning tokens.
+    Low,
+    /// The depth the budget and the request's difficulty give (as without a request).
+    Medium,
+    /// The most the budget allows now, even where depth is judged not to pay.
+    High,
 }
 
 /// The strategy a request actually runs (Adaptive resolved).

@@ -84,6 +84,8 @@ fn features(kind: QueryKind) -> RequestFeatures {
         max_tokens: 64,
         reasoning_model: false,
         row_limit: None,
+        effort: None,
+        reasoning_budget: None,
     }
 }
 

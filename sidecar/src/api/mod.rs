@@ -57,6 +57,49 @@ impl Default for Limits {
     }
 }
 
+/// What a request asks of test-time compute: how to compare answers, and the depth fields other
+/// servers' clients send (OpenAI's `reasoning_effort`, vLLM's `thinking_token_budget`, llama.cpp's
+/// `reasoning_budget`).
+struct TtcWishes {
+    answer_type: Option<ttc_core::AnswerType>,
+    effort: Option<ttc_core::Effort>,
+    reasoning_budget: Option<usize>,
+}
+
+fn ttc_wishes(s: &SamplingFields) -> Result<TtcWishes, ApiError> {
+    use ttc_core::Effort;
+    let effort = match s.reasoning_effort.as_deref() {
+        None => None,
+        Some("low" | "minimal") => Some(Effort::Low),
+        Some("medium") => Some(Effort::Medium),
+        Some("high") => Some(Effort::High),
+        Some(other) => {
+            return Err(ApiError::invalid(
+                Some("reasoning_effort"),
+                format!("reasoning_effort must be low, medium or high; got {other:?}"),
+            ));
+        }
+    };
+    let budget = |field: &'static str, value: Option<i64>| match value {
+        None | Some(-1) => Ok(None),
+        Some(v) if v >= 0 => Ok(Some(v as usize)),
+        Some(v) => Err(ApiError::invalid(
+            Some(field),
+            format!("{field} must be a number of tokens (0 or more, -1 for none); got {v}"),
+        )),
+    };
+    let thinking = budget("thinking_token_budget", s.thinking_token_budget)?;
+    let reasoning = budget("reasoning_budget", s.reasoning_budget)?;
+    Ok(TtcWishes {
+        answer_type: s.ttc.answer_type,
+        effort,
+        reasoning_budget: match (thinking, reasoning) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        },
+    })
+}
+
 /// The message roles OpenAI's chat API accepts; anything else is refused, naming the message.
 const MESSAGE_ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
@@ -248,7 +291,7 @@ async fn run_ttc(
     id: &str,
     request: GenerationRequest,
     prompt_text: String,
-    answer_type: Option<ttc_core::AnswerType>,
+    wishes: TtcWishes,
 ) -> Result<(Completion, Usage, TtcOutcome), ApiError> {
     let answer = service
         .answer(
@@ -257,11 +300,13 @@ async fn run_ttc(
                 id: id.to_owned(),
                 prompt: request.prompt,
                 prompt_text,
-                answer_type: answer_type.unwrap_or_default(),
+                answer_type: wishes.answer_type.unwrap_or_default(),
                 max_tokens: request.max_tokens,
                 sampler: request.sampler,
                 seed: request.seed,
                 stop: request.stop,
+                effort: wishes.effort,
+                reasoning_budget: wishes.reasoning_budget,
             },
         )
         .await?;
@@ -605,7 +650,7 @@ async fn answer(state: AppState, req: Prepared, started: Instant) -> Result<Resp
         .is_some_and(|o| o.include_usage);
     let stream = req.sampling.stream;
     let ttc = ttc_for(&state, &req.sampling).cloned();
-    let answer_type = req.sampling.ttc.answer_type;
+    let wishes = ttc_wishes(&req.sampling)?;
     let prompt_param = if chat { "messages" } else { "prompt" };
     let request = build_request(&state, req.prompt, prompt_param, req.sampling)?;
     let meta = StreamMeta {
@@ -617,15 +662,8 @@ async fn answer(state: AppState, req: Prepared, started: Instant) -> Result<Resp
     };
     let (completions, usage, outcome) = match ttc {
         Some(service) => {
-            let (chosen, usage, outcome) = run_ttc(
-                &service,
-                &state,
-                &meta.id,
-                request,
-                req.prompt_text,
-                answer_type,
-            )
-            .await?;
+            let (chosen, usage, outcome) =
+                run_ttc(&service, &state, &meta.id, request, req.prompt_text, wishes).await?;
             (
                 vec![Completion { index: 0, ..chosen }],
                 usage,

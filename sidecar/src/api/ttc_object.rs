@@ -123,6 +123,8 @@ mod tests {
             max_tokens: 8,
             reasoning_model: false,
             row_limit: None,
+            effort: None,
+            reasoning_budget: None,
         });
         session.add_sample("Yes", -0.1, 1, None);
         session.add_sample("yes.", -0.2, 2, None);

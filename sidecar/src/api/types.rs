@@ -83,6 +83,13 @@ pub struct SamplingFields {
     pub n: Option<i64>,
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,
+    /// OpenAI's reasoning effort (`low`, `medium`, `high`): under test-time compute, the depth
+    /// within the policy's range.
+    pub reasoning_effort: Option<String>,
+    /// vLLM's cap on reasoning tokens; under test-time compute, of a reasoning-budget plan.
+    pub thinking_token_budget: Option<i64>,
+    /// llama.cpp's cap on reasoning tokens (-1: none), as `thinking_token_budget`.
+    pub reasoning_budget: Option<i64>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     /// Not in OpenAI's API; common in compatible servers.
