@@ -10,7 +10,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -107,43 +107,34 @@ pub struct Admission {
     waiting: AtomicUsize,
     /// KV bytes of one position (every layer's keys and values).
     bytes_per_position: u64,
-    in_use_kib: Arc<AtomicU64>,
-    rows_in_flight: Arc<AtomicUsize>,
 }
 
-/// Room held by an admitted request; given back when dropped.
+/// Room held by an admitted request; given back to the semaphores when dropped.
 #[derive(Debug)]
 pub struct Permit {
     _memory: OwnedSemaphorePermit,
     _rows: OwnedSemaphorePermit,
-    kib: u64,
-    rows: usize,
-    in_use_kib: Arc<AtomicU64>,
-    rows_in_flight: Arc<AtomicUsize>,
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        self.in_use_kib.fetch_sub(self.kib, Ordering::Relaxed);
-        self.rows_in_flight.fetch_sub(self.rows, Ordering::Relaxed);
-    }
 }
 
 fn kib(bytes: u64) -> u64 {
     bytes.div_ceil(1024)
 }
 
+/// The budget in KiB, as many as a semaphore's permits can count.
+fn budget_kib(bytes: u64) -> u64 {
+    kib(bytes).min(u64::from(u32::MAX))
+}
+
 impl Admission {
     /// Admission for a model whose positions take `bytes_per_position` of KV cache.
     pub fn new(config: AdmissionConfig, bytes_per_position: u64) -> Self {
-        let budget_kib = kib(config.memory_budget_bytes).min(u64::from(u32::MAX));
         Self {
-            memory: Arc::new(Semaphore::new(budget_kib as usize)),
+            memory: Arc::new(Semaphore::new(
+                budget_kib(config.memory_budget_bytes) as usize
+            )),
             rows: Arc::new(Semaphore::new(config.max_rows.max(1))),
             waiting: AtomicUsize::new(0),
             bytes_per_position: bytes_per_position.max(1),
-            in_use_kib: Arc::new(AtomicU64::new(0)),
-            rows_in_flight: Arc::new(AtomicUsize::new(0)),
             config,
         }
     }
@@ -176,8 +167,11 @@ impl Admission {
     pub fn state(&self) -> AdmissionState {
         AdmissionState {
             waiting: self.waiting.load(Ordering::Relaxed),
-            rows_in_flight: self.rows_in_flight.load(Ordering::Relaxed),
-            bytes_in_use: self.in_use_kib.load(Ordering::Relaxed) * 1024,
+            // What the semaphores have handed out.
+            rows_in_flight: self.config.max_rows.max(1) - self.rows.available_permits(),
+            bytes_in_use: (budget_kib(self.config.memory_budget_bytes)
+                - self.memory.available_permits() as u64)
+                * 1024,
             budget_bytes: self.config.memory_budget_bytes,
         }
     }
@@ -203,7 +197,10 @@ impl Admission {
         })
         .await;
         match taken {
-            Ok((Ok(memory), Ok(row_permit))) => Ok(self.permit(memory, row_permit, kib, rows)),
+            Ok((Ok(memory), Ok(row_permit))) => Ok(Permit {
+                _memory: memory,
+                _rows: row_permit,
+            }),
             // Closed semaphores (never closed) or the wait ran out.
             _ => Err(Refusal::NoRoom {
                 waited_ms: started.elapsed().as_millis() as u64,
@@ -222,7 +219,7 @@ impl Admission {
     fn check(&self, demand: Demand) -> Result<(u64, usize), Refusal> {
         let kib = kib(demand.bytes).max(1);
         let rows = demand.rows.max(1);
-        if kib > kib_of(self.config.memory_budget_bytes) || rows > self.config.max_rows.max(1) {
+        if kib > budget_kib(self.config.memory_budget_bytes) || rows > self.config.max_rows.max(1) {
             return Err(Refusal::TooLarge {
                 needed_mib: demand.bytes.div_ceil(1 << 20),
                 rows,
@@ -239,31 +236,11 @@ impl Admission {
             .try_acquire_many_owned(kib as u32)
             .ok()?;
         let row_permit = self.rows.clone().try_acquire_many_owned(rows as u32).ok()?;
-        Some(self.permit(memory, row_permit, kib, rows))
-    }
-
-    fn permit(
-        &self,
-        memory: OwnedSemaphorePermit,
-        rows_permit: OwnedSemaphorePermit,
-        kib: u64,
-        rows: usize,
-    ) -> Permit {
-        self.in_use_kib.fetch_add(kib, Ordering::Relaxed);
-        self.rows_in_flight.fetch_add(rows, Ordering::Relaxed);
-        Permit {
+        Some(Permit {
             _memory: memory,
-            _rows: rows_permit,
-            kib,
-            rows,
-            in_use_kib: self.in_use_kib.clone(),
-            rows_in_flight: self.rows_in_flight.clone(),
-        }
+            _rows: row_permit,
+        })
     }
-}
-
-fn kib_of(bytes: u64) -> u64 {
-    kib(bytes).min(u64::from(u32::MAX))
 }
 
 /// Counts a waiting request out when its wait ends, however it ends.

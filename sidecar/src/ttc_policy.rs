@@ -83,26 +83,18 @@ pub fn read_policy_file(path: &Path) -> Result<TtcPolicy, PolicyFileError> {
         path: shown.clone(),
         source,
     })?;
-    parse_policy(&text).map_err(|e| match e {
-        ParseError::Parse(source) => PolicyFileError::Parse {
-            path: shown.clone(),
-            source,
-        },
-        ParseError::Invalid(errors) => PolicyFileError::Invalid {
-            path: shown.clone(),
-            errors,
-        },
-    })
+    parse_policy(&text, &shown)
 }
 
-enum ParseError {
-    Parse(serde_yaml::Error),
-    Invalid(Vec<String>),
-}
-
-fn parse_policy(text: &str) -> Result<TtcPolicy, ParseError> {
-    let spec: TtcSpec = serde_yaml::from_str(text).map_err(ParseError::Parse)?;
-    ttc_api::validation::validate_ttc(&spec).map_err(ParseError::Invalid)?;
+fn parse_policy(text: &str, path: &str) -> Result<TtcPolicy, PolicyFileError> {
+    let spec: TtcSpec = serde_yaml::from_str(text).map_err(|source| PolicyFileError::Parse {
+        path: path.to_owned(),
+        source,
+    })?;
+    ttc_api::validation::validate_ttc(&spec).map_err(|errors| PolicyFileError::Invalid {
+        path: path.to_owned(),
+        errors,
+    })?;
     Ok(ttc_policy(&spec))
 }
 
@@ -178,14 +170,14 @@ mod tests {
                     ttc
                 };
                 let refused = verdict == "invalid" && field.starts_with("spec.ttc.");
-                let result = parse_policy(&ttc);
+                let result = parse_policy(&ttc, "spec.ttc");
                 assert_eq!(
                     result.is_err(),
                     refused,
                     "{}: the policy file reader disagrees with the API server",
                     path.display()
                 );
-                if let Err(ParseError::Invalid(errors)) = result {
+                if let Err(PolicyFileError::Invalid { errors, .. }) = result {
                     assert!(
                         errors.iter().any(|e| e.starts_with(field)),
                         "{}: {errors:?}",

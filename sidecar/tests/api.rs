@@ -63,18 +63,34 @@ async fn send(method: &str, path: &str, body: &str) -> (StatusCode, String) {
     send_to(app(), method, path, body).await
 }
 
-/// Sends one request to `app`; returns the status and the body as text.
-async fn send_to(app: axum::Router, method: &str, path: &str, body: &str) -> (StatusCode, String) {
-    let request = Request::builder()
+/// Sends one request to `app`; returns the status, the headers and the body.
+async fn respond(
+    app: axum::Router,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let mut request = Request::builder()
         .method(method)
         .uri(path)
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_owned()))
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = app
+        .oneshot(request.body(Body::from(body.to_owned())).unwrap())
+        .await
         .unwrap();
-    let response = app.oneshot(request).await.unwrap();
-    let status = response.status();
+    let (status, headers) = (response.status(), response.headers().clone());
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8(bytes.to_vec()).unwrap())
+    (status, headers, bytes.to_vec())
+}
+
+/// Sends one request to `app`; returns the status and the body as text.
+async fn send_to(app: axum::Router, method: &str, path: &str, body: &str) -> (StatusCode, String) {
+    let (status, _, bytes) = respond(app, method, path, body, &[]).await;
+    (status, String::from_utf8(bytes).unwrap())
 }
 
 /// Posts a chat completion to `app`, expecting 200 and a JSON answer.
@@ -714,20 +730,14 @@ async fn post_with(
     body: &Value,
     headers: &[(&str, &str)],
 ) -> (StatusCode, axum::http::HeaderMap, Value) {
-    let mut request = Request::builder()
-        .method("POST")
-        .uri("/v1/chat/completions")
-        .header("content-type", "application/json");
-    for (k, v) in headers {
-        request = request.header(*k, *v);
-    }
-    let response = app
-        .clone()
-        .oneshot(request.body(Body::from(body.to_string())).unwrap())
-        .await
-        .unwrap();
-    let (status, headers) = (response.status(), response.headers().clone());
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let (status, headers, bytes) = respond(
+        app.clone(),
+        "POST",
+        "/v1/chat/completions",
+        &body.to_string(),
+        headers,
+    )
+    .await;
     (
         status,
         headers,

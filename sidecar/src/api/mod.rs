@@ -211,11 +211,11 @@ fn record(state: &AppState, served: Served<'_>) {
     if served.shed_samples > 0 {
         metrics.record_depth_shed(served.shed_samples as u64);
     }
-    publish_admission(state);
     publish_ttc_state(state);
 }
 
 /// Sets the admission gauges: requests waiting, rows in flight, the memory budget and its use.
+/// They are read only by a scrape, so the scrape sets them (OTLP does not export them).
 fn publish_admission(state: &AppState) {
     if let (Some(metrics), Some(admission)) = (&state.metrics, state.engine.admission()) {
         let now = admission.state();
