@@ -12,7 +12,7 @@ use ttc_core::TtcPolicy;
 use ttc_energy::{EnergyMeter, EstimateModel, MeterConfig, NvmlConfig, SourceChoice};
 use ttc_sidecar::admission::{Admission, AdmissionConfig, default_memory_budget};
 use ttc_sidecar::api::{self, AppState, Limits};
-use ttc_sidecar::engine::llama::WeightFormat;
+use ttc_sidecar::engine::llama::{Kernels, WeightFormat};
 use ttc_sidecar::engine::worker::EngineHandle;
 use ttc_sidecar::engine::{Engine, EngineOptions};
 use ttc_sidecar::model_store::{DEFAULT_MODEL, KNOWN_MODELS, ModelStore, ModelStoreError};
@@ -310,6 +310,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         &EngineOptions {
             weights: args.weights,
             cuda: args.cuda,
+            kernels: Kernels::default(),
             prefix_cache_bytes: args.prefix_cache_mib << 20,
         },
     )?;

@@ -3,8 +3,10 @@
 //! biases) and as a llama GGUF (Q/K rows and biases permuted for interleaved pairs, as llama.cpp's
 //! converter stores them) must compute the same logits.
 //!
-//! The same tiny model checks the KV cache's shared prefixes: rows continuing one prefilled
-//! prompt compute what rows with a copy of their own compute. And the R1 distill's real
+//! The same tiny model checks the KV cache's shared prefixes (rows continuing one prefilled
+//! prompt compute what rows with a copy of their own compute) and, written as Gemma 3 with a
+//! short sliding window, that decode steps past the window see only the window; each on both
+//! compute paths (our kernels and candle's ops, the GPU's path). And the R1 distill's real
 //! vocabulary (from the first of its parts on PyPI) tokenizes as llama.cpp does.
 
 mod common;
@@ -16,7 +18,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use std::sync::Arc;
 use ttc_sidecar::engine::kv_cache::KvCache;
-use ttc_sidecar::engine::llama::{Llama, ModelError, WeightFormat};
+use ttc_sidecar::engine::llama::{Kernels, Llama, ModelError, WeightFormat};
 use ttc_sidecar::gguf::GgufFile;
 use ttc_sidecar::model_store::{KnownModel, ModelPart};
 use ttc_sidecar::tokenizer::GgufTokenizer;
@@ -95,6 +97,11 @@ fn random_model() -> Weights {
 
 /// Writes the model as `arch`; llama gets its Q/K rows (and biases) interleaved.
 fn write_gguf(path: &Path, weights: &Weights, arch: &str) {
+    write_gguf_with(path, weights, arch, Vec::new());
+}
+
+/// [`write_gguf`] with more `arch.` keys.
+fn write_gguf_with(path: &Path, weights: &Weights, arch: &str, extra: Vec<(&str, Value)>) {
     let u32v = |v: usize| Value::U32(v as u32);
     let keys = [
         ("block_count", u32v(LAYERS)),
@@ -110,7 +117,11 @@ fn write_gguf(path: &Path, weights: &Weights, arch: &str) {
         "general.architecture".into(),
         Value::String(arch.to_owned()),
     )];
-    metadata.extend(keys.into_iter().map(|(k, v)| (format!("{arch}.{k}"), v)));
+    metadata.extend(
+        keys.into_iter()
+            .chain(extra)
+            .map(|(k, v)| (format!("{arch}.{k}"), v)),
+    );
     let tensors: Vec<(String, QTensor)> = weights
         .tensors
         .iter()
@@ -138,27 +149,52 @@ fn write_gguf(path: &Path, weights: &Weights, arch: &str) {
     gguf_file::write(&mut file, &metadata_refs, &tensor_refs).unwrap();
 }
 
-fn logits(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
+const PATHS: [Kernels; 2] = [Kernels::Fused, Kernels::Candle];
+
+/// How far the two paths' logits may differ on this random model, relative to the largest
+/// logit: both run Q8_0 weights on Q8_0-quantized activations, rounded and summed in different
+/// orders, and random weights amplify that (0.1-1 % measured).
+const PATHS_TOLERANCE: f32 = 2e-2;
+
+fn load(path: &Path, kernels: Kernels) -> Llama {
     let mut gguf = GgufFile::open(path).unwrap();
-    let model = Llama::load(&mut gguf, WeightFormat::Q8_0, &Device::Cpu).unwrap();
+    Llama::load(&mut gguf, WeightFormat::Q8_0, kernels, &Device::Cpu).unwrap()
+}
+
+/// The logits of a prefill of the first `prompt` tokens, then of one decode step per token
+/// after them: both attention paths.
+fn logits(path: &Path, tokens: &[u32], prompt: usize, kernels: Kernels) -> Vec<Vec<f32>> {
+    let model = load(path, kernels);
     let mut cache = model.new_cache();
-    // A prefill of all but the last token, then one decode step: both attention paths.
-    let (prompt, last) = tokens.split_at(tokens.len() - 1);
-    let prompt = Tensor::new(prompt, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let step = Tensor::new(last, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    [
-        model.forward(&prompt, &mut cache).unwrap(),
-        model.forward(&step, &mut cache).unwrap(),
-    ]
-    .iter()
-    .map(|l| l.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-    .collect()
+    let row = |ids: &[u32]| {
+        Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+    };
+    let mut out = vec![model.forward(&row(&tokens[..prompt]), &mut cache).unwrap()];
+    for id in &tokens[prompt..] {
+        out.push(model.forward(&row(&[*id]), &mut cache).unwrap());
+    }
+    out.iter()
+        .map(|l| l.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect()
+}
+
+/// Asserts two passes' logits agree within `tolerance` of their spread (the largest magnitude).
+fn assert_close(a: &[Vec<f32>], b: &[Vec<f32>], tolerance: f32, what: &str) {
+    assert_eq!(a.len(), b.len());
+    for (pass, (a, b)) in a.iter().zip(b).enumerate() {
+        assert_eq!(a.len(), VOCAB);
+        let spread = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(spread > 0.1, "pass {pass}: logits all near zero");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() < tolerance * (1.0 + spread),
+                "{what}, pass {pass}, logit {i}: {x} vs {y}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -169,17 +205,67 @@ fn qwen2_computes_what_the_same_weights_compute_as_llama() {
     write_gguf(&qwen2, &weights, "qwen2");
     write_gguf(&llama, &weights, "llama");
     let tokens = [3, 17, 42, 5, 88, 60];
-    let (a, b) = (logits(&qwen2, &tokens), logits(&llama, &tokens));
-    for (pass, (a, b)) in a.iter().zip(&b).enumerate() {
-        assert_eq!(a.len(), VOCAB);
-        let spread = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert!(spread > 0.1, "pass {pass}: logits all near zero");
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() < 1e-3 * (1.0 + spread),
-                "pass {pass}, logit {i}: qwen2 {x} vs llama {y}"
-            );
-        }
+    for kernels in PATHS {
+        assert_close(
+            &logits(&qwen2, &tokens, 5, kernels),
+            &logits(&llama, &tokens, 5, kernels),
+            1e-3,
+            &format!("{kernels:?}: qwen2 vs llama"),
+        );
+    }
+}
+
+/// Gemma 3's sliding-window layers: past the window a decode step sees only the last `window`
+/// positions, on both paths (our decode kernel and candle's masked attention); the same
+/// weights without a window compute something else there.
+#[test]
+fn decode_steps_past_a_sliding_window_see_only_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = random_model();
+    let (windowed, whole) = (
+        dir.path().join("window.gguf"),
+        dir.path().join("whole.gguf"),
+    );
+    let window = 4;
+    write_gguf_with(
+        &windowed,
+        &weights,
+        "gemma3",
+        vec![("attention.sliding_window", Value::U32(window))],
+    );
+    write_gguf(&whole, &weights, "gemma3");
+    let tokens = [3, 17, 42, 5, 88, 60, 7, 9, 11, 12, 30, 31];
+    let [fused, candle] = PATHS.map(|kernels| logits(&windowed, &tokens, 3, kernels));
+    let [fused_whole, candle_whole] = PATHS.map(|kernels| logits(&whole, &tokens, 3, kernels));
+    assert_close(
+        &fused,
+        &candle,
+        PATHS_TOLERANCE,
+        "windowed, fused vs candle",
+    );
+    assert_close(
+        &fused_whole,
+        &candle_whole,
+        PATHS_TOLERANCE,
+        "whole, fused vs candle",
+    );
+    let distance =
+        |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    // Up to the window both see every position; past it, only the windowed model forgets.
+    assert!(
+        distance(&fused[1], &fused_whole[1]) < 1e-5,
+        "the first step is within the window"
+    );
+    let last = tokens.len() - 3;
+    for (path, windowed) in [("fused", &fused), ("candle", &candle)] {
+        let (to_windowed, to_whole) = (
+            distance(&windowed[last], &fused[last]),
+            distance(&windowed[last], &fused_whole[last]),
+        );
+        assert!(
+            to_whole > 4.0 * to_windowed.max(PATHS_TOLERANCE),
+            "{path}: past the window, {to_windowed} from the windowed model, {to_whole} from the whole"
+        );
     }
 }
 
@@ -196,7 +282,10 @@ fn the_biases_count() {
     let without = dir.path().join("without.gguf");
     write_gguf(&without, &weights, "qwen2");
     let tokens = [3, 17, 42];
-    assert_ne!(logits(&with, &tokens), logits(&without, &tokens));
+    assert_ne!(
+        logits(&with, &tokens, 2, Kernels::Fused),
+        logits(&without, &tokens, 2, Kernels::Fused)
+    );
 }
 
 #[test]
@@ -205,7 +294,7 @@ fn an_unknown_architecture_is_named_in_the_error() {
     let path = dir.path().join("mamba.gguf");
     write_gguf(&path, &random_model(), "mamba");
     let mut gguf = GgufFile::open(&path).unwrap();
-    match Llama::load(&mut gguf, WeightFormat::Q8_0, &Device::Cpu) {
+    match Llama::load(&mut gguf, WeightFormat::Q8_0, Kernels::Fused, &Device::Cpu) {
         Err(e @ ModelError::Architecture { .. }) => {
             let message = e.to_string();
             assert!(
@@ -223,8 +312,12 @@ fn rows_sharing_a_prefilled_prompt_compute_what_rows_of_their_own_compute() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("llama.gguf");
     write_gguf(&path, &random_model(), "llama");
-    let mut gguf = GgufFile::open(&path).unwrap();
-    let model = Llama::load(&mut gguf, WeightFormat::Q8_0, &Device::Cpu).unwrap();
+    for kernels in PATHS {
+        rows_sharing_a_prefilled_prompt_compute_alike_on(&load(&path, kernels), kernels);
+    }
+}
+
+fn rows_sharing_a_prefilled_prompt_compute_alike_on(model: &Llama, kernels: Kernels) {
     let tokens = |ids: &[u32], rows: usize| {
         Tensor::new(ids, &Device::Cpu)
             .unwrap()
@@ -266,7 +359,7 @@ fn rows_sharing_a_prefilled_prompt_compute_what_rows_of_their_own_compute() {
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
             assert!(
                 (x - y).abs() < 1e-4,
-                "{what}, logit {i}: shared {x} vs own {y}"
+                "{kernels:?}: {what}, logit {i}: shared {x} vs own {y}"
             );
         }
     };

@@ -1,14 +1,18 @@
 //! The engine on the real default model: tokenizer ids, chat template, shared-prefix batched
 //! sampling, model-file errors, and best-of-N's window cut short by an accepted row.
+//!
+//! Every feature test runs on both compute paths: our fused CPU kernels and candle's ops only
+//! (the path a GPU takes), so the GPU's code path is exercised where no GPU is.
 
 mod common;
 
 use std::sync::{Arc, OnceLock};
 
+use candle_core::{Device, Tensor};
 use ttc_core::{Verifier, VerifierSpec};
 use ttc_energy::{EnergyMeter, MeterConfig, SourceChoice};
 use ttc_sidecar::chat_template::ChatMessage;
-use ttc_sidecar::engine::llama::WeightFormat;
+use ttc_sidecar::engine::llama::{Kernels, Llama, WeightFormat};
 use ttc_sidecar::engine::sampler::SamplerConfig;
 use ttc_sidecar::engine::stop::StopStrings;
 use ttc_sidecar::engine::worker::EngineHandle;
@@ -19,15 +23,30 @@ use ttc_sidecar::gguf::{GgufError, GgufFile};
 use ttc_sidecar::model_store::DEFAULT_MODEL;
 use ttc_sidecar::ttc_service::verified_window;
 
-/// The default model, loaded once per test binary.
+/// Both compute paths.
+const PATHS: [Kernels; 2] = [Kernels::Fused, Kernels::Candle];
+
+fn options(kernels: Kernels) -> EngineOptions {
+    EngineOptions {
+        kernels,
+        ..EngineOptions::default()
+    }
+}
+
+/// The default model on our kernels, loaded once per test binary.
 fn engine() -> Arc<Engine> {
-    static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
-    ENGINE
+    engine_on(Kernels::Fused)
+}
+
+/// The default model on a compute path, loaded once per test binary.
+fn engine_on(kernels: Kernels) -> Arc<Engine> {
+    static ENGINES: [OnceLock<Arc<Engine>>; 2] = [OnceLock::new(), OnceLock::new()];
+    ENGINES[kernels as usize]
         .get_or_init(|| {
             let engine = Engine::load(
                 &common::default_model_path(),
                 DEFAULT_MODEL.name,
-                &EngineOptions::default(),
+                &options(kernels),
             )
             .unwrap_or_else(|e| panic!("loading the default model: {e}"));
             Arc::new(engine)
@@ -51,7 +70,7 @@ fn greedy(prompt: Vec<u32>, n: usize, max_tokens: usize) -> GenerationRequest {
 }
 
 /// A worker thread of its own over the default model, metered by the estimate.
-fn worker() -> EngineHandle {
+fn worker(kernels: Kernels) -> EngineHandle {
     let meter = EnergyMeter::from_config(&MeterConfig {
         source: SourceChoice::Estimate,
         ..MeterConfig::default()
@@ -61,7 +80,7 @@ fn worker() -> EngineHandle {
         Engine::load(
             &common::default_model_path(),
             DEFAULT_MODEL.name,
-            &EngineOptions::default(),
+            &options(kernels),
         )
         .unwrap(),
         meter,
@@ -123,12 +142,112 @@ fn llama_cpp_paths() -> [common::LlamaCppPath; 2] {
 }
 
 /// Along llama.cpp's paths our logits pick its tokens wherever its lead is clear, on the file's
-/// own Q4_1 weights (our Q4_1 kernel) and on weights requantized to Q8_0 at load.
+/// own Q4_1 weights (our Q4_1 kernel, or candle's) and on weights requantized to Q8_0 at load,
+/// on both compute paths.
 #[test]
 fn follows_llama_cpp_on_native_and_q8_weights() {
-    for weights in [WeightFormat::Native, WeightFormat::Q8_0] {
-        common::follows_llama_cpp(&common::default_model_path(), weights, &llama_cpp_paths());
+    for kernels in PATHS {
+        for weights in [WeightFormat::Native, WeightFormat::Q8_0] {
+            common::follows_llama_cpp(
+                &common::default_model_path(),
+                weights,
+                kernels,
+                &llama_cpp_paths(),
+            );
+        }
     }
+}
+
+/// The largest difference between the two paths' logits at any step, relative to the step's
+/// largest logit magnitude. Both run the same Q8_0 weights on activations quantized to 8 bits
+/// per layer; a sum in another order (1e-5) flips some activation's rounding, and over 30
+/// layers such flips move SmolLM2's logits by up to 4.5 % of the largest (measured
+/// 2026-12-07; 1.2 of 26.4 at a prefill).
+const PATHS_TOLERANCE: f32 = 0.06;
+
+/// The lead of the top logit over the runner-up past which both paths must pick it.
+const CLEAR_LEAD: f32 = 1.0;
+
+/// candle's ops (the GPU's path) compute our kernels' logits: 32 greedy steps after a chat
+/// prompt, logits within [`PATHS_TOLERANCE`] at every step, the same token picked wherever
+/// the lead is clear ([`CLEAR_LEAD`]).
+#[test]
+fn the_candle_path_computes_the_fused_paths_logits() {
+    let prompt = engine()
+        .encode_chat(&user("Write a short poem about the sea."))
+        .unwrap();
+    let models = PATHS.map(|kernels| {
+        let mut gguf = GgufFile::open(&common::default_model_path()).unwrap();
+        Llama::load(&mut gguf, WeightFormat::Q8_0, kernels, &Device::Cpu).unwrap()
+    });
+    let mut caches = models.each_ref().map(Llama::new_cache);
+    let mut input = prompt;
+    let mut worst = 0f32;
+    for step in 0..32 {
+        let tokens = Tensor::new(input.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let [fused, candle]: [Vec<f32>; 2] = [0, 1].map(|i| {
+            models[i]
+                .forward(&tokens, &mut caches[i])
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        });
+        let spread = fused.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = fused
+            .iter()
+            .zip(&candle)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        worst = worst.max(diff / spread);
+        assert!(
+            diff <= PATHS_TOLERANCE * spread,
+            "step {step}: logits differ by {diff} (largest logit {spread})"
+        );
+        let [(top, lead), (candle_top, _)] = [&fused, &candle].map(|l| top_and_lead(l));
+        if lead > CLEAR_LEAD {
+            assert_eq!(
+                top, candle_top,
+                "step {step}: greedy picks differ (lead {lead})"
+            );
+        }
+        input = vec![top];
+    }
+    eprintln!("largest relative logit difference over 32 steps: {worst:.2e}");
+}
+
+/// The index of the largest logit and its lead over the runner-up.
+fn top_and_lead(logits: &[f32]) -> (u32, f32) {
+    let (mut top, mut first, mut second) = (0, f32::MIN, f32::MIN);
+    for (i, &x) in logits.iter().enumerate() {
+        if x > first {
+            (top, first, second) = (i, x, first);
+        } else if x > second {
+            second = x;
+        }
+    }
+    (top as u32, first - second)
+}
+
+/// Greedy generation through the engine (prefill, shared-prefix decode, sampling) gives the same
+/// tokens (up to 32) on both paths.
+#[test]
+fn greedy_generation_is_the_same_on_both_paths() {
+    let [fused, candle] = PATHS.map(|kernels| {
+        let engine = engine_on(kernels);
+        let prompt = engine
+            .encode_chat(&user("Name the planets of the solar system."))
+            .unwrap();
+        let out = engine
+            .generate(greedy(prompt, 1, 32), &mut |_| true)
+            .unwrap();
+        out.completions[0].token_ids.clone()
+    });
+    assert!(fused.len() > 8, "{fused:?}");
+    assert_eq!(fused, candle);
 }
 
 #[test]
@@ -150,7 +269,13 @@ fn chat_template_from_gguf_adds_default_system_prompt() {
 
 #[test]
 fn batched_greedy_rows_equal_single_greedy() {
-    let engine = engine();
+    for kernels in PATHS {
+        batched_greedy_rows_equal_single_greedy_on(kernels);
+    }
+}
+
+fn batched_greedy_rows_equal_single_greedy_on(kernels: Kernels) {
+    let engine = engine_on(kernels);
     let prompt = engine
         .encode_chat(&user("What is the capital of France?"))
         .unwrap();
@@ -162,10 +287,25 @@ fn batched_greedy_rows_equal_single_greedy() {
         .unwrap();
     assert_eq!(batch.completions.len(), 4);
     assert!(!single.completions[0].text.is_empty());
+    // Our kernels compute a row the same whatever the batch; candle's matmuls pick other tiles
+    // for more rows (sums in other orders, see PATHS_TOLERANCE), so there the rows of a batch
+    // agree with each other and start as the single row does, and may part from it at a
+    // near-tie further on, as on a GPU.
+    let expected = match kernels {
+        Kernels::Fused => &single.completions[0].token_ids,
+        Kernels::Candle => {
+            assert_eq!(
+                batch.completions[0].token_ids[..4],
+                single.completions[0].token_ids[..4],
+                "candle: the batch starts elsewhere"
+            );
+            &batch.completions[0].token_ids
+        }
+    };
     for c in &batch.completions {
         assert_eq!(
-            c.token_ids, single.completions[0].token_ids,
-            "row {} differs",
+            &c.token_ids, expected,
+            "{kernels:?}: row {} differs",
             c.index
         );
     }
@@ -184,24 +324,31 @@ fn batched_greedy_rows_equal_single_greedy() {
 /// each at its own position) and get exactly the tokens each gets alone.
 #[tokio::test]
 async fn concurrent_requests_share_decode_passes_and_decode_as_alone() {
+    for kernels in PATHS {
+        concurrent_requests_share_decode_passes_and_decode_as_alone_on(kernels).await;
+    }
+}
+
+async fn concurrent_requests_share_decode_passes_and_decode_as_alone_on(kernels: Kernels) {
+    let engine = engine_on(kernels);
     let prompts: Vec<Vec<u32>> = [
         "What is 2 + 2?",
         "Name a color.",
         "Write one short sentence about the sea and the sky.",
     ]
     .iter()
-    .map(|q| engine().encode_chat(&user(q)).unwrap())
+    .map(|q| engine.encode_chat(&user(q)).unwrap())
     .collect();
     let alone: Vec<Vec<Vec<u32>>> = prompts
         .iter()
         .map(|p| {
-            let out = engine()
+            let out = engine
                 .generate(greedy(p.clone(), 2, 12), &mut |_| true)
                 .unwrap();
             out.completions.into_iter().map(|c| c.token_ids).collect()
         })
         .collect();
-    let handle = worker();
+    let handle = worker(kernels);
     // All queued before any is awaited (without admission control, submitting waits for nothing).
     let mut submissions = Vec::new();
     for p in &prompts {
@@ -216,13 +363,13 @@ async fn concurrent_requests_share_decode_passes_and_decode_as_alone() {
     for (submission, alone) in submissions.into_iter().zip(&alone) {
         let out = submission.done.await.unwrap().unwrap();
         let ids: Vec<Vec<u32>> = out.completions.into_iter().map(|c| c.token_ids).collect();
-        assert_eq!(&ids, alone);
+        assert_eq!(&ids, alone, "{kernels:?}");
         assert!(out.energy.is_some_and(|e| e.joules > 0.0));
         widest = widest.max(out.passes.iter().map(|p| p.batch_rows).max().unwrap_or(0));
     }
     assert!(
         widest > 2,
-        "no decode pass held rows of more than one request (widest {widest})"
+        "{kernels:?}: no decode pass held rows of more than one request (widest {widest})"
     );
 }
 
@@ -235,7 +382,13 @@ fn the_default_model_is_not_a_reasoning_model() {
 
 #[test]
 fn seeded_sampling_is_reproducible_and_rows_differ() {
-    let engine = engine();
+    for kernels in PATHS {
+        seeded_sampling_is_reproducible_and_rows_differ_on(kernels);
+    }
+}
+
+fn seeded_sampling_is_reproducible_and_rows_differ_on(kernels: Kernels) {
+    let engine = engine_on(kernels);
     let prompt = engine.encode_chat(&user("Write a word.")).unwrap();
     let request = GenerationRequest {
         prompt,
@@ -287,10 +440,16 @@ fn seeded_sampling_is_reproducible_and_rows_differ() {
 /// the samples a fresh prefill gives (the first request computed those).
 #[test]
 fn a_repeated_prompt_skips_its_prefill_and_samples_the_same() {
+    for kernels in PATHS {
+        a_repeated_prompt_skips_its_prefill_and_samples_the_same_on(kernels);
+    }
+}
+
+fn a_repeated_prompt_skips_its_prefill_and_samples_the_same_on(kernels: Kernels) {
     let engine = Engine::load(
         &common::default_model_path(),
         DEFAULT_MODEL.name,
-        &EngineOptions::default(),
+        &options(kernels),
     )
     .unwrap();
     let prompt = engine
@@ -329,7 +488,13 @@ fn a_repeated_prompt_skips_its_prefill_and_samples_the_same() {
 
 #[test]
 fn stop_strings_and_limits_end_rows_and_events_add_up() {
-    let engine = engine();
+    for kernels in PATHS {
+        stop_strings_and_limits_end_rows_and_events_add_up_on(kernels);
+    }
+}
+
+fn stop_strings_and_limits_end_rows_and_events_add_up_on(kernels: Kernels) {
+    let engine = engine_on(kernels);
     let prompt = engine
         .encode_chat(&user("Count from 1 to 20, separated by commas."))
         .unwrap();
@@ -366,19 +531,22 @@ fn stop_strings_and_limits_end_rows_and_events_add_up() {
 
 #[test]
 fn cancelling_stops_generation() {
-    let engine = engine();
-    let out = engine
-        .generate(
-            greedy(engine.encode("Once upon a time").unwrap(), 2, 50),
-            &mut |e| !matches!(e, GenerationEvent::Text { .. }),
-        )
-        .unwrap();
-    assert!(
-        out.completions
-            .iter()
-            .all(|c| c.finish == FinishReason::Cancelled)
-    );
-    assert!(out.completion_tokens < 10);
+    for kernels in PATHS {
+        let engine = engine_on(kernels);
+        let out = engine
+            .generate(
+                greedy(engine.encode("Once upon a time").unwrap(), 2, 50),
+                &mut |e| !matches!(e, GenerationEvent::Text { .. }),
+            )
+            .unwrap();
+        assert!(
+            out.completions
+                .iter()
+                .all(|c| c.finish == FinishReason::Cancelled),
+            "{kernels:?}"
+        );
+        assert!(out.completion_tokens < 10, "{kernels:?}");
+    }
 }
 
 #[test]
@@ -418,8 +586,14 @@ fn model_file_errors_name_the_path_and_the_fix() {
 /// rest, which stop short of their token limit instead of running on.
 #[tokio::test]
 async fn an_accepted_row_ends_its_window_and_cuts_the_others_short() {
-    let handle = worker();
-    let prompt = engine()
+    for kernels in PATHS {
+        an_accepted_row_ends_its_window_and_cuts_the_others_short_on(kernels).await;
+    }
+}
+
+async fn an_accepted_row_ends_its_window_and_cuts_the_others_short_on(kernels: Kernels) {
+    let handle = worker(kernels);
+    let prompt = engine_on(kernels)
         .encode_chat(&user("What is 2 + 3? Answer with the number only."))
         .unwrap();
     let max_tokens = 64;

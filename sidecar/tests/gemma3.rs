@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::OnceLock;
 
-use ttc_sidecar::engine::llama::WeightFormat;
+use ttc_sidecar::engine::llama::{Kernels, WeightFormat};
 use ttc_sidecar::engine::{Engine, EngineOptions};
 use ttc_sidecar::model_store::GEMMA3_270M;
 
@@ -148,13 +148,20 @@ fn llama_cpp_paths() -> [common::LlamaCppPath; 3] {
 #[test]
 fn follows_llama_cpp_with_weights_requantized_to_q8_0() {
     let model = common::model_path(&GEMMA3_270M);
-    common::follows_llama_cpp(&model, WeightFormat::Q8_0, &llama_cpp_paths());
+    for kernels in [Kernels::Fused, Kernels::Candle] {
+        common::follows_llama_cpp(&model, WeightFormat::Q8_0, kernels, &llama_cpp_paths());
+    }
 }
 
 #[test]
 fn follows_llama_cpp_on_the_files_own_weights() {
     let model = common::model_path(&GEMMA3_270M);
-    common::follows_llama_cpp(&model, WeightFormat::Native, &llama_cpp_paths());
+    common::follows_llama_cpp(
+        &model,
+        WeightFormat::Native,
+        Kernels::Fused,
+        &llama_cpp_paths(),
+    );
 }
 
 #[test]

@@ -12,7 +12,7 @@ use anyhow::Context;
 use candle_core::Tensor;
 use clap::Parser;
 use ttc_sidecar::engine::kv_cache::KvCache;
-use ttc_sidecar::engine::llama::{Llama, Segment, WeightFormat};
+use ttc_sidecar::engine::llama::{Kernels, Llama, Segment, WeightFormat};
 use ttc_sidecar::gguf::GgufFile;
 use ttc_sidecar::model_store::{DEFAULT_MODEL, ModelStore};
 
@@ -46,6 +46,10 @@ struct Args {
     /// Our in-memory weight format.
     #[arg(long, value_enum, default_value_t = WeightFormat::Q8_0)]
     weights: WeightFormat,
+    /// What computes our linear layers and decode attention: our CPU kernels, or candle's ops
+    /// only (the path a GPU takes).
+    #[arg(long, value_enum, default_value_t = Kernels::Fused)]
+    kernels: Kernels,
     /// Python with llama-cpp-python installed.
     #[arg(long, env = "TTC_PYTHON", default_value = "python3")]
     python: String,
@@ -72,7 +76,12 @@ const TOKEN: u32 = 504;
 
 fn ours(args: &Args, path: &std::path::Path) -> anyhow::Result<Figures> {
     let mut gguf = GgufFile::open(path)?;
-    let model = Llama::load(&mut gguf, args.weights, &candle_core::Device::Cpu)?;
+    let model = Llama::load(
+        &mut gguf,
+        args.weights,
+        args.kernels,
+        &candle_core::Device::Cpu,
+    )?;
     let device = model.device().clone();
     let prompt = Tensor::new(vec![TOKEN; args.prompt_tokens], &device)?.unsqueeze(0)?;
     let prefill = |cache: &mut _| -> anyhow::Result<f64> {

@@ -70,6 +70,30 @@ pub enum WeightFormat {
     Q8_0,
 }
 
+/// Which code computes the linear layers and decode attention.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kernels {
+    /// The project's CPU kernels ([`ttc_kernels`]) for Q4_1/Q8_0 linear layers and decode
+    /// attention straight over the KV buffers; candle's ops for the rest. CPU only: any other
+    /// device runs [`Kernels::Candle`].
+    #[default]
+    Fused,
+    /// candle's tensor ops only, the path every non-CPU device takes. Selectable on the CPU so
+    /// that the GPU's code path is tested where no GPU is.
+    Candle,
+}
+
 /// Shape parameters read from the GGUF metadata.
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {
@@ -186,9 +210,10 @@ impl Projection {
     fn new(
         parts: Vec<Arc<QTensor>>,
         format: WeightFormat,
+        kernels: Kernels,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        if device.is_cpu()
+        if kernels == Kernels::Fused
             && let Some(matrix) = ours(&parts, format, device)?
         {
             return Ok(Self::Ours {
@@ -306,6 +331,8 @@ pub struct Llama {
     /// Rotary (cos, sin) tables: the global one, then the sliding-window layers' if they differ.
     ropes: Vec<(Tensor, Tensor)>,
     device: Device,
+    /// What computes the linear layers and decode attention ([`Kernels::Fused`] on CPU only).
+    kernels: Kernels,
 }
 
 /// A contiguous f32 CPU tensor's values, for our kernels.
@@ -409,12 +436,19 @@ fn optional_norm(
 }
 
 impl Llama {
-    /// Loads a llama-architecture GGUF model.
+    /// Loads a llama-architecture GGUF model. `kernels` is a preference: a device other than
+    /// the CPU always runs [`Kernels::Candle`].
     pub fn load(
         gguf: &mut GgufFile,
         format: WeightFormat,
+        kernels: Kernels,
         device: &Device,
     ) -> Result<Self, ModelError> {
+        let kernels = if device.is_cpu() {
+            kernels
+        } else {
+            Kernels::Candle
+        };
         let arch = gguf.string("general.architecture")?.to_owned();
         let Some(family) = Family::ALL.into_iter().find(|f| f.name() == arch) else {
             return Err(ModelError::Architecture {
@@ -478,7 +512,7 @@ impl Llama {
         } else {
             embeddings.clone()
         };
-        let output = Projection::new(vec![output_q], format, device)?;
+        let output = Projection::new(vec![output_q], format, kernels, device)?;
         let norm = rms_norm(
             tensor(gguf, "output_norm.weight", device)?,
             config.rms_eps,
@@ -521,12 +555,18 @@ impl Llama {
                 qkv: Projection::new(
                     vec![load("attn_q")?, load("attn_k")?, load("attn_v")?],
                     format,
+                    kernels,
                     device,
                 )?,
-                wo: Projection::new(vec![load("attn_output")?], format, device)?,
+                wo: Projection::new(vec![load("attn_output")?], format, kernels, device)?,
                 ffn_norm: rms_norm(load("ffn_norm")?, config.rms_eps, device)?,
-                gate_up: Projection::new(vec![load("ffn_gate")?, load("ffn_up")?], format, device)?,
-                w_down: Projection::new(vec![load("ffn_down")?], format, device)?,
+                gate_up: Projection::new(
+                    vec![load("ffn_gate")?, load("ffn_up")?],
+                    format,
+                    kernels,
+                    device,
+                )?,
+                w_down: Projection::new(vec![load("ffn_down")?], format, kernels, device)?,
             });
         }
         Ok(Self {
@@ -537,7 +577,13 @@ impl Llama {
             output,
             ropes,
             device: device.clone(),
+            kernels,
         })
+    }
+
+    /// What computes the linear layers and decode attention.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// The model's shape.
@@ -728,7 +774,7 @@ impl Llama {
             )?),
         };
         layer_kv.write(&k, &v, pos - shared)?;
-        if seq_len == 1 && self.device.is_cpu() {
+        if seq_len == 1 && self.kernels == Kernels::Fused {
             // A decode step: our kernel, straight over the cache buffers.
             let shape = attention::DecodeShape {
                 rows,
@@ -759,40 +805,87 @@ impl Llama {
                 &self.device,
             )?);
         }
-        let (k, v) = layer_kv.filled(pos + seq_len - shared)?;
-        // Prompts after a shared prefix (rare: continuing a sampled batch by several tokens) see
-        // the prefix copied in front of their own positions.
-        let (k, v) = match prefix {
-            Some((p, len)) => {
-                let (pk, pv) = p.filled(len)?;
-                let joined = |prefix: Tensor, own: Tensor| {
-                    let shape = (rows, c.n_kv_head, len, c.head_dim);
-                    Tensor::cat(&[&prefix.broadcast_as(shape)?.contiguous()?, &own], 2)
-                };
-                (joined(pk, k)?, joined(pv, v)?)
-            }
-            None => (k, v),
+        let own = layer_kv.filled(pos + seq_len - shared)?;
+        let prefix = match prefix {
+            Some((p, len)) => Some(p.filled(len)?),
+            None => None,
         };
+        let y = self.attend_with_ops(&q, own, prefix, pos, layer.window)?;
+        Ok(y.transpose(1, 2)?
+            .reshape((rows, seq_len, c.n_head * c.head_dim))?)
+    }
+
+    /// Attention on candle's ops (the path of every non-CPU device): `q` (rows, heads, new,
+    /// head dim) after `pos` positions, over the rows' own keys and values `own` (rows, kv heads,
+    /// positions after the prefix, head dim) and the shared prefix's (one row), if any. Returns
+    /// (rows, heads, new, head dim).
+    ///
+    /// The prefix is read once for all rows, never copied per row: its scores come from one
+    /// matmul of every row's queries, folded into the query axis, against its keys, and its
+    /// values are weighted the same way. A vote of 16 samples after a 1,000-token prompt would
+    /// otherwise copy 16 x 1,000 positions of keys and values per layer at every step.
+    fn attend_with_ops(
+        &self,
+        q: &Tensor,
+        own: (Tensor, Tensor),
+        prefix: Option<(Tensor, Tensor)>,
+        pos: usize,
+        window: Option<usize>,
+    ) -> Result<Tensor, ModelError> {
+        let c = &self.config;
+        let (rows, _, seq_len, head_dim) = q.dims4()?;
+        let (k, v) = own;
         let group = c.n_head / c.n_kv_head;
-        let total = k.dims()[2];
+        let queries = group * seq_len;
+        let scale = 1.0 / (head_dim as f64).sqrt();
         // Grouped-query attention: fold the query heads that share a KV head into the sequence
         // axis instead of copying keys and values `group` times.
-        let q = q.reshape((rows, c.n_kv_head, group * seq_len, c.head_dim))?;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?;
-        let att = if seq_len > 1 {
-            let mask = causal_mask(seq_len, pos, layer.window, &self.device)?;
-            let att = att.reshape((rows, c.n_kv_head, group, seq_len, total))?;
-            att.broadcast_add(&mask)?
-                .reshape((rows, c.n_kv_head, group * seq_len, total))?
-        } else {
-            att
+        let q = q.reshape((rows, c.n_kv_head, queries, head_dim))?;
+        // (rows, kv heads, queries, d) <-> (1, kv heads, rows x queries, d): every row's queries
+        // as one sequence, for the prefix's single row.
+        let fold = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let d = t.dims()[3];
+            t.transpose(0, 1)?
+                .contiguous()?
+                .reshape((1, c.n_kv_head, rows * queries, d))
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?;
-        Ok(y.reshape((rows, c.n_head, seq_len, c.head_dim))?
-            .transpose(1, 2)?
-            .reshape((rows, seq_len, c.n_head * c.head_dim))?)
+        let unfold = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let d = t.dims()[3];
+            t.reshape((c.n_kv_head, rows, queries, d))?.transpose(0, 1)
+        };
+        let own_scores = (q.matmul(&k.t()?)? * scale)?;
+        let (scores, shared) = match &prefix {
+            Some((pk, _)) => {
+                let prefix_scores = (fold(&q)?.matmul(&pk.t()?)? * scale)?;
+                let shared = pk.dims()[2];
+                (
+                    Tensor::cat(&[&unfold(&prefix_scores)?, &own_scores], 3)?,
+                    shared,
+                )
+            }
+            None => (own_scores, 0),
+        };
+        let total = scores.dims()[3];
+        let scores = if seq_len > 1 || window.is_some_and(|w| total > w) {
+            let mask = causal_mask(seq_len, pos, window, &self.device)?;
+            scores
+                .reshape((rows, c.n_kv_head, group, seq_len, total))?
+                .broadcast_add(&mask)?
+                .reshape((rows, c.n_kv_head, queries, total))?
+        } else {
+            scores
+        };
+        // `cat` along a later axis may leave the scores strided; the softmax needs them dense.
+        let weights = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?;
+        let mut y = weights
+            .narrow(3, shared, total - shared)?
+            .contiguous()?
+            .matmul(&v)?;
+        if let Some((_, pv)) = &prefix {
+            let from_prefix = fold(&weights.narrow(3, 0, shared)?)?.matmul(pv)?;
+            y = (y + unfold(&from_prefix)?)?;
+        }
+        Ok(y.reshape((rows, c.n_head, seq_len, head_dim))?)
     }
 }
 

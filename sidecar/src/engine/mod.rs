@@ -25,7 +25,7 @@ use crate::chat_template::{CHATML, ChatMessage, ChatTemplate, GEMMA_TURNS, Templ
 use crate::gguf::{GgufError, GgufFile};
 use crate::tokenizer::{GgufTokenizer, TokenizerError};
 use kv_cache::KvCache;
-use llama::{Llama, ModelError, Segment, WeightFormat};
+use llama::{Kernels, Llama, ModelError, Segment, WeightFormat};
 use prefix_cache::{Prefill, PrefixCache};
 use sampler::{Sampler, SamplerConfig};
 use stop::{StopCheck, StopStrings};
@@ -96,8 +96,10 @@ impl From<candle_core::Error> for EngineError {
 pub struct EngineOptions {
     /// In-memory weight format.
     pub weights: WeightFormat,
-    /// Run on the first CUDA device (needs the `cuda` feature).
+    /// Run on the first CUDA device (needs the `cuda` feature); implies [`Kernels::Candle`].
     pub cuda: bool,
+    /// What computes the linear layers and decode attention on the CPU.
+    pub kernels: Kernels,
     /// Bytes of prefilled prompts kept for reuse; 0 disables the prefix cache.
     pub prefix_cache_bytes: usize,
 }
@@ -107,6 +109,7 @@ impl Default for EngineOptions {
         Self {
             weights: WeightFormat::default(),
             cuda: false,
+            kernels: Kernels::default(),
             prefix_cache_bytes: DEFAULT_PREFIX_CACHE_BYTES,
         }
     }
@@ -260,7 +263,7 @@ impl Engine {
         }
         .to_owned();
         let template = ChatTemplate::new(&source, &bos, &eos)?;
-        let model = Llama::load(&mut gguf, options.weights, &device)?;
+        let model = Llama::load(&mut gguf, options.weights, options.kernels, &device)?;
         // R1-style models think in a `<think>` block: their template writes it or their
         // vocabulary has it as one token.
         let reasoning_model = source.contains("<think>") || tokenizer.encode("<think>")?.len() == 1;

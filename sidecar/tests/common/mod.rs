@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use ttc_sidecar::engine::llama::{Llama, WeightFormat};
+use ttc_sidecar::engine::llama::{Kernels, Llama, WeightFormat};
 use ttc_sidecar::gguf::GgufFile;
 use ttc_sidecar::model_store::{DEFAULT_MODEL, KnownModel, ModelStore};
 use ttc_sidecar::tokenizer::GgufTokenizer;
@@ -36,10 +36,15 @@ pub struct LlamaCppPath {
 /// our logits step by step: our top token is llama.cpp's wherever its lead is clear, and
 /// llama.cpp's token is never far below our top one.
 #[allow(dead_code)] // Not every test binary uses it.
-pub fn follows_llama_cpp(model: &Path, weights: WeightFormat, paths: &[LlamaCppPath]) {
+pub fn follows_llama_cpp(
+    model: &Path,
+    weights: WeightFormat,
+    kernels: Kernels,
+    paths: &[LlamaCppPath],
+) {
     let mut gguf = GgufFile::open(model).unwrap();
     let tokenizer = GgufTokenizer::from_gguf(&gguf).unwrap();
-    let model = Llama::load(&mut gguf, weights, &Device::Cpu).unwrap();
+    let model = Llama::load(&mut gguf, weights, kernels, &Device::Cpu).unwrap();
     for path in paths {
         let ids = tokenizer.encode(&path.prompt).unwrap();
         assert_eq!(ids.len(), path.prompt_tokens);
@@ -62,7 +67,7 @@ pub fn follows_llama_cpp(model: &Path, weights: WeightFormat, paths: &[LlamaCppP
                 .enumerate()
                 .fold((0, f32::MIN), |a, (i, &x)| if x > a.1 { (i, x) } else { a });
             let context = format!(
-                "{weights:?} weights, {}-token prompt, step {step}: ours picks {top} ({max:.2}), llama.cpp {token} (ours {:.2}, its lead {lead})",
+                "{weights:?} weights, {kernels:?} kernels, {}-token prompt, step {step}: ours picks {top} ({max:.2}), llama.cpp {token} (ours {:.2}, its lead {lead})",
                 path.prompt_tokens, logits[token as usize]
             );
             if lead >= 0.5 {
