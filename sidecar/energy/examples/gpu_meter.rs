@@ -11,11 +11,10 @@
 //! figures agree within the tolerance, and the per-request books balance.
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nvml_wrapper::Nvml;
+use ttc_energy::cross_check::{PowerIntegrator, percentile};
 use ttc_energy::{EnergyMeter, EstimateModel, NvmlConfig, NvmlSensor, RequestEnergy};
 
 struct Args {
@@ -56,22 +55,6 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     Ok(args)
-}
-
-/// Power samples integrated (trapezoids) per GPU, independently of the meter.
-#[derive(Default)]
-struct Integral {
-    joules: Vec<f64>,
-    samples: u64,
-    errors: u64,
-    power_read: Vec<Duration>,
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Polls one GPU's energy counter tightly and returns the median time between changes: the
@@ -120,15 +103,9 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     println!("metering GPUs {uuids:?} (NVIDIA_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES)");
 
     // A second, independent NVML handle for the reference measurement.
-    let nvml = Arc::new(match &args.nvml_lib {
+    let nvml = match &args.nvml_lib {
         Some(p) => Nvml::builder().lib_path(p.as_os_str()).init()?,
         None => Nvml::init()?,
-    });
-    let counter = |nvml: &Nvml| -> Result<Vec<u64>, nvml_wrapper::error::NvmlError> {
-        uuids
-            .iter()
-            .map(|u| nvml.device_by_uuid(u.as_str())?.total_energy_consumption())
-            .collect()
     };
     let first = uuids.first().ok_or("no GPU to meter")?;
     let refresh = probe_refresh_period(&nvml, first, Duration::from_secs(1))?;
@@ -139,50 +116,8 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
         None => println!("energy counter of {first} did not change in 1 s of polling"),
     }
     let meter = EnergyMeter::with_sensor(Box::new(sensor), EstimateModel::default())?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let integral = Arc::new(Mutex::new(Integral {
-        joules: vec![0.0; uuids.len()],
-        ..Integral::default()
-    }));
-    let counter_start = counter(&nvml)?;
+    let integrator = PowerIntegrator::start(args.nvml_lib.as_deref(), &uuids, args.sample)?;
     let window_start = Instant::now();
-    let sampler = {
-        let (nvml, stop, integral, uuids, every) = (
-            nvml.clone(),
-            stop.clone(),
-            integral.clone(),
-            uuids.clone(),
-            args.sample,
-        );
-        std::thread::spawn(move || {
-            let mut last: Vec<Option<(Instant, f64)>> = vec![None; uuids.len()];
-            while !stop.load(Ordering::Relaxed) {
-                for (i, uuid) in uuids.iter().enumerate() {
-                    let t0 = Instant::now();
-                    let watts = nvml
-                        .device_by_uuid(uuid.as_str())
-                        .and_then(|d| d.power_usage())
-                        .map(|mw| f64::from(mw) / 1e3);
-                    let took = t0.elapsed();
-                    let mut g = integral.lock().unwrap_or_else(|p| p.into_inner());
-                    g.power_read.push(took);
-                    match watts {
-                        Ok(w) => {
-                            let now = Instant::now();
-                            if let Some((at, prev)) = last[i] {
-                                g.joules[i] +=
-                                    (prev + w) / 2.0 * now.duration_since(at).as_secs_f64();
-                            }
-                            last[i] = Some((now, w));
-                            g.samples += 1;
-                        }
-                        Err(_) => g.errors += 1,
-                    }
-                }
-                std::thread::sleep(every);
-            }
-        })
-    };
 
     // Simulated batches of the lengths an engine produces, several shorter than the counter's
     // refresh period; the GPU work itself comes from the load gpu-check runs beside us.
@@ -209,23 +144,13 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
         n += 1;
     }
     let totals = meter.totals();
-    stop.store(true, Ordering::Relaxed);
-    let _ = sampler.join();
-    let counter_end = counter(&nvml)?;
-    let window = window_start.elapsed().as_secs_f64();
-
-    let counter_j: f64 = counter_start
-        .iter()
-        .zip(&counter_end)
-        .map(|(a, b)| b.saturating_sub(*a) as f64 / 1e3)
-        .sum();
-    let g = integral.lock().unwrap_or_else(|p| p.into_inner());
-    let integrated_j: f64 = g.joules.iter().sum();
-    let diff_pct = if counter_j > 0.0 {
-        (integrated_j - counter_j) / counter_j * 100.0
-    } else {
-        f64::NAN
-    };
+    let check = integrator.finish()?;
+    let (window, counter_j, integrated_j, diff_pct) = (
+        check.window_s,
+        check.counter_j,
+        check.integrated_j,
+        check.diff_pct(),
+    );
     let metered_j = totals.metered_uj as f64 / 1e6;
     let books = totals.requests_uj + totals.idle_uj + totals.unattributed_uj + totals.in_flight_uj
         == totals.metered_uj + totals.pending_estimate_uj;
@@ -252,8 +177,6 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let tokens: u64 = requests.iter().map(|r| r.tokens).sum();
     let mut sorted = overhead.clone();
     sorted.sort();
-    let mut power_reads = g.power_read.clone();
-    power_reads.sort();
     let mean_batch = batch_time / n.max(1) as u32;
     let overhead_mean = overhead.iter().sum::<Duration>() / overhead.len().max(1) as u32;
 
@@ -264,7 +187,7 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     println!("NVML counter delta        {counter_j:>12.1} J");
     println!(
         "integrated power samples  {integrated_j:>12.1} J   ({} samples every {:?}, {} errors)",
-        g.samples, args.sample, g.errors
+        check.samples, check.sample_every, check.sample_errors
     );
     println!("difference                {diff_pct:>12.2} %");
     println!(
@@ -288,8 +211,7 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     );
     println!(
         "NVML power read           p50 {:?}, p99 {:?}",
-        percentile(&power_reads, 0.5),
-        percentile(&power_reads, 0.99)
+        check.power_read_p50, check.power_read_p99
     );
 
     let result = serde_json::json!({
@@ -309,9 +231,9 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
         "overhead_us_mean": overhead_mean.as_secs_f64() * 1e6,
         "overhead_us_p99": percentile(&sorted, 0.99).as_secs_f64() * 1e6,
         "overhead_pct_of_batch": overhead_mean.as_secs_f64() / mean_batch.as_secs_f64().max(1e-9) * 100.0,
-        "power_samples": g.samples,
+        "power_samples": check.samples,
         "counter_refresh_ms": refresh.map(|p| p.as_secs_f64() * 1e3),
-        "sample_errors": g.errors,
+        "sample_errors": check.sample_errors,
         "first_requests": requests.iter().take(args.show).map(|r| serde_json::json!({
             "id": r.request_id, "tokens": r.tokens, "joules": r.joules(), "source": r.source,
         })).collect::<Vec<_>>(),

@@ -44,6 +44,7 @@
 //! ```
 
 mod attribution;
+pub mod cross_check;
 mod error;
 mod estimate;
 mod meter;

@@ -280,3 +280,57 @@ fn simulated_gpu_short_batches_get_their_share() {
     );
     assert_eq!(t.requests_uj + t.idle_uj, t.metered_uj);
 }
+
+/// The cross-check integrates power beside the counter: a steady simulated GPU gives both the
+/// same joules; a power sensor reading 20 % low shows as a -20 % difference.
+#[test]
+fn cross_check_compares_integrated_power_with_the_counter() {
+    use ttc_energy::cross_check::PowerIntegrator;
+    for (script, expected_pct) in [
+        ("devices GPU-aaaa\nrate 0 250000 20\n", 0.0),
+        ("devices GPU-aaaa\nrate 0 250000 20 200000\n", -20.0),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = common::fake_nvml(dir.path(), script);
+        let uuids = vec!["GPU-aaaa".to_string()];
+        let integrator =
+            PowerIntegrator::start(Some(&lib), &uuids, Duration::from_millis(5)).unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        let check = integrator.finish().unwrap();
+        assert!(check.counter_j > 100.0, "{check:?}");
+        assert!(check.samples > 20 && check.sample_errors == 0, "{check:?}");
+        // The counter refreshes every 20 ms, so either edge may lag by one refresh (5 J of
+        // about 150).
+        assert!(
+            (check.diff_pct() - expected_pct).abs() < 6.0,
+            "{script}: {:.2} %, expected {expected_pct} % ({check:?})",
+            check.diff_pct()
+        );
+    }
+}
+
+#[test]
+fn power_limit_access_says_whether_the_limit_may_be_set() {
+    use ttc_energy::cross_check::{PowerLimitAccess, power_limit_access};
+    let dir = tempfile::tempdir().unwrap();
+    let lib = common::fake_nvml(dir.path(), "devices GPU-aaaa\nrate 0 250000 20\n");
+    match power_limit_access(Some(&lib), "GPU-aaaa").unwrap() {
+        PowerLimitAccess::Refused { reason } => {
+            assert!(reason.to_lowercase().contains("permission"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lib = common::fake_nvml(
+        dir.path(),
+        "devices GPU-aaaa\nrate 0 250000 20\nlimit-settable\n",
+    );
+    assert_eq!(
+        power_limit_access(Some(&lib), "GPU-aaaa").unwrap(),
+        PowerLimitAccess::Permitted {
+            limit_w: 300.0,
+            min_w: 100.0,
+            max_w: 400.0
+        }
+    );
+}

@@ -14,6 +14,8 @@
  *                                 counter advances with time, refreshed every 100 ms like a real
  *                                 one, and its power reads 250000 mW
  *   rate 0 250000 100 200000      the same, but its power sensor reads 200000 mW (miscalibrated)
+ *   limit-settable                every device's power limit (300 W, range 100-400 W) may be set;
+ *                                 without it setting one answers NVML_ERROR_NO_PERMISSION
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -29,6 +31,7 @@
 #define NVML_ERROR_UNINITIALIZED 1
 #define NVML_ERROR_INVALID_ARGUMENT 2
 #define NVML_ERROR_NOT_SUPPORTED 3
+#define NVML_ERROR_NO_PERMISSION 4
 #define NVML_ERROR_INSUFFICIENT_SIZE 7
 #define NVML_ERROR_UNKNOWN 999
 
@@ -51,6 +54,8 @@ typedef struct {
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static device_t devices[MAX_DEVICES];
 static unsigned int device_count = 0;
+static int limit_settable = 0;
+static unsigned int limit_mw = 300000;
 static int initialised = 0; /* NVML counts inits; so does this */
 static struct timespec started;
 
@@ -85,12 +90,15 @@ static int load_script(void) {
     if (!f) return NVML_ERROR_UNKNOWN;
     memset(devices, 0, sizeof devices);
     device_count = 0;
+    limit_settable = 0;
     char line[8192];
     while (fgets(line, sizeof line, f)) {
         char *save = NULL;
         char *word = strtok_r(line, " \t\n", &save);
         if (!word) continue;
-        if (strcmp(word, "devices") == 0) {
+        if (strcmp(word, "limit-settable") == 0) {
+            limit_settable = 1;
+        } else if (strcmp(word, "devices") == 0) {
             for (char *u = strtok_r(NULL, " \t\n", &save); u && device_count < MAX_DEVICES;
                  u = strtok_r(NULL, " \t\n", &save)) {
                 snprintf(devices[device_count++].uuid, sizeof devices[0].uuid, "%s", u);
@@ -227,4 +235,26 @@ int nvmlDeviceGetPowerUsage(void *device, unsigned int *power) {
     pthread_mutex_unlock(&lock);
     if (rc == NVML_SUCCESS) *power = (unsigned int)v;
     return rc;
+}
+
+int nvmlDeviceGetPowerManagementLimit(void *device, unsigned int *limit) {
+    if (!device_of(device)) return NVML_ERROR_INVALID_ARGUMENT;
+    *limit = limit_mw;
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetPowerManagementLimitConstraints(void *device, unsigned int *min,
+                                                 unsigned int *max) {
+    if (!device_of(device)) return NVML_ERROR_INVALID_ARGUMENT;
+    *min = 100000;
+    *max = 400000;
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceSetPowerManagementLimit(void *device, unsigned int limit) {
+    if (!device_of(device)) return NVML_ERROR_INVALID_ARGUMENT;
+    if (!limit_settable) return NVML_ERROR_NO_PERMISSION;
+    if (limit < 100000 || limit > 400000) return NVML_ERROR_INVALID_ARGUMENT;
+    limit_mw = limit;
+    return NVML_SUCCESS;
 }
