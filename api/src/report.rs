@@ -87,6 +87,9 @@ pub mod sidecar_env {
     pub const ENABLE_TTC: &str = "TTC_ENABLE";
     /// Writable directory for fetched models (`--cache`); the root filesystem is read-only.
     pub const MODEL_CACHE: &str = "TTC_MODEL_CACHE";
+    /// `true`: run on the first CUDA GPU (`--cuda`); set when the sidecar's resources give it
+    /// an `nvidia.com/gpu`.
+    pub const CUDA: &str = "TTC_CUDA";
     /// OTLP/HTTP endpoint for metrics (the operator's receiver by default).
     pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
     /// OpenTelemetry resource attributes naming the pod and policy.

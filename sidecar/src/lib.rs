@@ -9,11 +9,13 @@
 pub mod admission;
 pub mod api;
 pub mod chat_template;
+pub mod device_check;
 pub mod engine;
 pub mod gguf;
 pub mod model_store;
 pub mod policy_link;
 pub mod score_client;
+pub mod synthetic_model;
 pub mod tokenizer;
 pub mod ttc_policy;
 pub mod ttc_service;

@@ -36,6 +36,10 @@ struct Cli {
 enum Command {
     /// Serve a model over the OpenAI API (standalone, or as the sidecar the operator injects).
     Serve(Box<ServeArgs>),
+    /// Check and measure the engine on this machine's device (a GPU node's acceptance run):
+    /// logits against a reference, prefill and decode throughput, joules per token from the
+    /// meter beside integrated power, the meter's overhead, power-limit permission.
+    DeviceCheck(Box<ttc_sidecar::device_check::DeviceCheckArgs>),
     /// Fetch a known model into the cache and print its path.
     FetchModel {
         /// Which known model.
@@ -72,7 +76,7 @@ struct ServeArgs {
     #[arg(long, env = "TTC_PREFIX_CACHE_MIB", default_value_t = ttc_sidecar::engine::DEFAULT_PREFIX_CACHE_BYTES >> 20)]
     prefix_cache_mib: usize,
     /// Run on the first CUDA GPU (needs a build with the `cuda` feature).
-    #[arg(long, env = "TTC_CUDA")]
+    #[arg(long, env = sidecar_env::CUDA)]
     cuda: bool,
     /// Most samples one request may ask for.
     #[arg(long, env = "TTC_MAX_N", default_value_t = 64)]
@@ -265,6 +269,13 @@ fn main() -> anyhow::Result<()> {
             // SAFETY: before any other thread exists (the runtime starts in `serve`).
             unsafe { ttc_sidecar::engine::set_compute_threads(args.threads) };
             serve(*args)
+        }
+        Command::DeviceCheck(args) => {
+            if ttc_sidecar::device_check::run(&args)? {
+                Ok(())
+            } else {
+                std::process::exit(3)
+            }
         }
     }
 }

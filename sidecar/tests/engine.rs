@@ -639,3 +639,18 @@ async fn an_accepted_row_ends_its_window_and_cuts_the_others_short_on(kernels: K
         );
     }
 }
+
+/// A build without the `cuda` feature asked for the GPU says what to run instead.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_on_a_cpu_build_names_the_fix() {
+    let options = EngineOptions {
+        cuda: true,
+        ..EngineOptions::default()
+    };
+    let err = Engine::load(&common::default_model_path(), "x", &options)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("e2e/cuda/build.sh"), "{err}");
+}

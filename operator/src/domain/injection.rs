@@ -163,6 +163,15 @@ pub fn sidecar_container(
             sidecar_env::POD_NAME
         ),
     ));
+    let resources = spec
+        .sidecar
+        .resources
+        .clone()
+        .or_else(|| defaults.resources.clone());
+    // A sidecar given a GPU runs on it (the image must be a CUDA build).
+    if resources.as_ref().is_some_and(gives_a_gpu) {
+        env.push(value(sidecar_env::CUDA, "true".into()));
+    }
     let mut mounts = vec![VolumeMount {
         name: TMP_VOLUME.into(),
         mount_path: "/tmp".into(),
@@ -211,16 +220,24 @@ pub fn sidecar_container(
             protocol: Some("TCP".into()),
             ..Default::default()
         }]),
-        resources: spec
-            .sidecar
-            .resources
-            .clone()
-            .or_else(|| defaults.resources.clone()),
+        resources,
         security_context: Some(restricted_security_context()),
         volume_mounts: Some(mounts),
         ..Default::default()
     }
 }
+
+/// Whether the resources hold at least one `nvidia.com/gpu` (limits, or requests).
+fn gives_a_gpu(resources: &ResourceRequirements) -> bool {
+    [&resources.limits, &resources.requests]
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.get(GPU_RESOURCE))
+        .any(|q| q.0.trim() != "0")
+}
+
+/// The NVIDIA device plugin's resource name.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
 /// An HTTP GET probe of `path` on the sidecar's port, every `period` seconds, failing after
 /// `failures` failures in a row (each may take 5 s).
@@ -460,6 +477,28 @@ mod tests {
             decide(&injected, &[("chat", &chat)]),
             InjectionDecision::Skip
         );
+    }
+
+    #[test]
+    fn a_sidecar_given_a_gpu_runs_on_it() {
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let cuda = |resources: Option<ResourceRequirements>| {
+            let mut spec = spec("chat");
+            spec.sidecar.resources = resources;
+            sidecar_container("chat", &spec, &defaults())
+                .env
+                .unwrap()
+                .iter()
+                .any(|e| e.name == sidecar_env::CUDA && e.value.as_deref() == Some("true"))
+        };
+        let with = |name: &str, amount: &str| ResourceRequirements {
+            limits: Some([(name.to_string(), Quantity(amount.into()))].into()),
+            ..Default::default()
+        };
+        assert!(cuda(Some(with(GPU_RESOURCE, "1"))));
+        assert!(!cuda(Some(with(GPU_RESOURCE, "0"))));
+        assert!(!cuda(Some(with("memory", "4Gi"))));
+        assert!(!cuda(None));
     }
 
     #[test]

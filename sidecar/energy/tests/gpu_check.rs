@@ -1,6 +1,6 @@
-//! Runs `e2e/gpu-check` (the script for GPU machines) end to end against the simulated GPU of
-//! the stand-in NVML library: it must pass when power and counter agree and fail when the power
-//! sensor reads 20 % low.
+//! Runs `e2e/gpu-check`'s NVML stage (the script for GPU machines) end to end against the
+//! simulated GPU of the stand-in NVML library: it must pass when power and counter agree and fail
+//! when the power sensor reads 20 % low.
 
 mod common;
 
@@ -31,7 +31,8 @@ fn gpu_check(script: &str) -> (i32, String) {
     let out = dir.path().join("out");
     let output = Command::new("bash")
         .arg(&check)
-        .arg(gpu_meter())
+        .env("GPU_CHECK_STAGES", "nvml")
+        .env("GPU_METER_BIN", gpu_meter())
         .env("GPU_CHECK_LOAD", "none")
         .env("GPU_CHECK_SECONDS", "2")
         .env("GPU_CHECK_NVML_LIB", &lib)

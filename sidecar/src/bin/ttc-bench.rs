@@ -13,6 +13,7 @@ use candle_core::Tensor;
 use clap::Parser;
 use ttc_sidecar::engine::kv_cache::KvCache;
 use ttc_sidecar::engine::llama::{Kernels, Llama, Segment, WeightFormat};
+use ttc_sidecar::engine::throughput::{self, Decode, TOKEN};
 use ttc_sidecar::gguf::GgufFile;
 use ttc_sidecar::model_store::{DEFAULT_MODEL, ModelStore};
 
@@ -66,14 +67,6 @@ struct Figures {
     decode: std::collections::BTreeMap<String, Decode>,
 }
 
-#[derive(Debug, Default, serde::Deserialize)]
-struct Decode {
-    step_ms: f64,
-    summed_tok_s: f64,
-}
-
-const TOKEN: u32 = 504;
-
 fn ours(args: &Args, path: &std::path::Path) -> anyhow::Result<Figures> {
     let mut gguf = GgufFile::open(path)?;
     let model = Llama::load(
@@ -82,41 +75,20 @@ fn ours(args: &Args, path: &std::path::Path) -> anyhow::Result<Figures> {
         args.kernels,
         &candle_core::Device::Cpu,
     )?;
-    let device = model.device().clone();
-    let prompt = Tensor::new(vec![TOKEN; args.prompt_tokens], &device)?.unsqueeze(0)?;
-    let prefill = |cache: &mut _| -> anyhow::Result<f64> {
-        let t = Instant::now();
-        model.forward(&prompt, cache)?;
-        Ok(t.elapsed().as_secs_f64())
-    };
-    prefill(&mut model.new_cache())?;
-    let mut best = f64::MAX;
-    for _ in 0..args.repeats {
-        best = best.min(prefill(&mut model.new_cache())?);
-    }
     let mut figures = Figures {
-        prefill_tok_s: args.prompt_tokens as f64 / best,
+        prefill_tok_s: throughput::prefill_tok_s(&model, args.prompt_tokens, args.repeats)?,
         ..Figures::default()
     };
     for &b in &args.batches {
-        let step = Tensor::new(vec![TOKEN; b], &device)?.unsqueeze(1)?;
-        let mut best = f64::MAX;
-        for _ in 0..args.repeats {
-            let mut cache = model.new_cache();
-            prefill(&mut cache)?;
-            let mut cache = KvCache::sharing(std::sync::Arc::new(cache), b)?;
-            let t = Instant::now();
-            for _ in 0..args.decode_steps {
-                model.forward(&step, &mut cache)?;
-            }
-            best = best.min(t.elapsed().as_secs_f64());
-        }
         figures.decode.insert(
             b.to_string(),
-            Decode {
-                step_ms: best / args.decode_steps as f64 * 1e3,
-                summed_tok_s: (b * args.decode_steps) as f64 / best,
-            },
+            throughput::decode(
+                &model,
+                args.prompt_tokens,
+                b,
+                args.decode_steps,
+                args.repeats,
+            )?,
         );
     }
     if args.concurrent > 1 {

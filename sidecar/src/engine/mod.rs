@@ -13,6 +13,7 @@ pub mod llama;
 pub mod prefix_cache;
 pub mod sampler;
 pub mod stop;
+pub mod throughput;
 pub mod worker;
 
 use std::path::{Path, PathBuf};
@@ -54,6 +55,10 @@ pub enum EngineError {
     },
     #[error("the prompt is empty")]
     EmptyPrompt,
+    #[error(
+        "--cuda needs a build with the `cuda` feature, and this one has none: use the sidecar's CUDA image, or build one with e2e/cuda/build.sh (docs/gpu.md)"
+    )]
+    NoCudaBuild,
     #[error("the engine has shut down")]
     ShutDown,
     /// Admission control refused the request (no room in the memory budget or row cap).
@@ -241,6 +246,9 @@ impl Engine {
     /// Loads a GGUF model from `path`; `name` is what the API reports.
     pub fn load(path: &Path, name: &str, options: &EngineOptions) -> Result<Self, EngineError> {
         let device = if options.cuda {
+            if !candle_core::utils::cuda_is_available() {
+                return Err(EngineError::NoCudaBuild);
+            }
             Device::new_cuda(0)?
         } else {
             Device::Cpu
@@ -296,6 +304,11 @@ impl Engine {
         let prefixes = self.prefixes();
         let (hits, misses) = prefixes.hits_and_misses();
         (hits, misses, prefixes.bytes())
+    }
+
+    /// The loaded weights.
+    pub fn model(&self) -> &Llama {
+        &self.model
     }
 
     /// The served model's name.
