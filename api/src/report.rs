@@ -90,6 +90,9 @@ pub mod sidecar_env {
     /// `true`: run on the first CUDA GPU (`--cuda`); set when the sidecar's resources give it
     /// an `nvidia.com/gpu`.
     pub const CUDA: &str = "TTC_CUDA";
+    /// Keys that sign feedback tickets (`--feedback-key-file`): the namespace's
+    /// [`FEEDBACK_KEY_SECRET`](super::FEEDBACK_KEY_SECRET), mounted when it exists.
+    pub const FEEDBACK_KEY_FILE: &str = "TTC_FEEDBACK_KEY_FILE";
     /// OTLP/HTTP endpoint for metrics (the operator's receiver by default).
     pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
     /// OpenTelemetry resource attributes naming the pod and policy.
@@ -109,3 +112,13 @@ pub const REPORT_TOKEN_AUDIENCE: &str = "ttc-operator";
 
 /// Where the injected sidecar finds its receiver token (a projected service-account token).
 pub const REPORT_TOKEN_PATH: &str = "/var/run/secrets/ttc-operator/token";
+
+/// The Secret, in a workload's namespace, whose `keys` sign the feedback tickets of every
+/// sidecar there (one key per line; the first signs, every one is accepted). The operator mounts
+/// it into injected sidecars when it exists (optional), so that the replicas behind one Service
+/// take each other's tickets; rotate by listing a new key first.
+pub const FEEDBACK_KEY_SECRET: &str = "ttc-feedback-keys";
+/// The Secret's key holding the keys.
+pub const FEEDBACK_KEY_SECRET_KEY: &str = "keys";
+/// Where the sidecar finds them.
+pub const FEEDBACK_KEY_PATH: &str = "/var/run/secrets/ttc-operator/feedback/keys";

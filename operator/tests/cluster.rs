@@ -218,8 +218,8 @@ async fn a_report_token_speaks_for_the_pod_it_is_bound_to_only() -> TestResult {
     );
     let app = ttc_operator::receiver::router(receiver.clone());
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let report = |pod: &str| EnergyReport {
-        namespace: ns.name().into(),
+    let report = |namespace: &str, pod: &str| EnergyReport {
+        namespace: namespace.into(),
         pod: pod.into(),
         policy: "chat".into(),
         source: EnergySource::Estimate,
@@ -229,25 +229,113 @@ async fn a_report_token_speaks_for_the_pod_it_is_bound_to_only() -> TestResult {
         watts: None,
     };
     let http = reqwest::Client::new();
-    for (pod, expected) in [("inference-1", 403), ("inference-0", 204)] {
+    // Another pod of its namespace, and the same pod name in another namespace, are refused.
+    for (namespace, pod, expected) in [
+        (ns.name(), "inference-1", 403),
+        ("another-team", "inference-0", 403),
+        (ns.name(), "inference-0", 204),
+    ] {
         let status = http
             .post(&url)
             .bearer_auth(&bound)
-            .json(&report(pod))
+            .json(&report(namespace, pod))
             .send()
             .await?
             .status();
-        assert_eq!(status.as_u16(), expected, "report for {pod}");
+        assert_eq!(status.as_u16(), expected, "report for {namespace}/{pod}");
     }
     let status = http
         .post(&url)
-        .json(&report("inference-0"))
+        .json(&report(ns.name(), "inference-0"))
         .send()
         .await?
         .status();
     assert_eq!(status.as_u16(), 401);
     assert_eq!(receiver.book.len(), 1);
     server.abort();
+    ns.delete().await?;
+    Ok(())
+}
+
+/// What each ServiceAccount the chart creates may do, as the API server computes it
+/// (`kubectl auth can-i --list`: a SelfSubjectRulesReview as that account), printed as a table and
+/// asserted to be exactly the least each needs: the operator reads policies, pods and
+/// namespaces, writes policy status and events, reviews report tokens and holds its Lease; a
+/// sidecar reads policies. Neither may read Secrets or change pods.
+#[tokio::test]
+async fn each_chart_account_may_do_exactly_what_it_needs() -> TestResult {
+    use k8s_openapi::api::authorization::v1::{SelfSubjectRulesReview, SelfSubjectRulesReviewSpec};
+    use std::collections::{BTreeMap, BTreeSet};
+    let ns = TestNamespace::create("rights").await?;
+    let table = |rows: &[(&str, &str)]| -> BTreeMap<String, String> {
+        rows.iter()
+            .map(|(r, v)| (r.to_string(), v.to_string()))
+            .collect()
+    };
+    let expected = [
+        (
+            "ttc-operator",
+            Rights::Operator,
+            table(&[
+                ("authentication.k8s.io/tokenreviews", "create"),
+                (
+                    "coordination.k8s.io/leases",
+                    "create get list patch update watch",
+                ),
+                ("core/namespaces", "get list watch"),
+                ("core/pods", "get list watch"),
+                ("energy.ttc.dev/inferencepolicies", "get list watch"),
+                (
+                    "energy.ttc.dev/inferencepolicies/status",
+                    "get patch update",
+                ),
+                ("events.k8s.io/events", "create patch"),
+            ]),
+        ),
+        (
+            "inference",
+            Rights::Sidecar,
+            table(&[("energy.ttc.dev/inferencepolicies", "get list watch")]),
+        ),
+    ];
+    for (account, rights, expected) in expected {
+        let client = client_with_role(&ns, account, rights).await?;
+        let review = SelfSubjectRulesReview {
+            spec: SelfSubjectRulesReviewSpec {
+                namespace: Some(ns.name().into()),
+            },
+            ..Default::default()
+        };
+        let review = Api::<SelfSubjectRulesReview>::all(client)
+            .create(&PostParams::default(), &review)
+            .await?;
+        let mut rights: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for rule in review.status.map(|s| s.resource_rules).unwrap_or_default() {
+            for group in rule.api_groups.unwrap_or_default() {
+                for resource in rule.resources.clone().unwrap_or_default() {
+                    let group = if group.is_empty() { "core" } else { &group };
+                    // What every authenticated user may do: ask what it may do.
+                    if resource.starts_with("selfsubject") {
+                        continue;
+                    }
+                    rights
+                        .entry(format!("{group}/{resource}"))
+                        .or_default()
+                        .extend(rule.verbs.iter().cloned());
+                }
+            }
+        }
+        let rights: BTreeMap<String, String> = rights
+            .into_iter()
+            .map(|(r, v)| (r, v.into_iter().collect::<Vec<_>>().join(" ")))
+            .collect();
+        println!("{account} ({} namespace):", ns.name());
+        println!("  {:<45} verbs", "resource");
+        for (resource, verbs) in &rights {
+            println!("  {resource:<45} {verbs}");
+        }
+        assert_eq!(rights, expected, "{account}");
+    }
     ns.delete().await?;
     Ok(())
 }

@@ -121,10 +121,18 @@ struct Report {
     load_s: f64,
     agreement: Option<Agreement>,
     prefill_tok_s: f64,
-    decode: Vec<(usize, Decode)>,
+    decode: Vec<DecodeFigures>,
     energy: Option<EnergyFigures>,
     power_limit: Option<String>,
     failures: Vec<String>,
+}
+
+/// One batch size's decode figures.
+#[derive(Debug, Clone, Serialize)]
+struct DecodeFigures {
+    rows: usize,
+    #[serde(flatten)]
+    decode: Decode,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -245,7 +253,7 @@ pub fn run(args: &DeviceCheckArgs) -> anyhow::Result<bool> {
             "decode, batch {rows:>3}: {:>8.2} ms/step, {:>9.0} tok/s",
             d.step_ms, d.summed_tok_s
         );
-        report.decode.push((rows, d));
+        report.decode.push(DecodeFigures { rows, decode: d });
     }
 
     if args.seconds > 0.0 {

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ttc_api::TtcSpec;
 use ttc_api::report::sidecar_env;
-use ttc_core::TtcPolicy;
+use ttc_core::{TicketKeys, TtcPolicy};
 use ttc_energy::{EnergyMeter, EstimateModel, MeterConfig, NvmlConfig, SourceChoice};
 use ttc_sidecar::admission::{Admission, AdmissionConfig, default_memory_budget};
 use ttc_sidecar::api::{self, AppState, Limits};
@@ -117,6 +117,11 @@ struct ServeArgs {
     /// InferencePolicy's `spec.ttc`: strategy, minSamples, maxSamples, earlyStopAgreement, ...).
     #[arg(long, env = "TTC_POLICY_FILE")]
     ttc_policy: Option<PathBuf>,
+    /// A file of keys that sign feedback tickets (one per line, at least 16 bytes each; the first
+    /// signs, every one is accepted, for rotation). Replicas of one policy share it, so a ticket
+    /// comes back to any of them; without it each process signs with a key of its own.
+    #[arg(long, env = sidecar_env::FEEDBACK_KEY_FILE)]
+    feedback_key_file: Option<PathBuf>,
     /// Enable test-time compute with the default policy (adaptive, 1-8 samples).
     #[arg(long, env = sidecar_env::ENABLE_TTC)]
     ttc: bool,
@@ -225,7 +230,24 @@ fn ttc_service(args: &ServeArgs) -> anyhow::Result<Option<Arc<TtcService>>> {
         }
         None => return Ok(None),
     };
-    let service = TtcService::new(policy).context("the TTC policy is inconsistent")?;
+    let mut service = TtcService::new(policy).context("the TTC policy is inconsistent")?;
+    match &args.feedback_key_file {
+        // The operator mounts the namespace's key Secret as optional: absent, the file is too.
+        Some(path) if !path.exists() => tracing::warn!(
+            path = %path.display(),
+            "no feedback keys there (is the namespace's ttc-feedback-keys Secret missing?); tickets are signed with a key of this process only"
+        ),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the feedback keys {}", path.display()))?;
+            let keys = TicketKeys::from_lines(&text)
+                .with_context(|| format!("the feedback keys in {}", path.display()))?;
+            service = service.with_ticket_keys(keys);
+        }
+        None => tracing::info!(
+            "feedback tickets are signed with a key of this process only; replicas behind one Service need --feedback-key-file"
+        ),
+    }
     if let Some(j) = args.joules_per_request {
         anyhow::ensure!(j > 0.0, "--joules-per-request must be positive, got {j}");
         service.set_allocation(Some(j));

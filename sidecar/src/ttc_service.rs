@@ -17,8 +17,9 @@ use ttc_core::power::PowerBudget;
 use ttc_core::reasoning::BudgetForcing;
 use ttc_core::{
     AnswerType, Effort, Feedback, FeedbackError, FeedbackReceipt, FeedbackTicket, MeasuredEnergy,
-    PromptFeatures, RequestFeatures, ScoreTransport, TtcController, TtcError, TtcOptions,
-    TtcOutcome, TtcPlan, TtcPolicy, TtcReport, TtcSession, Verdict, Verifier, WindowDecision,
+    PromptFeatures, RequestFeatures, ScoreTransport, TicketKeys, TtcController, TtcError,
+    TtcOptions, TtcOutcome, TtcPlan, TtcPolicy, TtcReport, TtcSession, Verdict, Verifier,
+    WindowDecision,
 };
 
 use crate::score_client::HttpScoreClient;
@@ -67,6 +68,20 @@ pub struct TtcAnswer {
 pub struct TtcService {
     controller: Mutex<TtcController>,
     power: Mutex<PowerBudget>,
+    /// Sign the feedback tickets of responses and check those posted back.
+    keys: TicketKeys,
+}
+
+/// A key of this process alone (128 bits from the OS's generator): tickets come back only to
+/// the replica that wrote them. Replicas behind one Service share keys through a file instead
+/// ([`TtcService::with_ticket_keys`]).
+fn process_key() -> TicketKeys {
+    let key = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    TicketKeys::new(vec![key.into_bytes()]).expect("64 bytes is long enough")
 }
 
 impl TtcService {
@@ -89,7 +104,15 @@ impl TtcService {
         Ok(Self {
             controller: Mutex::new(TtcController::with_transport(policy, options, transport)?),
             power: Mutex::new(PowerBudget::new(Instant::now(), default_window)),
+            keys: process_key(),
         })
+    }
+
+    /// Signs and checks feedback tickets with `keys` (the first signs; all are accepted), so
+    /// that every replica sharing them takes every replica's tickets.
+    pub fn with_ticket_keys(mut self, keys: TicketKeys) -> Self {
+        self.keys = keys;
+        self
     }
 
     fn controller(&self) -> MutexGuard<'_, TtcController> {
@@ -138,7 +161,7 @@ impl TtcService {
         ticket: &str,
         feedback: &Feedback,
     ) -> Result<FeedbackReceipt, FeedbackError> {
-        let ticket = FeedbackTicket::decode(ticket)?;
+        let ticket = FeedbackTicket::decode(ticket, &self.keys)?;
         self.controller().feedback(&ticket, feedback)
     }
 
@@ -260,7 +283,7 @@ impl TtcService {
             prompt_tokens,
             completion_tokens,
         });
-        outcome.feedback_ticket = Some(outcome.ticket(&request.id).encode());
+        outcome.feedback_ticket = Some(outcome.ticket(&request.id).encode(&self.keys));
         self.controller().record(&outcome);
         self.power().record(Instant::now());
         let chosen = outcome

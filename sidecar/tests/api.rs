@@ -477,6 +477,23 @@ async fn feedback_on_a_ttc_answer_is_taken_once_and_bad_verdicts_get_4xx() {
             )
         }
     };
+    // A ticket altered by the caller (one character of its signed payload) is refused: whoever
+    // can call the API cannot steer what the pod learns.
+    let altered = {
+        let mut bytes = ticket.clone().into_bytes();
+        let at = "ttc2.".len() + 2;
+        bytes[at] = if bytes[at] == b'A' { b'B' } else { b'A' };
+        String::from_utf8(bytes).unwrap()
+    };
+    let (status, body) = feedback(json!({ "ticket": altered, "correct": true })).await;
+    assert_openai_error(status, &body, StatusCode::BAD_REQUEST, Some("ticket"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("signature does not match"),
+        "{body}"
+    );
     // Malformed verdicts are refused by field, and nothing is recorded.
     for (body, param) in [
         (json!({ "ticket": ticket }), "correct"),

@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, Probe,
-    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
-    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, Probe,
+    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
@@ -24,6 +24,7 @@ pub const MODEL_MOUNT_PATH: &str = "/models";
 const MODEL_VOLUME: &str = "ttc-model";
 const TMP_VOLUME: &str = "ttc-tmp";
 const REPORT_TOKEN_VOLUME: &str = "ttc-report-token";
+const FEEDBACK_KEYS_VOLUME: &str = "ttc-feedback-keys";
 /// Where the sidecar caches fetched models (on the /tmp emptyDir).
 pub const MODEL_CACHE_PATH: &str = "/tmp/models";
 /// UID the sidecar runs as (non-root).
@@ -189,6 +190,16 @@ pub fn sidecar_container(
             ..Default::default()
         });
     }
+    env.push(value(
+        sidecar_env::FEEDBACK_KEY_FILE,
+        report::FEEDBACK_KEY_PATH.into(),
+    ));
+    mounts.push(VolumeMount {
+        name: FEEDBACK_KEYS_VOLUME.into(),
+        mount_path: feedback_keys_location().0.into(),
+        read_only: Some(true),
+        ..Default::default()
+    });
     if spec.model.volume_claim.is_some() {
         mounts.push(VolumeMount {
             name: MODEL_VOLUME.into(),
@@ -282,6 +293,13 @@ fn report_token_location() -> (&'static str, &'static str) {
         .unwrap_or(("/", report::REPORT_TOKEN_PATH))
 }
 
+/// The directory and file name of the feedback keys in the sidecar.
+fn feedback_keys_location() -> (&'static str, &'static str) {
+    report::FEEDBACK_KEY_PATH
+        .rsplit_once('/')
+        .unwrap_or(("/", report::FEEDBACK_KEY_PATH))
+}
+
 fn sidecar_volumes(spec: &InferencePolicySpec, defaults: &SidecarDefaults) -> Vec<Volume> {
     let mut volumes = vec![Volume {
         name: TMP_VOLUME.into(),
@@ -306,6 +324,22 @@ fn sidecar_volumes(spec: &InferencePolicySpec, defaults: &SidecarDefaults) -> Ve
             ..Default::default()
         });
     }
+    // The namespace's feedback keys, when someone created them: optional, so pods start
+    // without (each sidecar then signs with a key of its own).
+    volumes.push(Volume {
+        name: FEEDBACK_KEYS_VOLUME.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(report::FEEDBACK_KEY_SECRET.into()),
+            optional: Some(true),
+            items: Some(vec![KeyToPath {
+                key: report::FEEDBACK_KEY_SECRET_KEY.into(),
+                path: feedback_keys_location().1.into(),
+                mode: None,
+            }]),
+            default_mode: None,
+        }),
+        ..Default::default()
+    });
     if let Some(claim) = &spec.model.volume_claim {
         volumes.push(Volume {
             name: MODEL_VOLUME.into(),
@@ -479,6 +513,37 @@ mod tests {
         );
     }
 
+    /// The namespace's feedback keys are mounted when they exist (optional), and the sidecar is
+    /// told where; replicas then sign tickets alike.
+    #[test]
+    fn the_namespaces_feedback_keys_are_mounted_optionally() {
+        let spec = spec("chat");
+        let c = sidecar_container("chat", &spec, &defaults());
+        let env = c.env.unwrap();
+        assert!(env.iter().any(|e| e.name == sidecar_env::FEEDBACK_KEY_FILE
+            && e.value.as_deref() == Some(report::FEEDBACK_KEY_PATH)));
+        let mount = c
+            .volume_mounts
+            .unwrap()
+            .into_iter()
+            .find(|m| m.name == FEEDBACK_KEYS_VOLUME)
+            .expect("a mount of the keys");
+        assert_eq!(
+            format!("{}/keys", mount.mount_path),
+            report::FEEDBACK_KEY_PATH
+        );
+        let volume = sidecar_volumes(&spec, &defaults())
+            .into_iter()
+            .find(|v| v.name == FEEDBACK_KEYS_VOLUME)
+            .expect("a volume of the keys");
+        let secret = volume.secret.expect("from a Secret");
+        assert_eq!(
+            secret.secret_name.as_deref(),
+            Some(report::FEEDBACK_KEY_SECRET)
+        );
+        assert_eq!(secret.optional, Some(true));
+    }
+
     #[test]
     fn a_sidecar_given_a_gpu_runs_on_it() {
         use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -605,7 +670,8 @@ mod tests {
         let patched = patched(&p, injection_patch(&p, "chat", &spec("chat"), &defaults()));
         let spec = patched.spec.expect("spec");
         assert_eq!(spec.containers.len(), 2);
-        assert_eq!(spec.volumes.expect("volumes").len(), 1);
+        // The sidecar's /tmp and the namespace's feedback keys.
+        assert_eq!(spec.volumes.expect("volumes").len(), 2);
         let annotations = patched.metadata.annotations.expect("annotations");
         assert_eq!(
             annotations
@@ -747,9 +813,10 @@ mod tests {
             volume_claim: Some("models".into()),
         };
         let patched = patched(&p, injection_patch(&p, "chat", &s, &defaults()));
+        // The pod's own, the sidecar's /tmp, the feedback keys and the model claim.
         assert_eq!(
             patched.spec.expect("spec").volumes.expect("volumes").len(),
-            3
+            4
         );
         assert_eq!(patched.metadata.annotations.expect("annotations").len(), 2);
     }

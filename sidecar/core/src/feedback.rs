@@ -10,7 +10,9 @@
 //! Every answer chosen by test-time compute carries a [`FeedbackTicket`] (its class, the samples'
 //! answers, the chosen one), encoded as an opaque string in the response. The client posts it
 //! back with [`Feedback`]: whether the answer was right, or the expected answer. The ticket is
-//! self-contained, so any replica of the policy can take it behind a load-balancing Service.
+//! self-contained, so any replica of the policy can take it behind a load-balancing Service,
+//! and signed (HMAC-SHA256 with [`TicketKeys`] the replicas share), so that whoever can call the
+//! API cannot make up or alter a ticket to steer what the pod learns.
 //!
 //! The learner records the *gain* of the depth the request drew over minimum depth
 //! ([`FeedbackTicket::gain`]): +1 where depth turned a wrong answer right, -1 where it turned a
@@ -20,13 +22,107 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::answer::{AnswerType, extract_answer};
 use crate::difficulty::DepthClass;
 use crate::vote::{Candidate, VoteWeighting, majority_vote};
 
 /// The version prefix of encoded tickets; a ticket from another version is refused by name.
-const TICKET_PREFIX: &str = "ttc1.";
+const TICKET_PREFIX: &str = "ttc2.";
+
+/// The shortest key accepted, bytes.
+pub const MIN_KEY_BYTES: usize = 16;
+
+/// The keys that sign and check tickets: the first signs, every one is accepted, so a key can be
+/// rotated in (listed first) while tickets signed by the one before still come back.
+#[derive(Clone)]
+pub struct TicketKeys {
+    keys: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TicketKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TicketKeys({} keys)", self.keys.len())
+    }
+}
+
+/// Why keys were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("no feedback key given")]
+    None,
+    #[error("feedback key {index} has {len} bytes; at least {MIN_KEY_BYTES} are needed")]
+    TooShort { index: usize, len: usize },
+}
+
+impl TicketKeys {
+    /// Keys in order of preference; each at least [`MIN_KEY_BYTES`] long.
+    pub fn new(keys: Vec<Vec<u8>>) -> Result<Self, KeyError> {
+        if keys.is_empty() {
+            return Err(KeyError::None);
+        }
+        if let Some((index, key)) = keys
+            .iter()
+            .enumerate()
+            .find(|(_, k)| k.len() < MIN_KEY_BYTES)
+        {
+            return Err(KeyError::TooShort {
+                index,
+                len: key.len(),
+            });
+        }
+        Ok(Self { keys })
+    }
+
+    /// Keys from a file's lines (blank lines and `#` comments skipped), each line's bytes one
+    /// key: the first signs.
+    pub fn from_lines(text: &str) -> Result<Self, KeyError> {
+        Self::new(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(|l| l.as_bytes().to_vec())
+                .collect(),
+        )
+    }
+
+    fn sign(&self, payload: &[u8]) -> [u8; 32] {
+        hmac_sha256(&self.keys[0], payload)
+    }
+
+    fn verify(&self, payload: &[u8], mac: &[u8]) -> bool {
+        self.keys
+            .iter()
+            .any(|key| constant_time_eq(&hmac_sha256(key, payload), mac))
+    }
+}
+
+/// HMAC-SHA256 (RFC 2104).
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    const BLOCK: usize = 64;
+    let mut block = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block.map(|b| b ^ byte);
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+/// Equality whose time does not depend on where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 /// Longest encoded ticket accepted (a ticket of 64 samples with 64-byte answers fits).
 pub const MAX_TICKET_BYTES: usize = 16 * 1024;
@@ -88,14 +184,16 @@ impl FeedbackTicket {
         }
     }
 
-    /// The opaque string a response carries.
-    pub fn encode(&self) -> String {
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        format!("{TICKET_PREFIX}{}", URL_SAFE_NO_PAD.encode(json))
+    /// The opaque string a response carries: `ttc2.<payload>.<signature>`, both base64url.
+    pub fn encode(&self, keys: &TicketKeys) -> String {
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(self).unwrap_or_default());
+        let mac = URL_SAFE_NO_PAD.encode(keys.sign(payload.as_bytes()));
+        format!("{TICKET_PREFIX}{payload}.{mac}")
     }
 
-    /// Reads a ticket written by [`FeedbackTicket::encode`].
-    pub fn decode(ticket: &str) -> Result<Self, FeedbackError> {
+    /// Reads a ticket written by [`FeedbackTicket::encode`] with one of `keys`; a ticket whose
+    /// signature does not match is refused before anything in it is read.
+    pub fn decode(ticket: &str, keys: &TicketKeys) -> Result<Self, FeedbackError> {
         if ticket.len() > MAX_TICKET_BYTES {
             return Err(FeedbackError::BadTicket(format!(
                 "{} bytes, more than {MAX_TICKET_BYTES}",
@@ -105,8 +203,19 @@ impl FeedbackTicket {
         let body = ticket
             .strip_prefix(TICKET_PREFIX)
             .ok_or_else(|| FeedbackError::BadTicket(format!("no `{TICKET_PREFIX}` prefix")))?;
+        let (payload, mac) = body
+            .split_once('.')
+            .ok_or_else(|| FeedbackError::BadTicket("no signature".into()))?;
+        let mac = URL_SAFE_NO_PAD
+            .decode(mac)
+            .map_err(|e| FeedbackError::BadTicket(format!("signature not base64url: {e}")))?;
+        if !keys.verify(payload.as_bytes(), &mac) {
+            return Err(FeedbackError::BadTicket(
+                "its signature does not match: altered, made up, or signed with a key this pod does not hold".into(),
+            ));
+        }
         let json = URL_SAFE_NO_PAD
-            .decode(body)
+            .decode(payload)
             .map_err(|e| FeedbackError::BadTicket(format!("not base64url: {e}")))?;
         let ticket: Self = serde_json::from_slice(&json)
             .map_err(|e| FeedbackError::BadTicket(format!("unreadable: {e}")))?;
@@ -223,18 +332,31 @@ mod tests {
         }
     }
 
+    fn keys(key: &str) -> TicketKeys {
+        TicketKeys::from_lines(key).unwrap()
+    }
+
     #[test]
     fn tickets_round_trip_and_foreign_strings_are_refused_by_reason() {
+        let k = keys("a key of thirty-two bytes, 0123");
         let t = ticket(AnswerType::Number, &["4", "5", "5"], "5");
-        let encoded = t.encode();
-        assert!(encoded.starts_with("ttc1."), "{encoded}");
-        assert_eq!(FeedbackTicket::decode(&encoded), Ok(t.clone()));
+        let encoded = t.encode(&k);
+        assert!(encoded.starts_with("ttc2."), "{encoded}");
+        assert_eq!(FeedbackTicket::decode(&encoded, &k), Ok(t.clone()));
+        let signed = |payload: &str| {
+            format!(
+                "ttc2.{payload}.{}",
+                URL_SAFE_NO_PAD.encode(k.sign(payload.as_bytes()))
+            )
+        };
         for (bad, reason) in [
-            ("hello", "prefix"),
-            ("ttc1.@@@", "base64url"),
-            ("ttc1.e30", "unreadable"),
+            ("hello".to_string(), "prefix"),
+            ("ttc2.e30".to_string(), "no signature"),
+            ("ttc2.e30.@@@".to_string(), "signature not base64url"),
+            (signed("@@@"), "base64url"),
+            (signed("e30"), "unreadable"),
         ] {
-            match FeedbackTicket::decode(bad) {
+            match FeedbackTicket::decode(&bad, &k) {
                 Err(FeedbackError::BadTicket(why)) => assert!(why.contains(reason), "{why}"),
                 other => panic!("{bad}: {other:?}"),
             }
@@ -243,12 +365,79 @@ mod tests {
             min_samples: 0,
             ..t.clone()
         };
-        assert!(FeedbackTicket::decode(&zero.encode()).is_err());
-        let long = format!("ttc1.{}", "A".repeat(MAX_TICKET_BYTES));
+        assert!(FeedbackTicket::decode(&zero.encode(&k), &k).is_err());
+        let long = format!("ttc2.{}", "A".repeat(MAX_TICKET_BYTES));
         assert!(matches!(
-            FeedbackTicket::decode(&long),
+            FeedbackTicket::decode(&long, &k),
             Err(FeedbackError::BadTicket(_))
         ));
+    }
+
+    /// Whoever can call the API cannot make up a ticket, change one (say its answers, to steer
+    /// what depth is worth), or bring one signed by another policy's key.
+    #[test]
+    fn forged_altered_or_foreign_tickets_are_refused() {
+        let k = keys("the policy's key, long enough ok");
+        let t = ticket(AnswerType::Number, &["4", "5", "5"], "5");
+        let encoded = t.encode(&k);
+        let (payload, mac) = encoded["ttc2.".len()..].split_once('.').unwrap();
+        let forged = FeedbackTicket {
+            answers: vec![Some("5".into()), Some("4".into()), Some("4".into())],
+            ..t.clone()
+        };
+        let swapped = format!(
+            "ttc2.{}.{mac}",
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).unwrap())
+        );
+        let mut flipped = payload.to_string().into_bytes();
+        flipped[3] = if flipped[3] == b'A' { b'B' } else { b'A' };
+        let flipped = format!("ttc2.{}.{mac}", String::from_utf8(flipped).unwrap());
+        let unsigned = format!("ttc2.{payload}.");
+        let other_key = t.encode(&keys("another policy's key, long enough"));
+        for bad in [swapped, flipped, unsigned, other_key] {
+            match FeedbackTicket::decode(&bad, &k) {
+                Err(FeedbackError::BadTicket(why)) => {
+                    assert!(why.contains("signature does not match"), "{why}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+
+    /// A new key listed first signs; the previous one, listed after it, still checks the
+    /// tickets it signed.
+    #[test]
+    fn rotated_keys_accept_tickets_of_the_previous_key() {
+        let old = keys("the old key, sixteen+ bytes long");
+        let rotated = keys(
+            "# rotated\nthe new key, sixteen+ bytes long\n\nthe old key, sixteen+ bytes long\n",
+        );
+        let t = ticket(AnswerType::Number, &["4", "5"], "5");
+        assert_eq!(
+            FeedbackTicket::decode(&t.encode(&old), &rotated),
+            Ok(t.clone())
+        );
+        let new_ticket = t.encode(&rotated);
+        assert!(FeedbackTicket::decode(&new_ticket, &old).is_err());
+        assert_eq!(
+            TicketKeys::from_lines("# only a comment\n").err(),
+            Some(KeyError::None)
+        );
+        assert_eq!(
+            TicketKeys::from_lines("short").err(),
+            Some(KeyError::TooShort { index: 0, len: 5 })
+        );
+    }
+
+    /// RFC 4231, test case 2.
+    #[test]
+    fn hmac_sha256_matches_rfc_4231() {
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub use answer::{AnswerType, extract_answer};
 pub use budget::{BudgetConfig, BudgetController, BudgetReport, BudgetState, DepthChoice};
 pub use controller::{TtcController, TtcReport};
 pub use difficulty::{DepthValueReport, PromptFeatures};
-pub use feedback::{Feedback, FeedbackError, FeedbackTicket};
+pub use feedback::{Feedback, FeedbackError, FeedbackTicket, KeyError, TicketKeys};
 pub use outcome::{FeedbackReceipt, MeasuredEnergy, TtcOutcome};
 pub use plan::{Effort, PlannedStrategy, RequestFeatures, TtcPlan};
 pub use policy::{TtcError, TtcOptions, TtcPolicy, TtcStrategy};

@@ -134,7 +134,8 @@ mod tests {
             prompt_tokens: 8,
             completion_tokens: 3,
         });
-        outcome.feedback_ticket = Some(outcome.ticket("chatcmpl-1").encode());
+        let keys = ttc_core::TicketKeys::new(vec![b"a test key, 16+ bytes".to_vec()]).unwrap();
+        outcome.feedback_ticket = Some(outcome.ticket("chatcmpl-1").encode(&keys));
         let json = serde_json::to_value(TtcObject::new(&outcome, EnergySource::Estimate))
             .expect("serialises");
         let mut keys: Vec<&str> = json
