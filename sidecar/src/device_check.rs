@@ -6,7 +6,7 @@
 //!
 //! Prints figures as it goes, then `RESULT {json}` and PASS or FAIL (exit 3).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -196,7 +196,14 @@ pub fn run(args: &DeviceCheckArgs) -> anyhow::Result<bool> {
         report.device, report.kernels, report.load_s
     );
 
-    let steps = logit_steps(model, args.reference.as_deref())?;
+    let reference: Option<Reference> = match &args.reference {
+        Some(path) => Some(
+            serde_json::from_slice(&std::fs::read(path)?)
+                .with_context(|| format!("reading the reference {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let steps = logit_steps(model, reference.as_ref())?;
     if let Some(out) = &args.write_reference {
         let reference = Reference {
             model: label.to_string(),
@@ -208,16 +215,14 @@ pub fn run(args: &DeviceCheckArgs) -> anyhow::Result<bool> {
         println!("reference written to {}", out.display());
         return Ok(true);
     }
-    if let Some(reference) = &args.reference {
-        let reference: Reference = serde_json::from_slice(&std::fs::read(reference)?)
-            .with_context(|| format!("reading the reference {}", reference.display()))?;
+    if let Some(reference) = &reference {
         if reference.model != label {
             report.failures.push(format!(
                 "the reference is of {}, this run's model is {label}",
                 reference.model
             ));
         } else {
-            let agreement = agree(&reference, &steps);
+            let agreement = agree(reference, &steps);
             println!(
                 "logits vs {} ({} steps): largest difference {:.2} % of the largest logit; greedy picks agree {} of {} clear steps",
                 agreement.reference_device,
@@ -300,15 +305,9 @@ fn device_name(model: &Llama) -> String {
 
 /// The prefill's and then `STEPS - 1` decode steps' logits; the inputs after the prompt are the
 /// reference's (so both sides see the same positions), else this run's greedy picks.
-fn logit_steps(model: &Llama, reference: Option<&Path>) -> anyhow::Result<Vec<Step>> {
-    let given: Option<Vec<Vec<u32>>> = match reference {
-        Some(path) => {
-            let reference: Reference = serde_json::from_slice(&std::fs::read(path)?)
-                .with_context(|| format!("reading the reference {}", path.display()))?;
-            Some(reference.steps.into_iter().map(|s| s.input).collect())
-        }
-        None => None,
-    };
+fn logit_steps(model: &Llama, reference: Option<&Reference>) -> anyhow::Result<Vec<Step>> {
+    let given: Option<Vec<&Vec<u32>>> =
+        reference.map(|r| r.steps.iter().map(|s| &s.input).collect());
     // A prompt of ordinary byte-pair ids (any ids do: the weights are random).
     let mut input: Vec<u32> = (0..24).map(|i| 300 + 97 * i % 40_000).collect();
     let mut cache = model.new_cache();
@@ -317,7 +316,7 @@ fn logit_steps(model: &Llama, reference: Option<&Path>) -> anyhow::Result<Vec<St
         if let Some(given) = &given
             && let Some(tokens) = given.get(step)
         {
-            input = tokens.clone();
+            input = (*tokens).clone();
         }
         let tokens = Tensor::new(input.as_slice(), model.device())?.unsqueeze(0)?;
         let logits: Vec<f32> = model

@@ -72,7 +72,7 @@ pub struct TtcService {
     keys: TicketKeys,
 }
 
-/// A key of this process alone (128 bits from the OS's generator): tickets come back only to
+/// A key of this process alone (two v4 UUIDs: 244 bits from the OS's generator): tickets come back only to
 /// the replica that wrote them. Replicas behind one Service share keys through a file instead
 /// ([`TtcService::with_ticket_keys`]).
 fn process_key() -> TicketKeys {
