@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The serving comparison and soak: the same load generator (ttc-load) against the release sidecar
+# and against llama.cpp's llama-server (sidecar/bench/llama-server.sh builds it), on the same GGUF
+# file and thread count, one after the other; the steady mix, then the vote workload (SAMPLES
+# samples of one prompt: `n` for the sidecar, parallel requests for llama-server, which has no
+# `n`). Prints each run's windows and a side-by-side table. Not a test: it prints figures.
+#
+#   cargo build --release -p ttc-sidecar && sidecar/bench/soak.sh
+#   SECONDS_PER_RUN=1800 PEER=none sidecar/bench/soak.sh     # the 30-minute soak, sidecar only
+#
+# Settings: CLIENTS (8), SECONDS_PER_RUN (60), THREADS (all cores), SAMPLES (8), MAX_TOKENS (32),
+# PEER (llama-server, or none), TTC (1: the sidecar runs TTC with the budget controller and
+# JOULES_PER_REQUEST, default 30), PORT (18090).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+target="${CARGO_TARGET_DIR:-$PWD/target}"
+bin="${SIDECAR_BIN:-$target/release/ttc-sidecar}"
+load="${LOAD_BIN:-$target/release/ttc-load}"
+clients="${CLIENTS:-8}"
+seconds="${SECONDS_PER_RUN:-60}"
+threads="${THREADS:-$(nproc)}"
+samples="${SAMPLES:-8}"
+max_tokens="${MAX_TOKENS:-32}"
+peer="${PEER:-llama-server}"
+port="${PORT:-18090}"
+out="$(mktemp -d)"
+pid=""
+stop() { if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=""; fi; }
+trap 'stop; rm -rf "$out"' EXIT
+wait_ready() {
+  for _ in $(seq 1 600); do
+    curl -sf "127.0.0.1:$port/$1" >/dev/null && return 0
+    kill -0 "$pid" 2>/dev/null || { cat "$out/server.log" >&2; return 1; }
+    sleep 0.2
+  done
+  return 1
+}
+drive() { # label workload samples-as
+  "$load" --url "http://127.0.0.1:$port" --clients "$clients" --seconds "$seconds" \
+    --interval "$(( seconds >= 300 ? 60 : 10 ))" --workload "$2" --samples "$samples" \
+    --samples-as "$3" --max-tokens "$max_tokens" --pid "$pid" --label "$1 $2" | tee -a "$out/results"
+}
+
+model="$("$bin" fetch-model | tail -n 1)"
+echo "soak: $(date -u +%F), $(nproc) cores, $(uname -m), model $(basename "$model"), threads $threads, clients $clients, $seconds s per run"
+ttc_args=()
+if [ "${TTC:-1}" = 1 ]; then ttc_args=(--ttc --joules-per-request "${JOULES_PER_REQUEST:-30}"); fi
+"$bin" serve --listen "127.0.0.1:$port" --threads "$threads" --energy-source estimate \
+  "${ttc_args[@]}" >"$out/server.log" 2>&1 &
+pid=$!
+wait_ready readyz
+for workload in steady vote; do drive sidecar "$workload" n; done
+stop
+if [ "$peer" = llama-server ]; then
+  server="$(sidecar/bench/llama-server.sh | tail -n 1)"
+  # One slot per client (continuous batching across them), each with the context it needs.
+  "$server" -m "$model" --host 127.0.0.1 --port "$port" -t "$threads" --parallel "$(( clients * samples ))" \
+    -c "$(( clients * samples * 1024 ))" --no-webui >"$out/server.log" 2>&1 &
+  pid=$!
+  wait_ready health
+  for workload in steady vote; do drive llama-server "$workload" parallel; done
+  stop
+fi
+echo
+printf '%-26s %9s %9s %8s %8s %7s %14s\n' run req/s tok/s p50_s p99_s errors rss_slope_MiB/min
+grep '^RESULT ' "$out/results" | sed 's/^RESULT //' >"$out/results.json"
+python3 - "$out/results.json" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    errors = sum(r["errors"].values())
+    print(f"{r['label']:<26} {r['requests_per_s']:9.2f} {r['tokens_per_s']:9.1f} {r['p50_s']:8.2f} "
+          f"{r['p99_s']:8.2f} {errors:7d} {r['rss_slope_mib_per_min']:14.1f}")
+PY
