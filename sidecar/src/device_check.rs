@@ -261,8 +261,10 @@ pub fn run(args: &DeviceCheckArgs) -> anyhow::Result<bool> {
         report.decode.push(DecodeFigures { rows, decode: d });
     }
 
+    // The GPUs NVML meters for this process (none when the meter is not NVML's), looked up once.
+    let gpus = nvml_gpus(args);
     if args.seconds > 0.0 {
-        let energy = metered_decode(model, args)?;
+        let energy = metered_decode(model, args, &gpus)?;
         if let Some(diff) = energy.diff_pct
             && (diff.is_nan() || diff.abs() > args.energy_tolerance_pct)
         {
@@ -273,8 +275,8 @@ pub fn run(args: &DeviceCheckArgs) -> anyhow::Result<bool> {
         }
         report.energy = Some(energy);
     }
-    if let Some(uuid) = nvml_uuid(args) {
-        let access = match power_limit_access(args.nvml_library.as_deref(), &uuid) {
+    if let Some(uuid) = gpus.first() {
+        let access = match power_limit_access(args.nvml_library.as_deref(), uuid) {
             Ok(PowerLimitAccess::Permitted {
                 limit_w,
                 min_w,
@@ -376,17 +378,17 @@ fn agree(reference: &Reference, ours: &[Step]) -> Agreement {
     agreement
 }
 
-/// The first GPU NVML meters for this process, when the meter is NVML's.
-fn nvml_uuid(args: &DeviceCheckArgs) -> Option<String> {
+/// The GPUs NVML meters for this process, when the meter may be NVML's.
+fn nvml_gpus(args: &DeviceCheckArgs) -> Vec<String> {
     if matches!(
         args.energy_source,
         SourceChoice::Estimate | SourceChoice::Rapl
     ) {
-        return None;
+        return Vec::new();
     }
     NvmlSensor::open(&nvml_config(args))
-        .ok()
-        .and_then(|s| s.uuids().into_iter().next())
+        .map(|s| s.uuids())
+        .unwrap_or_default()
 }
 
 fn nvml_config(args: &DeviceCheckArgs) -> NvmlConfig {
@@ -398,7 +400,11 @@ fn nvml_config(args: &DeviceCheckArgs) -> NvmlConfig {
 
 /// Decode steps of `energy_rows` rows for `seconds`, each step metered as one batch; beside
 /// the meter, NVML's power integrated over the same window when the meter is NVML's.
-fn metered_decode(model: &Llama, args: &DeviceCheckArgs) -> anyhow::Result<EnergyFigures> {
+fn metered_decode(
+    model: &Llama,
+    args: &DeviceCheckArgs,
+    gpus: &[String],
+) -> anyhow::Result<EnergyFigures> {
     let meter = EnergyMeter::from_config(&MeterConfig {
         source: args.energy_source,
         nvml: nvml_config(args),
@@ -415,15 +421,15 @@ fn metered_decode(model: &Llama, args: &DeviceCheckArgs) -> anyhow::Result<Energ
         Ok(KvCache::sharing(Arc::new(prefix), rows)?)
     };
     let mut cache = fresh()?;
-    let uuids: Vec<String> = match source {
-        EnergySource::Nvml => NvmlSensor::open(&nvml_config(args))?.uuids(),
-        _ => Vec::new(),
+    let uuids: &[String] = match source {
+        EnergySource::Nvml => gpus,
+        _ => &[],
     };
     let integrator = (!uuids.is_empty())
         .then(|| {
             PowerIntegrator::start(
                 args.nvml_library.as_deref(),
-                &uuids,
+                uuids,
                 Duration::from_millis(20),
             )
         })

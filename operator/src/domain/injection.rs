@@ -185,7 +185,7 @@ pub fn sidecar_container(
         ));
         mounts.push(VolumeMount {
             name: REPORT_TOKEN_VOLUME.into(),
-            mount_path: report_token_location().0.into(),
+            mount_path: mount_location(report::REPORT_TOKEN_PATH).0.into(),
             read_only: Some(true),
             ..Default::default()
         });
@@ -196,7 +196,7 @@ pub fn sidecar_container(
     ));
     mounts.push(VolumeMount {
         name: FEEDBACK_KEYS_VOLUME.into(),
-        mount_path: feedback_keys_location().0.into(),
+        mount_path: mount_location(report::FEEDBACK_KEY_PATH).0.into(),
         read_only: Some(true),
         ..Default::default()
     });
@@ -286,18 +286,10 @@ pub fn restricted_security_context() -> SecurityContext {
     }
 }
 
-/// [`report::REPORT_TOKEN_PATH`] as (directory, file name).
-fn report_token_location() -> (&'static str, &'static str) {
-    report::REPORT_TOKEN_PATH
-        .rsplit_once('/')
-        .unwrap_or(("/", report::REPORT_TOKEN_PATH))
-}
-
-/// The directory and file name of the feedback keys in the sidecar.
-fn feedback_keys_location() -> (&'static str, &'static str) {
-    report::FEEDBACK_KEY_PATH
-        .rsplit_once('/')
-        .unwrap_or(("/", report::FEEDBACK_KEY_PATH))
+/// A file's path in the sidecar as (directory, file name): the directory is mounted, the file
+/// is the volume's item.
+fn mount_location(path: &'static str) -> (&'static str, &'static str) {
+    path.rsplit_once('/').unwrap_or(("/", path))
 }
 
 fn sidecar_volumes(spec: &InferencePolicySpec, defaults: &SidecarDefaults) -> Vec<Volume> {
@@ -307,7 +299,7 @@ fn sidecar_volumes(spec: &InferencePolicySpec, defaults: &SidecarDefaults) -> Ve
         ..Default::default()
     }];
     if defaults.report_token {
-        let (_, file) = report_token_location();
+        let (_, file) = mount_location(report::REPORT_TOKEN_PATH);
         volumes.push(Volume {
             name: REPORT_TOKEN_VOLUME.into(),
             projected: Some(ProjectedVolumeSource {
@@ -333,7 +325,7 @@ fn sidecar_volumes(spec: &InferencePolicySpec, defaults: &SidecarDefaults) -> Ve
             optional: Some(true),
             items: Some(vec![KeyToPath {
                 key: report::FEEDBACK_KEY_SECRET_KEY.into(),
-                path: feedback_keys_location().1.into(),
+                path: mount_location(report::FEEDBACK_KEY_PATH).1.into(),
                 mode: None,
             }]),
             default_mode: None,
