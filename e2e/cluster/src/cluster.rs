@@ -312,6 +312,39 @@ impl LocalCluster {
         self.node.as_ref()
     }
 
+    /// Kills the named component (`etcd`, `kube-apiserver`, ...; see [`BINARIES`]) with
+    /// `SIGKILL`, as a crash would; its data, certificates and ports stay for
+    /// [`LocalCluster::restart`].
+    pub fn kill(&mut self, name: &str) -> Result<()> {
+        let index = self.index_of(name)?;
+        self.components[index].kill()
+    }
+
+    /// Starts the named component again with the same arguments (killing it first when it still
+    /// runs), and waits up to `timeout` until the API server answers ready.
+    pub async fn restart(&mut self, name: &str, timeout: Duration) -> Result<()> {
+        let index = self.index_of(name)?;
+        self.components[index].restart()?;
+        let client = kubeconfig::client(&self.kubeconfig).await?;
+        self.wait_ready(index, timeout, || api_ready(&client)).await
+    }
+
+    fn index_of(&self, name: &str) -> Result<usize> {
+        self.components
+            .iter()
+            .position(|c| c.name() == name)
+            .ok_or_else(|| {
+                Error::Runtime(format!(
+                    "the cluster runs no component named {name:?} (it runs {})",
+                    self.components
+                        .iter()
+                        .map(Component::name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
+    }
+
     /// Fails with [`Error::Exited`] when any component (of the node too) has exited.
     pub fn check_running(&mut self) -> Result<()> {
         if let Some(node) = self.node.as_mut() {

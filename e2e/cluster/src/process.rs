@@ -73,6 +73,35 @@ fn spawn_supervised(mut command: Command) -> std::io::Result<Child> {
         .map_err(|_| std::io::Error::other("the process spawner thread did not answer"))?
 }
 
+/// Starts `binary` as a supervised child writing stdout and stderr to `out` (the file `log`).
+fn spawn_logged(
+    name: &str,
+    binary: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    log: &Path,
+    out: File,
+) -> Result<Child> {
+    let err = out
+        .try_clone()
+        .map_err(|e| Error::io("opening log file", log, e))?;
+    let mut command = Command::new(binary);
+    command
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    let child = spawn_supervised(command).map_err(|source| Error::Spawn {
+        component: name.into(),
+        binary: binary.into(),
+        log: log.into(),
+        source,
+    })?;
+    tracing::debug!(component = name, pid = child.id(), log = %log.display(), "started");
+    Ok(child)
+}
+
 /// Runs a short-lived tool (`ip`, `iptables`, `ctr`, `crictl`, ...) to completion; its stdout, or
 /// an error with its stderr.
 pub(crate) fn run(program: &str, args: &[&str]) -> Result<String> {
@@ -126,11 +155,15 @@ where
     }
 }
 
-/// One running control-plane process: its name, its log file and its process group.
+/// One running control-plane process: its name, its log file and its process group, and how it
+/// was started (so that it can be started again after a crash).
 #[derive(Debug)]
 pub struct Component {
     name: String,
     log: PathBuf,
+    binary: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
     child: Child,
 }
 
@@ -156,28 +189,41 @@ impl Component {
             });
         }
         let out = File::create(log).map_err(|e| Error::io("creating log file", log, e))?;
-        let err = out
-            .try_clone()
-            .map_err(|e| Error::io("opening log file", log, e))?;
-        let mut command = Command::new(binary);
-        command
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        let child = spawn_supervised(command).map_err(|source| Error::Spawn {
-            component: name.into(),
-            binary: binary.into(),
-            log: log.into(),
-            source,
-        })?;
-        tracing::debug!(component = name, pid = child.id(), log = %log.display(), "started");
+        let child = spawn_logged(name, binary, args, env, log, out)?;
         Ok(Component {
             name: name.into(),
             log: log.into(),
+            binary: binary.into(),
+            args: args.to_vec(),
+            env: env.to_vec(),
             child,
         })
+    }
+
+    /// Kills the process group with `SIGKILL` now, as a crash would, and waits until it is gone.
+    pub fn kill(&mut self) -> Result<()> {
+        self.stop(Duration::ZERO)
+    }
+
+    /// Starts the component again, killing what is left of it first, with the same binary,
+    /// arguments and environment; its log goes on in the same file after a marker line.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill()?;
+        let mut out = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| Error::io("opening log file", &self.log, e))?;
+        std::io::Write::write_all(&mut out, b"\n--- restarted ---\n")
+            .map_err(|e| Error::io("writing log file", &self.log, e))?;
+        self.child = spawn_logged(
+            &self.name,
+            &self.binary,
+            &self.args,
+            &self.env,
+            &self.log,
+            out,
+        )?;
+        Ok(())
     }
 
     /// The component's name, as used in messages.
