@@ -32,7 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use ttc_api::{EnergyReport, EnergySource, InferencePolicy, InferencePolicyStatus};
 use ttc_cluster::process::Component;
-use ttc_cluster::testing::{eventually, free_port};
+use ttc_cluster::testing::{eventually, free_port, install_crd};
 use ttc_cluster::{ClusterConfig, LocalCluster};
 
 type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -329,34 +329,6 @@ impl Replica {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum())
     }
-}
-
-async fn install_crd(client: &kube::Client) -> TestResult {
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../api")
-        .join(ttc_api::CRD_MANIFEST_PATH);
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(path)?)?;
-    let name = crd.metadata.name.clone().ok_or("CRD without a name")?;
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    api.create(&PostParams::default(), &crd).await?;
-    eventually("the CRD established", Duration::from_secs(30), || {
-        let api = api.clone();
-        let name = name.clone();
-        async move {
-            let crd = api.get(&name).await.map_err(|e| e.to_string())?;
-            Ok(crd
-                .status
-                .and_then(|s| s.conditions)
-                .is_some_and(|c| {
-                    c.iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True")
-                })
-                .then_some(()))
-        }
-    })
-    .await?;
-    Ok(())
 }
 
 async fn create_namespace(client: &kube::Client, name: &str, injection: bool) -> TestResult {

@@ -8,13 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio::sync::watch;
 use ttc_api::{EnergySource, InferencePolicy};
-use ttc_cluster::testing::TestNamespace;
+use ttc_cluster::testing::{TestNamespace, install_crd};
 use ttc_energy::{EnergyMeter, MeterConfig, SourceChoice};
 use ttc_operator::domain::status::PodEnergy;
 use ttc_operator::metrics::Metrics;
@@ -29,41 +27,6 @@ type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 /// How long the API server and the watch get to deliver a change.
 const DELIVERY_LIMIT: Duration = Duration::from_secs(30);
-
-/// Applies the committed CRD manifest and waits until it is established.
-async fn install_crd(client: &Client) -> TestResult {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../api")
-        .join(ttc_api::CRD_MANIFEST_PATH);
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(path)?)?;
-    let name = crd.metadata.name.clone().ok_or("CRD without a name")?;
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    api.patch(
-        &name,
-        &PatchParams::apply("ttc-sidecar-tests").force(),
-        &Patch::Apply(&crd),
-    )
-    .await?;
-    let deadline = Instant::now() + DELIVERY_LIMIT;
-    loop {
-        let established = api
-            .get(&name)
-            .await?
-            .status
-            .and_then(|s| s.conditions)
-            .is_some_and(|c| {
-                c.iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-            });
-        if established {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("CRD {name} not established after {DELIVERY_LIMIT:?}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 fn policy(name: &str, max_samples: u32) -> Result<InferencePolicy, serde_json::Error> {
     serde_json::from_value(json!({

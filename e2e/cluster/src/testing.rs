@@ -401,6 +401,47 @@ where
     }
 }
 
+/// Applies the committed `InferencePolicy` CRD manifest (`api/inferencepolicy.crd.yaml`, by
+/// server-side apply, so
+/// that it may exist already) and waits until the API server reports it established.
+pub async fn install_crd(client: &kube::Client) -> std::result::Result<(), String> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Patch, PatchParams};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../api")
+        .join(ttc_api::CRD_MANIFEST_PATH);
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let crd: CustomResourceDefinition =
+        serde_yaml::from_str(&text).map_err(|e| format!("parsing {}: {e}", path.display()))?;
+    let name = crd
+        .metadata
+        .name
+        .clone()
+        .ok_or("the CRD manifest names no CRD")?;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    api.patch(
+        &name,
+        &PatchParams::apply("ttc-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .map_err(|e| format!("applying the CRD {name}: {e}"))?;
+    eventually("the CRD established", Duration::from_secs(30), || {
+        let api = api.clone();
+        let name = name.clone();
+        async move {
+            let crd = api.get(&name).await.map_err(|e| e.to_string())?;
+            let established = crd.status.and_then(|s| s.conditions).is_some_and(|c| {
+                c.iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            });
+            Ok(established.then_some(()))
+        }
+    })
+    .await
+}
+
 /// Waits until `url` answers 200, for at most `limit` (a server coming up: its readiness probe).
 pub async fn wait_until_up(
     http: &reqwest::Client,

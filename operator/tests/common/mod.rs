@@ -3,47 +3,18 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject};
 use ttc_api::InferencePolicy;
-use ttc_cluster::testing::{eventually, free_port};
+pub use ttc_cluster::testing::install_crd;
+use ttc_cluster::testing::free_port;
 use ttc_operator::run::OperatorConfig;
 
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 pub fn api_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../api")
-}
-
-/// Applies the committed CRD manifest and waits until it is established.
-pub async fn install_crd(client: &Client) -> TestResult {
-    let text = std::fs::read_to_string(api_dir().join(ttc_api::CRD_MANIFEST_PATH))?;
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&text)?;
-    let name = crd.metadata.name.clone().ok_or("CRD without a name")?;
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    api.patch(
-        &name,
-        &PatchParams::apply("ttc-operator-tests").force(),
-        &Patch::Apply(&crd),
-    )
-    .await?;
-    eventually("CRD established", Duration::from_secs(30), || {
-        let api = api.clone();
-        let name = name.clone();
-        async move {
-            let crd = api.get(&name).await.map_err(|e| e.to_string())?;
-            let established = crd.status.and_then(|s| s.conditions).is_some_and(|c| {
-                c.iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-            });
-            Ok(established.then_some(()))
-        }
-    })
-    .await?;
-    Ok(())
 }
 
 pub fn policy_api(client: &Client, namespace: &str) -> Api<DynamicObject> {
