@@ -55,6 +55,7 @@ fn sidecar_exposition() -> String {
     metrics.set_budget(3.0, 0.5);
     metrics.record_feedback(true);
     metrics.record_stop("agreement");
+    metrics.record_refusal("no_room");
     let class = DepthClassLabels {
         answer_type: "number",
         difficulty_bin: 1,

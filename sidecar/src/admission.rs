@@ -97,6 +97,17 @@ pub struct AdmissionState {
     pub budget_bytes: u64,
 }
 
+impl From<AdmissionState> for ttc_telemetry::AdmissionFigures {
+    fn from(s: AdmissionState) -> Self {
+        Self {
+            waiting: s.waiting as u64,
+            rows_in_flight: s.rows_in_flight as u64,
+            used_bytes: s.bytes_in_use,
+            budget_bytes: s.budget_bytes,
+        }
+    }
+}
+
 /// The sidecar's admission control; shared by every request.
 #[derive(Debug)]
 pub struct Admission {

@@ -732,11 +732,14 @@ fn app_with_admission(
         config,
         engine.engine().kv_bytes_per_position(),
     ));
+    // Metrics of its own: their admission gauges read this admission control.
+    let metrics =
+        SidecarMetrics::new(&TelemetryConfig::from_env(DEFAULT_MODEL.name), None).unwrap();
     let app = router(AppState {
         engine: engine.with_admission(admission.clone()),
         limits: Limits::default(),
         ttc,
-        metrics: Some(metrics()),
+        metrics: Some(metrics),
     });
     (app, admission)
 }
@@ -806,10 +809,17 @@ async fn a_full_pod_refuses_with_429_and_a_request_larger_than_the_pod_with_400(
     assert_eq!(admission.state().rows_in_flight, 0);
     let (_, text) = send_to(app.clone(), "GET", "/metrics", "").await;
     assert!(
-        text.contains("ttc_refusals_total{ttc_refusal_reason=\"no_room\"}"),
+        text.contains("ttc_refusals_total{ttc_refusal_reason=\"no_room\"} 1\n"),
         "{text}"
     );
-    assert!(text.contains("ttc_memory_budget_bytes "), "{text}");
+    assert!(
+        text.contains(&format!("ttc_memory_budget_limit_bytes {budget}\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains("ttc_refusals_total{ttc_refusal_reason=\"too_large\"} 1\n"),
+        "{text}"
+    );
 }
 
 /// Under load test-time compute sheds depth before anything is refused: a vote of up to 8
@@ -858,4 +868,11 @@ async fn a_request_past_its_deadline_is_cancelled_with_504() {
         StatusCode::BAD_REQUEST,
         Some("x-request-timeout"),
     );
+    // Counted once, as a deadline refusal; a malformed header is no refusal under load.
+    let (_, text) = send_to(app.clone(), "GET", "/metrics", "").await;
+    assert!(
+        text.contains("ttc_refusals_total{ttc_refusal_reason=\"deadline\"} 1\n"),
+        "{text}"
+    );
+    assert!(!text.contains("ttc_refusal_reason=\"no_room\""), "{text}");
 }

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject};
 use ttc_api::InferencePolicy;
-pub use ttc_cluster::testing::install_crd;
 use ttc_cluster::testing::free_port;
+pub use ttc_cluster::testing::install_crd;
 use ttc_operator::run::OperatorConfig;
 
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;

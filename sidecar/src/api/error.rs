@@ -18,6 +18,9 @@ pub struct ApiError {
     pub code: Option<&'static str>,
     /// Seconds after which a retry may succeed (`Retry-After`), for refusals under load.
     pub retry_after: Option<u64>,
+    /// Why the request was refused under load, when it was: the reason it is counted under in
+    /// the refusal metrics (`no_room`, `queue_full`, `too_large`, `deadline`).
+    pub refusal: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -44,6 +47,7 @@ impl ApiError {
             param,
             code: None,
             retry_after: None,
+            refusal: None,
         }
     }
 
@@ -56,6 +60,7 @@ impl ApiError {
             param: None,
             code: Some("rate_limit_exceeded"),
             retry_after: Some(retry_after),
+            refusal: None,
         }
     }
 
@@ -70,6 +75,7 @@ impl ApiError {
             param: None,
             code: Some("timeout"),
             retry_after: None,
+            refusal: Some("deadline"),
         }
     }
 
@@ -84,6 +90,7 @@ impl ApiError {
             param: Some("model"),
             code: Some("model_not_found"),
             retry_after: None,
+            refusal: None,
         }
     }
 
@@ -96,6 +103,7 @@ impl ApiError {
             param: None,
             code: None,
             retry_after: None,
+            refusal: None,
         }
     }
 
@@ -124,9 +132,13 @@ impl From<EngineError> for ApiError {
             EngineError::Template(_) => Self::invalid(Some("messages"), e.to_string()),
             EngineError::Overloaded(refusal @ Refusal::TooLarge { .. }) => Self {
                 code: Some("too_large_for_pod"),
+                refusal: Some(refusal.reason()),
                 ..Self::invalid(Some("n"), refusal.to_string())
             },
-            EngineError::Overloaded(refusal) => Self::overloaded(refusal.to_string(), 1),
+            EngineError::Overloaded(refusal) => Self {
+                refusal: Some(refusal.reason()),
+                ..Self::overloaded(refusal.to_string(), 1)
+            },
             other => Self::internal(other.to_string()),
         }
     }

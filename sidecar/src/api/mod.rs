@@ -141,26 +141,16 @@ async fn answer_by_deadline(
     });
     let deadline = started + limit;
     let answered = DEADLINE.scope(deadline, answer(state.clone(), req, started));
-    match tokio::time::timeout_at(deadline.into(), answered).await {
-        Ok(result) => result.inspect_err(|e| refused(&state, e)),
-        Err(_) => {
-            if let Some(metrics) = &state.metrics {
-                metrics.record_refusal("deadline");
-            }
-            Err(ApiError::deadline(limit.as_secs_f64()))
-        }
+    let result = match tokio::time::timeout_at(deadline.into(), answered).await {
+        Ok(result) => result,
+        Err(_) => Err(ApiError::deadline(limit.as_secs_f64())),
+    };
+    if let (Err(error), Some(metrics)) = (&result, &state.metrics)
+        && let Some(reason) = error.refusal
+    {
+        metrics.record_refusal(reason);
     }
-}
-
-/// Counts a refusal under load in the metrics.
-fn refused(state: &AppState, error: &ApiError) {
-    if let (Some(metrics), Some(code)) = (&state.metrics, error.code) {
-        match code {
-            "rate_limit_exceeded" => metrics.record_refusal("no_room"),
-            "too_large_for_pod" => metrics.record_refusal("too_large"),
-            _ => {}
-        }
-    }
+    result
 }
 
 /// Shared state of the HTTP handlers.
@@ -214,20 +204,6 @@ fn record(state: &AppState, served: Served<'_>) {
     publish_ttc_state(state);
 }
 
-/// Sets the admission gauges: requests waiting, rows in flight, the memory budget and its use.
-/// They are read only by a scrape, so the scrape sets them (OTLP does not export them).
-fn publish_admission(state: &AppState) {
-    if let (Some(metrics), Some(admission)) = (&state.metrics, state.engine.admission()) {
-        let now = admission.state();
-        metrics.set_admission(
-            now.waiting as u64,
-            now.rows_in_flight as u64,
-            now.bytes_in_use,
-            now.budget_bytes,
-        );
-    }
-}
-
 /// Sets the gauges of the test-time-compute controller's state: the budget and, per class of
 /// request, whether depth still pays and what feedback says it gains.
 fn publish_ttc_state(state: &AppState) {
@@ -252,7 +228,6 @@ fn publish_ttc_state(state: &AppState) {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    publish_admission(&state);
     match state
         .metrics
         .as_ref()
@@ -332,8 +307,12 @@ async fn healthz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// The API's routes.
+/// The API's routes. The metrics' admission gauges read the engine's admission control.
 pub fn router(state: AppState) -> Router {
+    if let (Some(metrics), Some(admission)) = (&state.metrics, state.engine.admission()) {
+        let admission = admission.clone();
+        metrics.observe_admission(move || admission.state().into());
+    }
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))

@@ -57,7 +57,16 @@
 //! | `ttc.depth.gain` | gauge | `1` | `ttc.answer.type`, `ttc.difficulty.bin` (with client feedback only) |
 //! | `ttc.feedback` | counter | `{feedback}` | `ttc.feedback.informative` |
 //! | `ttc.stops` | counter | `{request}` | `ttc.stop.reason` (`agreement`, `decided`, `confident`, `accepted`, `max_samples`) |
+//! | `ttc.admission.waiting` | gauge | `{request}` | — |
+//! | `ttc.admission.rows_in_flight` | gauge | `{row}` | — |
+//! | `ttc.memory_budget.used` | gauge | `By` | — |
+//! | `ttc.memory_budget.limit` | gauge | `By` | — |
+//! | `ttc.refusals` | counter | `{request}` | `ttc.refusal.reason` (`no_room`, `queue_full`, `too_large`, `deadline`) |
+//! | `ttc.depth.shed` | counter | `{sample}` | — |
 //! | `ttc.telemetry.dropped_exports` | counter | `{export}` | — |
+//!
+//! The admission gauges are read from the probe given to [`SidecarMetrics::observe_admission`]
+//! at each export and scrape.
 //!
 //! Resource attributes: `service.name`, `k8s.pod.name`, `k8s.namespace.name`, `ttc.policy.name`
 //! (on Prometheus: the `target_info` series).
@@ -72,8 +81,8 @@ mod otlp;
 mod prometheus;
 mod report_client;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
@@ -130,6 +139,41 @@ pub mod keys {
     pub const FEEDBACK_INFORMATIVE: &str = "ttc.feedback.informative";
     /// `ttc.stop.reason`: why a TTC request stopped drawing samples.
     pub const STOP_REASON: &str = "ttc.stop.reason";
+    /// `ttc.refusal.reason`: why a request was refused under load.
+    pub const REFUSAL_REASON: &str = "ttc.refusal.reason";
+}
+
+/// Where the sidecar's admission control stands: the admission gauges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AdmissionFigures {
+    /// Requests waiting for room.
+    pub waiting: u64,
+    /// Rows (samples of every request together) admitted and not yet finished.
+    pub rows_in_flight: u64,
+    /// Bytes of the memory budget held by admitted requests.
+    pub used_bytes: u64,
+    /// The memory budget.
+    pub budget_bytes: u64,
+}
+
+/// Reads [`AdmissionFigures`] when metrics are exported or scraped; empty until the sidecar
+/// gives it a probe.
+#[derive(Clone, Default)]
+pub(crate) struct AdmissionProbe(Arc<RwLock<Option<AdmissionFn>>>);
+
+type AdmissionFn = Arc<dyn Fn() -> AdmissionFigures + Send + Sync>;
+
+impl AdmissionProbe {
+    pub(crate) fn read(&self) -> Option<AdmissionFigures> {
+        let probe = self.0.read().ok()?.clone()?;
+        Some(probe())
+    }
+
+    fn set(&self, probe: AdmissionFn) {
+        if let Ok(mut slot) = self.0.write() {
+            *slot = Some(probe);
+        }
+    }
 }
 
 /// A class of request whose value of depth is learned apart (the attributes of
@@ -179,6 +223,7 @@ struct Inner {
     otlp: Option<otlp::OtlpPipeline>,
     prom: prometheus::PromMetrics,
     dropped_exports: Arc<AtomicU64>,
+    admission: AdmissionProbe,
 }
 
 impl std::fmt::Debug for SidecarMetrics {
@@ -200,6 +245,7 @@ impl SidecarMetrics {
         meter: Option<EnergyMeter>,
     ) -> Result<Self, TelemetryError> {
         let dropped_exports = Arc::new(AtomicU64::new(0));
+        let admission = AdmissionProbe::default();
         let otlp = match &config.otlp {
             OtlpExport::Disabled => None,
             export => Some(otlp::OtlpPipeline::start(
@@ -207,15 +253,18 @@ impl SidecarMetrics {
                 export,
                 meter.clone(),
                 dropped_exports.clone(),
+                admission.clone(),
             )?),
         };
-        let prom = prometheus::PromMetrics::new(config, meter, dropped_exports.clone());
+        let prom =
+            prometheus::PromMetrics::new(config, meter, dropped_exports.clone(), admission.clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 model: config.model.clone(),
                 otlp,
                 prom,
                 dropped_exports,
+                admission,
             }),
         })
     }
@@ -354,28 +403,29 @@ impl SidecarMetrics {
         self.inner.prom.stop(reason);
     }
 
-    /// Sets the admission gauges (Prometheus only): requests waiting, rows in flight, bytes of
-    /// the memory budget in use and the budget.
-    pub fn set_admission(
-        &self,
-        waiting: u64,
-        rows_in_flight: u64,
-        used_bytes: u64,
-        budget_bytes: u64,
-    ) {
-        self.inner
-            .prom
-            .admission(waiting, rows_in_flight, used_bytes, budget_bytes);
+    /// Reads the admission gauges (`ttc.admission.*`, `ttc.memory_budget.*`) from `probe`
+    /// whenever metrics are exported or scraped; replaces an earlier probe.
+    pub fn observe_admission(&self, probe: impl Fn() -> AdmissionFigures + Send + Sync + 'static) {
+        self.inner.admission.set(Arc::new(probe));
     }
 
-    /// Counts a request refused under load (Prometheus only): `no_room`, `too_large` or
-    /// `deadline`.
+    /// Counts a request refused under load in `ttc.refusals`: `reason` is `no_room`,
+    /// `queue_full`, `too_large` or `deadline`.
     pub fn record_refusal(&self, reason: &str) {
+        if let Some(otlp) = &self.inner.otlp {
+            otlp.refusals.add(
+                1,
+                &[KeyValue::new(keys::REFUSAL_REASON, reason.to_string())],
+            );
+        }
         self.inner.prom.refusal(reason);
     }
 
-    /// Counts samples test-time compute planned without for lack of room (Prometheus only).
+    /// Counts in `ttc.depth.shed` samples test-time compute planned without for lack of room.
     pub fn record_depth_shed(&self, samples: u64) {
+        if let Some(otlp) = &self.inner.otlp {
+            otlp.depth_shed.add(samples, &[]);
+        }
         self.inner.prom.depth_shed(samples);
     }
 

@@ -16,7 +16,7 @@ use ttc_api::report;
 use ttc_energy::{EnergyMeter, uj_to_j};
 
 use crate::report_client::ReportClient;
-use crate::{OtlpExport, TelemetryConfig, TelemetryError, keys};
+use crate::{AdmissionFigures, AdmissionProbe, OtlpExport, TelemetryConfig, TelemetryError, keys};
 
 /// `OTEL_EXPORTER_OTLP_TIMEOUT` (milliseconds), 10 s by default as in the specification.
 fn export_timeout_from_env() -> Duration {
@@ -94,6 +94,8 @@ pub(crate) struct OtlpPipeline {
     pub(crate) stops: Counter<u64>,
     pub(crate) depth_pays: Gauge<f64>,
     pub(crate) depth_gain: Gauge<f64>,
+    pub(crate) refusals: Counter<u64>,
+    pub(crate) depth_shed: Counter<u64>,
     /// Observable instruments live as long as these handles.
     _observed: Vec<Observed>,
 }
@@ -103,6 +105,7 @@ enum Observed {
     Counter(ObservableCounter<f64>),
     CounterU64(ObservableCounter<u64>),
     Gauge(ObservableGauge<f64>),
+    GaugeU64(ObservableGauge<u64>),
 }
 
 impl OtlpPipeline {
@@ -111,6 +114,7 @@ impl OtlpPipeline {
         export: &OtlpExport,
         meter: Option<EnergyMeter>,
         dropped: Arc<AtomicU64>,
+        admission: AdmissionProbe,
     ) -> Result<Self, TelemetryError> {
         // The exporter's HTTP client speaks TLS through rustls, which needs a process-wide
         // crypto provider (the operator's receiver and a collector of the user's alike); ring,
@@ -169,6 +173,7 @@ impl OtlpPipeline {
         if let Some(meter) = meter {
             observed.extend(energy_instruments(&m, meter));
         }
+        observed.extend(admission_instruments(&m, &admission));
 
         Ok(Self {
             report_client,
@@ -242,10 +247,78 @@ impl OtlpPipeline {
                 .with_unit("1")
                 .with_description("Accuracy extra depth gained over minimum depth for this class, from client feedback")
                 .build(),
+            refusals: m
+                .u64_counter("ttc.refusals")
+                .with_unit("{request}")
+                .with_description("Requests refused under load, by ttc.refusal.reason: no_room (429 after the wait), queue_full (429: the line is full), too_large (400: more than the whole budget), deadline (504)")
+                .build(),
+            depth_shed: m
+                .u64_counter("ttc.depth.shed")
+                .with_unit("{sample}")
+                .with_description("Samples test-time compute planned without because the pod had no room for them")
+                .build(),
             provider,
             _observed: observed,
         })
     }
+}
+
+/// An admission gauge: name, unit, description and the figure it shows.
+type AdmissionGauge = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&AdmissionFigures) -> u64,
+);
+
+/// The admission gauges, read from the probe at each collection (nothing until it has one).
+fn admission_instruments(
+    m: &opentelemetry::metrics::Meter,
+    probe: &AdmissionProbe,
+) -> Vec<Observed> {
+    let gauges: [AdmissionGauge; 4] = [
+        (
+            "ttc.admission.waiting",
+            "{request}",
+            "Requests waiting for room in the sidecar's memory budget and row cap",
+            |f| f.waiting,
+        ),
+        (
+            "ttc.admission.rows_in_flight",
+            "{row}",
+            "Rows (samples of every request together) admitted and not yet finished",
+            |f| f.rows_in_flight,
+        ),
+        (
+            "ttc.memory_budget.used",
+            "By",
+            "Bytes of the memory budget held by admitted requests (their estimated KV caches)",
+            |f| f.used_bytes,
+        ),
+        (
+            "ttc.memory_budget.limit",
+            "By",
+            "The sidecar's memory budget for rows and their KV caches",
+            |f| f.budget_bytes,
+        ),
+    ];
+    gauges
+        .into_iter()
+        .map(|(name, unit, description, figure)| {
+            let probe = probe.clone();
+            Observed::GaugeU64(
+                m.u64_observable_gauge(name)
+                    .with_unit(unit)
+                    .with_description(description)
+                    .with_callback(move |o| {
+                        if let Some(figures) = probe.read() {
+                            o.observe(figure(&figures), &[]);
+                        }
+                    })
+                    .build(),
+            )
+        })
+        .collect()
 }
 
 /// `hw.energy`, `hw.power` and `ttc.energy`, read from the meter at each collection.

@@ -14,7 +14,7 @@ use ttc_energy::{EnergyMeter, EnergySource, uj_to_j};
 use crate::otlp::{
     DEPTH_BUCKETS, DURATION_BUCKETS, ENERGY_BUCKETS, PER_TOKEN_BUCKETS, TOKEN_BUCKETS,
 };
-use crate::{DepthClassLabels, PROVIDER_NAME, TelemetryConfig, TelemetryError};
+use crate::{AdmissionProbe, DepthClassLabels, PROVIDER_NAME, TelemetryConfig, TelemetryError};
 
 /// Label sets: OTel attribute names with dots turned into underscores, as the OTel-to-Prometheus
 /// mapping does.
@@ -53,6 +53,7 @@ pub(crate) struct PromMetrics {
     depth_pays: Family<Labels, Gauge<f64, AtomicU64>>,
     depth_gain: Family<Labels, Gauge<f64, AtomicU64>>,
     admission: AdmissionGauges,
+    admission_probe: AdmissionProbe,
     refusals: Family<Labels, Counter>,
     depth_shed: Counter,
 }
@@ -71,6 +72,7 @@ impl PromMetrics {
         config: &TelemetryConfig,
         meter: Option<EnergyMeter>,
         dropped: Arc<AtomicU64>,
+        admission_probe: AdmissionProbe,
     ) -> Self {
         let mut registry = Registry::default();
         let target: Labels = config
@@ -174,7 +176,7 @@ impl PromMetrics {
             admission.waiting.clone(),
         );
         registry.register(
-            "ttc_rows_in_flight",
+            "ttc_admission_rows_in_flight",
             "Rows (samples of every request together) admitted and not yet finished",
             admission.rows_in_flight.clone(),
         );
@@ -185,7 +187,7 @@ impl PromMetrics {
             admission.memory_used.clone(),
         );
         registry.register_with_unit(
-            "ttc_memory_budget",
+            "ttc_memory_budget_limit",
             "The sidecar's memory budget for rows and their KV caches",
             Unit::Bytes,
             admission.memory_budget.clone(),
@@ -193,7 +195,7 @@ impl PromMetrics {
         let refusals = Family::<Labels, Counter>::default();
         registry.register(
             "ttc_refusals",
-            "Requests refused under load by reason: no_room (429 after the wait), too_large (400: more than the whole budget), deadline (504)",
+            "Requests refused under load, by ttc_refusal_reason: no_room (429 after the wait), queue_full (429: the line is full), too_large (400: more than the whole budget), deadline (504)",
             refusals.clone(),
         );
         let depth_shed = Counter::default();
@@ -219,17 +221,10 @@ impl PromMetrics {
             depth_pays,
             depth_gain,
             admission,
+            admission_probe,
             refusals,
             depth_shed,
         }
-    }
-
-    pub(crate) fn admission(&self, waiting: u64, rows: u64, used_bytes: u64, budget_bytes: u64) {
-        let g = &self.admission;
-        g.waiting.set(waiting as i64);
-        g.rows_in_flight.set(rows as i64);
-        g.memory_used.set(used_bytes as i64);
-        g.memory_budget.set(budget_bytes as i64);
     }
 
     pub(crate) fn refusal(&self, reason: &str) {
@@ -325,6 +320,13 @@ impl PromMetrics {
     }
 
     pub(crate) fn encode(&self) -> Result<String, TelemetryError> {
+        if let Some(f) = self.admission_probe.read() {
+            let g = &self.admission;
+            g.waiting.set(f.waiting as i64);
+            g.rows_in_flight.set(f.rows_in_flight as i64);
+            g.memory_used.set(f.used_bytes as i64);
+            g.memory_budget.set(f.budget_bytes as i64);
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)

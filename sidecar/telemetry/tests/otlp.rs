@@ -16,7 +16,7 @@ use ttc_energy::{
     DeviceReading, EnergyError, EnergyMeter, EnergySensor, EnergySource, EstimateModel, HwType,
     SensorReading,
 };
-use ttc_telemetry::{OtlpExport, RequestRecord, SidecarMetrics, TelemetryConfig};
+use ttc_telemetry::{AdmissionFigures, OtlpExport, RequestRecord, SidecarMetrics, TelemetryConfig};
 
 /// A GPU whose counter the test moves by hand.
 struct HandGpu(Arc<Mutex<u64>>);
@@ -73,6 +73,16 @@ fn record_some(metrics: &SidecarMetrics, meter: &EnergyMeter, counter: &Mutex<u6
         });
     }
     metrics.set_budget(5000.0, 1234.5);
+    metrics.observe_admission(|| AdmissionFigures {
+        waiting: 3,
+        rows_in_flight: 12,
+        used_bytes: 1 << 20,
+        budget_bytes: 64 << 20,
+    });
+    metrics.record_refusal("no_room");
+    metrics.record_refusal("no_room");
+    metrics.record_refusal("deadline");
+    metrics.record_depth_shed(6);
 }
 
 fn attrs(kvs: &[KeyValue]) -> BTreeMap<String, String> {
@@ -176,12 +186,18 @@ fn otlp_receiver_gets_semconv_metrics() {
         ("gen_ai.server.time_per_output_token", "s"),
         ("hw.energy", "J"),
         ("hw.power", "W"),
+        ("ttc.admission.rows_in_flight", "{row}"),
+        ("ttc.admission.waiting", "{request}"),
         ("ttc.budget.allocation", "J"),
         ("ttc.budget.remaining", "J"),
         ("ttc.depth", "{sample}"),
+        ("ttc.depth.shed", "{sample}"),
         ("ttc.energy.joules", "J"),
         ("ttc.energy.usage", "J"),
+        ("ttc.memory_budget.limit", "By"),
+        ("ttc.memory_budget.used", "By"),
         ("ttc.power.watts", "W"),
+        ("ttc.refusals", "{request}"),
         ("ttc.request.energy", "J"),
         ("ttc.requests", "{request}"),
         ("ttc.samples", "{sample}"),
@@ -239,6 +255,22 @@ fn otlp_receiver_gets_semconv_metrics() {
     assert_eq!(seen["ttc.depth"].1[0].0["ttc.strategy"], "vote");
     assert_eq!(seen["ttc.budget.remaining"].1[0].1, 1234.5);
     assert_eq!(seen["ttc.telemetry.dropped_exports"].1[0].1, 0.0);
+
+    // Admission: gauges read from the probe at export, refusals by reason, samples shed.
+    assert_eq!(seen["ttc.admission.waiting"].1[0].1, 3.0);
+    assert_eq!(seen["ttc.admission.rows_in_flight"].1[0].1, 12.0);
+    assert_eq!(seen["ttc.memory_budget.used"].1[0].1, f64::from(1 << 20));
+    assert_eq!(seen["ttc.memory_budget.limit"].1[0].1, f64::from(64 << 20));
+    let refusals: BTreeMap<_, _> = seen["ttc.refusals"]
+        .1
+        .iter()
+        .map(|(a, v)| (a["ttc.refusal.reason"].clone(), *v))
+        .collect();
+    assert_eq!(
+        refusals,
+        BTreeMap::from([("deadline".to_string(), 1.0), ("no_room".to_string(), 2.0)])
+    );
+    assert_eq!(seen["ttc.depth.shed"].1[0].1, 6.0);
     assert_eq!(metrics.dropped_exports(), 0);
     metrics.shutdown().unwrap();
 }
@@ -354,6 +386,21 @@ fn prometheus_text_parses_and_carries_the_same_metrics() {
     );
     assert_eq!(find("ttc_depth_count", ("ttc_strategy", "vote")), 2.0);
     assert_eq!(find("ttc_budget_allocation_joules", ("", "")), 5000.0);
+    assert_eq!(find("ttc_admission_waiting", ("", "")), 3.0);
+    assert_eq!(find("ttc_admission_rows_in_flight", ("", "")), 12.0);
+    assert_eq!(
+        find("ttc_memory_budget_used_bytes", ("", "")),
+        f64::from(1 << 20)
+    );
+    assert_eq!(
+        find("ttc_memory_budget_limit_bytes", ("", "")),
+        f64::from(64 << 20)
+    );
+    assert_eq!(
+        find("ttc_refusals_total", ("ttc_refusal_reason", "no_room")),
+        2.0
+    );
+    assert_eq!(find("ttc_depth_shed_total", ("", "")), 6.0);
     assert_eq!(find("target_info", ("k8s_pod_name", "infer-0")), 1.0);
     assert_eq!(find("target_info", ("ttc_policy_name", "gold")), 1.0);
     assert!(text.ends_with("# EOF\n"));
