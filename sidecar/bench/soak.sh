@@ -6,11 +6,15 @@
 # `n`). Prints each run's windows and a side-by-side table. Not a test: it prints figures.
 #
 #   cargo build --release -p ttc-sidecar && sidecar/bench/soak.sh
-#   SECONDS_PER_RUN=1800 PEER=none sidecar/bench/soak.sh     # the 30-minute soak, sidecar only
+#   SECONDS_PER_RUN=1800 PEER=none LOAD=0.8 sidecar/bench/soak.sh   # the 30-minute soak
 #
 # Settings: CLIENTS (8), SECONDS_PER_RUN (60), THREADS (all cores), SAMPLES (8), MAX_TOKENS (32),
 # PEER (llama-server, or none), TTC (1: the sidecar runs TTC with the budget controller and
-# JOULES_PER_REQUEST, default 30), PORT (18090).
+# JOULES_PER_REQUEST, default 30), PORT (18090), WORKLOADS ("steady vote"), LOAD (empty: CLIENTS
+# closed loops, each server at its capacity; a fraction such as 0.8: first CAPACITY_SECONDS (60)
+# of closed loops find the server's capacity in requests/s, then requests arrive at LOAD times
+# that, an open loop), SIDECAR_ARGS (more `serve` options), LABEL (sidecar), RESULTS (a file the
+# RESULT lines are appended to, besides the table).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 target="${CARGO_TARGET_DIR:-$PWD/target}"
@@ -23,6 +27,11 @@ samples="${SAMPLES:-8}"
 max_tokens="${MAX_TOKENS:-32}"
 peer="${PEER:-llama-server}"
 port="${PORT:-18090}"
+workloads="${WORKLOADS:-steady vote}"
+load_share="${LOAD:-}"
+capacity_seconds="${CAPACITY_SECONDS:-60}"
+label="${LABEL:-sidecar}"
+read -r -a sidecar_args <<<"${SIDECAR_ARGS:-}"
 out="$(mktemp -d)"
 pid=""
 stop() { if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=""; fi; }
@@ -35,21 +44,35 @@ wait_ready() {
   done
   return 1
 }
+run_load() { # label workload samples-as seconds [ttc-load options]
+  local seconds_here="$4"
+  "$load" --url "http://127.0.0.1:$port" --seconds "$seconds_here" \
+    --interval "$(( seconds_here >= 300 ? 60 : 10 ))" --workload "$2" --samples "$samples" \
+    --samples-as "$3" --max-tokens "$max_tokens" --pid "$pid" --label "$1 $2" "${@:5}"
+}
 drive() { # label workload samples-as
-  "$load" --url "http://127.0.0.1:$port" --clients "$clients" --seconds "$seconds" \
-    --interval "$(( seconds >= 300 ? 60 : 10 ))" --workload "$2" --samples "$samples" \
-    --samples-as "$3" --max-tokens "$max_tokens" --pid "$pid" --label "$1 $2" | tee -a "$out/results"
+  if [ -z "$load_share" ]; then
+    run_load "$@" "$seconds" --clients "$clients" | tee -a "$out/results"
+    return
+  fi
+  # The server's capacity under closed loops, then an open loop at LOAD times it.
+  local capacity rate
+  capacity="$(run_load "$1" "$2" "$3" "$capacity_seconds" --clients "$clients" |
+    sed -n 's/^RESULT //p' | python3 -c 'import json, sys; print(json.load(sys.stdin)["requests_per_s"])')"
+  rate="$(python3 -c "print(round($load_share * $capacity, 3))")"
+  echo "$1 $2: capacity $capacity requests/s with $clients clients; driving $rate requests/s ($load_share of it)"
+  run_load "$@" "$seconds" --rate "$rate" | tee -a "$out/results"
 }
 
 model="$("$bin" fetch-model | tail -n 1)"
-echo "soak: $(date -u +%F), $(nproc) cores, $(uname -m), model $(basename "$model"), threads $threads, clients $clients, $seconds s per run"
+echo "soak: $(date -u +%F), $(nproc) cores, $(uname -m), model $(basename "$model"), threads $threads, clients $clients, $seconds s per run${load_share:+, at $load_share of capacity}"
 ttc_args=()
 if [ "${TTC:-1}" = 1 ]; then ttc_args=(--ttc --joules-per-request "${JOULES_PER_REQUEST:-30}"); fi
 "$bin" serve --listen "127.0.0.1:$port" --threads "$threads" --energy-source estimate \
-  "${ttc_args[@]}" >"$out/server.log" 2>&1 &
+  "${ttc_args[@]}" "${sidecar_args[@]}" >"$out/server.log" 2>&1 &
 pid=$!
 wait_ready readyz
-for workload in steady vote; do drive sidecar "$workload" n; done
+for workload in $workloads; do drive "$label" "$workload" n; done
 stop
 if [ "$peer" = llama-server ]; then
   server="$(sidecar/bench/llama-server.sh | tail -n 1)"
@@ -58,12 +81,13 @@ if [ "$peer" = llama-server ]; then
     -c "$(( clients * samples * 1024 ))" --no-webui >"$out/server.log" 2>&1 &
   pid=$!
   wait_ready health
-  for workload in steady vote; do drive llama-server "$workload" parallel; done
+  for workload in $workloads; do drive llama-server "$workload" parallel; done
   stop
 fi
 echo
 printf '%-26s %9s %9s %8s %8s %7s %14s\n' run req/s tok/s p50_s p99_s errors rss_slope_MiB/min
 grep '^RESULT ' "$out/results" | sed 's/^RESULT //' >"$out/results.json"
+if [ -n "${RESULTS:-}" ]; then cat "$out/results.json" >>"$RESULTS"; fi
 python3 - "$out/results.json" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
@@ -71,4 +95,8 @@ for line in open(sys.argv[1]):
     errors = sum(r["errors"].values())
     print(f"{r['label']:<26} {r['requests_per_s']:9.2f} {r['tokens_per_s']:9.1f} {r['p50_s']:8.2f} "
           f"{r['p99_s']:8.2f} {errors:7d} {r['rss_slope_mib_per_min']:14.1f}")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    for kind, count in r["errors"].items():
+        print(f"  {r['label']}: {count} x {kind}")
 PY
