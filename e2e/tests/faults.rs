@@ -50,8 +50,10 @@ const POLICIES: usize = 1000;
 const OUTAGE: Duration = Duration::from_secs(10);
 /// How long policies changed after an API server or etcd restart may take to be reconciled. After
 /// an API server restart the operator's watches find their resource versions expired and list
-/// again: 36-40 s measured (docs/reliability.md); kube-runtime's default back-off made it 80-150 s.
-const RESTART_CONVERGENCE: Duration = Duration::from_secs(120);
+/// again: 7.9-8.9 s measured (docs/reliability.md), two 5-second back-offs and the list. It
+/// was 80-150 s with kube-runtime's default back-off, and 27-40 s while a listed policy could be
+/// reconciled before the store held the new list (then not again until its resync, every 15 s).
+const RESTART_CONVERGENCE: Duration = Duration::from_secs(20);
 /// How long the receiver stays unreachable.
 const RECEIVER_OUTAGE: Duration = Duration::from_secs(60);
 /// Staleness of reports, and the window of the reporting policy (seconds).

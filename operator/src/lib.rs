@@ -7,6 +7,7 @@
 //! - [`reports`]: the per-pod history of energy reports, with staleness.
 //! - [`controller`], [`webhook`], [`receiver`], [`admin`]: the Kubernetes and HTTP edges;
 //!   [`serving`]: how they are served (plain HTTP or TLS).
+//! - [`watches`]: how the API server is watched and what a watch triggers.
 //! - [`run`]: wiring of caches, leader election and servers.
 
 pub mod admin;
@@ -19,6 +20,7 @@ pub mod report_auth;
 pub mod reports;
 pub mod run;
 pub mod serving;
+pub mod watches;
 pub mod webhook;
 
 pub use error::{Error, Result};

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ResourceRequirements};
-use kube::api::{Api, ApiResource, DynamicObject, PartialObjectMeta};
+use kube::api::PartialObjectMeta;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
@@ -33,6 +33,7 @@ use crate::receiver::ReportReceiver;
 use crate::report_auth::{ReportAuthMode, TokenReviewer};
 use crate::reports::ReportBook;
 use crate::serving::{self, TlsMaterial};
+use crate::watches::{Deleted, WatchBackoff, metadata_watch, policy_events, triggers};
 use crate::webhook::{Injector, WebhookTarget};
 
 /// Everything the operator is configured with.
@@ -223,94 +224,6 @@ impl OperatorConfig {
     }
 }
 
-/// Parses a policy; a malformed object is logged, counted and skipped, never fatal to the watch.
-fn parse_policy(object: DynamicObject, metrics: &Metrics) -> Option<InferencePolicy> {
-    let name = format!(
-        "{}/{}",
-        object.namespace().unwrap_or_default(),
-        object.name_any()
-    );
-    match serde_json::to_value(object).and_then(serde_json::from_value) {
-        Ok(policy) => Some(policy),
-        Err(e) => {
-            metrics.malformed_objects.inc();
-            warn!(policy = %name, error = %e, "skipping malformed InferencePolicy");
-            None
-        }
-    }
-}
-
-fn parse_event(
-    event: watcher::Event<DynamicObject>,
-    metrics: &Metrics,
-) -> Option<watcher::Event<InferencePolicy>> {
-    use watcher::Event;
-    Some(match event {
-        Event::Apply(o) => Event::Apply(parse_policy(o, metrics)?),
-        Event::InitApply(o) => Event::InitApply(parse_policy(o, metrics)?),
-        Event::Delete(o) => Event::Delete(parse_policy(o, metrics)?),
-        Event::Init => Event::Init,
-        Event::InitDone => Event::InitDone,
-    })
-}
-
-/// How long a watch waits before it tries again after an error: 250 ms, doubling to at most 5 s,
-/// back to 250 ms after any success. Used for each watch and for the controller's merged trigger
-/// stream, which kube-runtime otherwise backs off by up to 30 s plus as much jitter, relaxing only
-/// after two quiet minutes: while it waits, none of the watches is read. After an API server
-/// restart each watch meets several errors in a row (refused connections, then its resource
-/// version expired), and with the defaults the operator saw no change for 80-150 s. Three
-/// watches of one operator retrying every 5 s are no load on an API server.
-#[derive(Debug, Clone)]
-struct WatchBackoff {
-    next: Duration,
-}
-
-impl WatchBackoff {
-    const FIRST: Duration = Duration::from_millis(250);
-    const MOST: Duration = Duration::from_secs(5);
-}
-
-impl Default for WatchBackoff {
-    fn default() -> Self {
-        WatchBackoff { next: Self::FIRST }
-    }
-}
-
-impl Iterator for WatchBackoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        let wait = self.next;
-        self.next = (wait * 2).min(Self::MOST);
-        Some(wait)
-    }
-}
-
-impl kube::runtime::utils::Backoff for WatchBackoff {
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
-}
-
-/// A watch of all policies, tolerant of malformed objects.
-fn policy_events(
-    client: Client,
-    metrics: Arc<Metrics>,
-) -> impl Stream<Item = Result<watcher::Event<InferencePolicy>, watcher::Error>> + Send {
-    let api: Api<DynamicObject> =
-        Api::all_with(client, &ApiResource::erase::<InferencePolicy>(&()));
-    watcher(api, watcher::Config::default())
-        .backoff(WatchBackoff::default())
-        .filter_map(move |event| {
-            let parsed = match event {
-                Ok(event) => parse_event(event, &metrics).map(Ok),
-                Err(e) => Some(Err(e)),
-            };
-            std::future::ready(parsed)
-        })
-}
-
 /// A signal that resolves once shutdown has begun.
 // Spelled out: `Controller::graceful_shutdown_on` needs the future to be `Sync` too.
 #[allow(clippy::manual_async_fn)]
@@ -370,23 +283,32 @@ pub async fn run(
     let (policies, policy_writer) = reflector::store::<InferencePolicy>();
     let (pods, pod_writer) = reflector::store::<PartialObjectMeta<Pod>>();
     let (namespaces, namespace_writer) = reflector::store::<PartialObjectMeta<Namespace>>();
-    let policy_stream = reflector::reflector(
-        policy_writer,
-        policy_events(client.clone(), metrics.clone()),
+    let policy_stream = triggers(
+        "policies",
+        Deleted::Ignored,
+        reflector::reflector(
+            policy_writer,
+            policy_events(client.clone(), metrics.clone()),
+        ),
+    );
+    let pod_stream = triggers(
+        "pods",
+        Deleted::Triggers,
+        reflector::reflector(
+            pod_writer,
+            metadata_watch::<Pod>(&client, watcher::Config::default().any_semantic()),
+        ),
     )
-    .applied_objects();
-    let pod_stream = reflector::reflector(
-        pod_writer,
-        metadata_watch::<Pod>(&client, watcher::Config::default().any_semantic()),
-    )
-    .touched_objects()
     // Pods change often (status, IPs); only label, injection or deletion changes matter.
     .predicate_filter(crate::controller::pod_fingerprint, Default::default());
-    let namespace_stream = reflector::reflector(
-        namespace_writer,
-        metadata_watch::<Namespace>(&client, watcher::Config::default()),
-    )
-    .touched_objects();
+    let namespace_stream = triggers(
+        "namespaces",
+        Deleted::Triggers,
+        reflector::reflector(
+            namespace_writer,
+            metadata_watch::<Namespace>(&client, watcher::Config::default()),
+        ),
+    );
 
     let (leader, lease_task) = leadership(client.clone(), &config, &identity).await?;
     let (wake, woken) = tokio::sync::mpsc::channel(1024);
@@ -461,6 +383,8 @@ pub async fn run(
                 .map(|p| ObjectRef::from_obj(p.as_ref()))
                 .collect::<Vec<_>>()
         })
+        // No watch error reaches the trigger stream (`watches::triggers`); were one to, the
+        // whole stream would wait no longer than one watch does.
         .trigger_backoff(WatchBackoff::default())
         .reconcile_all_on(futures::stream::select(became_leader, ca_changed))
         .reconcile_on(futures::stream::unfold(woken, |mut rx| async move {
@@ -490,22 +414,6 @@ pub async fn run(
     // then releases the lease.
     let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
     Ok(())
-}
-
-/// A metadata-only watch of all objects of kind `K`, managed fields dropped.
-fn metadata_watch<K>(
-    client: &Client,
-    config: watcher::Config,
-) -> impl Stream<Item = std::result::Result<watcher::Event<PartialObjectMeta<K>>, watcher::Error>>
-+ Send
-+ use<K>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
-    K: serde::de::DeserializeOwned,
-{
-    watcher(Api::<PartialObjectMeta<K>>::all(client.clone()), config)
-        .backoff(WatchBackoff::default())
-        .modify(|o| o.managed_fields_mut().clear())
 }
 
 /// What the HTTP servers share with the controller.
@@ -726,15 +634,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    fn object(spec: serde_json::Value) -> DynamicObject {
-        serde_json::from_value(json!({
-            "apiVersion": "energy.ttc.dev/v1alpha1", "kind": "InferencePolicy",
-            "metadata": {"name": "p", "namespace": "ns"}, "spec": spec
-        }))
-        .expect("dynamic object")
-    }
 
     #[derive(clap::Parser)]
     struct Cli {
@@ -746,16 +645,6 @@ mod tests {
         use clap::Parser as _;
         Cli::try_parse_from(std::iter::once("ttc-operator").chain(args.iter().copied()))
             .map(|cli| cli.config)
-    }
-
-    #[test]
-    fn a_watch_retries_within_five_seconds_and_starts_over_after_a_success() {
-        use kube::runtime::utils::Backoff as _;
-        let mut backoff = WatchBackoff::default();
-        let waits: Vec<u128> = backoff.by_ref().take(7).map(|d| d.as_millis()).collect();
-        assert_eq!(waits, [250, 500, 1000, 2000, 4000, 5000, 5000]);
-        backoff.reset();
-        assert_eq!(backoff.next(), Some(Duration::from_millis(250)));
     }
 
     #[test]
@@ -819,27 +708,5 @@ mod tests {
         assert_eq!(config.cluster_power_cap_watts, Some(1500.5));
         assert_eq!(config.resync_seconds, 1);
         Ok(())
-    }
-
-    #[test]
-    fn a_malformed_policy_is_skipped_and_counted_not_fatal() {
-        let metrics = Metrics::default();
-        let good = object(json!({"selector": {}, "budget": {"joulesPerRequest": 1.0}}));
-        let bad = object(json!({"selector": "everything", "budget": 7}));
-        assert!(matches!(
-            parse_event(watcher::Event::Apply(good), &metrics),
-            Some(watcher::Event::Apply(_))
-        ));
-        assert!(parse_event(watcher::Event::InitApply(bad.clone()), &metrics).is_none());
-        assert!(parse_event(watcher::Event::Apply(bad), &metrics).is_none());
-        assert!(matches!(
-            parse_event(watcher::Event::InitDone, &metrics),
-            Some(watcher::Event::InitDone)
-        ));
-        assert!(
-            metrics
-                .render()
-                .contains("ttc_operator_malformed_objects_total 2")
-        );
     }
 }
