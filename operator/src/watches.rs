@@ -1,6 +1,6 @@
 //! How the operator watches the API server: all policies (a malformed one skipped, never fatal),
 //! and the metadata of all pods and namespaces. Each watch retries by its own short back-off;
-//! [`triggers`] turns a watch, once reflected into its store, into what the controller
+//! `triggers` turns a watch, once reflected into its store, into what the controller
 //! reconciles.
 
 use std::sync::Arc;

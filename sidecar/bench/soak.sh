@@ -6,7 +6,8 @@
 # `n`). Prints each run's windows and a side-by-side table. Not a test: it prints figures.
 #
 #   cargo build --release -p ttc-sidecar && sidecar/bench/soak.sh
-#   SECONDS_PER_RUN=1800 PEER=none LOAD=0.8 sidecar/bench/soak.sh   # the 30-minute soak
+#   PEER=none LOAD=0.8 WORKLOADS=steady SECONDS_PER_RUN=1800 JOULES_PER_REQUEST=6 \
+#     sidecar/bench/soak.sh        # the 30-minute soak at 80% of capacity, under a budget that binds
 #
 # Settings: CLIENTS (8), SECONDS_PER_RUN (60), THREADS (all cores), SAMPLES (8), MAX_TOKENS (32),
 # PEER (llama-server, or none), TTC (1: the sidecar runs TTC with the budget controller and
@@ -58,7 +59,7 @@ drive() { # label workload samples-as
   # The server's capacity under closed loops, then an open loop at LOAD times it.
   local capacity rate
   capacity="$(run_load "$1" "$2" "$3" "$capacity_seconds" --clients "$clients" |
-    sed -n 's/^RESULT //p' | python3 -c 'import json, sys; print(json.load(sys.stdin)["requests_per_s"])')"
+    sed -n 's/^RESULT //p' | python3 -c 'import json, sys; print(round(json.load(sys.stdin)["requests_per_s"], 3))')"
   rate="$(python3 -c "print(round($load_share * $capacity, 3))")"
   echo "$1 $2: capacity $capacity requests/s with $clients clients; driving $rate requests/s ($load_share of it)"
   run_load "$@" "$seconds" --rate "$rate" | tee -a "$out/results"

@@ -139,6 +139,13 @@ impl From<EngineError> for ApiError {
                 refusal: Some(refusal.reason()),
                 ..Self::overloaded(refusal.to_string(), 1)
             },
+            // The engine's worker has ended (`/healthz` fails with it): another replica may answer.
+            EngineError::ShutDown => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: Some("engine_stopped"),
+                retry_after: Some(1),
+                ..Self::internal(e.to_string())
+            },
             other => Self::internal(other.to_string()),
         }
     }
@@ -153,5 +160,31 @@ impl IntoResponse for ApiError {
                 .insert(axum::http::header::RETRY_AFTER, seconds.into());
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Refused under load: 429 with `Retry-After`, counted under its reason; a stopped engine:
+    /// 503 with `Retry-After`, no refusal under load; a request past its deadline: 504.
+    #[test]
+    fn refusals_and_a_stopped_engine_say_when_to_retry() {
+        let full = ApiError::from(EngineError::Overloaded(Refusal::QueueFull { waiting: 64 }));
+        assert_eq!(full.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            (full.retry_after, full.refusal),
+            (Some(1), Some("queue_full"))
+        );
+        let stopped = ApiError::from(EngineError::ShutDown);
+        assert_eq!(stopped.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!((stopped.retry_after, stopped.refusal), (Some(1), None));
+        assert_eq!(stopped.body()["error"]["code"], "engine_stopped");
+        let late = ApiError::deadline(2.0);
+        assert_eq!(
+            (late.status, late.refusal),
+            (StatusCode::GATEWAY_TIMEOUT, Some("deadline"))
+        );
     }
 }
