@@ -15,7 +15,8 @@
 # closed loops, each server at its capacity; a fraction such as 0.8: first CAPACITY_SECONDS (60)
 # of closed loops find the server's capacity in requests/s, then requests arrive at LOAD times
 # that, an open loop), SIDECAR_ARGS (more `serve` options), LABEL (sidecar), RESULTS (a file the
-# RESULT lines are appended to, besides the table).
+# RESULT lines are appended to, besides the table), LOG_DIR (where the servers' logs are kept;
+# by default they are deleted).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 target="${CARGO_TARGET_DIR:-$PWD/target}"
@@ -36,11 +37,12 @@ read -r -a sidecar_args <<<"${SIDECAR_ARGS:-}"
 out="$(mktemp -d)"
 pid=""
 stop() { if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=""; fi; }
-trap 'stop; rm -rf "$out"' EXIT
+keep_logs() { if [ -n "${LOG_DIR:-}" ]; then mkdir -p "$LOG_DIR" && cp "$out"/*.log "$LOG_DIR"/ 2>/dev/null || true; fi; }
+trap 'stop; keep_logs; rm -rf "$out"' EXIT
 wait_ready() {
   for _ in $(seq 1 600); do
     curl -sf "127.0.0.1:$port/$1" >/dev/null && return 0
-    kill -0 "$pid" 2>/dev/null || { cat "$out/server.log" >&2; return 1; }
+    kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; return 1; }
     sleep 0.2
   done
   return 1
@@ -69,8 +71,9 @@ model="$("$bin" fetch-model | tail -n 1)"
 echo "soak: $(date -u +%F), $(nproc) cores, $(uname -m), model $(basename "$model"), threads $threads, clients $clients, $seconds s per run${load_share:+, at $load_share of capacity}"
 ttc_args=()
 if [ "${TTC:-1}" = 1 ]; then ttc_args=(--ttc --joules-per-request "${JOULES_PER_REQUEST:-30}"); fi
+log="$out/sidecar.log"
 "$bin" serve --listen "127.0.0.1:$port" --threads "$threads" --energy-source estimate \
-  "${ttc_args[@]}" "${sidecar_args[@]}" >"$out/server.log" 2>&1 &
+  "${ttc_args[@]}" "${sidecar_args[@]}" >"$log" 2>&1 &
 pid=$!
 wait_ready readyz
 for workload in $workloads; do drive "$label" "$workload" n; done
@@ -78,8 +81,9 @@ stop
 if [ "$peer" = llama-server ]; then
   server="$(sidecar/bench/llama-server.sh | tail -n 1)"
   # One slot per client (continuous batching across them), each with the context it needs.
+  log="$out/llama-server.log"
   "$server" -m "$model" --host 127.0.0.1 --port "$port" -t "$threads" --parallel "$(( clients * samples ))" \
-    -c "$(( clients * samples * 1024 ))" --no-webui >"$out/server.log" 2>&1 &
+    -c "$(( clients * samples * 1024 ))" --no-webui >"$log" 2>&1 &
   pid=$!
   wait_ready health
   for workload in $workloads; do drive llama-server "$workload" parallel; done
