@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc as async_mpsc, oneshot};
 use ttc_energy::{EnergyMeter, RequestTally};
@@ -211,6 +211,25 @@ impl Active {
     }
 }
 
+/// A step (one turn of the loop: the requests' own passes, then the shared decode pass) slower
+/// than this is logged: every request in the batch waits for it, and its clients see a stall.
+const SLOW_STEP: Duration = Duration::from_secs(10);
+
+/// Logs a step slower than [`SLOW_STEP`]: how long, for how many requests, the tokens of their
+/// own passes (prefills and sampling) and the rows of the shared decode pass.
+fn log_if_slow(started: Instant, requests: usize, own_pass_tokens: u64, decode_rows: u64) {
+    let took = started.elapsed();
+    if took > SLOW_STEP {
+        tracing::warn!(
+            seconds = took.as_secs_f64(),
+            requests,
+            own_pass_tokens,
+            decode_rows,
+            "an engine step was slow; every request in it waited"
+        );
+    }
+}
+
 fn run(engine: &Engine, meter: &EnergyMeter, inbox: &mpsc::Receiver<Job>) {
     let mut active: Vec<Active> = Vec::new();
     loop {
@@ -238,9 +257,12 @@ fn run(engine: &Engine, meter: &EnergyMeter, inbox: &mpsc::Receiver<Job>) {
         }
         // Each request samples its rows (after its prompt's prefill, the first time): one
         // metered batch per request, since the work is its own.
+        let step_started = Instant::now();
+        let (requests, mut own_pass_tokens) = (active.len(), 0);
         let mut decoding = Vec::with_capacity(active.len());
         for mut a in active.drain(..) {
             let tokens = a.generation.next_pass_tokens().max(1) as u64;
+            own_pass_tokens += tokens;
             let batch = meter.begin_batch();
             let sampled = a.generation.sample(engine, &mut a.on_event());
             for share in &batch.finish(&[((), tokens)]).requests {
@@ -253,6 +275,7 @@ fn run(engine: &Engine, meter: &EnergyMeter, inbox: &mpsc::Receiver<Job>) {
             }
         }
         if decoding.is_empty() {
+            log_if_slow(step_started, requests, own_pass_tokens, 0);
             continue;
         }
         // Then one decode pass shared by every request that goes on: the weights stream once
@@ -273,6 +296,8 @@ fn run(engine: &Engine, meter: &EnergyMeter, inbox: &mpsc::Receiver<Job>) {
         for share in &batch.finish(&rows).requests {
             decoding[share.request_id].0.energy.add(share);
         }
+        let decode_rows = rows.iter().map(|r| r.1).sum();
+        log_if_slow(step_started, requests, own_pass_tokens, decode_rows);
         match decoded {
             Ok(()) => active.extend(decoding.into_iter().map(|(a, _)| a)),
             Err(e) => {
