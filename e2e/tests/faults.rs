@@ -56,6 +56,8 @@ const OUTAGE: Duration = Duration::from_secs(10);
 const RESTART_CONVERGENCE: Duration = Duration::from_secs(20);
 /// How long the receiver stays unreachable.
 const RECEIVER_OUTAGE: Duration = Duration::from_secs(60);
+/// How long the status may take to show what the reports say (fresh, stale, fresh again).
+const REPORT_LIMIT: Duration = Duration::from_secs(90);
 /// Staleness of reports, and the window of the reporting policy (seconds).
 const STALE_SECONDS: u64 = 20;
 
@@ -602,22 +604,15 @@ async fn webhook_unreachable(client: &kube::Client, dead_port: u16) -> TestResul
         names.push(name);
     }
     let created = Instant::now();
-    eventually(
+    status_becomes(
+        &policies,
         "the policy reports its pods without the sidecar",
         Duration::from_secs(60),
-        || {
-            let policies = policies.clone();
-            let names = names.clone();
-            async move {
-                let p = policies.get("chat").await.map_err(|e| e.to_string())?;
-                let Some(status) = p.status.as_ref() else {
-                    return Ok(None);
-                };
-                let listed = status.conditions.iter().any(|c| {
-                    c.reason == "PodsWithoutSidecar" && names.iter().all(|n| c.message.contains(n))
-                });
-                Ok((listed && status.matched_pods == 3 && status.injected_pods == 0).then_some(()))
-            }
+        |status| {
+            let listed = status.conditions.iter().any(|c| {
+                c.reason == "PodsWithoutSidecar" && names.iter().all(|n| c.message.contains(n))
+            });
+            listed && status.matched_pods == 3 && status.injected_pods == 0
         },
     )
     .await?;
@@ -649,14 +644,15 @@ fn degraded_reason(status: &InferencePolicyStatus) -> Option<String> {
         .map(|c| c.reason.clone())
 }
 
-/// Waits up to 90 s until the status of policy `chat` satisfies `check`.
+/// Waits up to `limit` until the status of policy `chat` satisfies `check`.
 async fn status_becomes(
     policies: &Api<InferencePolicy>,
     what: &str,
+    limit: Duration,
     check: impl Fn(&InferencePolicyStatus) -> bool,
 ) -> TestResult {
     let check = &check;
-    eventually(what, Duration::from_secs(90), || async move {
+    eventually(what, limit, || async move {
         let policy = policies.get("chat").await.map_err(|e| e.to_string())?;
         Ok(policy.status.filter(|s| check(s)).map(|_| ()))
     })
@@ -768,20 +764,23 @@ async fn receiver_unreachable(client: &kube::Client, leader: &Replica) -> TestRe
         })
     };
     let fresh = |s: &InferencePolicyStatus| s.observed.is_some() && degraded_reason(s).is_none();
-    status_becomes(&policies, "fresh energy in the status", fresh).await?;
+    status_becomes(&policies, "fresh energy in the status", REPORT_LIMIT, fresh).await?;
 
     proxy.set_cut(true);
     let cut = Instant::now();
-    status_becomes(&policies, "the status says the reports are stale", |s| {
-        degraded_reason(s).as_deref() == Some("StaleReports")
-    })
+    status_becomes(
+        &policies,
+        "the status says the reports are stale",
+        REPORT_LIMIT,
+        |s| degraded_reason(s).as_deref() == Some("StaleReports"),
+    )
     .await?;
     let stale_after = cut.elapsed();
     tokio::time::sleep(RECEIVER_OUTAGE.saturating_sub(cut.elapsed())).await;
     proxy.set_cut(false);
     let restored = Instant::now();
     let dropped = dropped.load(Ordering::Relaxed);
-    status_becomes(&policies, "the status fresh again", fresh).await?;
+    status_becomes(&policies, "the status fresh again", REPORT_LIMIT, fresh).await?;
     let fresh_after = restored.elapsed();
     // What the policy observes over the next window: never more than was served.
     let mut most_watts: f64 = 0.0;

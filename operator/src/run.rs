@@ -33,7 +33,7 @@ use crate::receiver::ReportReceiver;
 use crate::report_auth::{ReportAuthMode, TokenReviewer};
 use crate::reports::ReportBook;
 use crate::serving::{self, TlsMaterial};
-use crate::watches::{Deleted, WatchBackoff, metadata_watch, policy_events, triggers};
+use crate::watches::{Deleted, metadata_watch, policy_events, triggers};
 use crate::webhook::{Injector, WebhookTarget};
 
 /// Everything the operator is configured with.
@@ -383,9 +383,6 @@ pub async fn run(
                 .map(|p| ObjectRef::from_obj(p.as_ref()))
                 .collect::<Vec<_>>()
         })
-        // No watch error reaches the trigger stream (`watches::triggers`); were one to, the
-        // whole stream would wait no longer than one watch does.
-        .trigger_backoff(WatchBackoff::default())
         .reconcile_all_on(futures::stream::select(became_leader, ca_changed))
         .reconcile_on(futures::stream::unfold(woken, |mut rx| async move {
             rx.recv().await.map(|policy| (policy, rx))

@@ -29,8 +29,9 @@ pub(crate) enum Deleted {
 /// reconcile triggered by a listed object before then read the object as it was before: a policy
 /// changed while the watch was down was reconciled unchanged and then not again until its next
 /// resync. Errors are logged and dropped: the watch has waited already, by its own back-off
-/// ([`WatchBackoff`]); passed on, each would also pause the controller's merged trigger stream,
-/// and with it every other watch.
+/// ([`WatchBackoff`]); passed on, each would also pause the controller's merged trigger stream
+/// (kube-runtime's trigger back-off, up to 30 s), and with it every other watch. Every watch the
+/// controller reads goes through here, so that back-off never applies.
 pub(crate) fn triggers<K: Send + 'static>(
     watch: &'static str,
     deleted: Deleted,
@@ -100,7 +101,7 @@ fn parse_event(
 /// the defaults the operator saw no change for 80-150 s. Three watches of one operator retrying
 /// every 5 s are no load on an API server.
 #[derive(Debug, Clone)]
-pub(crate) struct WatchBackoff {
+struct WatchBackoff {
     next: Duration,
 }
 
