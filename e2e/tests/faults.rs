@@ -32,7 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use ttc_api::{EnergyReport, EnergySource, InferencePolicy, InferencePolicyStatus};
 use ttc_cluster::process::Component;
-use ttc_cluster::testing::{eventually, free_port, install_crd};
+use ttc_cluster::testing::{eventually, free_port, install_crd, wait_for_default_service_account};
 use ttc_cluster::{ClusterConfig, LocalCluster};
 
 type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -344,6 +344,8 @@ async fn create_namespace(client: &kube::Client, name: &str, injection: bool) ->
     Api::<Namespace>::all(client.clone())
         .create(&PostParams::default(), &namespace)
         .await?;
+    // Pods are refused until the namespace has its default ServiceAccount.
+    wait_for_default_service_account(client, name).await?;
     Ok(())
 }
 

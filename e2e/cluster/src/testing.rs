@@ -239,29 +239,8 @@ impl TestNamespace {
             cluster,
             deleted: false,
         };
-        this.wait_for_default_service_account().await?;
+        wait_for_default_service_account(&this.client, &this.name).await?;
         Ok(this)
-    }
-
-    async fn wait_for_default_service_account(&self) -> Result<()> {
-        let accounts: Api<ServiceAccount> = self.api();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let found = accounts.get_opt("default").await.map_err(|e| {
-                Error::kube(format!("reading service account {}/default", self.name), e)
-            })?;
-            if found.is_some() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::Runtime(format!(
-                    "namespace {} has no default service account after 60s: is \
-                     kube-controller-manager running?",
-                    self.name
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 
     /// The namespace's name.
@@ -366,6 +345,32 @@ fn dns_label_prefix(prefix: &str) -> String {
         "test".into()
     } else {
         trimmed.into()
+    }
+}
+
+/// Waits until kube-controller-manager has given `namespace` its `default` ServiceAccount: until
+/// then the API server refuses pods there (403, "error looking up service account").
+pub async fn wait_for_default_service_account(
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<()> {
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let found = accounts
+            .get_opt("default")
+            .await
+            .map_err(|e| Error::kube(format!("reading service account {namespace}/default"), e))?;
+        if found.is_some() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Runtime(format!(
+                "namespace {namespace} has no default service account after 60s: is \
+                 kube-controller-manager running?"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
