@@ -2,7 +2,9 @@
 //!
 //! A sidecar reports cumulative counters since it started (energy, requests, TTC samples) and its
 //! current power. Cumulative counters survive lost reports: the operator takes differences between
-//! reports across the budget window, and a counter that goes down marks a sidecar restart.
+//! reports across the budget window. A sidecar restart starts its counters again from zero; a
+//! counter that goes down, or a new start time, marks one, and the operator carries the earlier
+//! process's last figures over, so a restart loses only what was never reported.
 //!
 //! Two encodings carry the same figures:
 //! - OTLP/HTTP metrics (`POST {endpoint}/v1/metrics`, `application/x-protobuf`), which any
@@ -65,6 +67,11 @@ pub struct EnergyReport {
     /// Current power draw, in watts, when the meter has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watts: Option<f64>,
+    /// When the counters started (the sidecar process's start), in nanoseconds since the Unix
+    /// epoch, where the sender says: a new start time marks a restart even before the new
+    /// counters are lower than the old. In OTLP, the energy points' `start_time_unix_nano`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_unix_nanos: Option<u64>,
 }
 
 /// Environment variables the operator sets on the injected sidecar container.

@@ -755,6 +755,7 @@ async fn receiver_unreachable(client: &kube::Client, leader: &Replica) -> TestRe
                     requests_total: served,
                     samples_total: served,
                     watts: None,
+                    started_unix_nanos: None,
                 };
                 let sent = http.post(&url).json(&report).send().await;
                 if !sent.is_ok_and(|r| r.status().is_success()) {

@@ -281,6 +281,7 @@ mod tests {
             requests_total: 1,
             samples_total: 1,
             watts: None,
+            started_unix_nanos: None,
         };
         for joules in [1.0, 2.0] {
             let request = Request::post(JSON_REPORTS_PATH)
@@ -324,6 +325,7 @@ mod tests {
             requests_total: 1,
             samples_total: 1,
             watts: None,
+            started_unix_nanos: None,
         };
         let send = || {
             let request = Request::post(JSON_REPORTS_PATH)
@@ -367,6 +369,7 @@ mod tests {
             requests_total: 1,
             samples_total: 1,
             watts: Some(3.0),
+            started_unix_nanos: None,
         };
         let request = Request::post(JSON_REPORTS_PATH)
             .header(header::CONTENT_TYPE, "application/json")
@@ -418,6 +421,7 @@ mod tests {
             requests_total: 1,
             samples_total: 1,
             watts: None,
+            started_unix_nanos: None,
         };
         let send = |pod: &str, token: Option<&str>| {
             let mut request =
@@ -543,6 +547,7 @@ mod tests {
             requests_total: 1,
             samples_total: 1,
             watts: Some(2.0),
+            started_unix_nanos: None,
         })
         .expect("JSON");
         let receiver = receiver();

@@ -37,7 +37,45 @@ struct PodHistory {
     policy: String,
     source: EnergySource,
     watts: Option<f64>,
+    /// The current sidecar process's last report, as it reported it.
+    reported: Option<Reported>,
+    /// What earlier processes of the pod's sidecar had reported when they ended (it restarted):
+    /// added to the current one's counters, so the series only grows. Its time is not used.
+    carried: Sample,
+    /// The series: counters of every process, carried over restarts.
     series: VecDeque<Sample>,
+}
+
+/// A sidecar process's own counters and when they started, as its last report said.
+#[derive(Debug, Clone, Copy)]
+struct Reported {
+    counters: Sample,
+    started_unix_nanos: Option<u64>,
+}
+
+impl Reported {
+    /// Whether `next` comes from another process: a counter went down, or the start time changed.
+    fn restarted_by(&self, next: &Reported) -> bool {
+        let (a, b) = (&self.counters, &next.counters);
+        let went_down = b.joules < a.joules || b.requests < a.requests || b.samples < a.samples;
+        let new_start = matches!(
+            (self.started_unix_nanos, next.started_unix_nanos),
+            (Some(a), Some(b)) if a != b
+        );
+        went_down || new_start
+    }
+}
+
+impl Sample {
+    /// The counters of `self` and `other` added (the time is `other`'s).
+    fn plus(&self, other: &Sample) -> Sample {
+        Sample {
+            at: other.at,
+            joules: self.joules + other.joules,
+            requests: self.requests.saturating_add(other.requests),
+            samples: self.samples.saturating_add(other.samples),
+        }
+    }
 }
 
 /// Identifies a pod: `(namespace, name)`.
@@ -79,24 +117,37 @@ impl ReportBook {
             policy: report.policy.clone(),
             source: report.source,
             watts: None,
+            reported: None,
+            carried: Sample {
+                at: now,
+                joules: 0.0,
+                requests: 0,
+                samples: 0,
+            },
             series: VecDeque::new(),
         });
-        let sample = Sample {
-            at: now,
-            joules: report.joules_total,
-            requests: report.requests_total,
-            samples: report.samples_total,
+        let reported = Reported {
+            counters: Sample {
+                at: now,
+                joules: report.joules_total,
+                requests: report.requests_total,
+                samples: report.samples_total,
+            },
+            started_unix_nanos: report.started_unix_nanos,
         };
         let was_silent = history
             .series
             .back()
             .is_none_or(|last| now.saturating_duration_since(last.at) > self.stale_after);
-        if let Some(last) = history.series.back()
-            && (sample.joules < last.joules || sample.requests < last.requests)
+        if let Some(last) = history.reported
+            && last.restarted_by(&reported)
         {
-            // Counters went down: the sidecar restarted; its old series no longer adds up.
-            history.series.clear();
+            // The sidecar restarted and counts from zero again: what its last process reported
+            // is carried over, so only what it did after that report is lost.
+            history.carried = history.carried.plus(&last.counters);
         }
+        history.reported = Some(reported);
+        let sample = history.carried.plus(&reported.counters);
         history.policy = report.policy.clone();
         history.source = report.source;
         history.watts = report.watts;
@@ -240,6 +291,7 @@ pub fn reports_from_otlp(request: &ExportMetricsServiceRequest) -> Result<Vec<En
         };
         let mut totals: BTreeMap<&str, f64> = BTreeMap::new();
         let mut source = None;
+        let mut started: Option<u64> = None;
         for metric in resource_metrics
             .scope_metrics
             .iter()
@@ -247,11 +299,20 @@ pub fn reports_from_otlp(request: &ExportMetricsServiceRequest) -> Result<Vec<En
         {
             for point in points(&metric.data) {
                 *totals.entry(metric.name.as_str()).or_default() += number(point);
-                if metric.name == METRIC_ENERGY_JOULES
-                    && let Some(s) = attribute(&point.attributes, ATTR_ENERGY_SOURCE)
-                        .and_then(EnergySource::parse)
+                if metric.name != METRIC_ENERGY_JOULES {
+                    continue;
+                }
+                if let Some(s) =
+                    attribute(&point.attributes, ATTR_ENERGY_SOURCE).and_then(EnergySource::parse)
                 {
                     source = Some(source.map_or(s, |prev: EnergySource| prev.combine(s)));
+                }
+                // The earliest start of the energy series: the process's, as a source that
+                // appears later starts later.
+                if point.start_time_unix_nano > 0 {
+                    started = Some(started.map_or(point.start_time_unix_nano, |earliest| {
+                        earliest.min(point.start_time_unix_nano)
+                    }));
                 }
             }
         }
@@ -268,6 +329,7 @@ pub fn reports_from_otlp(request: &ExportMetricsServiceRequest) -> Result<Vec<En
             requests_total: totals.get(METRIC_REQUESTS).copied().unwrap_or(0.0) as u64,
             samples_total: totals.get(METRIC_SAMPLES).copied().unwrap_or(0.0) as u64,
             watts: totals.get(METRIC_POWER_WATTS).copied(),
+            started_unix_nanos: started,
         });
     }
     if reports.is_empty() {
@@ -296,6 +358,7 @@ mod tests {
             requests_total: requests,
             samples_total: requests * 2,
             watts: None,
+            started_unix_nanos: None,
         }
     }
 
@@ -360,15 +423,49 @@ mod tests {
     }
 
     #[test]
-    fn restart_resets_the_series() {
+    fn a_restart_carries_what_was_reported_over() {
         let book = ReportBook::new(Duration::from_secs(60));
         let t0 = Instant::now();
-        book.record(&report(500.0, 50), t0);
-        book.record(&report(10.0, 1), t0 + Duration::from_secs(10));
-        book.record(&report(30.0, 3), t0 + Duration::from_secs(20));
-        let e = fresh(&book, 60, t0 + Duration::from_secs(20));
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        book.record(&report(400.0, 40), at(0));
+        book.record(&report(500.0, 50), at(10));
+        // Restarted: counting from zero again.
+        book.record(&report(10.0, 1), at(20));
+        book.record(&report(30.0, 3), at(30));
+        // Over the whole history: 100 J and 10 requests of the first process after its first
+        // report, and all 30 J and 3 requests of the second.
+        let e = fresh(&book, 60, at(30));
+        assert_eq!(e.joules, 130.0);
+        assert_eq!(e.requests, 13);
+        assert_eq!(e.samples, 26);
+        // A window after the restart counts the second process alone.
+        let e = fresh(&book, 10, at(30));
         assert_eq!(e.joules, 20.0);
         assert_eq!(e.requests, 2);
+        // A second restart carries both over.
+        book.record(&report(5.0, 1), at(40));
+        assert_eq!(fresh(&book, 60, at(40)).joules, 135.0);
+    }
+
+    #[test]
+    fn a_new_start_time_is_a_restart_even_when_counters_grew() {
+        let book = ReportBook::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let started = |joules: f64, requests: u64, start: u64| EnergyReport {
+            started_unix_nanos: Some(start),
+            ..report(joules, requests)
+        };
+        book.record(&started(10.0, 1, 1_000), at(0));
+        book.record(&started(20.0, 2, 1_000), at(10));
+        // A new process whose counters passed the old ones before its first report.
+        book.record(&started(25.0, 3, 2_000), at(20));
+        let e = fresh(&book, 60, at(20));
+        assert_eq!(e.joules, 35.0);
+        assert_eq!(e.requests, 4);
+        // The same process again: no restart.
+        book.record(&started(26.0, 4, 2_000), at(30));
+        assert_eq!(fresh(&book, 60, at(30)).joules, 36.0);
     }
 
     #[test]
@@ -432,7 +529,17 @@ mod tests {
                         metrics: vec![
                             sum(
                                 METRIC_ENERGY_JOULES,
-                                vec![point(12.5, vec![kv(ATTR_ENERGY_SOURCE, "nvml")])],
+                                vec![
+                                    NumberDataPoint {
+                                        start_time_unix_nano: 1_700_000_000_000_000_000,
+                                        ..point(12.0, vec![kv(ATTR_ENERGY_SOURCE, "nvml")])
+                                    },
+                                    // A source that appeared later: its series starts later.
+                                    NumberDataPoint {
+                                        start_time_unix_nano: 1_700_000_090_000_000_000,
+                                        ..point(0.5, vec![kv(ATTR_ENERGY_SOURCE, "nvml")])
+                                    },
+                                ],
                             ),
                             sum(METRIC_REQUESTS, vec![point(5.0, vec![])]),
                             sum(METRIC_SAMPLES, vec![point(20.0, vec![])]),
@@ -463,6 +570,7 @@ mod tests {
                 requests_total: 5,
                 samples_total: 20,
                 watts: Some(70.0),
+                started_unix_nanos: Some(1_700_000_000_000_000_000),
             }]
         );
         assert!(reports_from_otlp(&ExportMetricsServiceRequest::default()).is_err());

@@ -227,6 +227,7 @@ async fn a_report_token_speaks_for_the_pod_it_is_bound_to_only() -> TestResult {
         requests_total: 3,
         samples_total: 6,
         watts: None,
+        started_unix_nanos: None,
     };
     let http = reqwest::Client::new();
     // Another pod of its namespace, and the same pod name in another namespace, are refused.
@@ -779,6 +780,7 @@ async fn operator_injects_converges_and_resplits() -> TestResult {
         requests_total: requests,
         samples_total: requests * 4,
         watts: Some(watts),
+        started_unix_nanos: None,
     };
     send_report(receiver_port, &report("chat-a", 0.0, 0, 30.0)).await?;
     send_report(receiver_port, &report("chat-b", 0.0, 0, 10.0)).await?;

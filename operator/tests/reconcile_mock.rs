@@ -370,6 +370,7 @@ async fn reporting_policies_resync_at_the_resync_interval() {
         requests_total: requests,
         samples_total: requests,
         watts: Some(5.0),
+        started_unix_nanos: None,
     };
     f.ctx.reports.record(
         &report(0.0, 0),

@@ -170,6 +170,30 @@ fn otlp_receiver_gets_semconv_metrics() {
     metrics.force_flush().unwrap();
     let req = rx.recv_timeout(Duration::from_secs(10)).expect("an export");
     let (resource, seen) = flatten(&req);
+    // The energy counter says when it started: the operator tells a restarted sidecar by it.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let starts: Vec<u64> = req
+        .resource_metrics
+        .iter()
+        .flat_map(|rm| &rm.scope_metrics)
+        .flat_map(|sm| &sm.metrics)
+        .filter(|m| m.name == "ttc.energy.joules")
+        .flat_map(|m| match &m.data {
+            Some(Data::Sum(s)) => s
+                .data_points
+                .iter()
+                .map(|p| p.start_time_unix_nano)
+                .collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert!(
+        !starts.is_empty() && starts.iter().all(|&t| t > 0 && t <= now),
+        "{starts:?}"
+    );
 
     assert_eq!(resource["service.name"], "ttc-sidecar");
     assert_eq!(resource["k8s.pod.name"], "infer-0");
