@@ -219,6 +219,143 @@ fn names(pods: &[Value]) -> Vec<String> {
         .collect()
 }
 
+fn restarts(pod: &Value, container: &str) -> u64 {
+    pod["status"]["containerStatuses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == container)
+        .and_then(|c| c["restartCount"].as_u64())
+        .unwrap_or(0)
+}
+
+fn name_of(pod: &Value) -> String {
+    pod["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The pod once its killed `container` is restarted (once) and the pod ready again.
+async fn restarted_once(
+    tools: &Tools,
+    namespace: &str,
+    pod: &str,
+    container: &str,
+) -> Result<Value, String> {
+    let back = eventually(
+        &format!("{container} of {pod} restarted and ready"),
+        Duration::from_secs(180),
+        || async {
+            let pod = tools.get(&["pod", "-n", namespace, pod])?;
+            Ok((restarts(&pod, container) >= 1 && ready(&pod)).then_some(pod))
+        },
+    )
+    .await
+    .map_err(|e| format!("{e}\n{}", tools.describe(namespace)))?;
+    match restarts(&back, container) {
+        1 => Ok(back),
+        n => Err(format!(
+            "{container} of {pod} restarted {n} times, not once: {back}"
+        )),
+    }
+}
+
+/// The sidecar killed with `SIGKILL`: the kubelet restarts it, it is ready and serves again, and
+/// the policy's figures go on from what was reported before: a restarted sidecar counts from
+/// zero, and the operator carries what its last process reported over (nothing counted twice,
+/// nothing reported lost).
+async fn sidecar_killed(
+    tools: &Tools,
+    node: &ttc_cluster::node::RealNode,
+    http: &reqwest::Client,
+    pod: &Value,
+    before: &Value,
+) -> TestResult {
+    let name = name_of(pod);
+    let requests_before = before["requests"].as_u64().unwrap_or(0);
+    let killed_at = Instant::now();
+    let pid = node.kill_container(APPS, &name, "ttc-sidecar")?;
+    let back = restarted_once(tools, APPS, &name, "ttc-sidecar").await?;
+    let ready_after = killed_at.elapsed();
+    let ip = back["status"]["podIP"].as_str().unwrap_or_default();
+    for question in ["What is 1 + 1?", "Name a fruit."] {
+        ask_sidecar(http, &format!("http://{ip}:8090"), question, 16).await?;
+    }
+    let requests_after = requests_before + 2;
+    let after = eventually(
+        "the policy counts the requests of both processes",
+        Duration::from_secs(90),
+        || async {
+            let policy = tools.get(&["inferencepolicy", "-n", APPS, "chat"])?;
+            let observed = policy["status"]["observed"].clone();
+            Ok((observed["requests"].as_u64() >= Some(requests_after)).then_some(observed))
+        },
+    )
+    .await?;
+    println!(
+        "sidecar (pid {pid}) killed: restarted and ready in {ready_after:.1?}; policy counts {} \
+         requests ({requests_before} before the kill, 2 after), {} J (was {} J)",
+        after["requests"], after["joules"], before["joules"]
+    );
+    assert_eq!(after["requests"].as_u64(), Some(requests_after), "{after}");
+    assert!(
+        after["joules"].as_f64() > before["joules"].as_f64(),
+        "{after} after {before}"
+    );
+    Ok(())
+}
+
+/// The leading operator replica killed with `SIGKILL`, and a policy changed while it is down:
+/// leadership resumes within the lease's duration and grace (15 s + 5 s), either in the killed
+/// pod's restarted container (the lease names the pod, and the kubelet restarts it at once) or in
+/// the other replica, and the change is reconciled.
+async fn operator_leader_killed(tools: &Tools, node: &ttc_cluster::node::RealNode) -> TestResult {
+    let leader = lease_holder(tools)?;
+    let killed_at = Instant::now();
+    node.kill_container(SYSTEM, &leader, "operator")?;
+    tools.kubectl(&[
+        "patch",
+        "inferencepolicy",
+        "-n",
+        APPS,
+        "chat",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"budget":{"joulesPerRequest":6}}}"#,
+    ])?;
+    let policy = tools.get(&["inferencepolicy", "-n", APPS, "chat"])?;
+    let generation = policy["metadata"]["generation"].as_i64().unwrap_or(0);
+    eventually(
+        "the change made while the leader was down is reconciled",
+        Duration::from_secs(60),
+        || async {
+            let policy = tools.get(&["inferencepolicy", "-n", APPS, "chat"])?;
+            Ok((policy["status"]["observedGeneration"].as_i64() >= Some(generation)).then_some(()))
+        },
+    )
+    .await?;
+    let converged = killed_at.elapsed();
+    let holder = lease_holder(tools)?;
+    restarted_once(tools, SYSTEM, &leader, "operator").await?;
+    let resumed_by = if holder == leader {
+        "its restarted container"
+    } else {
+        "the other replica"
+    };
+    println!(
+        "operator leader {leader} killed: a change made meanwhile reconciled after \
+         {converged:.1?}, the lease held by {resumed_by} ({holder}); the killed container ready \
+         again after {:.1?}",
+        killed_at.elapsed()
+    );
+    assert!(
+        converged <= Duration::from_secs(25),
+        "reconciled after {converged:?} (lease duration 15 s, grace 5 s)"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chart_runs_from_images_on_a_real_node() -> TestResult {
     let bin = PathBuf::from(
@@ -367,6 +504,12 @@ async fn chart_runs_from_images_on_a_real_node() -> TestResult {
         observed["source"], "estimate",
         "no GPU here: the energy is estimated"
     );
+
+    // Faults on the node, first the sidecar killed as the OOM killer would kill it.
+    let node = cluster.node().ok_or("the cluster has no real node")?;
+    sidecar_killed(&tools, node, &http, &pod, &observed).await?;
+    // Then the leading operator replica.
+    operator_leader_killed(&tools, node).await?;
 
     // Upgrade with a changed value: the operator rolls, the lease and the statuses stay.
     let before = tools.get(&["inferencepolicy", "-n", APPS, "chat"])?["status"].clone();

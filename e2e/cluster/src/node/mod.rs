@@ -269,6 +269,63 @@ impl RealNode {
             .try_for_each(Component::check_running)
     }
 
+    /// Kills a running container of a pod with `SIGKILL`, as the kernel's OOM killer or a crash
+    /// would end it: no signal it can handle, no grace. The kubelet sees it exit and restarts it
+    /// under the pod's restart policy. Returns the process id it killed.
+    pub fn kill_container(&self, namespace: &str, pod: &str, container: &str) -> Result<u32> {
+        let crictl = self.bin_dir.join("crictl").display().to_string();
+        let endpoint = format!("unix://{}", self.paths.containerd_socket().display());
+        let crictl = |args: &[&str]| {
+            let mut all = vec!["--runtime-endpoint", &endpoint, "--timeout", "30s"];
+            all.extend_from_slice(args);
+            run(&crictl, &all)
+        };
+        let ids = crictl(&[
+            "ps",
+            "--quiet",
+            "--state",
+            "running",
+            "--label",
+            &format!("io.kubernetes.pod.namespace={namespace}"),
+            "--label",
+            &format!("io.kubernetes.pod.name={pod}"),
+            "--label",
+            &format!("io.kubernetes.container.name={container}"),
+        ])?;
+        let id = match ids.split_whitespace().collect::<Vec<_>>()[..] {
+            [id] => id.to_string(),
+            ref found => {
+                return Err(Error::Node(format!(
+                    "{namespace}/{pod} has {} running containers named {container}, not one",
+                    found.len()
+                )));
+            }
+        };
+        let pid = crictl(&[
+            "inspect",
+            "--output",
+            "go-template",
+            "--template",
+            "{{.info.pid}}",
+            &id,
+        ])?;
+        let pid: i32 = pid
+            .trim()
+            .parse()
+            .map_err(|_| Error::Node(format!("crictl inspect {id} gave no process id: {pid:?}")))?;
+        if pid <= 1 {
+            return Err(Error::Node(format!("container {id} has process id {pid}")));
+        }
+        // SAFETY: kill(2) with a process id read from the runtime; no memory is shared.
+        if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+            return Err(Error::Node(format!(
+                "killing {namespace}/{pod} {container} (pid {pid}): {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(pid as u32)
+    }
+
     async fn wait<F, Fut>(&mut self, target: usize, timeout: Duration, probe: F) -> Result<()>
     where
         F: FnMut() -> Fut,
