@@ -2,17 +2,18 @@
 //! sampling, model-file errors, and best-of-N's window cut short by an accepted row.
 //!
 //! Every feature test runs on both compute paths: our fused CPU kernels and candle's ops only
-//! (the path a GPU takes), so the GPU's code path is exercised where no GPU is.
+//! (the path a GPU takes), so the GPU's code path is exercised where no GPU is; `tests/paths.rs`
+//! compares the two paths' figures.
 
 mod common;
 
+use common::{greedy, user};
+
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{Device, Tensor};
 use ttc_core::{Verifier, VerifierSpec};
 use ttc_energy::{EnergyMeter, MeterConfig, SourceChoice};
-use ttc_sidecar::chat_template::ChatMessage;
-use ttc_sidecar::engine::llama::{Kernels, Llama, WeightFormat};
+use ttc_sidecar::engine::llama::{Kernels, WeightFormat};
 use ttc_sidecar::engine::sampler::SamplerConfig;
 use ttc_sidecar::engine::stop::StopStrings;
 use ttc_sidecar::engine::worker::EngineHandle;
@@ -54,21 +55,6 @@ fn engine_on(kernels: Kernels) -> Arc<Engine> {
         .clone()
 }
 
-fn greedy(prompt: Vec<u32>, n: usize, max_tokens: usize) -> GenerationRequest {
-    GenerationRequest {
-        prompt,
-        n,
-        max_tokens,
-        sampler: SamplerConfig {
-            temperature: 0.0,
-            ..Default::default()
-        },
-        seed: 0,
-        stop: StopStrings::default(),
-        greedy_first_row: false,
-    }
-}
-
 /// A worker thread of its own over the default model, metered by the estimate.
 fn worker(kernels: Kernels) -> EngineHandle {
     let meter = EnergyMeter::from_config(&MeterConfig {
@@ -86,13 +72,6 @@ fn worker(kernels: Kernels) -> EngineHandle {
         meter,
     )
     .unwrap()
-}
-
-fn user(text: &str) -> Vec<ChatMessage> {
-    vec![ChatMessage {
-        role: "user".into(),
-        content: text.into(),
-    }]
 }
 
 /// Ids from llama.cpp (llama-cpp-python 0.3.36, `tokenize(special=True)`) on the same file.
@@ -158,98 +137,6 @@ fn follows_llama_cpp_on_native_and_q8_weights() {
     }
 }
 
-/// The largest difference between the two paths' logits at any step, relative to the step's
-/// largest logit magnitude. Both run the same Q8_0 weights on activations quantized to 8 bits
-/// per layer; a sum in another order (1e-5) flips some activation's rounding, and over 30
-/// layers such flips move SmolLM2's logits by up to 4.5 % of the largest (measured
-/// 2026-12-07; 1.2 of 26.4 at a prefill).
-const PATHS_TOLERANCE: f32 = 0.06;
-
-/// The lead of the top logit over the runner-up past which both paths must pick it.
-const CLEAR_LEAD: f32 = 1.0;
-
-/// candle's ops (the GPU's path) compute our kernels' logits: 32 greedy steps after a chat
-/// prompt, logits within [`PATHS_TOLERANCE`] at every step, the same token picked wherever
-/// the lead is clear ([`CLEAR_LEAD`]).
-#[test]
-fn the_candle_path_computes_the_fused_paths_logits() {
-    let prompt = engine()
-        .encode_chat(&user("Write a short poem about the sea."))
-        .unwrap();
-    let models = PATHS.map(|kernels| {
-        let mut gguf = GgufFile::open(&common::default_model_path()).unwrap();
-        Llama::load(&mut gguf, WeightFormat::Q8_0, kernels, &Device::Cpu).unwrap()
-    });
-    let mut caches = models.each_ref().map(Llama::new_cache);
-    let mut input = prompt;
-    let mut worst = 0f32;
-    for step in 0..32 {
-        let tokens = Tensor::new(input.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let [fused, candle]: [Vec<f32>; 2] = [0, 1].map(|i| {
-            models[i]
-                .forward(&tokens, &mut caches[i])
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        });
-        let spread = fused.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let diff = fused
-            .iter()
-            .zip(&candle)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        worst = worst.max(diff / spread);
-        assert!(
-            diff <= PATHS_TOLERANCE * spread,
-            "step {step}: logits differ by {diff} (largest logit {spread})"
-        );
-        let [(top, lead), (candle_top, _)] = [&fused, &candle].map(|l| top_and_lead(l));
-        if lead > CLEAR_LEAD {
-            assert_eq!(
-                top, candle_top,
-                "step {step}: greedy picks differ (lead {lead})"
-            );
-        }
-        input = vec![top];
-    }
-    eprintln!("largest relative logit difference over 32 steps: {worst:.2e}");
-}
-
-/// The index of the largest logit and its lead over the runner-up.
-fn top_and_lead(logits: &[f32]) -> (u32, f32) {
-    let (mut top, mut first, mut second) = (0, f32::MIN, f32::MIN);
-    for (i, &x) in logits.iter().enumerate() {
-        if x > first {
-            (top, first, second) = (i, x, first);
-        } else if x > second {
-            second = x;
-        }
-    }
-    (top as u32, first - second)
-}
-
-/// Greedy generation through the engine (prefill, shared-prefix decode, sampling) gives the same
-/// tokens (up to 32) on both paths.
-#[test]
-fn greedy_generation_is_the_same_on_both_paths() {
-    let [fused, candle] = PATHS.map(|kernels| {
-        let engine = engine_on(kernels);
-        let prompt = engine
-            .encode_chat(&user("Name the planets of the solar system."))
-            .unwrap();
-        let out = engine
-            .generate(greedy(prompt, 1, 32), &mut |_| true)
-            .unwrap();
-        out.completions[0].token_ids.clone()
-    });
-    assert!(fused.len() > 8, "{fused:?}");
-    assert_eq!(fused, candle);
-}
-
 #[test]
 fn chat_template_from_gguf_adds_default_system_prompt() {
     let engine = engine();
@@ -288,7 +175,7 @@ fn batched_greedy_rows_equal_single_greedy_on(kernels: Kernels) {
     assert_eq!(batch.completions.len(), 4);
     assert!(!single.completions[0].text.is_empty());
     // Our kernels compute a row the same whatever the batch; candle's matmuls pick other tiles
-    // for more rows (sums in other orders, see PATHS_TOLERANCE), so there the rows of a batch
+    // for more rows (sums in other orders, see `tests/paths.rs`), so there the rows of a batch
     // agree with each other and start as the single row does, and may part from it at a
     // near-tie further on, as on a GPU.
     let expected = match kernels {

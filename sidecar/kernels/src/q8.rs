@@ -246,11 +246,25 @@ impl WeightMatrix for Q8Rows {
     }
 }
 
+/// Whether the 512-bit kernel is off for this process ([`use_block_activations`]).
+static BLOCK_ACTIVATIONS_ONLY: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Turns the 512-bit kernel off for this process: activations are then quantized per block of
+/// 32, as llama.cpp's Q8_0 path and candle's quantized ops quantize them, and the results are
+/// those of a CPU without AVX-512. The 512-bit kernel's groups of 256 values round activations
+/// more coarsely: its logits stay near, but not within a sum's rounding of, theirs. For a
+/// process that compares against them; call it before the first multiplication.
+pub fn use_block_activations() {
+    BLOCK_ACTIVATIONS_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Whether this CPU runs the 512-bit kernel (AVX-512 VNNI): two blocks per instruction, for rows
-/// of an even number of blocks.
+/// of an even number of blocks; unless [`use_block_activations`] turned it off.
 #[cfg(target_arch = "x86_64")]
 pub fn wide_available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+    !BLOCK_ACTIVATIONS_ONLY.load(std::sync::atomic::Ordering::Relaxed)
+        && std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vnni")
 }

@@ -3,7 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use ttc_sidecar::chat_template::ChatMessage;
+use ttc_sidecar::engine::GenerationRequest;
 use ttc_sidecar::engine::llama::{Kernels, Llama, WeightFormat};
+use ttc_sidecar::engine::sampler::SamplerConfig;
+use ttc_sidecar::engine::stop::StopStrings;
 use ttc_sidecar::gguf::GgufFile;
 use ttc_sidecar::model_store::{DEFAULT_MODEL, KnownModel, ModelStore};
 use ttc_sidecar::tokenizer::GgufTokenizer;
@@ -76,5 +80,31 @@ pub fn follows_llama_cpp(
             assert!(max - logits[token as usize] < 0.5, "{context}");
             input = vec![token];
         }
+    }
+}
+
+/// One user message.
+#[allow(dead_code)] // Not every test binary uses it.
+pub fn user(text: &str) -> Vec<ChatMessage> {
+    vec![ChatMessage {
+        role: "user".into(),
+        content: text.into(),
+    }]
+}
+
+/// A greedy request for `n` rows of up to `max_tokens`.
+#[allow(dead_code)] // Not every test binary uses it.
+pub fn greedy(prompt: Vec<u32>, n: usize, max_tokens: usize) -> GenerationRequest {
+    GenerationRequest {
+        prompt,
+        n,
+        max_tokens,
+        sampler: SamplerConfig {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        seed: 0,
+        stop: StopStrings::default(),
+        greedy_first_row: false,
     }
 }
