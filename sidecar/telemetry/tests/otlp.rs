@@ -175,21 +175,7 @@ fn otlp_receiver_gets_semconv_metrics() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
-    let starts: Vec<u64> = req
-        .resource_metrics
-        .iter()
-        .flat_map(|rm| &rm.scope_metrics)
-        .flat_map(|sm| &sm.metrics)
-        .filter(|m| m.name == "ttc.energy.joules")
-        .flat_map(|m| match &m.data {
-            Some(Data::Sum(s)) => s
-                .data_points
-                .iter()
-                .map(|p| p.start_time_unix_nano)
-                .collect(),
-            _ => Vec::new(),
-        })
-        .collect();
+    let starts = energy_starts(&req);
     assert!(
         !starts.is_empty() && starts.iter().all(|&t| t > 0 && t <= now),
         "{starts:?}"
@@ -296,7 +282,33 @@ fn otlp_receiver_gets_semconv_metrics() {
     );
     assert_eq!(seen["ttc.depth.shed"].1[0].1, 6.0);
     assert_eq!(metrics.dropped_exports(), 0);
+
+    // The next export of the same process keeps the start time (a new one would read as a
+    // restart, and the operator would count the counters again).
+    metrics.force_flush().unwrap();
+    let next = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a second export");
+    assert_eq!(energy_starts(&next), starts);
     metrics.shutdown().unwrap();
+}
+
+/// The start times of the `ttc.energy.joules` points of an export.
+fn energy_starts(req: &ExportMetricsServiceRequest) -> Vec<u64> {
+    req.resource_metrics
+        .iter()
+        .flat_map(|rm| &rm.scope_metrics)
+        .flat_map(|sm| &sm.metrics)
+        .filter(|m| m.name == "ttc.energy.joules")
+        .flat_map(|m| match &m.data {
+            Some(Data::Sum(s)) => s
+                .data_points
+                .iter()
+                .map(|p| p.start_time_unix_nano)
+                .collect(),
+            _ => Vec::new(),
+        })
+        .collect()
 }
 
 #[test]
