@@ -314,27 +314,7 @@ async fn operator_leader_killed(tools: &Tools, node: &ttc_cluster::node::RealNod
     let leader = lease_holder(tools)?;
     let killed_at = Instant::now();
     node.kill_container(SYSTEM, &leader, "operator")?;
-    tools.kubectl(&[
-        "patch",
-        "inferencepolicy",
-        "-n",
-        APPS,
-        "chat",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"budget":{"joulesPerRequest":6}}}"#,
-    ])?;
-    let policy = tools.get(&["inferencepolicy", "-n", APPS, "chat"])?;
-    let generation = policy["metadata"]["generation"].as_i64().unwrap_or(0);
-    eventually(
-        "the change made while the leader was down is reconciled",
-        Duration::from_secs(60),
-        || async {
-            let policy = tools.get(&["inferencepolicy", "-n", APPS, "chat"])?;
-            Ok((policy["status"]["observedGeneration"].as_i64() >= Some(generation)).then_some(()))
-        },
-    )
-    .await?;
+    change_policy_and_wait(tools, 6, "the change made while the leader was down").await?;
     let converged = killed_at.elapsed();
     let holder = lease_holder(tools)?;
     restarted_once(tools, SYSTEM, &leader, "operator").await?;
@@ -353,6 +333,60 @@ async fn operator_leader_killed(tools: &Tools, node: &ttc_cluster::node::RealNod
         converged <= Duration::from_secs(25),
         "reconciled after {converged:?} (lease duration 15 s, grace 5 s)"
     );
+    Ok(())
+}
+
+/// Changes the policy's budget to `joules` per request and waits (60 s at most) until the
+/// operator has reconciled the change.
+async fn change_policy_and_wait(tools: &Tools, joules: u32, what: &str) -> TestResult {
+    let patch = format!(r#"{{"spec":{{"budget":{{"joulesPerRequest":{joules}}}}}}}"#);
+    let merge = [
+        "patch",
+        "inferencepolicy",
+        "-n",
+        APPS,
+        "chat",
+        "--type=merge",
+        "-p",
+    ];
+    tools.kubectl(&[&merge[..], &[patch.as_str()]].concat())?;
+    let policy = tools.get(&["inferencepolicy", "-n", APPS, "chat"])?;
+    let generation = policy["metadata"]["generation"].as_i64().unwrap_or(0);
+    eventually(
+        &format!("{what} is reconciled"),
+        Duration::from_secs(60),
+        || async {
+            let policy = tools.get(&["inferencepolicy", "-n", APPS, "chat"])?;
+            Ok((policy["status"]["observedGeneration"].as_i64() >= Some(generation)).then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// kube-apiserver killed, down 10 s, started again (etcd kept): the operator's pods reach it
+/// through the `kubernetes` Service as any in-cluster client does, and their watches resume, so
+/// a policy changed after the restart is reconciled within 30 s.
+async fn api_server_restarted(tools: &Tools, cluster: &mut LocalCluster) -> TestResult {
+    cluster.kill("kube-apiserver")?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let restarting = Instant::now();
+    cluster
+        .restart("kube-apiserver", Duration::from_secs(120))
+        .await?;
+    let ready = restarting.elapsed();
+    let changed = Instant::now();
+    change_policy_and_wait(tools, 7, "a change after the API server restart").await?;
+    let converged = changed.elapsed();
+    println!(
+        "kube-apiserver killed, 10 s down: ready {ready:.1?} after its start; a change made then \
+         reconciled after {converged:.1?}"
+    );
+    assert!(
+        converged <= Duration::from_secs(30),
+        "the change was reconciled {converged:?} after the API server restart"
+    );
+    operator_pods_ready(tools, 2).await?;
     Ok(())
 }
 
@@ -376,7 +410,7 @@ async fn chart_runs_from_images_on_a_real_node() -> TestResult {
         images: images.clone(),
     });
     let started = Instant::now();
-    let cluster = LocalCluster::start(config).await?;
+    let mut cluster = LocalCluster::start(config).await?;
     println!(
         "cluster with a real node ready in {:.0?}",
         started.elapsed()
@@ -510,6 +544,8 @@ async fn chart_runs_from_images_on_a_real_node() -> TestResult {
     sidecar_killed(&tools, node, &http, &pod, &observed).await?;
     // Then the leading operator replica.
     operator_leader_killed(&tools, node).await?;
+    // Then the API server, under the operator's pods and the kubelet alike.
+    api_server_restarted(&tools, &mut cluster).await?;
 
     // Upgrade with a changed value: the operator rolls, the lease and the statuses stay.
     let before = tools.get(&["inferencepolicy", "-n", APPS, "chat"])?["status"].clone();
