@@ -3,7 +3,9 @@
 //! the mutating webhook through the chart's Service; an inference Deployment in an opted-in
 //! namespace gets the sidecar, which starts from its image, passes its probes, serves the
 //! default model from the chart's model volume and reports its energy to the operator, whose
-//! policy status shows it; `helm upgrade` rolls the operator without losing the lease or the
+//! policy status shows it; the sidecar and then the leading operator killed with `SIGKILL`, and
+//! kube-apiserver restarted, are ridden out (figures printed; docs/reliability.md has them);
+//! `helm upgrade` rolls the operator without losing the lease or the
 //! statuses; `helm rollback` restores the values; a namespace under Pod Security `restricted`
 //! admits injected pods; `helm uninstall` leaves nothing of the release behind but what Helm
 //! keeps by design (the CRD, and the policies that are its objects).
