@@ -6,7 +6,7 @@
 # each. Prints every run and, per setting, the median p50 and p99 and their ratio. Not a test:
 # it prints figures.
 #
-#   cargo build --release -p ttc-sidecar && sidecar/bench/admission-p99.sh
+#   sidecar/bench/admission-p99.sh     # soak.sh builds what it runs
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 results="$(mktemp)"

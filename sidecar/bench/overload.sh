@@ -4,9 +4,12 @@
 # request was answered (200, or 429 once its wait ran out), the latencies, and the sidecar's peak
 # RSS against the budget plus the model file. Not a test: it prints figures.
 #
-#   cargo build --release -p ttc-sidecar && sidecar/bench/overload.sh
+#   sidecar/bench/overload.sh     # builds the release sidecar first (SIDECAR_BIN: use that one)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+if [ -z "${SIDECAR_BIN:-}" ]; then
+  cargo build --release --locked -p ttc-sidecar --bin ttc-sidecar >&2
+fi
 bin="${SIDECAR_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/ttc-sidecar}"
 budget_mib="${BUDGET_MIB:-2048}"
 clients="${CLIENTS:-16}"

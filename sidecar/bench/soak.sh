@@ -5,7 +5,7 @@
 # samples of one prompt: `n` for the sidecar, parallel requests for llama-server, which has no
 # `n`). Prints each run's windows and a side-by-side table. Not a test: it prints figures.
 #
-#   cargo build --release -p ttc-sidecar && sidecar/bench/soak.sh
+#   sidecar/bench/soak.sh        # builds the release sidecar and ttc-load first
 #   PEER=none LOAD=0.8 WORKLOADS=steady SECONDS_PER_RUN=1800 JOULES_PER_REQUEST=6 \
 #     sidecar/bench/soak.sh        # the 30-minute soak at 80% of capacity, under a budget that binds
 #
@@ -16,10 +16,13 @@
 # of closed loops find the server's capacity in requests/s, then requests arrive at LOAD times
 # that, an open loop), SIDECAR_ARGS (more `serve` options), LABEL (sidecar), RESULTS (a file the
 # RESULT lines are appended to, besides the table), LOG_DIR (where the servers' logs are kept;
-# by default they are deleted).
+# by default they are deleted), SIDECAR_BIN and LOAD_BIN (binaries to use instead of building).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 target="${CARGO_TARGET_DIR:-$PWD/target}"
+if [ -z "${SIDECAR_BIN:-}" ] || [ -z "${LOAD_BIN:-}" ]; then
+  cargo build --release --locked -p ttc-sidecar --bin ttc-sidecar --bin ttc-load >&2
+fi
 bin="${SIDECAR_BIN:-$target/release/ttc-sidecar}"
 load="${LOAD_BIN:-$target/release/ttc-load}"
 clients="${CLIENTS:-8}"
