@@ -273,14 +273,7 @@ impl RealNode {
     /// would end it: no signal it can handle, no grace. The kubelet sees it exit and restarts it
     /// under the pod's restart policy. Returns the process id it killed.
     pub fn kill_container(&self, namespace: &str, pod: &str, container: &str) -> Result<u32> {
-        let crictl = self.bin_dir.join("crictl").display().to_string();
-        let endpoint = format!("unix://{}", self.paths.containerd_socket().display());
-        let crictl = |args: &[&str]| {
-            let mut all = vec!["--runtime-endpoint", &endpoint, "--timeout", "30s"];
-            all.extend_from_slice(args);
-            run(&crictl, &all)
-        };
-        let ids = crictl(&[
+        let ids = self.crictl(&[
             "ps",
             "--quiet",
             "--state",
@@ -301,7 +294,7 @@ impl RealNode {
                 )));
             }
         };
-        let pid = crictl(&[
+        let pid = self.crictl(&[
             "inspect",
             "--output",
             "go-template",
@@ -324,6 +317,15 @@ impl RealNode {
             )));
         }
         Ok(pid as u32)
+    }
+
+    /// Runs `crictl` against the node's containerd (30 s at most); its stdout.
+    fn crictl(&self, args: &[&str]) -> Result<String> {
+        let crictl = self.bin_dir.join("crictl").display().to_string();
+        let endpoint = format!("unix://{}", self.paths.containerd_socket().display());
+        let mut all = vec!["--runtime-endpoint", &endpoint, "--timeout", "30s"];
+        all.extend_from_slice(args);
+        run(&crictl, &all)
     }
 
     async fn wait<F, Fut>(&mut self, target: usize, timeout: Duration, probe: F) -> Result<()>
@@ -356,23 +358,7 @@ impl RealNode {
             }
         }
         if let Some(mut containerd) = self.components.pop() {
-            let endpoint = format!("unix://{}", self.paths.containerd_socket().display());
-            let crictl = self.bin_dir.join("crictl").display().to_string();
-            note(
-                run(
-                    &crictl,
-                    &[
-                        "--runtime-endpoint",
-                        &endpoint,
-                        "--timeout",
-                        "30s",
-                        "rmp",
-                        "--all",
-                        "--force",
-                    ],
-                )
-                .map(drop),
-            );
+            note(self.crictl(&["rmp", "--all", "--force"]).map(drop));
             note(containerd.stop(grace));
         }
         if let Some(config) = self.kube_proxy_config.take() {
